@@ -1,0 +1,166 @@
+"""The broker's one exception tree, and the only place HTTP statuses are chosen.
+
+::
+
+    BrokerError                 500 InternalError
+      ConfigError               start-up only: exit code 2, never an HTTP reply
+      RequestInvalid            400 RequestInvalid (subclasses refine the code)
+      AuthenticationFailed      401 AuthenticationFailed
+      AccessDenied              403 AccessDenied
+      NotFound                  404 NotFound
+      MethodNotAllowed          405 MethodNotAllowed
+      RequestTooLarge           413 RequestTooLarge
+      UpstreamError             502 UpstreamError      STS failed
+        UpstreamThrottled       503 UpstreamThrottled  + Retry-After
+        UpstreamUnavailable     503 UpstreamUnavailable + Retry-After
+        UpstreamTimeout         504 UpstreamTimeout
+
+Every class carries its status, a stable ``code`` and a message.  Context
+given as keyword arguments stays on the exception (``err.context``) for the
+log; it never reaches the reply unless the message template names it, and
+message templates never name secrets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AccessDenied",
+    "AuthenticationFailed",
+    "BrokerError",
+    "ConfigError",
+    "MethodNotAllowed",
+    "NotFound",
+    "RequestInvalid",
+    "RequestTooLarge",
+    "UpstreamError",
+    "UpstreamThrottled",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
+
+class BrokerError(Exception):
+    """Base of every error the broker raises on purpose."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "InternalError"
+    fmt: ClassVar[str] = "internal error"
+
+    def __init__(self, message: str | None = None, /, **context: Any) -> None:
+        self.message = message if message is not None else self.fmt.format(**context)
+        self.context = context
+        super().__init__(self.message)
+
+    @property
+    def retry_after_seconds(self) -> int | None:
+        """Seconds a client should wait before retrying, when that is known."""
+        return None
+
+
+class ConfigError(BrokerError):
+    """Configuration or policy files are invalid; ``problems`` lists each one."""
+
+    code = "ConfigInvalid"
+    fmt = "invalid configuration"
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems) or self.fmt)
+
+
+class RequestInvalid(BrokerError):
+    """The caller sent something malformed or out of range."""
+
+    status = 400
+    code = "RequestInvalid"
+    fmt = "the request is invalid"
+
+
+class AuthenticationFailed(BrokerError):
+    """No credentials, or credentials that match no caller."""
+
+    status = 401
+    code = "AuthenticationFailed"
+    fmt = "missing or invalid bearer token"
+
+
+class AccessDenied(BrokerError):
+    """The caller is known but no policy lets it do this.
+
+    Raised identically whether or not the named policy exists, so that
+    callers cannot probe for policy names.
+    """
+
+    status = 403
+    code = "AccessDenied"
+    fmt = "policy {policy!r} does not exist or may not be used by this caller"
+
+
+class NotFound(BrokerError):
+    """No such route."""
+
+    status = 404
+    code = "NotFound"
+    fmt = "no such endpoint"
+
+
+class MethodNotAllowed(BrokerError):
+    """The route exists but not with this method."""
+
+    status = 405
+    code = "MethodNotAllowed"
+    fmt = "method not allowed on this endpoint"
+
+
+class RequestTooLarge(BrokerError):
+    """The body exceeded the configured limit."""
+
+    status = 413
+    code = "RequestTooLarge"
+    fmt = "request body too large"
+
+
+class UpstreamError(BrokerError):
+    """STS failed in a way the caller cannot fix."""
+
+    status = 502
+    code = "UpstreamError"
+    fmt = "STS request failed"
+
+
+class _RetryableUpstream(UpstreamError):
+    """An STS failure worth retrying after ``retry_after`` seconds."""
+
+    status = 503
+
+    def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(message, **context)
+
+    @property
+    def retry_after_seconds(self) -> int | None:
+        return self.retry_after
+
+
+class UpstreamThrottled(_RetryableUpstream):
+    """STS answered with one of its throttling codes."""
+
+    code = "UpstreamThrottled"
+    fmt = "STS is throttling requests; retry later"
+
+
+class UpstreamUnavailable(_RetryableUpstream):
+    """STS answered 503 or is otherwise temporarily unavailable."""
+
+    code = "UpstreamUnavailable"
+    fmt = "STS is temporarily unavailable; retry later"
+
+
+class UpstreamTimeout(UpstreamError):
+    """STS did not answer within the per-attempt timeout."""
+
+    status = 504
+    code = "UpstreamTimeout"
+    fmt = "STS did not answer in time"

@@ -1,0 +1,79 @@
+"""Shared value types: who is calling, what we ask STS for, what it gave us."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+
+__all__ = [
+    "AssumeRoleRequest",
+    "Clock",
+    "Credentials",
+    "Principal",
+    "system_clock",
+]
+
+Clock = Callable[[], float]
+"""Returns the current time as epoch seconds; injected so tests can move time."""
+
+
+def system_clock() -> float:
+    """The real wall clock (STS expirations are wall-clock times)."""
+    return time.time()
+
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller.
+
+    ``subject`` becomes ``${subject}`` in policy templates, ``groups`` feed
+    ``group:NAME`` caller rules and ``${group}``, ``claims`` feed
+    ``${claim:NAME}``.  Every value here has passed the safe-value check
+    before it can reach a rendered policy.
+    """
+
+    subject: str
+    groups: tuple[str, ...] = ()
+    auth_method: str = "api_key"
+    claims: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+
+@dataclass(frozen=True, slots=True)
+class AssumeRoleRequest:
+    """Everything that shapes one set of STS credentials (and so the cache key)."""
+
+    role_arn: str
+    policy: str
+    duration_seconds: int
+    role_session_name: str
+    external_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.policy:
+            # Without Policy the token carries all of the role's permissions.
+            raise ValueError("AssumeRoleRequest requires a non-empty inline policy")
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Temporary STS credentials; the secret parts never appear in a repr."""
+
+    access_key_id: str
+    access_key_secret: str = field(repr=False)
+    security_token: str = field(repr=False)
+    expiration: datetime
+
+    @property
+    def expires_at(self) -> float:
+        """Expiration as epoch seconds."""
+        return self.expiration.timestamp()
+
+    def expiration_iso(self) -> str:
+        """Expiration in the STS wire format, ``2026-11-21T05:00:00Z``."""
+        return self.expiration.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
