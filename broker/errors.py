@@ -7,6 +7,7 @@
       RequestInvalid            400 RequestInvalid (subclasses refine the code)
       AuthenticationFailed      401 AuthenticationFailed
       AccessDenied              403 AccessDenied
+        TemplateValueRejected   403 TemplateValueRejected  identity value unsafe for a prefix
       NotFound                  404 NotFound
       MethodNotAllowed          405 MethodNotAllowed
       RequestTooLarge           413 RequestTooLarge
@@ -34,6 +35,7 @@ __all__ = [
     "NotFound",
     "RequestInvalid",
     "RequestTooLarge",
+    "TemplateValueRejected",
     "UpstreamError",
     "UpstreamThrottled",
     "UpstreamTimeout",
@@ -96,6 +98,16 @@ class AccessDenied(BrokerError):
     status = 403
     code = "AccessDenied"
     fmt = "policy {policy!r} does not exist or may not be used by this caller"
+
+
+class TemplateValueRejected(AccessDenied):
+    """A caller's identity value cannot be rendered safely into a policy prefix.
+
+    The value is never rendered and never echoed; only the variable's name is.
+    """
+
+    code = "TemplateValueRejected"
+    fmt = "the caller's {variable} cannot be used in a policy prefix"
 
 
 class NotFound(BrokerError):
