@@ -1,0 +1,130 @@
+"""Request credentials → ``Principal``.  Knows nothing of STS or policies.
+
+Callers send ``Authorization: Bearer <token>``; clients that cannot set
+headers (the official SDKs' credentials-URI provider) may send
+``?access_token=<token>`` instead.  Neither is ever logged.
+
+API keys are held only as sha256 digests; a presented key is hashed and
+compared with ``hmac.compare_digest`` against every configured digest, so the
+time taken does not depend on which key (if any) matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from broker.errors import AuthenticationFailed, RequestInvalid
+from broker.models import Principal
+
+__all__ = [
+    "ApiKeyAuthenticator",
+    "Authenticator",
+    "role_session_name",
+    "extract_token",
+    "generate_api_key",
+    "hash_api_key",
+]
+
+_MAX_TOKEN_CHARS = 4096
+
+
+def hash_api_key(key: str) -> str:
+    """The ``key_sha256`` form of an API key."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def generate_api_key() -> str:
+    """A new random API key (256 bits, URL-safe)."""
+    return "sk_" + secrets.token_urlsafe(32)
+
+
+def extract_token(authorization: str | None, query: Mapping[str, str]) -> str:
+    """The bearer token from the header, or from ``access_token`` when there is no header.
+
+    Both at once, several ``access_token`` parameters, a scheme other than
+    Bearer, or an oversized token are refused.
+    """
+    from_query = query.get("access_token")
+    if _count(query, "access_token") > 1:
+        raise RequestInvalid("access_token may be given only once")
+    if authorization is not None:
+        if from_query is not None:
+            raise RequestInvalid("give the token in the Authorization header or the query, not both")
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationFailed("the Authorization header must be 'Bearer <token>'")
+        return _bounded(token.strip())
+    if from_query:
+        return _bounded(from_query)
+    raise AuthenticationFailed()
+
+
+def _count(query: Mapping[str, str], name: str) -> int:
+    getall = getattr(query, "getall", None)
+    if getall is None:
+        return 1 if name in query else 0
+    return len(getall(name, []))
+
+
+def _bounded(token: str) -> str:
+    if len(token) > _MAX_TOKEN_CHARS:
+        raise AuthenticationFailed()
+    return token
+
+
+@dataclass(frozen=True, slots=True)
+class _Caller:
+    digest: bytes
+    principal: Principal
+
+
+class ApiKeyAuthenticator:
+    """Maps an API key to its caller, comparing sha256 digests in constant time."""
+
+    def __init__(self, keys: Mapping[str, str], groups: Mapping[str, tuple[str, ...]]) -> None:
+        """``keys`` is ``{caller id: key sha256 hex}``, ``groups`` ``{caller id: groups}``."""
+        self._callers = tuple(
+            _Caller(
+                digest=bytes.fromhex(digest),
+                principal=Principal(subject=caller_id, groups=tuple(groups.get(caller_id, ()))),
+            )
+            for caller_id, digest in keys.items()
+        )
+
+    def authenticate(self, token: str) -> Principal | None:
+        """The caller whose key is ``token``, or ``None``.  Visits every key every time."""
+        presented = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        found: Principal | None = None
+        for caller in self._callers:
+            if hmac.compare_digest(caller.digest, presented):
+                found = caller.principal
+        return found
+
+
+class Authenticator:
+    """Bearer token → ``Principal``: API keys now, JWTs where configured."""
+
+    def __init__(self, api_keys: ApiKeyAuthenticator) -> None:
+        self._api_keys = api_keys
+
+    def authenticate(self, token: str) -> Principal:
+        """The caller ``token`` belongs to; ``AuthenticationFailed`` otherwise."""
+        principal = self._api_keys.authenticate(token)
+        if principal is None:
+            raise AuthenticationFailed()
+        return principal
+
+
+def role_session_name(principal: Principal) -> str:
+    """STS ``RoleSessionName`` for a caller: 2..64 characters of ``[A-Za-z0-9.@_-]``.
+
+    Subjects have already passed the safe-value check (a subset of that
+    alphabet, at most 64 characters), so the caller id shows verbatim in
+    ActionTrail; a one-character id is padded.
+    """
+    name = principal.subject
+    return name if len(name) >= 2 else f"{name}.caller"

@@ -1,0 +1,250 @@
+"""``sts-broker``: argv → settings → logging → run.  The subcommands live here.
+
+Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from broker.auth import generate_api_key, hash_api_key
+from broker.config import ApiKeySettings, Settings, StsSettings, load_settings
+from broker.emulators.sts import StsEmulator, start_sts_emulator
+from broker.errors import BrokerError, ConfigError
+from broker.http.app import make_app, server_limits
+from broker.http.services import Services, build_services
+from broker.logs import configure_logging
+from broker.models import Principal
+from broker.policies import (
+    MAX_POLICY_CHARS,
+    PolicySet,
+    load_policies,
+    load_policy_file,
+    render_policy,
+    render_prefix,
+)
+from broker.sts import static_credential
+
+__all__ = ["main"]
+
+log = structlog.get_logger("broker.cli")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+_SHUTDOWN_TIMEOUT_SECONDS = 10.0
+_DEV_SOURCE_KEY_ID = "LTAI-dev-broker"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sts-broker`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ConfigError as err:
+        print(f"configuration error:\n{err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except BrokerError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sts-broker", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the broker")
+    serve.add_argument("--config", type=Path, default=Path("config/broker.yaml"))
+    serve.set_defaults(run=_cmd_serve)
+
+    dev = sub.add_parser("dev", help="run locally with an embedded STS emulator, no cloud account")
+    dev.add_argument("--port", type=int, default=8080)
+    dev.add_argument("--policies-dir", type=Path, default=Path("policies"))
+    dev.set_defaults(run=_cmd_dev)
+
+    check = sub.add_parser("check", help="validate config and policy files")
+    check.add_argument("--config", type=Path, default=None)
+    check.add_argument("policy_files", nargs="*", type=Path, metavar="POLICY_FILE")
+    check.set_defaults(run=_cmd_check)
+
+    render = sub.add_parser("render", help="print the RAM policy sent to STS for a caller")
+    render.add_argument("policy")
+    render.add_argument("--subject", required=True)
+    render.add_argument("--group", action="append", default=[], dest="groups")
+    render.add_argument("--config", type=Path, default=None)
+    render.add_argument("--policies-dir", type=Path, default=Path("policies"))
+    render.set_defaults(run=_cmd_render)
+
+    hash_key = sub.add_parser("hash-key", help="make a key_sha256 for the config")
+    hash_key.add_argument("--key", help="an existing key (default: read stdin, or make a new one)")
+    hash_key.set_defaults(run=_cmd_hash_key)
+    return parser
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    policies = load_policies(settings.policies_dir)
+    configure_logging(settings.logging.format, settings.logging.level)
+    services = build_services(settings, policies)
+    asyncio.run(_serve(services))
+    return EXIT_OK
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    policies = load_policies(args.policies_dir.resolve())
+    configure_logging("console" if sys.stderr.isatty() else "json", "info")
+    asyncio.run(_dev(args.port, args.policies_dir.resolve(), policies))
+    return EXIT_OK
+
+
+async def _dev(port: int, policies_dir: Path, policies: PolicySet) -> None:
+    source_secret = secrets.token_urlsafe(24)
+    emulator = StsEmulator(
+        access_keys={_DEV_SOURCE_KEY_ID: source_secret},
+        role_max_duration_seconds={policy.role_arn: 43200 for policy in policies},
+    )
+    sts_runner, sts_url = await start_sts_emulator(emulator)
+    dev_key = generate_api_key()
+    groups = sorted({caller[6:] for policy in policies for caller in policy.callers if caller.startswith("group:")})
+    settings = Settings(
+        listen={"host": "127.0.0.1", "port": port},  # type: ignore[arg-type]
+        sts=StsSettings(endpoint=sts_url),
+        policies_dir=policies_dir,
+        auth={"api_keys": [ApiKeySettings(id="dev", key_sha256=hash_api_key(dev_key), groups=tuple(groups))]},  # type: ignore[arg-type]
+    )
+    credential = static_credential(_DEV_SOURCE_KEY_ID, source_secret)
+    services = build_services(settings, policies, credential=credential)
+    try:
+        await _serve(services, banner=lambda url: _dev_banner(url, dev_key, sts_url, policies))
+    finally:
+        await sts_runner.cleanup()
+
+
+def _dev_banner(url: str, dev_key: str, sts_url: str, policies: PolicySet) -> None:
+    first = next(iter(policies)).name
+    print(
+        f"\n  oss-sts-broker dev mode\n"
+        f"  broker:        {url}\n"
+        f"  STS emulator:  {sts_url}\n"
+        f"  policies:      {', '.join(policy.name for policy in policies)}\n"
+        f"  dev API key:   {dev_key}   (caller id 'dev'; new on every start)\n\n"
+        f"  try:\n"
+        f"    curl -s -H 'Authorization: Bearer {dev_key}' {url}/v1/credentials/{first}\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def _serve(services: Services, banner: object = None) -> None:
+    settings = services.settings
+    app = make_app(services)
+    runner = web.AppRunner(app, access_log=None, handler_args=server_limits(services))
+    await runner.setup()
+    site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
+    await site.start()
+    url = f"http://{settings.listen.host}:{_bound_port(runner, settings.listen.port)}"
+    log.info("broker_started", url=url, policies=len(services.policies))
+    if callable(banner):
+        banner(url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload_policies(services))
+    try:
+        await stop.wait()
+    finally:
+        services.shutting_down = True
+        log.info("broker_stopping")
+        await runner.shutdown()
+        await runner.cleanup()
+        log.info("broker_stopped")
+
+
+def _bound_port(runner: web.AppRunner, default: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return default
+
+
+def reload_policies(services: Services) -> bool:
+    """Load the whole policy directory and swap it in; keep the old set on any error."""
+    try:
+        fresh = load_policies(services.settings.policies_dir)
+    except ConfigError as err:
+        log.error("policies_reload_failed", problems=err.problems)
+        return False
+    services.policies = fresh
+    log.info("policies_reloaded", policies=len(fresh), digest=fresh.digest[:16])
+    return True
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    problems: list[str] = []
+    checked: list[str] = []
+    if args.config is not None:
+        try:
+            settings = load_settings(args.config)
+            policies = load_policies(settings.policies_dir)
+            checked.append(f"{args.config}: ok ({len(policies)} policies in {settings.policies_dir})")
+        except ConfigError as err:
+            problems.extend(err.problems)
+    for path in args.policy_files:
+        try:
+            policy = load_policy_file(path)
+            checked.append(f"{path}: ok (policy {policy.name!r})")
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if not args.policy_files and args.config is None:
+        print("nothing to check: give --config and/or policy files", file=sys.stderr)
+        return EXIT_CONFIG
+    for line in problems:
+        print(line, file=sys.stderr)
+    for line in checked:
+        print(line)
+    return EXIT_CONFIG if problems else EXIT_OK
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    policies_dir = load_settings(args.config).policies_dir if args.config else args.policies_dir
+    policy = load_policies(policies_dir).get(args.policy)
+    if policy is None:
+        print(f"no policy named {args.policy!r} in {policies_dir}", file=sys.stderr)
+        return EXIT_CONFIG
+    principal = Principal(subject=args.subject, groups=tuple(args.groups))
+    prefix = render_prefix(policy, principal)
+    document = render_policy(policy, prefix)
+    print(json.dumps(json.loads(document), indent=2))
+    print(f"\n{len(document)} of {MAX_POLICY_CHARS} characters (minified, as sent to STS)")
+    return EXIT_OK
+
+
+def _cmd_hash_key(args: argparse.Namespace) -> int:
+    key = args.key
+    if key is None and not sys.stdin.isatty():
+        key = sys.stdin.readline().strip() or None
+    generated = key is None
+    if key is None:
+        key = generate_api_key()
+    if generated:
+        print(f"key:        {key}   (give this to the caller; it is not stored)")
+    print(f"key_sha256: {hash_api_key(key)}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())

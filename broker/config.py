@@ -1,0 +1,240 @@
+"""The only reader of the configuration file and of the broker's environment variables."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from broker.errors import ConfigError
+from broker.yamldoc import YamlDocument, format_validation_error, load_yaml
+
+__all__ = [
+    "ApiKeySettings",
+    "AuthSettings",
+    "CacheSettings",
+    "CorsSettings",
+    "JwtSettings",
+    "ListenSettings",
+    "LoggingSettings",
+    "Settings",
+    "StsSettings",
+    "api_key_hashes",
+    "load_settings",
+]
+
+_IDENTIFIER = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+_HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+
+Identifier = Annotated[str, Field(pattern=_IDENTIFIER)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenSettings(_Section):
+    """Where the broker listens and how much it reads from one request."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_header_bytes: int = Field(default=8190, ge=1024, le=65536)
+
+
+class StsSettings(_Section):
+    """How to reach STS.  ``endpoint`` is a host, or a full URL for emulators."""
+
+    endpoint: str = "sts.cn-hangzhou.aliyuncs.com"
+    region: str = Field(default="cn-hangzhou", pattern=r"^[a-z0-9-]+$")
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str) -> str:
+        if "://" in value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be a host name or an http(s):// URL with a host")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ValueError("a URL endpoint may not have a path, query or fragment")
+            return value
+        if not _HOST_PORT.match(value):
+            raise ValueError("must be a host name such as sts.cn-hangzhou.aliyuncs.com")
+        return value
+
+    @property
+    def protocol(self) -> str:
+        """``http`` or ``https``: HTTPS unless a full ``http://`` URL was given."""
+        return urlsplit(self.endpoint).scheme if "://" in self.endpoint else "https"
+
+    @property
+    def host(self) -> str:
+        """``host[:port]`` as the STS SDK wants it."""
+        return urlsplit(self.endpoint).netloc if "://" in self.endpoint else self.endpoint
+
+
+class CacheSettings(_Section):
+    """Credential cache: never serve inside the margin, refresh hot entries early."""
+
+    refresh_margin_seconds: int = Field(default=60, ge=0, le=3600)
+    max_entries: int = Field(default=100_000, ge=1, le=10_000_000)
+    refresh_fraction: float = Field(default=0.5, ge=0.1, le=0.9)
+
+
+class ApiKeySettings(_Section):
+    """One internal caller: its id (``${subject}``), the sha256 of its key, its groups."""
+
+    id: Identifier
+    key_sha256: str | None = None
+    key_sha256_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    groups: tuple[Identifier, ...] = ()
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _check_hash(cls, value: str | None) -> str | None:
+        if value is not None and not _HEX_SHA256.match(value):
+            raise ValueError(
+                "must be 64 lower-case hex characters (make one with `sts-broker hash-key`)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeySettings:
+        if (self.key_sha256 is None) == (self.key_sha256_env is None):
+            raise ValueError("give exactly one of key_sha256 or key_sha256_env")
+        return self
+
+
+class JwtSettings(_Section):
+    """OIDC/JWT bearer tokens for browser apps."""
+
+    issuer: str = Field(min_length=1)
+    audience: str = Field(min_length=1)
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    subject_claim: str = "sub"
+    groups: tuple[Identifier, ...] = ()
+    groups_claim: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+
+    @model_validator(mode="after")
+    def _one_jwks(self) -> JwtSettings:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("give exactly one of jwks_file or jwks_url")
+        return self
+
+
+class AuthSettings(_Section):
+    """Who may call the broker."""
+
+    api_keys: tuple[ApiKeySettings, ...] = ()
+    jwt: JwtSettings | None = None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_ids(cls, value: tuple[ApiKeySettings, ...]) -> tuple[ApiKeySettings, ...]:
+        seen: set[str] = set()
+        for key in value:
+            if key.id in seen:
+                raise ValueError(f"api key id {key.id!r} is listed twice")
+            seen.add(key.id)
+        return value
+
+
+class CorsSettings(_Section):
+    """Browser origins allowed to call the API."""
+
+    allow_origins: tuple[str, ...] = ()
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _check_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+        return value
+
+
+class LoggingSettings(_Section):
+    """Log format (``auto`` = console on a TTY, JSON otherwise) and level."""
+
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(_Section):
+    """The whole validated configuration."""
+
+    listen: ListenSettings = ListenSettings()
+    sts: StsSettings = StsSettings()
+    cache: CacheSettings = CacheSettings()
+    policies_dir: Path = Path("../policies")
+    auth: AuthSettings = AuthSettings()
+    cors: CorsSettings = CorsSettings()
+    logging: LoggingSettings = LoggingSettings()
+    source: Path | None = Field(default=None, exclude=True)
+
+
+def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate ``path``; raise ``ConfigError`` listing every problem.
+
+    ``policies_dir`` is resolved relative to the file, and ``key_sha256_env``
+    references are looked up in ``environ`` (default: the process environment).
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        doc = load_yaml(path)
+    except ValueError as err:
+        raise ConfigError([str(err)]) from err
+    data = doc.data if doc.data is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: (top level): must be a mapping of keys"])
+    if "source" in data:
+        raise ConfigError([f"{path}:{doc.line_of(('source',))}: source: unknown key"])
+    try:
+        settings = Settings.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(doc, err)) from err
+    problems = _missing_env_keys(settings, environ, doc)
+    if problems:
+        raise ConfigError(problems)
+    policies_dir = settings.policies_dir
+    if not policies_dir.is_absolute():
+        policies_dir = (path.parent / policies_dir).resolve()
+    return settings.model_copy(update={"policies_dir": policies_dir, "source": path})
+
+
+def _missing_env_keys(
+    settings: Settings, environ: Mapping[str, str], doc: YamlDocument
+) -> list[str]:
+    problems = []
+    for index, key in enumerate(settings.auth.api_keys):
+        if key.key_sha256_env is None:
+            continue
+        value = environ.get(key.key_sha256_env, "")
+        if not _HEX_SHA256.match(value):
+            line = doc.line_of(("auth", "api_keys", index, "key_sha256_env"))
+            problems.append(
+                f"{doc.path}:{line}: auth.api_keys.{index}.key_sha256_env: environment variable "
+                f"{key.key_sha256_env} is not set to 64 lower-case hex characters"
+            )
+    return problems
+
+
+def api_key_hashes(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``{caller id: key sha256}``, reading ``key_sha256_env`` from the environment."""
+    environ = os.environ if environ is None else environ
+    hashes = {}
+    for key in settings.auth.api_keys:
+        digest = key.key_sha256 if key.key_sha256 is not None else environ[key.key_sha256_env or ""]
+        hashes[key.id] = digest
+    return hashes

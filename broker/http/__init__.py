@@ -1,0 +1,5 @@
+"""The broker's HTTP API (aiohttp)."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

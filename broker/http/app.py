@@ -1,0 +1,39 @@
+"""``make_app()``: every route and every cleanup context, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from broker.http import routes
+from broker.http.middleware import request_context
+from broker.http.services import SERVICES, Services
+
+__all__ = ["make_app", "server_limits"]
+
+
+def make_app(services: Services) -> web.Application:
+    """The broker's aiohttp application.  The table of contents of the API."""
+    app = web.Application(
+        middlewares=[request_context],
+        client_max_size=services.settings.listen.max_body_bytes,
+    )
+    app[SERVICES] = services
+    app.router.add_get("/v1/credentials/{policy}", routes.get_credentials, name="credentials")
+    app.router.add_get("/v1/policies", routes.list_policies, name="policies")
+    app.router.add_get("/healthz", routes.healthz, name="healthz")
+    app.router.add_get("/readyz", routes.readyz, name="readyz")
+    app.cleanup_ctx.append(_close_cache)
+    return app
+
+
+async def _close_cache(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[SERVICES].cache.close()
+
+
+def server_limits(services: Services) -> dict[str, int]:
+    """Header limits for ``web.AppRunner(handler_args=...)``."""
+    max_header = services.settings.listen.max_header_bytes
+    return {"max_line_size": max_header, "max_field_size": max_header, "max_headers": 64}

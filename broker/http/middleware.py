@@ -1,0 +1,115 @@
+"""Request ids, errors → one JSON shape, and one canonical log line per request."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from broker.errors import (
+    BrokerError,
+    MethodNotAllowed,
+    NotFound,
+    RequestInvalid,
+    RequestTooLarge,
+)
+
+__all__ = ["REQUEST_ID", "STS_COMPATIBLE_ROUTES", "error_response", "request_context"]
+
+log = structlog.get_logger("broker.http")
+
+REQUEST_ID = web.RequestKey("request_id", str)
+STS_COMPATIBLE_ROUTES = frozenset({"credentials"})
+"""Route names whose error bodies also carry the mobile SDKs' StatusCode/ErrorCode/ErrorMessage."""
+
+_INCOMING_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+_HTTP_ERRORS: dict[int, type[BrokerError]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: RequestTooLarge,
+}
+
+
+def error_response(err: BrokerError, request_id: str, *, sts_compatible: bool) -> web.Response:
+    """The one wire format for errors: ``{"error": {"code", "message", "request_id"}}``."""
+    body: dict[str, Any] = {
+        "error": {"code": err.code, "message": err.message, "request_id": request_id}
+    }
+    if sts_compatible:
+        # The OSS mobile SDKs' auth-server format and the credentials-URI provider.
+        body.update(StatusCode=err.status, ErrorCode=err.code, ErrorMessage=err.message)
+        body["Code"] = err.code
+    headers = {"Cache-Control": "no-store", "X-Request-Id": request_id}
+    retry_after = err.retry_after_seconds
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return web.Response(
+        status=err.status,
+        text=json.dumps(body, separators=(",", ":")),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _as_broker_error(exc: web.HTTPException) -> BrokerError:
+    cls = _HTTP_ERRORS.get(exc.status)
+    if cls is not None:
+        return cls()
+    if 400 <= exc.status < 500:
+        return RequestInvalid("the request could not be processed")
+    return BrokerError()
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Assign a request id, turn every error into JSON, log one line per request."""
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _INCOMING_ID.match(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    error_code = None
+    try:
+        response = await handler(request)
+    except BrokerError as err:
+        error_code = err.code
+        response = _reply_error(request, err, request_id)
+    except web.HTTPException as exc:
+        err = _as_broker_error(exc)
+        error_code = err.code
+        response = _reply_error(request, err, request_id)
+    except Exception:
+        log.exception("request_crashed")
+        err = BrokerError()
+        error_code = err.code
+        response = _reply_error(request, err, request_id)
+    else:
+        response.headers["X-Request-Id"] = request_id
+    log.info(
+        "request_finished",
+        method=request.method,
+        path=request.path,  # never the query: it may carry access_token
+        status=response.status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        error_code=error_code,
+    )
+    return response
+
+
+def _reply_error(request: web.Request, err: BrokerError, request_id: str) -> web.Response:
+    route = request.match_info.route
+    sts_compatible = getattr(route, "name", None) in STS_COMPATIBLE_ROUTES
+    if err.status >= 500:
+        log.warning("request_failed", error_code=err.code, **_safe_context(err))
+    return error_response(err, request_id, sts_compatible=sts_compatible)
+
+
+def _safe_context(err: BrokerError) -> dict[str, Any]:
+    return {f"ctx_{key}": value for key, value in err.context.items()}

@@ -1,0 +1,134 @@
+"""Shared fixtures: a movable clock, the STS emulator as a real server, a broker on a real socket."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from broker.auth import hash_api_key
+from broker.config import Settings
+from broker.emulators.sts import StsEmulator, start_sts_emulator
+from broker.http.app import make_app
+from broker.http.services import Services, build_services
+from broker.policies import load_policies
+from broker.sts import static_credential
+
+REPO = Path(__file__).resolve().parent.parent
+POLICIES_DIR = REPO / "policies"
+
+SOURCE_KEY_ID = "LTAI-test-source-key"
+SOURCE_SECRET = "canary-source-secret-7f3a9c"  # noqa: S105 - a test canary, not a secret
+
+# caller id -> (api key, groups)
+CALLERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "svc-reports": ("canary-apikey-reports-5d1e", ("internal",)),
+    "svc-a": ("canary-apikey-svc-a-88c2", ("internal",)),
+    "alice": ("canary-apikey-alice-31b7", ("browser",)),
+    "nobody": ("canary-apikey-nobody-9e44", ()),
+}
+
+
+class FakeClock:
+    """A clock tests move by hand; starts at the real time so STS dates look real."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = float(int(time.time())) if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class StsHarness:
+    emulator: StsEmulator
+    url: str
+
+
+@dataclass
+class BrokerHarness:
+    client: TestClient[Any, Any]
+    services: Services
+    sts: StsHarness
+    clock: FakeClock
+
+    def auth(self, caller: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {CALLERS[caller][0]}"}
+
+    async def get_json(self, path: str, caller: str | None = "svc-a", **kwargs: Any) -> tuple[int, Any]:
+        headers = self.auth(caller) if caller else {}
+        async with self.client.get(path, headers=headers, **kwargs) as response:
+            return response.status, await response.json()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def sts(clock: FakeClock) -> AsyncIterator[StsHarness]:
+    emulator = StsEmulator(
+        access_keys={SOURCE_KEY_ID: SOURCE_SECRET},
+        clock=clock,
+        role_max_duration_seconds={
+            "acs:ram::1234567890123456:role/oss-avatar-upload": 43200,
+            "acs:ram::1234567890123456:role/oss-service-uploads": 43200,
+            "acs:ram::1234567890123456:role/oss-reports-read": 43200,
+        },
+    )
+    runner, url = await start_sts_emulator(emulator)
+    yield StsHarness(emulator, url)
+    await runner.cleanup()
+
+
+def make_settings(sts_url: str, policies_dir: Path = POLICIES_DIR, **overrides: Any) -> Settings:
+    data: dict[str, Any] = {
+        "sts": {"endpoint": sts_url, "timeout_seconds": 2},
+        "policies_dir": policies_dir,
+        "auth": {
+            "api_keys": [
+                {"id": caller, "key_sha256": hash_api_key(key), "groups": list(groups)}
+                for caller, (key, groups) in CALLERS.items()
+            ]
+        },
+    }
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    return Settings.model_validate(data)
+
+
+BrokerFactory = Callable[..., Awaitable[BrokerHarness]]
+
+
+@pytest.fixture
+async def make_broker(
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    sts: StsHarness,
+    clock: FakeClock,
+) -> BrokerFactory:
+    async def factory(policies_dir: Path = POLICIES_DIR, **overrides: Any) -> BrokerHarness:
+        settings = make_settings(sts.url, policies_dir, **overrides)
+        services = build_services(
+            settings,
+            load_policies(settings.policies_dir),
+            credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
+            clock=clock,
+        )
+        client = await aiohttp_client(make_app(services))
+        return BrokerHarness(client, services, sts, clock)
+
+    return factory
+
+
+@pytest.fixture
+async def broker(make_broker: BrokerFactory) -> BrokerHarness:
+    return await make_broker()

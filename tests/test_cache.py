@@ -1,0 +1,214 @@
+"""The credential cache against the STS emulator (a real server), with time moved by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from broker.cache import CacheKey, CredentialCache
+from broker.config import StsSettings
+from broker.errors import UpstreamError
+from broker.models import AssumeRoleRequest
+from broker.sts import StsClient, static_credential
+from tests.conftest import SOURCE_KEY_ID, SOURCE_SECRET, FakeClock, StsHarness
+
+ROLE = "acs:ram::1234567890123456:role/oss-avatar-upload"
+
+
+def _request(subject: str = "alice", duration: int = 900) -> AssumeRoleRequest:
+    document = {
+        "Version": "1",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["oss:PutObject"],
+                "Resource": [f"acs:oss:*:*:examplebucket/avatars/{subject}/*"],
+            }
+        ],
+    }
+    return AssumeRoleRequest(
+        role_arn=ROLE,
+        policy=json.dumps(document, separators=(",", ":")),
+        duration_seconds=duration,
+        role_session_name=subject,
+    )
+
+
+def _cache(sts: StsHarness, clock: FakeClock, **kwargs: object) -> CredentialCache:
+    client = StsClient(
+        StsSettings(endpoint=sts.url, timeout_seconds=2),
+        credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
+        clock=clock,
+        min_validity_seconds=60,
+    )
+    options: dict[str, object] = {"clock": clock, "jitter": lambda: 0.0, **kwargs}
+    return CredentialCache(client.assume_role, **options)  # type: ignore[arg-type]
+
+
+async def test_concurrent_misses_share_one_sts_call(sts: StsHarness, clock: FakeClock) -> None:
+    """1,000 concurrent cold gets for one key make exactly one AssumeRole."""
+    cache = _cache(sts, clock)
+    results = await asyncio.gather(*(cache.get(_request()) for _ in range(1000)))
+    assert sts.emulator.assume_role_calls() == 1
+    assert len({result.credentials.access_key_id for result in results}) == 1
+    assert sum(result.source == "miss" for result in results) == 1000
+
+
+async def test_distinct_keys_get_distinct_calls(sts: StsHarness, clock: FakeClock) -> None:
+    """50 distinct subjects, 10 concurrent gets each, make exactly 50 AssumeRole calls."""
+    cache = _cache(sts, clock)
+    requests = [_request(f"user{index}") for index in range(50)] * 10
+    await asyncio.gather(*(cache.get(request) for request in requests))
+    assert sts.emulator.assume_role_calls() == 50
+    assert len(cache) == 50
+
+
+async def test_no_call_before_half_life_one_refresh_after(sts: StsHarness, clock: FakeClock) -> None:
+    """With 900 s tokens: no STS call while more than half is left, one refresh after."""
+    cache = _cache(sts, clock)
+    first = (await cache.get(_request())).credentials
+    for _ in range(449):
+        clock.advance(1)
+        assert (await cache.get(_request())).credentials == first
+    assert sts.emulator.assume_role_calls() == 1
+    clock.advance(2)  # 451 s in: less than half of the lifetime left
+    served = await asyncio.gather(*(cache.get(_request()) for _ in range(20)))
+    assert {result.credentials for result in served} == {first}  # callers keep the current one
+    await cache.join()
+    assert sts.emulator.assume_role_calls() == 2
+    assert cache.stats.background_refreshes == 1
+    refreshed = (await cache.get(_request())).credentials
+    assert refreshed != first
+    assert refreshed.expires_at == clock() + 900
+
+
+async def test_jittered_refresh_lands_between_half_and_forty_percent(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """With full jitter the refresh starts between 450 s and 540 s into a 900 s token."""
+    cache = _cache(sts, clock, jitter=lambda: 0.999)
+    await cache.get(_request())
+    clock.advance(450)
+    await cache.get(_request())
+    await cache.join()
+    assert sts.emulator.assume_role_calls() == 1
+    clock.advance(91)
+    await cache.get(_request())
+    await cache.join()
+    assert sts.emulator.assume_role_calls() == 2
+
+
+async def test_never_served_inside_the_margin(sts: StsHarness, clock: FakeClock) -> None:
+    """A token is served up to expiry minus 60 s, and never within the last 60 s."""
+    cache = _cache(sts, clock, refresh_fraction=0.1)
+    first = (await cache.get(_request())).credentials
+    sts.emulator.faults.error_status = 500  # refreshes fail: only the margin rule is left
+    clock.advance(900 - 60 - 1)
+    assert (await cache.get(_request())).credentials == first
+    await cache.join()
+    clock.advance(1)  # exactly at expiry - margin
+    with pytest.raises(UpstreamError):
+        await cache.get(_request())
+    sts.emulator.faults.clear()
+    fresh = (await cache.get(_request())).credentials
+    assert fresh != first
+    assert fresh.expires_at - clock() > 60
+
+
+async def test_errors_are_not_cached(sts: StsHarness, clock: FakeClock) -> None:
+    """A failed fetch is raised to every waiter and the next get calls STS again."""
+    cache = _cache(sts, clock)
+    sts.emulator.faults.error_status = 500
+    sts.emulator.faults.remaining = 1
+    outcomes = await asyncio.gather(
+        *(cache.get(_request()) for _ in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(outcome, UpstreamError) for outcome in outcomes)
+    assert len(cache) == 0
+    result = await cache.get(_request())
+    assert result.source == "miss"
+    assert len(sts.emulator.calls) == 2
+
+
+async def test_min_ttl_forces_a_fresh_token(sts: StsHarness, clock: FakeClock) -> None:
+    """A request wanting more validity than the cached token has gets a fresh token."""
+    cache = _cache(sts, clock)
+    first = (await cache.get(_request())).credentials
+    clock.advance(300)  # 600 s left
+    assert (await cache.get(_request(), min_ttl_seconds=600)).credentials == first
+    result = await cache.get(_request(), min_ttl_seconds=601)
+    assert result.source == "refresh"
+    assert result.credentials != first
+    assert (await cache.get(_request(), min_ttl_seconds=800)).credentials == result.credentials
+    assert sts.emulator.assume_role_calls() == 2
+
+
+async def test_failed_background_refresh_keeps_serving(sts: StsHarness, clock: FakeClock) -> None:
+    """A failing refresh leaves the valid entry in service and is retried after a pause."""
+    cache = _cache(sts, clock)
+    first = (await cache.get(_request())).credentials
+    clock.advance(500)
+    sts.emulator.faults.throttle = True
+    assert (await cache.get(_request())).credentials == first
+    await cache.join()
+    assert cache.stats.refresh_failures == 1
+    for _ in range(5):  # within the pause: no new attempts
+        assert (await cache.get(_request())).credentials == first
+    await cache.join()
+    assert len(sts.emulator.calls) == 2
+    sts.emulator.faults.clear()
+    clock.advance(11)
+    assert (await cache.get(_request())).credentials == first
+    await cache.join()
+    assert (await cache.get(_request())).credentials != first
+
+
+async def test_bounded_by_max_entries(sts: StsHarness, clock: FakeClock) -> None:
+    """Beyond max_entries the least recently used entry is evicted."""
+    cache = _cache(sts, clock, max_entries=3)
+    for name in ("u1", "u2", "u3"):
+        await cache.get(_request(name))
+    await cache.get(_request("u1"))  # u1 is now the most recently used
+    await cache.get(_request("u4"))
+    assert len(cache) == 3
+    assert cache.stats.evictions == 1
+    assert (await cache.get(_request("u1"))).source == "hit"
+    assert (await cache.get(_request("u2"))).source == "miss"
+
+
+async def test_caller_cancellation_does_not_cancel_shared_call(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """A waiter that goes away does not cancel the AssumeRole the others share."""
+    cache = _cache(sts, clock)
+    sts.emulator.faults.delay_seconds = 0.2
+    impatient = asyncio.ensure_future(cache.get(_request()))
+    patient = asyncio.ensure_future(cache.get(_request()))
+    await asyncio.sleep(0.05)
+    impatient.cancel()
+    result = await patient
+    assert result.source == "miss"
+    assert sts.emulator.assume_role_calls() == 1
+
+
+def test_key_follows_every_field_that_shapes_credentials() -> None:
+    """Changing role, policy, duration, external id or session name changes the key."""
+    base = _request()
+    variants = [
+        AssumeRoleRequest(ROLE + "x", base.policy, 900, "alice"),
+        AssumeRoleRequest(ROLE, base.policy + " ", 900, "alice"),
+        AssumeRoleRequest(ROLE, base.policy, 901, "alice"),
+        AssumeRoleRequest(ROLE, base.policy, 900, "alice", external_id="ext-1"),
+        AssumeRoleRequest(ROLE, base.policy, 900, "alice2"),
+    ]
+    keys = {CacheKey.for_request(request) for request in [base, *variants]}
+    assert len(keys) == 6
+    assert CacheKey.for_request(base) == CacheKey.for_request(_request())
+
+
+def test_empty_policy_is_unrepresentable() -> None:
+    """An AssumeRoleRequest cannot be built without an inline policy."""
+    with pytest.raises(ValueError, match="inline policy"):
+        AssumeRoleRequest(ROLE, "", 900, "alice")
