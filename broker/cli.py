@@ -22,7 +22,7 @@ from broker.auth import generate_api_key, hash_api_key
 from broker.config import ApiKeySettings, Settings, StsSettings, load_settings
 from broker.emulators.sts import StsEmulator, start_sts_emulator
 from broker.errors import BrokerError, ConfigError
-from broker.http.app import make_app, server_limits
+from broker.http.app import make_app, runner_options
 from broker.http.services import Services, build_services
 from broker.logs import configure_logging
 from broker.models import Principal
@@ -117,12 +117,23 @@ async def _dev(port: int, policies_dir: Path, policies: PolicySet) -> None:
     )
     sts_runner, sts_url = await start_sts_emulator(emulator)
     dev_key = generate_api_key()
-    groups = sorted({caller[6:] for policy in policies for caller in policy.callers if caller.startswith("group:")})
+    groups = sorted(
+        {
+            caller[6:]
+            for policy in policies
+            for caller in policy.callers
+            if caller.startswith("group:")
+        }
+    )
     settings = Settings(
         listen={"host": "127.0.0.1", "port": port},  # type: ignore[arg-type]
         sts=StsSettings(endpoint=sts_url),
         policies_dir=policies_dir,
-        auth={"api_keys": [ApiKeySettings(id="dev", key_sha256=hash_api_key(dev_key), groups=tuple(groups))]},  # type: ignore[arg-type]
+        auth={
+            "api_keys": [
+                ApiKeySettings(id="dev", key_sha256=hash_api_key(dev_key), groups=tuple(groups))
+            ]
+        },  # type: ignore[arg-type]
     )
     credential = static_credential(_DEV_SOURCE_KEY_ID, source_secret)
     services = build_services(settings, policies, credential=credential)
@@ -150,7 +161,7 @@ def _dev_banner(url: str, dev_key: str, sts_url: str, policies: PolicySet) -> No
 async def _serve(services: Services, banner: object = None) -> None:
     settings = services.settings
     app = make_app(services)
-    runner = web.AppRunner(app, access_log=None, handler_args=server_limits(services))
+    runner = web.AppRunner(app, **runner_options(services))
     await runner.setup()
     site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
     await site.start()
@@ -199,7 +210,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         try:
             settings = load_settings(args.config)
             policies = load_policies(settings.policies_dir)
-            checked.append(f"{args.config}: ok ({len(policies)} policies in {settings.policies_dir})")
+            checked.append(
+                f"{args.config}: ok ({len(policies)} policies in {settings.policies_dir})"
+            )
         except ConfigError as err:
             problems.extend(err.problems)
     for path in args.policy_files:

@@ -61,7 +61,9 @@ def _scrub(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return _BEARER.sub(r"\1" + REDACTED, _SECRET_FRAGMENTS.sub(r"\1" + REDACTED, value))
     if isinstance(value, Mapping):
-        return {k: REDACTED if _is_secret_key(k) else _scrub(v, depth + 1) for k, v in value.items()}
+        return {
+            k: REDACTED if _is_secret_key(k) else _scrub(v, depth + 1) for k, v in value.items()
+        }
     if isinstance(value, list | tuple | set | frozenset):
         return [_scrub(item, depth + 1) for item in value]
     return value

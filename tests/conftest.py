@@ -1,4 +1,4 @@
-"""Shared fixtures: a movable clock, the STS emulator as a real server, a broker on a real socket."""
+"""Shared fixtures: a movable clock, the STS emulator as a real server, a broker on a socket."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from broker.auth import hash_api_key
 from broker.config import Settings
 from broker.emulators.sts import StsEmulator, start_sts_emulator
-from broker.http.app import make_app
+from broker.http.app import make_app, runner_options
 from broker.http.services import Services, build_services
 from broker.policies import load_policies
 from broker.sts import static_credential
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 POLICIES_DIR = REPO / "policies"
 
 SOURCE_KEY_ID = "LTAI-test-source-key"
-SOURCE_SECRET = "canary-source-secret-7f3a9c"  # noqa: S105 - a test canary, not a secret
+SOURCE_SECRET = "canary-source-secret-7f3a9c"
 
 # caller id -> (api key, groups)
 CALLERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -63,7 +63,9 @@ class BrokerHarness:
     def auth(self, caller: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {CALLERS[caller][0]}"}
 
-    async def get_json(self, path: str, caller: str | None = "svc-a", **kwargs: Any) -> tuple[int, Any]:
+    async def get_json(
+        self, path: str, caller: str | None = "svc-a", **kwargs: Any
+    ) -> tuple[int, Any]:
         headers = self.auth(caller) if caller else {}
         async with self.client.get(path, headers=headers, **kwargs) as response:
             return response.status, await response.json()
@@ -123,7 +125,7 @@ async def make_broker(
             credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
             clock=clock,
         )
-        client = await aiohttp_client(make_app(services))
+        client = await aiohttp_client(make_app(services), server_kwargs=runner_options(services))
         return BrokerHarness(client, services, sts, clock)
 
     return factory

@@ -65,7 +65,9 @@ async def test_distinct_keys_get_distinct_calls(sts: StsHarness, clock: FakeCloc
     assert len(cache) == 50
 
 
-async def test_no_call_before_half_life_one_refresh_after(sts: StsHarness, clock: FakeClock) -> None:
+async def test_no_call_before_half_life_one_refresh_after(
+    sts: StsHarness, clock: FakeClock
+) -> None:
     """With 900 s tokens: no STS call while more than half is left, one refresh after."""
     cache = _cache(sts, clock)
     first = (await cache.get(_request())).credentials

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -10,7 +11,7 @@ from broker.http import routes
 from broker.http.middleware import request_context
 from broker.http.services import SERVICES, Services
 
-__all__ = ["make_app", "server_limits"]
+__all__ = ["make_app", "runner_options"]
 
 
 def make_app(services: Services) -> web.Application:
@@ -33,7 +34,16 @@ async def _close_cache(app: web.Application) -> AsyncIterator[None]:
     await app[SERVICES].cache.close()
 
 
-def server_limits(services: Services) -> dict[str, int]:
-    """Header limits for ``web.AppRunner(handler_args=...)``."""
+def runner_options(services: Services) -> dict[str, Any]:
+    """Keyword arguments for ``web.AppRunner``: header limits, and no access log.
+
+    aiohttp's access log would print query strings, which may carry
+    ``access_token``; the middleware writes one redacted line per request instead.
+    """
     max_header = services.settings.listen.max_header_bytes
-    return {"max_line_size": max_header, "max_field_size": max_header, "max_headers": 64}
+    return {
+        "access_log": None,
+        "max_line_size": max_header,
+        "max_field_size": max_header,
+        "max_headers": 64,
+    }

@@ -75,21 +75,18 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
-    error_code = None
+    error: BrokerError | None = None
     try:
         response = await handler(request)
     except BrokerError as err:
-        error_code = err.code
-        response = _reply_error(request, err, request_id)
+        error = err
     except web.HTTPException as exc:
-        err = _as_broker_error(exc)
-        error_code = err.code
-        response = _reply_error(request, err, request_id)
+        error = _as_broker_error(exc)
     except Exception:
         log.exception("request_crashed")
-        err = BrokerError()
-        error_code = err.code
-        response = _reply_error(request, err, request_id)
+        error = BrokerError()
+    if error is not None:
+        response = _reply_error(request, error, request_id)
     else:
         response.headers["X-Request-Id"] = request_id
     log.info(
@@ -98,7 +95,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         path=request.path,  # never the query: it may carry access_token
         status=response.status,
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        error_code=error_code,
+        error_code=error.code if error is not None else None,
     )
     return response
 

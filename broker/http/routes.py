@@ -150,4 +150,6 @@ async def readyz(request: web.Request) -> web.Response:
         "accepting_requests": not services.shutting_down,
     }
     ready = all(checks.values())
-    return _json({"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503)
+    return _json(
+        {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+    )

@@ -1,0 +1,249 @@
+"""sts-broker's subcommands, in-process and as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from broker.auth import hash_api_key
+from broker.cli import main
+from broker.emulators.sts import StsEmulator, start_sts_emulator
+from tests.conftest import POLICIES_DIR, REPO
+
+STS_BROKER = str(Path(sys.executable).parent / "sts-broker")
+VALID_HASH = "a" * 64
+
+
+def _write(tmp_path: Path, text: str, name: str = "broker.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "problem"),
+    [
+        ("listen: {port: 70000}\n", 1, "listen.port", "less than or equal to 65535"),
+        ("listen:\n  host: 127.0.0.1\n  prot: 8080\n", 3, "listen.prot", "Extra inputs"),
+        ("sts:\n  endpoint: 'ftp://x'\n", 2, "sts.endpoint", "http(s):// URL"),
+        ("sts:\n  endpoint: 'http://127.0.0.1:9/path'\n", 2, "sts.endpoint", "may not have a path"),
+        ("sts:\n  timeout_seconds: -1\n", 2, "sts.timeout_seconds", "greater than 0"),
+        ("cache:\n  refresh_margin_seconds: 99999\n", 2, "cache.refresh_margin_seconds", "3600"),
+        ("cache:\n  max_entries: zero\n", 2, "cache.max_entries", "valid integer"),
+        (
+            "auth:\n  api_keys:\n    - id: svc\n      key_sha256: NOTHEX\n",
+            4,
+            "auth.api_keys.0.key_sha256",
+            "64 lower-case hex",
+        ),
+        (
+            f"auth:\n  api_keys:\n    - id: a\n      key_sha256: {VALID_HASH}\n"
+            f"    - id: a\n      key_sha256: {VALID_HASH}\n",
+            2,
+            "auth.api_keys",
+            "listed twice",
+        ),
+        (
+            f"auth:\n  api_keys:\n    - id: 'bad id*'\n      key_sha256: {VALID_HASH}\n",
+            3,
+            "auth.api_keys.0.id",
+            "should match pattern",
+        ),
+        ("auth:\n  api_keys:\n    - id: svc\n", 3, "auth.api_keys.0", "exactly one of key_sha256"),
+        (
+            "auth:\n  api_keys:\n    - id: svc\n      key_sha256_env: NOT_SET_ANYWHERE_42\n",
+            4,
+            "auth.api_keys.0.key_sha256_env",
+            "NOT_SET_ANYWHERE_42 is not set",
+        ),
+        (
+            "auth:\n  jwt:\n    issuer: https://idp/\n    audience: web\n",
+            2,
+            "auth.jwt",
+            "exactly one of jwks_file or jwks_url",
+        ),
+        ("cors:\n  allow_origins: ['app.example.com']\n", 2, "cors.allow_origins", "not an origin"),
+        ("logging:\n  format: xml\n", 2, "logging.format", "'auto', 'json' or 'console'"),
+        ("listen: [1, 2\n", 2, "", "invalid YAML"),
+        ("- just\n- a list\n", 1, "(top level)", "must be a mapping"),
+        ("policies_dir: ./does-not-exist\n", 0, "", "does-not-exist"),
+    ],
+)
+def test_bad_config_exits_2_naming_file_line_key_problem(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    line: int,
+    key: str,
+    problem: str,
+) -> None:
+    """Each configuration mistake exits 2 with file, line, key and what is wrong."""
+    path = _write(tmp_path, text)
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert problem in err
+    if line:
+        assert f"{path}:{line}: {key}" in err
+
+
+def test_bad_policy_file_exits_2_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check on a policy file with an undefined variable exits 2 naming file:line and key."""
+    text = (POLICIES_DIR / "avatar-upload.yaml").read_text().replace("${subject}", "${subjct}")
+    path = _write(tmp_path, text, "avatar.yaml")
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"{re.escape(str(path))}:\d+: prefix: .*\$\{{subjct\}}", err)
+
+
+def test_check_accepts_the_example_config_and_policies(capsys: pytest.CaptureFixture[str]) -> None:
+    """The shipped example config and policies pass check."""
+    files = [str(path) for path in sorted(POLICIES_DIR.glob("*.yaml"))]
+    assert main(["check", "--config", str(REPO / "config" / "broker.yaml"), *files]) == 0
+    assert "3 policies" in capsys.readouterr().out
+
+
+def test_render_prints_policy_and_length(capsys: pytest.CaptureFixture[str]) -> None:
+    """render prints the exact RAM policy for a subject and its length against 2,048."""
+    assert (
+        main(["render", "avatar-upload", "--subject", "alice", "--policies-dir", str(POLICIES_DIR)])
+        == 0
+    )
+    out = capsys.readouterr().out
+    document, _, tail = out.partition("\n\n")
+    parsed = json.loads(document)
+    assert parsed["Statement"][0]["Resource"] == ["acs:oss:*:*:examplebucket/avatars/alice/*"]
+    minified = json.dumps(parsed, separators=(",", ":"))
+    assert f"{len(minified)} of 2048 characters" in tail
+
+
+def test_render_refuses_unsafe_subject_without_echoing_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """render with a widening subject exits non-zero and never prints the value."""
+    code = main(["render", "avatar-upload", "--subject", "*", "--policies-dir", str(POLICIES_DIR)])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "*" not in captured.out
+    assert "${subject}" in captured.err
+
+
+def test_hash_key(capsys: pytest.CaptureFixture[str]) -> None:
+    """hash-key prints the sha256 the config wants; without a key it makes one."""
+    assert main(["hash-key", "--key", "example-key-do-not-use"]) == 0
+    assert hash_api_key("example-key-do-not-use") in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_for_line(stream: asyncio.StreamReader, pattern: str, seconds: float = 20) -> str:
+    async with asyncio.timeout(seconds):
+        while True:
+            line = (await stream.readline()).decode()
+            if not line:
+                raise AssertionError(f"process ended before printing {pattern!r}")
+            if re.search(pattern, line):
+                return line
+
+
+@pytest.fixture
+async def real_sts() -> AsyncIterator[tuple[StsEmulator, str]]:
+    emulator = StsEmulator(access_keys={"LTAI-chain-test": "chain-secret"})
+    runner, url = await start_sts_emulator(emulator)
+    yield emulator, url
+    await runner.cleanup()
+
+
+async def test_serve_uses_the_default_chain_reloads_and_stops(
+    tmp_path: Path, real_sts: tuple[StsEmulator, str]
+) -> None:
+    """serve: identity from the env credential chain, SIGHUP reload, SIGTERM exits 0."""
+    emulator, sts_url = real_sts
+    port = _free_port()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    for source in POLICIES_DIR.glob("*.yaml"):
+        (policies / source.name).write_text(source.read_text())
+    config = _write(
+        tmp_path,
+        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+        f"sts: {{endpoint: '{sts_url}', timeout_seconds: 5}}\n"
+        "policies_dir: policies\n"
+        "logging: {format: json}\n"
+        f"auth:\n  api_keys:\n    - id: svc-a\n      key_sha256: {hash_api_key('k-svc-a')}\n"
+        "      groups: [internal]\n",
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ALIBABA_CLOUD")}
+    env.update(
+        ALIBABA_CLOUD_ACCESS_KEY_ID="LTAI-chain-test",
+        ALIBABA_CLOUD_ACCESS_KEY_SECRET="chain-secret",
+        ALIBABA_CLOUD_ECS_METADATA_DISABLED="true",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        STS_BROKER, "serve", "--config", str(config), env=env, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    try:
+        await _wait_for_line(proc.stderr, "broker_started")
+        url = f"http://127.0.0.1:{port}/v1/credentials/service-uploads"
+        headers = {"Authorization": "Bearer k-svc-a"}
+        async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["Prefix"] == "services/svc-a/"
+        assert emulator.calls[0].access_key_id == "LTAI-chain-test"
+        (policies / "broken.yaml").write_text("name: [\n")
+        proc.send_signal(signal.SIGHUP)
+        await _wait_for_line(proc.stderr, "policies_reload_failed")
+        (policies / "broken.yaml").unlink()
+        proc.send_signal(signal.SIGHUP)
+        await _wait_for_line(proc.stderr, "policies_reloaded")
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_dev_mode_prints_a_working_key_and_curl() -> None:
+    """dev: starts with the emulator and example policies; the printed key works."""
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        STS_BROKER, "dev", "--port", str(port), cwd=REPO, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    try:
+        line = await _wait_for_line(proc.stderr, r"dev API key:")
+        key = line.split(":", 1)[1].split()[0]
+        curl = await _wait_for_line(proc.stderr, r"curl -s -H")
+        assert key in curl
+        url = f"http://127.0.0.1:{port}/v1/credentials/service-uploads"
+        headers = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+            assert resp.status == 200
+            body = await resp.json()
+        assert body["Prefix"] == "services/dev/"
+        assert body["AccessKeyId"].startswith("STS.")
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

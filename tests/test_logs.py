@@ -1,0 +1,81 @@
+"""No secret ever reaches the log: the real production chain, searched for canary values."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from broker.logs import REDACTED, configure_logging, redact_secrets
+from tests.conftest import CALLERS, SOURCE_SECRET, BrokerHarness
+
+CANARY_BEARER = "eyJhbGciOiJSUzI1NiJ9.canary-bearer-payload.canary-bearer-signature"
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    configure_logging("json", "debug", stream=stream)
+    yield stream
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()
+
+
+async def _full_cycle(broker: BrokerHarness) -> list[str]:
+    """Success by header and by query, auth failures, an STS failure; returns the secrets seen."""
+    seen: list[str] = []
+    for caller, policy in [("alice", "avatar-upload"), ("svc-a", "service-uploads")]:
+        _, body = await broker.get_json(f"/v1/credentials/{policy}", caller=caller)
+        seen += [body["AccessKeySecret"], body["SecurityToken"]]
+    key = CALLERS["svc-reports"][0]
+    _, body = await broker.get_json(f"/v1/credentials/reports-read?access_token={key}", caller=None)
+    seen += [body["AccessKeySecret"], body["SecurityToken"]]
+    await broker.client.get("/v1/policies", headers={"Authorization": f"Bearer {CANARY_BEARER}"})
+    await broker.client.get(f"/v1/credentials/reports-read?access_token={CANARY_BEARER}")
+    broker.clock.advance(2000)  # every cached token is past its margin: the next one calls STS
+    broker.sts.emulator.faults.update({"error_status": 500, "remaining": 1})
+    await broker.client.get("/v1/credentials/reports-read", headers=broker.auth("svc-reports"))
+    return seen
+
+
+async def test_no_secret_in_real_log_output(broker: BrokerHarness, log_output: io.StringIO) -> None:
+    """A full request cycle logs no secret: STS secret or token, API key, bearer, source secret."""
+    issued = await _full_cycle(broker)
+    text = log_output.getvalue()
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    names = {event["event"] for event in events}
+    assert {"credentials_issued", "request_finished", "request_failed"} <= names
+    canaries = [*issued, SOURCE_SECRET, CANARY_BEARER, *(key for key, _ in CALLERS.values())]
+    canaries += [part for part in CANARY_BEARER.split(".") if len(part) > 8]
+    for canary in canaries:
+        assert canary not in text
+    audit = [event for event in events if event["event"] == "credentials_issued"]
+    assert {event["cache"] for event in audit} == {"miss"}
+    assert {event["caller"] for event in audit} == {"alice", "svc-a", "svc-reports"}
+    assert all(event["access_key_id"].startswith("STS.") for event in audit)
+    assert all("?" not in event.get("path", "") for event in events)
+
+
+def test_redaction_masks_keys_at_any_depth_and_fragments_in_strings() -> None:
+    """Secret keys are masked at any depth; access_token=, signatures, bearer tokens in text too."""
+    event = {
+        "event": "x",
+        "AccessKeySecret": "s1",
+        "nested": {"deeper": [{"security_token": "s2", "ok": "fine"}]},
+        "url": "https://b.oss.example/k?x-oss-signature=s3&x-oss-security-token=s4&a=1",
+        "query": "access_token=s5&min_ttl_seconds=10",
+        "header": "Bearer s6",
+        "authorization": "Bearer s7",
+    }
+    out = redact_secrets(None, "info", dict(event))
+    text = json.dumps(out)
+    for secret in ["s1", "s2", "s3", "s4", "s5", "s6", "s7"]:
+        assert not re.search(rf"[\"= ]{secret}\b", text), secret
+    assert out["nested"]["deeper"][0]["ok"] == "fine"
+    assert out["AccessKeySecret"] == REDACTED
+    assert "min_ttl_seconds=10" in out["query"]
