@@ -23,10 +23,10 @@ from broker.models import Principal
 __all__ = [
     "ApiKeyAuthenticator",
     "Authenticator",
-    "role_session_name",
     "extract_token",
     "generate_api_key",
     "hash_api_key",
+    "role_session_name",
 ]
 
 _MAX_TOKEN_CHARS = 4096
@@ -53,7 +53,9 @@ def extract_token(authorization: str | None, query: Mapping[str, str]) -> str:
         raise RequestInvalid("access_token may be given only once")
     if authorization is not None:
         if from_query is not None:
-            raise RequestInvalid("give the token in the Authorization header or the query, not both")
+            raise RequestInvalid(
+                "give the token in the Authorization header or the query, not both"
+            )
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationFailed("the Authorization header must be 'Bearer <token>'")
