@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker.auth import hash_api_key
-from tests.conftest import CALLERS, BrokerFactory, BrokerHarness
+from tests.conftest import CALLERS, POLICIES_DIR, BrokerFactory, BrokerHarness
 
 EXPECTED_ALICE_AVATAR_POLICY = (
     '{"Version":"1","Statement":[{"Effect":"Allow","Action":["oss:PutObject"],'
@@ -238,3 +239,23 @@ async def test_wrong_source_secret_is_a_gateway_error(make_broker: BrokerFactory
     status, body = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
     assert status == 502
     assert "SignatureDoesNotMatch" in body["error"]["message"]
+
+
+async def test_external_id_is_sent_and_keys_the_cache(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """A policy's external_id reaches STS as ExternalId."""
+    source = (POLICIES_DIR / "reports-read.yaml").read_text()
+    (tmp_path / "reports-read.yaml").write_text(source + "external_id: partner-42\n")
+    broker = await make_broker(policies_dir=tmp_path)
+    status, _ = await broker.get_json("/v1/credentials/reports-read", caller="svc-reports")
+    assert status == 200
+    assert broker.sts.emulator.calls[0].params["ExternalId"] == "partner-42"
+
+
+async def test_oversized_header_is_refused(broker: BrokerHarness) -> None:
+    """A header line over listen.max_header_bytes is refused before any handler runs."""
+    headers = {**broker.auth("alice"), "X-Padding": "x" * 9000}
+    async with broker.client.get("/v1/credentials/avatar-upload", headers=headers) as resp:
+        assert resp.status == 400
+    assert broker.sts.emulator.calls == []
