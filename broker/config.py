@@ -23,6 +23,7 @@ __all__ = [
     "JwtSettings",
     "ListenSettings",
     "LoggingSettings",
+    "OssSettings",
     "Settings",
     "StsSettings",
     "api_key_hashes",
@@ -49,6 +50,28 @@ class ListenSettings(_Section):
     max_header_bytes: int = Field(default=8190, ge=1024, le=65536)
 
 
+def _check_endpoint(value: str) -> str:
+    """A bare host[:port], or an http(s):// URL without path, query or fragment."""
+    if "://" in value:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be a host name or an http(s):// URL with a host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("a URL endpoint may not have a path, query or fragment")
+        return value.rstrip("/")
+    if not _HOST_PORT.match(value):
+        raise ValueError("must be a host name such as oss-cn-hangzhou.aliyuncs.com")
+    return value
+
+
+def _endpoint_parts(value: str) -> tuple[str, str]:
+    """``(scheme, host[:port])``; a bare host means HTTPS."""
+    if "://" in value:
+        parts = urlsplit(value)
+        return parts.scheme, parts.netloc
+    return "https", value
+
+
 class StsSettings(_Section):
     """How to reach STS.  ``endpoint`` is a host, or a full URL for emulators."""
 
@@ -59,26 +82,37 @@ class StsSettings(_Section):
     @field_validator("endpoint")
     @classmethod
     def _check_endpoint(cls, value: str) -> str:
-        if "://" in value:
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError("must be a host name or an http(s):// URL with a host")
-            if parts.path not in ("", "/") or parts.query or parts.fragment:
-                raise ValueError("a URL endpoint may not have a path, query or fragment")
-            return value
-        if not _HOST_PORT.match(value):
-            raise ValueError("must be a host name such as sts.cn-hangzhou.aliyuncs.com")
-        return value
+        return _check_endpoint(value)
 
     @property
     def protocol(self) -> str:
         """``http`` or ``https``: HTTPS unless a full ``http://`` URL was given."""
-        return urlsplit(self.endpoint).scheme if "://" in self.endpoint else "https"
+        return _endpoint_parts(self.endpoint)[0]
 
     @property
     def host(self) -> str:
         """``host[:port]`` as the STS SDK wants it."""
-        return urlsplit(self.endpoint).netloc if "://" in self.endpoint else self.endpoint
+        return _endpoint_parts(self.endpoint)[1]
+
+
+class OssSettings(_Section):
+    """Where signed URLs and forms point.  Unset: each policy's own OSS endpoint, HTTPS.
+
+    Set ``endpoint`` to a CDN or custom domain (with ``addressing: cname``), or
+    to an emulator (``http://127.0.0.1:9100``, ``addressing: path``).
+    """
+
+    endpoint: str | None = None
+    addressing: Literal["virtual", "path", "cname"] = "virtual"
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else _check_endpoint(value)
+
+    def scheme_and_host(self, policy_endpoint: str) -> tuple[str, str]:
+        """``(scheme, host)`` for a policy whose own endpoint is ``policy_endpoint``."""
+        return _endpoint_parts(self.endpoint or policy_endpoint)
 
 
 class CacheSettings(_Section):
@@ -176,6 +210,7 @@ class Settings(_Section):
 
     listen: ListenSettings = ListenSettings()
     sts: StsSettings = StsSettings()
+    oss: OssSettings = OssSettings()
     cache: CacheSettings = CacheSettings()
     policies_dir: Path = Path("../policies")
     auth: AuthSettings = AuthSettings()

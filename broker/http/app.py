@@ -22,6 +22,8 @@ def make_app(services: Services) -> web.Application:
     )
     app[SERVICES] = services
     app.router.add_get("/v1/credentials/{policy}", routes.get_credentials, name="credentials")
+    app.router.add_post("/v1/presign", routes.create_presigned_url, name="presign")
+    app.router.add_post("/v1/post-policy", routes.create_post_policy, name="post_policy")
     app.router.add_get("/v1/policies", routes.list_policies, name="policies")
     app.router.add_get("/healthz", routes.healthz, name="healthz")
     app.router.add_get("/readyz", routes.readyz, name="readyz")

@@ -4,19 +4,45 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
+import pydantic
 import structlog
 from aiohttp import web
 
+from broker import signing
 from broker.auth import extract_token, role_session_name
+from broker.cache import CacheResult
 from broker.errors import AccessDenied, RequestInvalid
 from broker.http.middleware import REQUEST_ID
 from broker.http.services import SERVICES, Services
 from broker.models import AssumeRoleRequest, Principal
-from broker.policies import Policy, may_use, scope_for
+from broker.policies import Policy, Scope, may_use, scope_for
+from broker.uploads import (
+    OPERATIONS,
+    PostPolicyBody,
+    PresignBody,
+    check_key,
+    clamp_expiry,
+    oss_endpoint,
+    post_policy_conditions,
+    presign_headers,
+    resolve_operation,
+    sub_resources,
+    wanted_validity,
+)
 
-__all__ = ["get_credentials", "healthz", "list_policies", "readyz"]
+__all__ = [
+    "create_post_policy",
+    "create_presigned_url",
+    "get_credentials",
+    "healthz",
+    "list_policies",
+    "readyz",
+]
+
+_Body = TypeVar("_Body", bound=pydantic.BaseModel)
 
 log = structlog.get_logger("broker.http")
 
@@ -61,13 +87,9 @@ def _min_ttl(request: web.Request, policy: Policy, margin: int) -> int:
     return int(values[0])
 
 
-async def get_credentials(request: web.Request) -> web.Response:
-    """``GET /v1/credentials/{policy}``: scoped STS credentials for this caller."""
-    services = request.app[SERVICES]
-    principal = _authenticate(request, services)
-    policy = _usable_policy(services, principal, request.match_info["policy"])
-    min_ttl = _min_ttl(request, policy, services.settings.cache.refresh_margin_seconds)
-    scope = scope_for(policy, principal)
+async def _credentials_for(
+    services: Services, policy: Policy, principal: Principal, scope: Scope, min_ttl: float
+) -> CacheResult:
     assume = AssumeRoleRequest(
         role_arn=policy.role_arn,
         policy=scope.document,
@@ -75,7 +97,24 @@ async def get_credentials(request: web.Request) -> web.Response:
         role_session_name=role_session_name(principal),
         external_id=policy.external_id,
     )
-    result = await services.cache.get(assume, min_ttl_seconds=min_ttl)
+    return await services.cache.get(assume, min_ttl_seconds=min_ttl)
+
+
+def _fresh_enough(services: Services, policy: Policy, wanted_seconds: int) -> int:
+    """The validity to ask the cache for: what is wanted, as far as a fresh token can give it."""
+    return min(
+        wanted_seconds, policy.duration_seconds - services.settings.cache.refresh_margin_seconds
+    )
+
+
+async def get_credentials(request: web.Request) -> web.Response:
+    """``GET /v1/credentials/{policy}``: scoped STS credentials for this caller."""
+    services = request.app[SERVICES]
+    principal = _authenticate(request, services)
+    policy = _usable_policy(services, principal, request.match_info["policy"])
+    min_ttl = _min_ttl(request, policy, services.settings.cache.refresh_margin_seconds)
+    scope = scope_for(policy, principal)
+    result = await _credentials_for(services, policy, principal, scope, min_ttl)
     creds = result.credentials
     expires_in = int(creds.expires_at - services.clock())
     log.info(
@@ -106,10 +145,151 @@ async def get_credentials(request: web.Request) -> web.Response:
         },
         "Bucket": policy.bucket,
         "Region": policy.region,
-        "Endpoint": policy.oss_endpoint,
+        "Endpoint": oss_endpoint(services.settings.oss, policy).host,
         "Prefix": scope.prefix,
     }
     return _json(body, no_store=True)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise RequestInvalid("the JSON body repeats a field")
+    return dict(pairs)
+
+
+async def _parse(request: web.Request, model: type[_Body]) -> _Body:
+    raw = await request.read()  # bounded by client_max_size: 413 past it
+    try:
+        data = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RequestInvalid("the body must be a JSON object") from err
+    if not isinstance(data, dict):
+        raise RequestInvalid("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise RequestInvalid(_describe_validation(err)) from err
+
+
+def _describe_validation(err: pydantic.ValidationError) -> str:
+    problems = []
+    for item in err.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(part) for part in item["loc"]) or "body"
+        problems.append(f"{where}: {item['msg']}")
+    return "; ".join(problems)
+
+
+async def create_presigned_url(request: web.Request) -> web.Response:
+    """``POST /v1/presign``: a V4 presigned URL for one operation on one key."""
+    services = request.app[SERVICES]
+    principal = _authenticate(request, services)
+    body = await _parse(request, PresignBody)
+    policy = _usable_policy(services, principal, body.policy)
+    operation = resolve_operation(body.method, body.operation)
+    spec = OPERATIONS[operation]
+    if spec.action not in policy.actions:
+        raise AccessDenied(f"policy {policy.name} does not allow {operation}")
+    scope = scope_for(policy, principal)
+    key = check_key(body.key, scope.prefix)
+    headers = presign_headers(body, policy, operation)
+    query = sub_resources(operation, body)
+    wanted = wanted_validity(body.expires_seconds, policy)
+    result = await _credentials_for(
+        services, policy, principal, scope, _fresh_enough(services, policy, wanted)
+    )
+    creds = result.credentials
+    now = services.clock()
+    expiry = clamp_expiry(body.expires_seconds, policy, creds.expires_at - now)
+    presign_input = signing.PresignInput(
+        method=spec.method,
+        bucket=policy.bucket,
+        key=key,
+        region=policy.region,
+        endpoint=oss_endpoint(services.settings.oss, policy),
+        expires_seconds=expiry.seconds,
+        headers=headers,
+        query=query,
+    )
+    signed = signing.presign(creds, presign_input, datetime.fromtimestamp(now, UTC))
+    log.info(
+        "url_presigned",
+        operation=operation,
+        key=key,
+        access_key_id=creds.access_key_id,
+        expires_in=expiry.seconds,
+        clamped=expiry.clamped,
+        cache=result.source,
+    )
+    return _json(
+        {
+            "url": signed.url,
+            "method": signed.method,
+            "expiration": _iso(signed.expiration),
+            "expires_in": expiry.seconds,
+            "signed_headers": signed.signed_headers,
+            "clamped": expiry.clamped,
+            "requested_expires_seconds": expiry.requested_seconds,
+        },
+        no_store=True,
+    )
+
+
+async def create_post_policy(request: web.Request) -> web.Response:
+    """``POST /v1/post-policy``: signed PostObject form fields for a browser upload."""
+    services = request.app[SERVICES]
+    principal = _authenticate(request, services)
+    body = await _parse(request, PostPolicyBody)
+    policy = _usable_policy(services, principal, body.policy)
+    if "put" not in policy.actions:
+        raise AccessDenied(f"policy {policy.name} does not allow uploads")
+    scope = scope_for(policy, principal)
+    form = post_policy_conditions(body, policy, scope.prefix)
+    wanted = wanted_validity(body.expires_seconds, policy)
+    result = await _credentials_for(
+        services, policy, principal, scope, _fresh_enough(services, policy, wanted)
+    )
+    creds = result.credentials
+    now = services.clock()
+    expiry = clamp_expiry(body.expires_seconds, policy, creds.expires_at - now)
+    signed_at = datetime.fromtimestamp(now, UTC)
+    expiration = signed_at + timedelta(seconds=expiry.seconds)
+    if body.signature_version == "v1":
+        conditions = [{"bucket": policy.bucket}, *form.conditions]
+        fields = signing.post_policy_v1(creds, conditions=conditions, expiration=expiration)
+    else:
+        fields = signing.post_policy_v4(
+            creds,
+            bucket=policy.bucket,
+            region=policy.region,
+            conditions=form.conditions,
+            expiration=expiration,
+            signing_time=signed_at,
+        )
+    log.info(
+        "post_policy_signed",
+        key_condition=form.fields["key"],
+        access_key_id=creds.access_key_id,
+        expires_in=expiry.seconds,
+        clamped=expiry.clamped,
+        cache=result.source,
+    )
+    endpoint = oss_endpoint(services.settings.oss, policy)
+    return _json(
+        {
+            "host": signing.bucket_url(endpoint, policy.bucket),
+            "fields": {**form.fields, **fields},
+            "expiration": _iso(expiration),
+            "expires_in": expiry.seconds,
+            "clamped": expiry.clamped,
+            "requested_expires_seconds": expiry.requested_seconds,
+        },
+        no_store=True,
+    )
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def list_policies(request: web.Request) -> web.Response:
@@ -117,16 +297,16 @@ async def list_policies(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     principal = _authenticate(request, services)
     usable = [policy for policy in services.policies if may_use(policy, principal)]
-    return _json({"policies": [_describe(policy, principal) for policy in usable]})
+    return _json({"policies": [_describe(services, policy, principal) for policy in usable]})
 
 
-def _describe(policy: Policy, principal: Principal) -> dict[str, Any]:
+def _describe(services: Services, policy: Policy, principal: Principal) -> dict[str, Any]:
     return {
         "name": policy.name,
         "description": policy.description,
         "bucket": policy.bucket,
         "region": policy.region,
-        "endpoint": policy.oss_endpoint,
+        "endpoint": oss_endpoint(services.settings.oss, policy).host,
         "prefix": scope_for(policy, principal).prefix,
         "actions": list(policy.actions),
         "duration_seconds": policy.duration_seconds,

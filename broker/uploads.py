@@ -1,0 +1,361 @@
+"""What a caller may sign: operations, object keys, headers and expiry clamping.
+
+Pure rules, no I/O: the route handlers feed them a parsed body, a policy and
+the caller's rendered prefix, and hand the result to ``broker.signing``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from broker.config import OssSettings
+from broker.errors import AccessDenied, RequestInvalid
+from broker.policies import Policy
+from broker.signing import MAX_EXPIRES_SECONDS, OssEndpoint
+
+__all__ = [
+    "OPERATIONS",
+    "CallbackBody",
+    "Expiry",
+    "OperationSpec",
+    "PostForm",
+    "PostPolicyBody",
+    "PresignBody",
+    "callback_header",
+    "check_content_type",
+    "check_key",
+    "clamp_expiry",
+    "oss_endpoint",
+    "post_policy_conditions",
+    "presign_headers",
+    "resolve_operation",
+    "sub_resources",
+    "wanted_validity",
+]
+
+Operation = Literal[
+    "put_object",
+    "get_object",
+    "initiate_multipart",
+    "upload_part",
+    "complete_multipart",
+    "abort_multipart",
+]
+MAX_KEY_BYTES = 1023
+MAX_SINGLE_UPLOAD_BYTES = 5 * 1024**3  # OSS's limit for one PutObject / PostObject
+_MAX_METADATA_BYTES = 8 * 1024
+_MIME = r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$"
+_POLICY_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_HEADER_VALUE = re.compile(r"^[\x20-\x7e]*$")
+
+
+_CONTENT_FIELDS = frozenset({"content_type", "metadata", "storage_class", "headers"})
+
+
+@dataclass(frozen=True, slots=True)
+class OperationSpec:
+    """How an operation is sent to OSS, which policy action allows it, what it may carry."""
+
+    method: str
+    action: str
+    fields: frozenset[str] = frozenset()
+    needs_upload_id: bool = False
+    needs_part_number: bool = False
+
+    @property
+    def uploads_content(self) -> bool:
+        """Whether the request creates object content (so Content-Type matters)."""
+        return "content_type" in self.fields
+
+
+OPERATIONS: dict[str, OperationSpec] = {
+    "put_object": OperationSpec("PUT", "put", _CONTENT_FIELDS | {"content_md5", "callback"}),
+    "get_object": OperationSpec("GET", "get"),
+    "initiate_multipart": OperationSpec("POST", "multipart", _CONTENT_FIELDS),
+    "upload_part": OperationSpec(
+        "PUT",
+        "multipart",
+        frozenset({"content_md5"}),
+        needs_upload_id=True,
+        needs_part_number=True,
+    ),
+    "complete_multipart": OperationSpec(
+        "POST", "multipart", frozenset({"callback", "headers"}), needs_upload_id=True
+    ),
+    "abort_multipart": OperationSpec("DELETE", "multipart", needs_upload_id=True),
+}
+_OPTIONAL_FIELDS = (
+    "content_type",
+    "content_md5",
+    "metadata",
+    "storage_class",
+    "callback",
+    "headers",
+)
+_DEFAULT_FOR_METHOD = {"PUT": "put_object", "GET": "get_object"}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CallbackBody(_Body):
+    """An upload callback; the URL must be one the policy file allows."""
+
+    url: StrictStr = Field(max_length=1024)
+    body: StrictStr = Field(max_length=4096)
+    body_type: Literal["application/x-www-form-urlencoded", "application/json"] = (
+        "application/x-www-form-urlencoded"
+    )
+
+
+class PresignBody(_Body):
+    """``POST /v1/presign``."""
+
+    policy: Annotated[StrictStr, Field(pattern=_POLICY_NAME)]
+    key: StrictStr = Field(min_length=1, max_length=MAX_KEY_BYTES)
+    method: Literal["PUT", "GET", "POST", "DELETE"] | None = None
+    operation: Operation | None = None
+    expires_seconds: StrictInt | None = Field(default=None, ge=1, le=MAX_EXPIRES_SECONDS)
+    content_type: Annotated[StrictStr, Field(pattern=_MIME)] | None = None
+    content_md5: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9+/]{22}==$")] | None = None
+    headers: dict[StrictStr, StrictStr] = Field(default_factory=dict, max_length=8)
+    metadata: dict[StrictStr, StrictStr] = Field(default_factory=dict, max_length=32)
+    storage_class: Literal["Standard", "IA", "Archive", "ColdArchive", "DeepColdArchive"] | None = (
+        None
+    )
+    callback: CallbackBody | None = None
+    upload_id: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")] | None = None
+    part_number: StrictInt | None = Field(default=None, ge=1, le=10000)
+
+
+class PostPolicyBody(_Body):
+    """``POST /v1/post-policy``."""
+
+    policy: Annotated[StrictStr, Field(pattern=_POLICY_NAME)]
+    key_prefix: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_KEY_BYTES)
+    key: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_KEY_BYTES)
+    expires_seconds: StrictInt | None = Field(default=None, ge=1, le=MAX_EXPIRES_SECONDS)
+    content_type: Annotated[StrictStr, Field(pattern=_MIME)] | None = None
+    max_object_bytes: StrictInt | None = Field(default=None, ge=1)
+    success_action_status: Literal[200, 201, 204] | None = None
+    signature_version: Literal["v4", "v1"] = "v4"
+
+
+def resolve_operation(method: str | None, operation: str | None) -> str:
+    """The operation a presign body asks for; ``method`` alone picks put/get."""
+    if operation is None:
+        if method is None:
+            return "put_object"
+        if method not in _DEFAULT_FOR_METHOD:
+            raise RequestInvalid(f"method {method} needs an explicit operation")
+        return _DEFAULT_FOR_METHOD[method]
+    if method is not None and OPERATIONS[operation].method != method:
+        raise RequestInvalid(
+            f"operation {operation} is sent with {OPERATIONS[operation].method}, not {method}"
+        )
+    return operation
+
+
+def check_key(key: str, prefix: str) -> str:
+    """A valid object key under ``prefix``: 1..1023 UTF-8 bytes, no traversal or controls.
+
+    Malformed keys are 400; a well-formed key outside the prefix is 403.
+    """
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        raise RequestInvalid("key must be valid UTF-8") from err
+    if not 1 <= size <= MAX_KEY_BYTES:
+        raise RequestInvalid(f"key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8")
+    if key.startswith("/") or "\\" in key or _CONTROL.search(key):
+        raise RequestInvalid("key may not start with '/' or contain '\\' or control characters")
+    if any(segment in (".", "..") for segment in key.split("/")):
+        raise RequestInvalid("key may not contain '.' or '..' segments")
+    if not key.startswith(prefix) or key == prefix:
+        raise AccessDenied("key is outside this caller's prefix {prefix}", prefix=prefix)
+    return key
+
+
+def check_content_type(policy: Policy, content_type: str | None, *, required: bool) -> None:
+    """Content-Type must be one the policy lists (and given, where it lists any)."""
+    allowed = policy.content_types
+    if not allowed:
+        return
+    if content_type is None:
+        if required:
+            raise RequestInvalid(f"content_type is required: one of {', '.join(allowed)}")
+        return
+    if content_type not in allowed:
+        raise AccessDenied(f"content_type must be one of {', '.join(allowed)}")
+
+
+def presign_headers(body: PresignBody, policy: Policy, operation: str) -> dict[str, str]:
+    """The headers the uploader must send, all of them signed."""
+    spec = OPERATIONS[operation]
+    for name in _OPTIONAL_FIELDS:
+        if getattr(body, name) and name not in spec.fields:
+            raise RequestInvalid(f"{operation} does not take {name}")
+    check_content_type(policy, body.content_type, required=spec.uploads_content)
+    headers: dict[str, str] = {}
+    if body.content_type:
+        headers["Content-Type"] = body.content_type
+    if body.content_md5:
+        headers["Content-MD5"] = body.content_md5
+    if body.storage_class:
+        headers["x-oss-storage-class"] = body.storage_class
+    headers.update(_extra_headers(body.headers))
+    headers.update(_metadata_headers(body.metadata))
+    if body.callback is not None:
+        headers["x-oss-callback"] = callback_header(policy, body.callback)
+    return headers
+
+
+def _extra_headers(headers: dict[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered != "x-oss-forbid-overwrite":
+            raise RequestInvalid("headers may only set x-oss-forbid-overwrite")
+        if value not in ("true", "false"):
+            raise RequestInvalid("x-oss-forbid-overwrite must be 'true' or 'false'")
+        out[lowered] = value
+    return out
+
+
+def _metadata_headers(metadata: dict[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    total = 0
+    for name, value in metadata.items():
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,63}", name):
+            raise RequestInvalid("metadata names are 1-64 characters of a-z, 0-9 and '-'")
+        if not _HEADER_VALUE.match(value) or len(value) > 1024:
+            raise RequestInvalid("metadata values are printable ASCII, at most 1024 characters")
+        total += len(name) + len(value)
+        out[f"x-oss-meta-{name}"] = value
+    if total > _MAX_METADATA_BYTES:
+        raise RequestInvalid("metadata may not exceed 8 KiB in total")
+    return out
+
+
+def callback_header(policy: Policy, callback: CallbackBody) -> str:
+    """``x-oss-callback``: base64 JSON, with a URL only from the policy's allowlist."""
+    if callback.url not in policy.callback_urls:
+        raise AccessDenied("callback url is not in this policy's callback_urls")
+    if not _HEADER_VALUE.match(callback.body):
+        raise RequestInvalid("callback body must be printable ASCII")
+    document = {
+        "callbackUrl": callback.url,
+        "callbackBody": callback.body,
+        "callbackBodyType": callback.body_type,
+    }
+    return base64.b64encode(json.dumps(document, separators=(",", ":")).encode()).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    """The lifetime a URL or form gets, and whether something shortened it."""
+
+    seconds: int
+    requested_seconds: int
+    clamped: bool
+
+
+def wanted_validity(requested: int | None, policy: Policy) -> int:
+    """What the caller asks for: its request, or the policy's cap when it asks nothing."""
+    cap = min(policy.max_url_expires_seconds, MAX_EXPIRES_SECONDS)
+    return min(requested, cap) if requested is not None else cap
+
+
+def clamp_expiry(requested: int | None, policy: Policy, token_remaining: float) -> Expiry:
+    """min(requested, policy cap, 7 days, what the token has left); ``clamped`` if shortened."""
+    asked = requested if requested is not None else policy.max_url_expires_seconds
+    asked = min(asked, MAX_EXPIRES_SECONDS)
+    seconds = min(wanted_validity(requested, policy), math.floor(token_remaining))
+    if seconds < 1:
+        raise RequestInvalid("the credentials have no validity left to sign with")
+    return Expiry(seconds=seconds, requested_seconds=asked, clamped=seconds < asked)
+
+
+def oss_endpoint(settings: OssSettings, policy: Policy) -> OssEndpoint:
+    """Where URLs for ``policy`` point: the configured override, or the policy's endpoint."""
+    scheme, host = settings.scheme_and_host(policy.oss_endpoint)
+    return OssEndpoint(host=host, scheme=scheme, addressing=settings.addressing)
+
+
+def sub_resources(operation: str, body: PresignBody) -> dict[str, str | None]:
+    """The query sub-resources of a multipart operation (``uploads``, ``uploadId``...)."""
+    spec = OPERATIONS[operation]
+    if spec.needs_upload_id != (body.upload_id is not None):
+        raise RequestInvalid(
+            f"{operation} {'needs' if spec.needs_upload_id else 'does not take'} upload_id"
+        )
+    if spec.needs_part_number != (body.part_number is not None):
+        raise RequestInvalid(
+            f"{operation} {'needs' if spec.needs_part_number else 'does not take'} part_number"
+        )
+    if operation == "initiate_multipart":
+        return {"uploads": None}
+    query: dict[str, str | None] = {}
+    if body.part_number is not None:
+        query["partNumber"] = str(body.part_number)
+    if body.upload_id is not None:
+        query["uploadId"] = body.upload_id
+    return query
+
+
+@dataclass(frozen=True, slots=True)
+class PostForm:
+    """The conditions of a PostObject policy and the form fields that satisfy them."""
+
+    conditions: list[Any]
+    fields: dict[str, str]
+
+
+def post_policy_conditions(body: PostPolicyBody, policy: Policy, prefix: str) -> PostForm:
+    """Conditions for ``key``/``key_prefix``, size, Content-Type and success status.
+
+    ``key_prefix`` may only narrow the caller's prefix and ``max_object_bytes``
+    may only lower the policy's; without either limit OSS's 5 GiB applies.
+    """
+    if body.key is not None and body.key_prefix is not None:
+        raise RequestInvalid("give key or key_prefix, not both")
+    conditions: list[Any] = []
+    fields: dict[str, str] = {}
+    if body.key is not None:
+        key = check_key(body.key, prefix)
+        conditions.append(["eq", "$key", key])
+        fields["key"] = key
+    else:
+        key_prefix = body.key_prefix if body.key_prefix is not None else prefix
+        if key_prefix != prefix:
+            check_key(key_prefix, prefix)
+        conditions.append(["starts-with", "$key", key_prefix])
+        fields["key"] = key_prefix + "${filename}"
+    conditions.append(["content-length-range", 0, _size_limit(body, policy)])
+    check_content_type(policy, body.content_type, required=True)
+    if body.content_type is not None:
+        conditions.append(["eq", "$Content-Type", body.content_type])
+        fields["Content-Type"] = body.content_type
+    if body.success_action_status is not None:
+        status = str(body.success_action_status)
+        conditions.append({"success_action_status": status})
+        fields["success_action_status"] = status
+    return PostForm(conditions, fields)
+
+
+def _size_limit(body: PostPolicyBody, policy: Policy) -> int:
+    limit = policy.max_object_bytes or MAX_SINGLE_UPLOAD_BYTES
+    if body.max_object_bytes is None:
+        return limit
+    if body.max_object_bytes > limit:
+        raise RequestInvalid(f"max_object_bytes may only lower the policy's limit of {limit}")
+    return body.max_object_bytes

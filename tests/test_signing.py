@@ -1,0 +1,877 @@
+"""OSS V4 signing: published SDK vectors, the official SDK as an oracle, PostObject policies."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import json
+import random
+import string
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import alibabacloud_oss_v2 as oss
+import pytest
+from alibabacloud_oss_v2.credentials import StaticCredentialsProvider
+from alibabacloud_oss_v2.signer import SignerV4
+
+from broker.models import Credentials
+from broker.signing import (
+    OssEndpoint,
+    PresignInput,
+    authorization_v4,
+    post_policy_v1,
+    post_policy_v4,
+    presign,
+    signing_key,
+)
+
+T0 = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+ALIYUN = OssEndpoint("oss-cn-hangzhou.aliyuncs.com")
+STS = Credentials("STS.NTest", "secret/+=", "CAIS+token/with=chars", T0 + timedelta(hours=1))
+LONG_TERM = Credentials("LTAI5tTest", "longtermsecret", "", T0 + timedelta(days=365))
+
+
+# --- the SDK as an oracle -------------------------------------------------
+
+
+class _FixedTimeSigner(SignerV4):  # type: ignore[misc]
+    """The SDK's own V4 signer with the signing time preset."""
+
+    signing_time: datetime | None = None
+
+    def sign(self, signing_ctx: Any) -> None:
+        signing_ctx.signing_time = self.signing_time
+        super().sign(signing_ctx)
+
+
+@functools.lru_cache(maxsize=128)
+def _sdk_client(
+    endpoint: OssEndpoint, region: str, ak: str, sk: str, token: str
+) -> tuple[Any, _FixedTimeSigner]:
+    cfg = oss.config.load_default()
+    cfg.credentials_provider = StaticCredentialsProvider(ak, sk, token or None)
+    cfg.region = region
+    cfg.endpoint = f"{endpoint.scheme}://{endpoint.host}"
+    cfg.use_path_style = endpoint.addressing == "path"
+    cfg.use_cname = endpoint.addressing == "cname"
+    signer = _FixedTimeSigner()
+    return oss.Client(cfg, signer=signer), signer
+
+
+def _sdk_request(req: PresignInput) -> Any:
+    """The SDK request model for the operation ``req`` stands for, same headers and query."""
+    common = {"bucket": req.bucket, "key": req.key, "headers": dict(req.headers)}
+    params = {k: v or "" for k, v in req.query.items()}
+    if params:
+        common["parameters"] = params
+    if req.method == "GET":
+        return oss.GetObjectRequest(**common)
+    if req.method == "HEAD":
+        return oss.HeadObjectRequest(**common)
+    if req.method == "PUT" and "partNumber" in params:
+        return oss.UploadPartRequest(
+            part_number=params["partNumber"], upload_id=params["uploadId"], **common
+        )
+    if req.method == "PUT":
+        return oss.PutObjectRequest(**common)
+    if req.method == "POST" and "uploads" in params:
+        return oss.InitiateMultipartUploadRequest(**common)
+    if req.method == "POST":
+        return oss.CompleteMultipartUploadRequest(upload_id=params["uploadId"], **common)
+    return oss.AbortMultipartUploadRequest(upload_id=params["uploadId"], **common)
+
+
+def _sdk_presign(creds: Credentials, req: PresignInput, when: datetime, model: Any = None) -> Any:
+    client, signer = _sdk_client(
+        req.endpoint, req.region, creds.access_key_id, creds.access_key_secret, creds.security_token
+    )
+    signer.signing_time = when
+    expiration = when + timedelta(seconds=req.expires_seconds)
+    return client.presign(model or _sdk_request(req), expiration=expiration)
+
+
+def _assert_matches_sdk(
+    creds: Credentials, req: PresignInput, when: datetime = T0, model: Any = None
+) -> str:
+    ours = presign(creds, req, when)
+    sdk = _sdk_presign(creds, req, when, model)
+    context = f"\n{creds!r}\n{req!r}\n{when.isoformat()}"
+    assert ours.url == sdk.url, context
+    assert ours.method == sdk.method, context
+    assert ours.signed_headers == dict(sdk.signed_headers), context
+    assert ours.expiration == sdk.expiration.replace(microsecond=0), context
+    return ours.url
+
+
+def _query(url: str) -> dict[str, str]:
+    """The raw (still percent-encoded) query pairs of ``url``."""
+    return dict(pair.partition("=")[::2] for pair in urlsplit(url).query.split("&"))
+
+
+def _put(key: str = "dir/object.txt", **changes: Any) -> PresignInput:
+    fields: dict[str, Any] = {
+        "method": "PUT",
+        "bucket": "examplebucket",
+        "key": key,
+        "region": "cn-hangzhou",
+        "endpoint": ALIYUN,
+        "expires_seconds": 600,
+    }
+    fields.update(changes)
+    return PresignInput(**fields)
+
+
+# --- published vectors: aliyun/alibabacloud-oss-python-sdk-v2 tests/unit/signer/test_v4.py ---
+
+VECTOR_HEADERS = {
+    "x-oss-head1": "value",
+    "abc": "value",
+    "ZAbc": "value",
+    "XYZ": "value",
+    "content-type": "application/octet-stream",
+}
+VECTOR_QUERY = {
+    "param1": "value1",
+    "+param1": "value3",
+    "|param1": "value4",
+    "+param2": "",
+    "|param2": "",
+    "param2": "",
+}
+AK_SK = Credentials("ak", "sk", "", T0)
+AK_SK_TOKEN = Credentials("ak", "sk", "token", T0)
+
+
+def _vector_presign(
+    creds: Credentials,
+    timestamp: int,
+    expires: int,
+    additional: frozenset[str] = frozenset(),
+    product: str = "oss",
+    region: str = "cn-hangzhou",
+) -> dict[str, str]:
+    req = PresignInput(
+        method="PUT",
+        bucket="bucket",
+        key="1234+-/123/1.txt",
+        region=region,
+        endpoint=OssEndpoint("oss-cn-hangzhou.aliyuncs.com", scheme="http"),
+        expires_seconds=expires,
+        headers=VECTOR_HEADERS,
+        query=VECTOR_QUERY,
+        product=product,
+        additional_headers=additional,
+    )
+    return _query(presign(creds, req, datetime.fromtimestamp(timestamp, UTC)).url)
+
+
+def test_vector_auth_query() -> None:
+    """SDK vector test_auth_query: query signature without token."""
+    q = _vector_presign(AK_SK, 1702781677, 599)
+    assert q["x-oss-signature-version"] == "OSS4-HMAC-SHA256"
+    assert q["x-oss-expires"] == "599"
+    assert q["x-oss-credential"] == "ak%2F20231217%2Fcn-hangzhou%2Foss%2Faliyun_v4_request"
+    assert (
+        q["x-oss-signature"] == "a39966c61718be0d5b14e668088b3fa07601033f6518ac7b523100014269c0fe"
+    )
+    assert "x-oss-additional-headers" not in q
+    assert "x-oss-security-token" not in q
+
+
+def test_vector_auth_query_with_token() -> None:
+    """SDK vector test_auth_query_with_token: the token is a signed query parameter."""
+    q = _vector_presign(AK_SK_TOKEN, 1702785388, 599)
+    assert q["x-oss-date"] == "20231217T035628Z"
+    assert q["x-oss-security-token"] == "token"
+    assert (
+        q["x-oss-signature"] == "3817ac9d206cd6dfc90f1c09c00be45005602e55898f26f5ddb06d7892e1f8b5"
+    )
+
+
+def test_vector_auth_query_with_empty_token() -> None:
+    """SDK vector test_auth_query_with_empty_token: an empty token adds no parameter."""
+    assert "x-oss-security-token" not in _vector_presign(AK_SK, 1702785388, 599)
+
+
+@pytest.mark.parametrize(
+    "additional",
+    [frozenset({"ZAbc", "abc"}), frozenset({"x-oss-no-exist", "ZAbc", "x-oss-head1", "abc"})],
+)
+def test_vector_auth_query_with_additional_headers(additional: frozenset[str]) -> None:
+    """SDK vector test_auth_query_with_additional_headers: absent/default names are dropped."""
+    q = _vector_presign(AK_SK, 1702783809, 599, additional)
+    assert q["x-oss-date"] == "20231217T033009Z"
+    assert q["x-oss-additional-headers"] == "abc%3Bzabc"
+    assert (
+        q["x-oss-signature"] == "6bd984bfe531afb6db1f7550983a741b103a8c58e5e14f83ea474c2322dfa2b7"
+    )
+
+
+def test_vector_auth_query_long_expiration() -> None:
+    """SDK vector test_auth_query_long_expiration: five days of validity."""
+    q = _vector_presign(AK_SK, 1702781677, 5 * 24 * 3600)
+    assert q["x-oss-expires"] == "432000"
+    assert (
+        q["x-oss-signature"] == "31029123dc7732d2d2cfd4006ea4fdb6cf86da6478f813e2bf8f87877c7b9fec"
+    )
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "additional", "signature"),
+    [
+        (
+            1702781677,
+            frozenset({"ZAbc", "abc"}),
+            "07284191b9b4978ac3520cd39ee2dea2747eda454089359371ff463a6c7ba20f",
+        ),
+        (
+            1702783809,
+            frozenset({"x-oss-no-exist", "ZAbc", "x-oss-head1", "abc"}),
+            "16782cc8a7a554523db055eb804b508522e7e370073108ad88ee2f47496701dd",
+        ),
+    ],
+)
+def test_vector_auth_query_cloud_box(
+    timestamp: int, additional: frozenset[str], signature: str
+) -> None:
+    """SDK vector test_auth_query_with_cloud_box: product and region enter the scope."""
+    q = _vector_presign(AK_SK, timestamp, 599, additional, "oss-cloudbox", "cb-123")
+    assert q["x-oss-credential"] == "ak%2F20231217%2Fcb-123%2Foss-cloudbox%2Faliyun_v4_request"
+    assert q["x-oss-signature"] == signature
+
+
+def _vector_authorization(
+    creds: Credentials,
+    timestamp: int,
+    additional: frozenset[str] = frozenset(),
+    product: str = "oss",
+    region: str = "cn-hangzhou",
+) -> dict[str, str]:
+    headers = {**VECTOR_HEADERS, "content-type": "text/plain"}
+    headers["x-oss-content-sha256"] = "UNSIGNED-PAYLOAD"
+    return authorization_v4(
+        creds,
+        method="PUT",
+        bucket="bucket",
+        key="1234+-/123/1.txt",
+        region=region,
+        signing_time=datetime.fromtimestamp(timestamp, UTC),
+        headers=headers,
+        query=VECTOR_QUERY,
+        product=product,
+        additional_headers=additional,
+    )
+
+
+def test_vector_auth_header() -> None:
+    """SDK vector test_auth_header: Authorization header without token."""
+    assert _vector_authorization(AK_SK, 1702743657)["Authorization"] == (
+        "OSS4-HMAC-SHA256 Credential=ak/20231216/cn-hangzhou/oss/aliyun_v4_request,"
+        "Signature=e21d18daa82167720f9b1047ae7e7f1ce7cb77a31e8203a7d5f4624fa0284afe"
+    )
+
+
+def test_vector_auth_header_with_token() -> None:
+    """SDK vector test_auth_header_with_token: the token header is signed."""
+    added = _vector_authorization(AK_SK_TOKEN, 1702784856)
+    assert added["x-oss-security-token"] == "token"
+    assert added["Authorization"] == (
+        "OSS4-HMAC-SHA256 Credential=ak/20231217/cn-hangzhou/oss/aliyun_v4_request,"
+        "Signature=b94a3f999cf85bcdc00d332fbd3734ba03e48382c36fa4d5af5df817395bd9ea"
+    )
+
+
+def test_vector_auth_header_with_empty_token() -> None:
+    """SDK vector test_auth_header_with_empty_token: no token header for an empty token."""
+    assert "x-oss-security-token" not in _vector_authorization(AK_SK, 1702784856)
+
+
+@pytest.mark.parametrize(
+    "additional",
+    [frozenset({"ZAbc", "abc"}), frozenset({"x-oss-no-exist", "ZAbc", "x-oss-head1", "abc"})],
+)
+def test_vector_auth_header_with_additional_headers(additional: frozenset[str]) -> None:
+    """SDK vector test_auth_header_with_additional_headers: AdditionalHeaders=abc;zabc."""
+    assert _vector_authorization(AK_SK, 1702747512, additional)["Authorization"] == (
+        "OSS4-HMAC-SHA256 Credential=ak/20231216/cn-hangzhou/oss/aliyun_v4_request,"
+        "AdditionalHeaders=abc;zabc,"
+        "Signature=4a4183c187c07c8947db7620deb0a6b38d9fbdd34187b6dbaccb316fa251212f"
+    )
+
+
+def test_vector_auth_header_cloud_box() -> None:
+    """SDK vector test_auth_header_cloud_box: oss-cloudbox product and cb-123 region."""
+    added = _vector_authorization(AK_SK, 1702743657, product="oss-cloudbox", region="cb-123")
+    assert added["Authorization"] == (
+        "OSS4-HMAC-SHA256 Credential=ak/20231216/cb-123/oss-cloudbox/aliyun_v4_request,"
+        "Signature=94ce1f12c17d148ea681030275a94449d3357f5b5b21133996eec80af3e08a43"
+    )
+
+
+def test_authorization_matches_sdk_header_signer() -> None:
+    """Header signing adds the same headers, in the same values, as the SDK's SignerV4."""
+    from alibabacloud_oss_v2.types import HttpRequest, SigningContext
+
+    provider = StaticCredentialsProvider(
+        STS.access_key_id, STS.access_key_secret, STS.security_token
+    )
+    request = HttpRequest("PUT", "https://examplebucket.oss-cn-hangzhou.aliyuncs.com/a%20b?uploads")
+    request.headers.update({"Content-Type": "image/png", "x-oss-meta-Who": "ü"})
+    SignerV4().sign(
+        SigningContext(
+            product="oss",
+            region="cn-hangzhou",
+            bucket="examplebucket",
+            key="a b",
+            request=request,
+            credentials=provider.get_credentials(),
+            signing_time=T0,
+        )
+    )
+    added = authorization_v4(
+        STS,
+        method="PUT",
+        bucket="examplebucket",
+        key="a b",
+        region="cn-hangzhou",
+        signing_time=T0,
+        headers={"Content-Type": "image/png", "x-oss-meta-Who": "ü"},
+        query={"uploads": None},
+    )
+    assert added == {name: request.headers[name] for name in added}
+
+
+def test_query_additional_headers_match_sdk_query_signer() -> None:
+    """Additional headers without sub-resources sign as the SDK's SignerV4 in query mode."""
+    from alibabacloud_oss_v2.types import HttpRequest, SigningContext
+
+    headers = {"Content-Type": "text/plain", "X-Extra": "1", "Range": ""}
+    request = HttpRequest("PUT", "https://examplebucket.oss-cn-hangzhou.aliyuncs.com/a%20b")
+    request.headers.update(headers)
+    provider = StaticCredentialsProvider(
+        STS.access_key_id, STS.access_key_secret, STS.security_token
+    )
+    context = SigningContext(
+        product="oss",
+        region="cn-hangzhou",
+        bucket="examplebucket",
+        key="a b",
+        request=request,
+        credentials=provider.get_credentials(),
+        signing_time=T0,
+        additional_headers={"x-extra", "Range", "content-type"},
+    )
+    context.expiration_time = T0 + timedelta(seconds=600)
+    context.auth_method_query = True
+    SignerV4().sign(context)
+    ours = presign(
+        STS,
+        _put("a b", headers=headers, additional_headers={"x-extra", "Range", "content-type"}),
+        T0,
+    )
+    assert ours.url == request.url
+    assert _query(ours.url)["x-oss-additional-headers"] == "x-extra"
+    assert ours.signed_headers == {"Content-Type": "text/plain", "X-Extra": "1"}
+
+
+# --- endpoints and addressing styles ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "prefix"),
+    [
+        (ALIYUN, "https://examplebucket.oss-cn-hangzhou.aliyuncs.com/dir/object.txt?"),
+        (
+            OssEndpoint("oss-cn-hangzhou.aliyuncs.com", addressing="path"),
+            "https://oss-cn-hangzhou.aliyuncs.com/examplebucket/dir/object.txt?",
+        ),
+        (
+            OssEndpoint("cdn.example.com", addressing="cname"),
+            "https://cdn.example.com/dir/object.txt?",
+        ),
+        (
+            OssEndpoint("127.0.0.1:9100", scheme="http", addressing="path"),
+            "http://127.0.0.1:9100/examplebucket/dir/object.txt?",
+        ),
+        (
+            OssEndpoint("127.0.0.1:9100", scheme="http"),
+            "http://127.0.0.1:9100/examplebucket/dir/object.txt?",
+        ),
+        (
+            OssEndpoint("localhost:9100", scheme="http"),
+            "http://examplebucket.localhost:9100/dir/object.txt?",
+        ),
+    ],
+    ids=["virtual", "path", "cname", "ip-path", "ip-forces-path", "localhost-virtual"],
+)
+def test_addressing_styles_match_sdk(endpoint: OssEndpoint, prefix: str) -> None:
+    """Virtual-host, path-style, cname and IP endpoints build the SDK's URL."""
+    url = _assert_matches_sdk(STS, _put(endpoint=endpoint))
+    assert url.startswith(prefix)
+
+
+def test_addressing_style_does_not_change_signature() -> None:
+    """The canonical URI is /bucket/key whatever the addressing style."""
+    signatures = {
+        _query(presign(STS, _put(endpoint=OssEndpoint("h.example", addressing=style)), T0).url)[
+            "x-oss-signature"
+        ]
+        for style in ("virtual", "path", "cname")
+    }
+    assert len(signatures) == 1
+
+
+# --- keys -----------------------------------------------------------------
+
+KEYS = {
+    "plain": ("a/b/c.txt", "/a/b/c.txt"),
+    "space-plus": ("my file+1.txt", "/my%20file%2B1.txt"),
+    "reserved": ("r&=?#%~!*'().bin", "/r%26%3D%3F%23%25~%21%2A%27%28%29.bin"),
+    "unicode": ("照片/été 😀.png", "/%E7%85%A7%E7%89%87/%C3%A9t%C3%A9%20%F0%9F%98%80.png"),
+    "slashes": ("/lead//double/trail/", "//lead//double/trail/"),
+    "controls": ("tab\there\nnl", "/tab%09here%0Anl"),
+    "semicolon-comma": ("a;b,c:d@e$f", "/a%3Bb%2Cc%3Ad%40e%24f"),
+}
+
+
+@pytest.mark.parametrize(("key", "path"), KEYS.values(), ids=KEYS.keys())
+def test_key_encoding_matches_sdk(key: str, path: str) -> None:
+    """Keys keep / and unreserved characters; everything else is UTF-8 percent-encoded."""
+    url = _assert_matches_sdk(STS, _put(key))
+    assert url.startswith(f"https://examplebucket.oss-cn-hangzhou.aliyuncs.com{path}?")
+
+
+def test_key_of_1024_characters_matches_sdk() -> None:
+    """The longest key the SDK accepts signs identically."""
+    _assert_matches_sdk(LONG_TERM, _put("k/" + "é" * 1022))
+
+
+# --- signed headers --------------------------------------------------------
+
+
+def test_put_object_signed_headers_match_sdk() -> None:
+    """Content-Type, Content-MD5, metadata, storage class, forbid-overwrite, callback are signed."""
+    model = oss.PutObjectRequest(
+        bucket="examplebucket",
+        key="avatars/alice/me.png",
+        content_type="image/png",
+        content_md5="eB5eJF1ptWaXm4bijSPyxw==",
+        metadata={"Owner": "alice", "note": "héllo wörld"},
+        storage_class="IA",
+        forbid_overwrite=True,
+        callback="eyJjYWxsYmFja1VybCI6Imh0dHA6Ly9leGFtcGxlLmNvbSJ9",
+        cache_control="no-cache",
+    )
+    headers = {
+        "Content-Type": "image/png",
+        "Content-MD5": "eB5eJF1ptWaXm4bijSPyxw==",
+        "x-oss-meta-Owner": "alice",
+        "x-oss-meta-note": "héllo wörld",
+        "x-oss-storage-class": "IA",
+        "x-oss-forbid-overwrite": "true",
+        "x-oss-callback": "eyJjYWxsYmFja1VybCI6Imh0dHA6Ly9leGFtcGxlLmNvbSJ9",
+        "Cache-Control": "no-cache",
+    }
+    req = _put("avatars/alice/me.png", headers=headers)
+    _assert_matches_sdk(STS, req, model=model)
+    signed = presign(STS, req, T0).signed_headers
+    assert "Cache-Control" not in signed
+    assert signed["x-oss-meta-Owner"] == "alice"
+
+
+def test_unsigned_headers_do_not_change_url() -> None:
+    """Headers outside Content-Type/Content-MD5/x-oss-* are neither signed nor returned."""
+    plain = presign(STS, _put(headers={"Content-Type": "text/plain"}), T0)
+    extra = presign(
+        STS, _put(headers={"Content-Type": "text/plain", "Cache-Control": "no-store"}), T0
+    )
+    assert plain == extra
+
+
+def test_signed_header_value_changes_signature() -> None:
+    """A different Content-Type yields a different signature."""
+    png = presign(STS, _put(headers={"Content-Type": "image/png"}), T0).url
+    jpeg = presign(STS, _put(headers={"Content-Type": "image/jpeg"}), T0).url
+    assert png != jpeg
+
+
+def test_empty_metadata_value_is_signed_like_sdk() -> None:
+    """An x-oss-meta-* header with an empty value is still signed, as by the SDK."""
+    _assert_matches_sdk(STS, _put(headers={"x-oss-meta-empty": "", "X-OSS-Meta-Case": "v"}))
+
+
+def test_header_given_twice_is_refused() -> None:
+    """Two spellings of one header name are ambiguous and refused."""
+    with pytest.raises(ValueError, match="twice"):
+        presign(STS, _put(headers={"Content-Type": "a/b", "content-type": "c/d"}), T0)
+
+
+# --- sub-resources and operations -------------------------------------------
+
+UPLOAD_ID = "0004B9894A22E5B1888A1E29F823****"
+
+
+@pytest.mark.parametrize(
+    ("req", "model"),
+    [
+        (
+            _put(method="POST", query={"uploads": None}),
+            oss.InitiateMultipartUploadRequest(bucket="examplebucket", key="dir/object.txt"),
+        ),
+        (
+            _put(query={"partNumber": "7", "uploadId": UPLOAD_ID}),
+            oss.UploadPartRequest(
+                bucket="examplebucket", key="dir/object.txt", part_number=7, upload_id=UPLOAD_ID
+            ),
+        ),
+        (
+            _put(method="POST", query={"uploadId": UPLOAD_ID}),
+            oss.CompleteMultipartUploadRequest(
+                bucket="examplebucket", key="dir/object.txt", upload_id=UPLOAD_ID
+            ),
+        ),
+        (
+            _put(method="DELETE", query={"uploadId": UPLOAD_ID}),
+            oss.AbortMultipartUploadRequest(
+                bucket="examplebucket", key="dir/object.txt", upload_id=UPLOAD_ID
+            ),
+        ),
+        (
+            _put(method="GET"),
+            oss.GetObjectRequest(bucket="examplebucket", key="dir/object.txt"),
+        ),
+        (
+            _put(
+                method="GET",
+                query={"response-content-disposition": 'attachment; filename="a b.txt"'},
+            ),
+            oss.GetObjectRequest(
+                bucket="examplebucket",
+                key="dir/object.txt",
+                response_content_disposition='attachment; filename="a b.txt"',
+            ),
+        ),
+    ],
+    ids=["initiate", "upload-part", "complete", "abort", "get", "get-response-disposition"],
+)
+@pytest.mark.parametrize("creds", [STS, LONG_TERM], ids=["sts", "long-term"])
+def test_operations_match_sdk(req: PresignInput, model: Any, creds: Credentials) -> None:
+    """Each presignable operation, with and without a token, matches the SDK's own model."""
+    _assert_matches_sdk(creds, req, model=model)
+
+
+def test_security_token_is_encoded_query_parameter() -> None:
+    """An STS token travels percent-encoded as x-oss-security-token."""
+    q = _query(presign(STS, _put(), T0).url)
+    assert q["x-oss-security-token"] == "CAIS%2Btoken%2Fwith%3Dchars"
+    assert "x-oss-security-token" not in _query(presign(LONG_TERM, _put(), T0).url)
+
+
+def test_signature_parameters_cannot_be_passed_in() -> None:
+    """A caller cannot smuggle x-oss-signature or friends into the query."""
+    with pytest.raises(ValueError, match="written by the signer"):
+        presign(STS, _put(query={"x-oss-expires": "1"}), T0)
+
+
+# --- time and limits -----------------------------------------------------------
+
+
+def test_non_utc_signing_time_is_converted() -> None:
+    """An aware non-UTC signing time signs as the same instant in UTC."""
+    shanghai = T0.astimezone(timezone(timedelta(hours=8)))
+    assert presign(STS, _put(), shanghai) == presign(STS, _put(), T0)
+
+
+def test_naive_signing_time_is_refused() -> None:
+    """A naive datetime is ambiguous and refused."""
+    with pytest.raises(ValueError, match="timezone-aware"):
+        presign(STS, _put(), T0.replace(tzinfo=None))
+
+
+def test_expiration_is_truncated_signing_time_plus_expires() -> None:
+    """Expiration is x-oss-date (whole seconds) plus x-oss-expires, and matches the SDK."""
+    when = T0.replace(microsecond=987654)
+    result = presign(STS, _put(expires_seconds=900), when)
+    assert result.expiration == T0 + timedelta(seconds=900)
+    _assert_matches_sdk(STS, _put(expires_seconds=900), when)
+
+
+@pytest.mark.parametrize("expires", [0, -1, 7 * 24 * 3600 + 1])
+def test_expires_out_of_range_is_refused(expires: int) -> None:
+    """x-oss-expires must lie within 1 s and 7 days."""
+    with pytest.raises(ValueError, match="expires_seconds"):
+        presign(STS, _put(expires_seconds=expires), T0)
+
+
+def test_seven_days_is_accepted_and_matches_sdk() -> None:
+    """The 7-day maximum itself is allowed."""
+    _assert_matches_sdk(STS, _put(expires_seconds=7 * 24 * 3600))
+
+
+@pytest.mark.parametrize("bucket", ["ab", "Upper", "-lead", "trail-", "dot.ted", "x" * 64])
+def test_invalid_bucket_is_refused(bucket: str) -> None:
+    """Bucket names follow OSS's rule: 3-63 of a-z, 0-9 and inner '-'."""
+    with pytest.raises(ValueError, match="bucket"):
+        presign(STS, _put(bucket=bucket), T0)
+
+
+@pytest.mark.parametrize("key", ["", "k" * 1025])
+def test_invalid_key_length_is_refused(key: str) -> None:
+    """Keys must have 1 to 1024 characters."""
+    with pytest.raises(ValueError, match="key"):
+        presign(STS, _put(key), T0)
+
+
+def test_endpoint_rejects_url_in_host() -> None:
+    """OssEndpoint.host is host[:port], never a URL."""
+    with pytest.raises(ValueError, match="host"):
+        OssEndpoint("https://oss-cn-hangzhou.aliyuncs.com")
+
+
+def test_signing_key_is_the_documented_hmac_chain_and_cached() -> None:
+    """signing_key is the HMAC chain over "aliyun_v4"+secret, date, region, product; cached."""
+    expected = ("aliyun_v4" + "sk").encode()
+    for part in ("20231217", "cn-hangzhou", "oss", "aliyun_v4_request"):
+        expected = hmac.new(expected, part.encode(), hashlib.sha256).digest()
+    assert signing_key("sk", "20231217", "cn-hangzhou") == expected
+    hits = signing_key.cache_info().hits
+    signing_key("sk", "20231217", "cn-hangzhou")
+    assert signing_key.cache_info().hits == hits + 1
+
+
+# --- random differential testing against the SDK ----------------------------
+
+_KEY_ALPHABET = (
+    string.ascii_letters
+    + string.digits
+    + " /+&=?#%~!*'()-_.;,:@$[]{}^`|\"<>\\\t"
+    + ("éü中文照片😀\u00a0\u200b")
+)
+_MIME = ["image/png", "image/jpeg", "text/plain; charset=utf-8", "application/octet-stream"]
+_REGIONS = ["cn-hangzhou", "cn-beijing", "us-west-1", "ap-southeast-1", "eu-central-1"]
+_ENDPOINTS = [
+    ALIYUN,
+    OssEndpoint("oss-us-west-1.aliyuncs.com", addressing="path"),
+    OssEndpoint("cdn.example.com", addressing="cname"),
+    OssEndpoint("127.0.0.1:9100", scheme="http", addressing="path"),
+    OssEndpoint("10.0.0.7", scheme="http"),
+    OssEndpoint("oss.internal.example:8443"),
+]
+
+
+def _text(rng: random.Random, alphabet: str, low: int, high: int) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(low, high)))
+
+
+def _random_credentials(rng: random.Random) -> Credentials:
+    token = ""
+    if rng.random() < 0.7:
+        token = _text(rng, string.ascii_letters + string.digits + "+/=", 100, 700)
+    return Credentials(
+        access_key_id=("STS." if token else "LTAI") + _text(rng, string.ascii_letters, 8, 24),
+        access_key_secret=_text(rng, string.ascii_letters + string.digits + "+/=", 20, 40),
+        security_token=token,
+        expiration=T0,
+    )
+
+
+def _random_headers(rng: random.Random) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if rng.random() < 0.6:
+        headers[rng.choice(["Content-Type", "content-type"])] = rng.choice(_MIME)
+    if rng.random() < 0.3:
+        headers["Content-MD5"] = base64.b64encode(rng.randbytes(16)).decode()
+    for _ in range(rng.randint(0, 3)):
+        name = _text(rng, string.ascii_letters + string.digits + "-", 1, 12)
+        headers[f"x-oss-meta-{name}"] = _text(rng, string.printable.strip() + " éü中", 0, 30)
+    if rng.random() < 0.3:
+        headers["x-oss-storage-class"] = rng.choice(["Standard", "IA", "Archive"])
+    if rng.random() < 0.3:
+        headers["x-oss-forbid-overwrite"] = rng.choice(["true", "false"])
+    if rng.random() < 0.2:
+        headers["Cache-Control"] = "max-age=60"
+    return _dedupe(headers)
+
+
+def _dedupe(headers: Mapping[str, str]) -> dict[str, str]:
+    seen: dict[str, tuple[str, str]] = {}
+    for name, value in headers.items():
+        seen.setdefault(name.lower(), (name, value))
+    return dict(seen.values())
+
+
+def _random_operation(rng: random.Random) -> tuple[str, dict[str, str | None]]:
+    upload_id = _text(rng, string.ascii_uppercase + string.digits, 16, 32)
+    choice = rng.randrange(7)
+    if choice == 0:
+        return "POST", {"uploads": rng.choice([None, ""])}
+    if choice == 1:
+        return "PUT", {"partNumber": str(rng.randint(1, 10000)), "uploadId": upload_id}
+    if choice == 2:
+        return "POST", {"uploadId": upload_id}
+    if choice == 3:
+        return "DELETE", {"uploadId": upload_id}
+    if choice == 4:
+        value = _text(rng, _KEY_ALPHABET, 1, 20)
+        return "GET", {"response-content-disposition": value, "x-oss-process": "image/resize"}
+    return rng.choice(["GET", "PUT", "HEAD"]), {}
+
+
+def _random_case(rng: random.Random) -> tuple[Credentials, PresignInput, datetime]:
+    method, query = _random_operation(rng)
+    bucket = (
+        rng.choice(string.ascii_lowercase)
+        + _text(rng, string.ascii_lowercase + string.digits + "-", 1, 40)
+        + rng.choice(string.digits)
+    )
+    req = PresignInput(
+        method=method,
+        bucket=bucket,
+        key=_text(rng, _KEY_ALPHABET, 1, 80),
+        region=rng.choice(_REGIONS),
+        endpoint=rng.choice(_ENDPOINTS),
+        expires_seconds=rng.randint(1, 7 * 24 * 3600),
+        headers=_random_headers(rng),
+        query=query,
+    )
+    when = datetime.fromtimestamp(rng.randint(1_577_836_800, 1_700_000_000), UTC)
+    if rng.random() < 0.2:
+        when = when.replace(microsecond=rng.randrange(1_000_000))
+    return _random_credentials(rng), req, when
+
+
+def _differential(seed: int, cases: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(cases):
+        creds, req, when = _random_case(rng)
+        _assert_matches_sdk(creds, req, when)
+
+
+def test_random_inputs_match_sdk() -> None:
+    """300 seeded random presigns are byte-identical to the SDK's."""
+    _differential(seed=20240506, cases=300)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_random_inputs_match_sdk_10k() -> None:
+    """10,000 seeded random presigns are byte-identical to the SDK's."""
+    _differential(seed=7, cases=10_000)
+
+
+# --- PostObject, checked by an independent implementation of the documented algorithm ---
+# https://help.aliyun.com/en/oss/developer-reference/signature-version-4-recommend
+# https://help.aliyun.com/en/oss/developer-reference/signature-version-1
+
+EXPIRES_AT = T0 + timedelta(minutes=10)
+
+
+def _doc_v4_signature(secret: str, day: str, region: str, string_to_sign: str) -> str:
+    key = hmac.new(f"aliyun_v4{secret}".encode(), day.encode(), hashlib.sha256).digest()
+    key = hmac.new(key, region.encode(), hashlib.sha256).digest()
+    key = hmac.new(key, b"oss", hashlib.sha256).digest()
+    key = hmac.new(key, b"aliyun_v4_request", hashlib.sha256).digest()
+    return hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+def _v4_fields(creds: Credentials, conditions: list[Any]) -> dict[str, str]:
+    return post_policy_v4(
+        creds,
+        bucket="examplebucket",
+        region="cn-hangzhou",
+        conditions=conditions,
+        expiration=EXPIRES_AT,
+        signing_time=T0,
+    )
+
+
+EXTRA_CONDITIONS: list[Any] = [
+    ["starts-with", "$key", "avatars/alice/"],
+    ["content-length-range", 0, 5242880],
+    ["eq", "$content-type", "image/png"],
+]
+
+
+def test_post_policy_v4_signature_follows_documented_algorithm() -> None:
+    """x-oss-signature = hex(HMAC-SHA256(V4 signing key, base64 policy))."""
+    fields = _v4_fields(STS, EXTRA_CONDITIONS)
+    assert fields["x-oss-signature-version"] == "OSS4-HMAC-SHA256"
+    assert fields["x-oss-date"] == "20240506T070809Z"
+    assert fields["x-oss-credential"] == "STS.NTest/20240506/cn-hangzhou/oss/aliyun_v4_request"
+    assert fields["x-oss-security-token"] == STS.security_token
+    expected = _doc_v4_signature(STS.access_key_secret, "20240506", "cn-hangzhou", fields["policy"])
+    assert fields["x-oss-signature"] == expected
+
+
+def test_post_policy_v4_policy_carries_required_conditions() -> None:
+    """The policy holds expiration, bucket, the x-oss-* form values and the extra conditions."""
+    fields = _v4_fields(STS, EXTRA_CONDITIONS)
+    policy = json.loads(base64.b64decode(fields["policy"]))
+    assert policy["expiration"] == "2024-05-06T07:18:09.000Z"
+    conditions = policy["conditions"]
+    for name in ("x-oss-signature-version", "x-oss-credential", "x-oss-date"):
+        assert {name: fields[name]} in conditions
+    assert {"x-oss-security-token": STS.security_token} in conditions
+    assert {"bucket": "examplebucket"} in conditions
+    for condition in EXTRA_CONDITIONS:
+        assert condition in conditions
+
+
+def test_post_policy_v4_without_token() -> None:
+    """Long-term keys produce neither a token field nor a token condition."""
+    fields = _v4_fields(LONG_TERM, [])
+    assert "x-oss-security-token" not in fields
+    assert "x-oss-security-token" not in base64.b64decode(fields["policy"]).decode()
+    assert fields["x-oss-signature"] == _doc_v4_signature(
+        LONG_TERM.access_key_secret, "20240506", "cn-hangzhou", fields["policy"]
+    )
+
+
+@pytest.mark.parametrize("lifetime", [timedelta(0), timedelta(days=7, seconds=1)])
+def test_post_policy_v4_lifetime_limits(lifetime: timedelta) -> None:
+    """A POST V4 policy must expire after its signing time and within 7 days."""
+    with pytest.raises(ValueError, match="7 days"):
+        post_policy_v4(
+            STS,
+            bucket="examplebucket",
+            region="cn-hangzhou",
+            conditions=[],
+            expiration=T0 + lifetime,
+            signing_time=T0,
+        )
+
+
+def test_post_policy_v1_signature_follows_documented_algorithm() -> None:
+    """Signature = base64(HMAC-SHA1(secret, base64 policy)); the token rides along."""
+    fields = post_policy_v1(STS, conditions=EXTRA_CONDITIONS, expiration=EXPIRES_AT)
+    digest = hmac.new(STS.access_key_secret.encode(), fields["policy"].encode(), hashlib.sha1)
+    assert fields["Signature"] == base64.b64encode(digest.digest()).decode()
+    assert fields["OSSAccessKeyId"] == STS.access_key_id
+    assert fields["x-oss-security-token"] == STS.security_token
+    policy = json.loads(base64.b64decode(fields["policy"]))
+    assert policy == {"expiration": "2024-05-06T07:18:09.000Z", "conditions": EXTRA_CONDITIONS}
+
+
+def test_post_policy_v1_without_token() -> None:
+    """Long-term keys sign V1 policies without a token field."""
+    assert "x-oss-security-token" not in post_policy_v1(
+        LONG_TERM, conditions=[], expiration=EXPIRES_AT
+    )
+
+
+def test_url_query_is_parseable() -> None:
+    """The presigned URL's query parses into the documented V4 parameters."""
+    names = [name for name, _ in parse_qsl(urlsplit(presign(STS, _put(), T0).url).query)]
+    assert names == [
+        "x-oss-signature-version",
+        "x-oss-date",
+        "x-oss-expires",
+        "x-oss-credential",
+        "x-oss-security-token",
+        "x-oss-signature",
+    ]
