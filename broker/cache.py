@@ -29,7 +29,7 @@ from typing import Literal
 
 import structlog
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, UpstreamError
 from broker.models import AssumeRoleRequest, Clock, Credentials, system_clock
 
 __all__ = ["CacheKey", "CacheResult", "CacheStats", "CredentialCache"]
@@ -37,7 +37,7 @@ __all__ = ["CacheKey", "CacheResult", "CacheStats", "CredentialCache"]
 log = structlog.get_logger("broker.cache")
 
 Fetch = Callable[[AssumeRoleRequest], Awaitable[Credentials]]
-Source = Literal["hit", "miss", "refresh"]
+Source = Literal["hit", "miss", "refresh", "stale"]
 
 _JITTER_SHARE = 0.2
 _REFRESH_RETRY_SECONDS = 10.0
@@ -67,7 +67,12 @@ class CacheKey:
 
 @dataclass(frozen=True, slots=True)
 class CacheResult:
-    """Credentials and where they came from: ``hit``, ``miss`` or ``refresh`` (forced)."""
+    """Credentials and where they came from.
+
+    ``hit``, ``miss``, ``refresh`` (fetched because ``min_ttl_seconds`` was not
+    met) or ``stale`` (that fetch failed and ``min_ttl_seconds`` was only a
+    preference, so the cached, still servable entry was returned).
+    """
 
     credentials: Credentials
     source: Source
@@ -119,8 +124,19 @@ class CredentialCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get(self, request: AssumeRoleRequest, *, min_ttl_seconds: float = 0.0) -> CacheResult:
-        """Credentials for ``request`` with at least ``min_ttl_seconds`` of validity left."""
+    async def get(
+        self,
+        request: AssumeRoleRequest,
+        *,
+        min_ttl_seconds: float = 0.0,
+        min_ttl_is_preference: bool = False,
+    ) -> CacheResult:
+        """Credentials for ``request`` with at least ``min_ttl_seconds`` of validity left.
+
+        With ``min_ttl_is_preference``, a failed fetch for more validity falls
+        back to the cached entry (still inside its serving window) instead of
+        raising: the caller clamps to what it has.
+        """
         key = CacheKey.for_request(request)
         now = self._clock()
         entry = self._entries.get(key)
@@ -132,7 +148,12 @@ class CredentialCache:
                     self._refresh_in_background(key, request, entry, now)
                 return CacheResult(entry.credentials, "hit")
             self.stats.forced_refreshes += 1
-            credentials = await self._shared_fetch(key, request)
+            try:
+                credentials = await self._shared_fetch(key, request)
+            except UpstreamError:
+                if not min_ttl_is_preference:
+                    raise
+                return CacheResult(entry.credentials, "stale")
             return CacheResult(credentials, "refresh")
         if entry is not None:
             del self._entries[key]

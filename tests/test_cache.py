@@ -214,3 +214,17 @@ def test_empty_policy_is_unrepresentable() -> None:
     """An AssumeRoleRequest cannot be built without an inline policy."""
     with pytest.raises(ValueError, match="inline policy"):
         AssumeRoleRequest(ROLE, "", 900, "alice")
+
+
+async def test_min_ttl_as_preference_falls_back_when_sts_fails(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """A preferred min_ttl that STS cannot meet returns the still-valid entry as stale."""
+    cache = _cache(sts, clock)
+    first = (await cache.get(_request())).credentials
+    clock.advance(300)
+    sts.emulator.faults.error_status = 500
+    result = await cache.get(_request(), min_ttl_seconds=700, min_ttl_is_preference=True)
+    assert (result.source, result.credentials) == ("stale", first)
+    with pytest.raises(UpstreamError):
+        await cache.get(_request(), min_ttl_seconds=700)

@@ -88,7 +88,13 @@ def _min_ttl(request: web.Request, policy: Policy, margin: int) -> int:
 
 
 async def _credentials_for(
-    services: Services, policy: Policy, principal: Principal, scope: Scope, min_ttl: float
+    services: Services,
+    policy: Policy,
+    principal: Principal,
+    scope: Scope,
+    min_ttl: float,
+    *,
+    min_ttl_is_preference: bool = False,
 ) -> CacheResult:
     assume = AssumeRoleRequest(
         role_arn=policy.role_arn,
@@ -97,7 +103,9 @@ async def _credentials_for(
         role_session_name=role_session_name(principal),
         external_id=policy.external_id,
     )
-    return await services.cache.get(assume, min_ttl_seconds=min_ttl)
+    return await services.cache.get(
+        assume, min_ttl_seconds=min_ttl, min_ttl_is_preference=min_ttl_is_preference
+    )
 
 
 def _fresh_enough(services: Services, policy: Policy, wanted_seconds: int) -> int:
@@ -195,8 +203,14 @@ async def create_presigned_url(request: web.Request) -> web.Response:
     headers = presign_headers(body, policy, operation)
     query = sub_resources(operation, body)
     wanted = wanted_validity(body.expires_seconds, policy)
+    # Ask for a token that covers the wanted lifetime; if STS cannot give one, clamp.
     result = await _credentials_for(
-        services, policy, principal, scope, _fresh_enough(services, policy, wanted)
+        services,
+        policy,
+        principal,
+        scope,
+        _fresh_enough(services, policy, wanted),
+        min_ttl_is_preference=True,
     )
     creds = result.credentials
     now = services.clock()
@@ -246,8 +260,14 @@ async def create_post_policy(request: web.Request) -> web.Response:
     scope = scope_for(policy, principal)
     form = post_policy_conditions(body, policy, scope.prefix)
     wanted = wanted_validity(body.expires_seconds, policy)
+    # Ask for a token that covers the wanted lifetime; if STS cannot give one, clamp.
     result = await _credentials_for(
-        services, policy, principal, scope, _fresh_enough(services, policy, wanted)
+        services,
+        policy,
+        principal,
+        scope,
+        _fresh_enough(services, policy, wanted),
+        min_ttl_is_preference=True,
     )
     creds = result.credentials
     now = services.clock()
