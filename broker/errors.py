@@ -11,6 +11,7 @@
       NotFound                  404 NotFound
       MethodNotAllowed          405 MethodNotAllowed
       RequestTooLarge           413 RequestTooLarge
+      TooManyRequests           429 TooManyRequests   + Retry-After (per-caller quota)
       UpstreamError             502 UpstreamError      STS failed
         UpstreamThrottled       503 UpstreamThrottled  + Retry-After
         UpstreamUnavailable     503 UpstreamUnavailable + Retry-After
@@ -36,6 +37,7 @@ __all__ = [
     "RequestInvalid",
     "RequestTooLarge",
     "TemplateValueRejected",
+    "TooManyRequests",
     "UpstreamError",
     "UpstreamThrottled",
     "UpstreamTimeout",
@@ -132,6 +134,22 @@ class RequestTooLarge(BrokerError):
     status = 413
     code = "RequestTooLarge"
     fmt = "request body too large"
+
+
+class TooManyRequests(BrokerError):
+    """This caller exceeded its request rate; retry after ``retry_after`` seconds."""
+
+    status = 429
+    code = "TooManyRequests"
+    fmt = "too many requests; retry later"
+
+    def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(message, **context)
+
+    @property
+    def retry_after_seconds(self) -> int | None:
+        return self.retry_after
 
 
 class UpstreamError(BrokerError):
