@@ -8,16 +8,21 @@ from typing import Any
 from aiohttp import web
 
 from broker.http import routes
+from broker.http.cors import cors_middleware
 from broker.http.middleware import request_context
 from broker.http.services import SERVICES, Services
 
 __all__ = ["make_app", "runner_options"]
 
 
-def make_app(services: Services) -> web.Application:
-    """The broker's aiohttp application.  The table of contents of the API."""
+def make_app(services: Services, *, demo: bool = False) -> web.Application:
+    """The broker's aiohttp application.  The table of contents of the API.
+
+    ``demo`` adds the dev-mode upload page at ``/demo`` (``sts-broker dev`` only).
+    """
     app = web.Application(
-        middlewares=[request_context],
+        # request_context is outermost: every error below it becomes JSON.
+        middlewares=[request_context, cors_middleware(services.settings.cors.allow_origins)],
         client_max_size=services.settings.listen.max_body_bytes,
     )
     app[SERVICES] = services
@@ -27,6 +32,8 @@ def make_app(services: Services) -> web.Application:
     app.router.add_get("/v1/policies", routes.list_policies, name="policies")
     app.router.add_get("/healthz", routes.healthz, name="healthz")
     app.router.add_get("/readyz", routes.readyz, name="readyz")
+    if demo:
+        app.router.add_get("/demo", routes.demo, name="demo")
     app.cleanup_ctx.append(_close_cache)
     return app
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from broker import signing
 from broker.auth import extract_token, role_session_name
 from broker.cache import CacheResult
+from broker.dev import demo_page
 from broker.errors import AccessDenied, RequestInvalid
 from broker.http.middleware import REQUEST_ID
 from broker.http.services import SERVICES, Services
@@ -36,6 +37,7 @@ from broker.uploads import (
 __all__ = [
     "create_post_policy",
     "create_presigned_url",
+    "demo",
     "get_credentials",
     "healthz",
     "list_policies",
@@ -352,4 +354,13 @@ async def readyz(request: web.Request) -> web.Response:
     ready = all(checks.values())
     return _json(
         {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+    )
+
+
+async def demo(request: web.Request) -> web.Response:
+    """``GET /demo`` (dev mode only): a page that uploads by presigned PUT and PostObject."""
+    return web.Response(
+        text=demo_page(),
+        content_type="text/html",
+        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
     )
