@@ -23,7 +23,6 @@ from broker.config import ApiKeySettings, Settings, StsSettings, load_settings
 from broker.emulators.sts import StsEmulator, start_sts_emulator
 from broker.errors import BrokerError, ConfigError
 from broker.http.app import make_app, runner_options
-from broker.http.services import Services, build_services
 from broker.logs import configure_logging
 from broker.models import Principal
 from broker.policies import (
@@ -34,6 +33,7 @@ from broker.policies import (
     render_policy,
     render_prefix,
 )
+from broker.services import Services, build_services
 from broker.sts import static_credential
 
 __all__ = ["main"]
@@ -197,8 +197,10 @@ def reload_policies(services: Services) -> bool:
         fresh = load_policies(services.settings.policies_dir)
     except ConfigError as err:
         log.error("policies_reload_failed", problems=err.problems)
+        services.metrics.record_reload(successful=False, at=services.clock())
         return False
     services.policies = fresh
+    services.metrics.record_reload(successful=True, at=services.clock(), policies=len(fresh))
     log.info("policies_reloaded", policies=len(fresh), digest=fresh.digest[:16])
     return True
 

@@ -15,8 +15,8 @@ from broker.auth import hash_api_key
 from broker.config import Settings
 from broker.emulators.sts import StsEmulator, start_sts_emulator
 from broker.http.app import make_app, runner_options
-from broker.http.services import Services, build_services
 from broker.policies import load_policies
+from broker.services import Services, build_services
 from broker.sts import static_credential
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,8 +9,9 @@ from aiohttp import web
 
 from broker.http import routes
 from broker.http.cors import cors_middleware
+from broker.http.keys import SERVICES
 from broker.http.middleware import request_context
-from broker.http.services import SERVICES, Services
+from broker.services import Services
 
 __all__ = ["make_app", "runner_options"]
 
@@ -32,6 +33,7 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
     app.router.add_get("/v1/policies", routes.list_policies, name="policies")
     app.router.add_get("/healthz", routes.healthz, name="healthz")
     app.router.add_get("/readyz", routes.readyz, name="readyz")
+    app.router.add_get("/metrics", routes.metrics, name="metrics")
     if demo:
         app.router.add_get("/demo", routes.demo, name="demo")
     app.cleanup_ctx.append(_close_cache)

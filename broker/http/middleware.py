@@ -19,6 +19,7 @@ from broker.errors import (
     RequestInvalid,
     RequestTooLarge,
 )
+from broker.http.keys import SERVICES
 
 __all__ = ["REQUEST_ID", "STS_COMPATIBLE_ROUTES", "error_response", "request_context"]
 
@@ -89,12 +90,17 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = _reply_error(request, error, request_id)
     else:
         response.headers["X-Request-Id"] = request_id
+    elapsed = time.perf_counter() - started
+    route = request.match_info.route.name or "unmatched"
+    metrics = request.app[SERVICES].metrics
+    metrics.requests.labels(route, str(response.status)).inc()
+    metrics.request_seconds.labels(route).observe(elapsed)
     log.info(
         "request_finished",
         method=request.method,
         path=request.path,  # never the query: it may carry access_token
         status=response.status,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        duration_ms=round(elapsed * 1000, 3),
         error_code=error.code if error is not None else None,
     )
     return response

@@ -16,10 +16,12 @@ from broker.auth import extract_token, role_session_name
 from broker.cache import CacheResult
 from broker.dev import demo_page
 from broker.errors import AccessDenied, RequestInvalid
+from broker.http.keys import SERVICES
 from broker.http.middleware import REQUEST_ID
-from broker.http.services import SERVICES, Services
+from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.models import AssumeRoleRequest, Principal
 from broker.policies import Policy, Scope, may_use, scope_for
+from broker.services import Services
 from broker.uploads import (
     OPERATIONS,
     PostPolicyBody,
@@ -41,6 +43,7 @@ __all__ = [
     "get_credentials",
     "healthz",
     "list_policies",
+    "metrics",
     "readyz",
 ]
 
@@ -105,9 +108,13 @@ async def _credentials_for(
         role_session_name=role_session_name(principal),
         external_id=policy.external_id,
     )
-    return await services.cache.get(
+    result = await services.cache.get(
         assume, min_ttl_seconds=min_ttl, min_ttl_is_preference=min_ttl_is_preference
     )
+    if result.source == "stale":
+        services.metrics.stale_served.inc()
+        log.warning("stale_credentials_served", access_key_id=result.credentials.access_key_id)
+    return result
 
 
 def _fresh_enough(services: Services, policy: Policy, wanted_seconds: int) -> int:
@@ -355,6 +362,12 @@ async def readyz(request: web.Request) -> web.Response:
     return _json(
         {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format."""
+    body = request.app[SERVICES].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def demo(request: web.Request) -> web.Response:

@@ -1,19 +1,18 @@
-"""What the handlers share: settings, the current policy set, cache, auth, STS, clock."""
+"""The composition root: settings and policies wired into the services requests share."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from broker.auth import ApiKeyAuthenticator, Authenticator
 from broker.cache import CredentialCache
 from broker.config import Settings, api_key_hashes
+from broker.metrics import Metrics
 from broker.models import Clock, system_clock
 from broker.policies import PolicySet
 from broker.sts import CredentialClient, StsClient
 
-__all__ = ["SERVICES", "Services", "build_services"]
+__all__ = ["Services", "build_services"]
 
 
 @dataclass(slots=True)
@@ -26,10 +25,8 @@ class Services:
     authenticator: Authenticator
     sts: StsClient
     clock: Clock
+    metrics: Metrics
     shutting_down: bool = False
-
-
-SERVICES = web.AppKey("services", Services)
 
 
 def build_services(
@@ -41,9 +38,10 @@ def build_services(
 ) -> Services:
     """Wire settings and policies into the shared services (no I/O happens here)."""
     margin = settings.cache.refresh_margin_seconds
+    metrics = Metrics()
     sts = StsClient(settings.sts, credential=credential, clock=clock, min_validity_seconds=margin)
     cache = CredentialCache(
-        sts.assume_role,
+        metrics.instrument_sts(sts.assume_role),
         clock=clock,
         refresh_margin_seconds=margin,
         max_entries=settings.cache.max_entries,
@@ -51,4 +49,6 @@ def build_services(
     )
     groups = {key.id: key.groups for key in settings.auth.api_keys}
     authenticator = Authenticator(ApiKeyAuthenticator(api_key_hashes(settings), groups))
-    return Services(settings, policies, cache, authenticator, sts, clock)
+    metrics.track_cache(cache)
+    metrics.record_reload(successful=True, at=clock(), policies=len(policies))
+    return Services(settings, policies, cache, authenticator, sts, clock, metrics)
