@@ -12,7 +12,7 @@ import json
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -33,6 +33,7 @@ from broker.policies import (
     render_policy,
     render_prefix,
 )
+from broker.reload import reload_policies, watch_policies
 from broker.services import Services, build_services
 from broker.sts import static_credential
 
@@ -138,7 +139,9 @@ async def _dev(port: int, policies_dir: Path, policies: PolicySet) -> None:
     credential = static_credential(_DEV_SOURCE_KEY_ID, source_secret)
     services = build_services(settings, policies, credential=credential)
     try:
-        await _serve(services, banner=lambda url: _dev_banner(url, dev_key, sts_url, policies))
+        await _serve(
+            services, banner=lambda url: _dev_banner(url, dev_key, sts_url, policies), demo=True
+        )
     finally:
         await sts_runner.cleanup()
 
@@ -158,28 +161,44 @@ def _dev_banner(url: str, dev_key: str, sts_url: str, policies: PolicySet) -> No
     )
 
 
-async def _serve(services: Services, banner: object = None) -> None:
-    settings = services.settings
-    app = make_app(services)
-    runner = web.AppRunner(app, **runner_options(services))
+async def _serve(
+    services: Services, banner: Callable[[str], None] | None = None, *, demo: bool = False
+) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads policies.
+
+    On SIGTERM: readiness turns false at once, the listener closes after
+    ``shutdown_delay_seconds`` (time for load balancers to notice), in-flight
+    requests get ``shutdown_timeout_seconds`` to finish, then background
+    refreshes are cancelled and the process exits 0.
+    """
+    listen = services.settings.listen
+    app = make_app(services, demo=demo)
+    runner = web.AppRunner(
+        app, shutdown_timeout=listen.shutdown_timeout_seconds, **runner_options(services)
+    )
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
+    site = web.TCPSite(runner, listen.host, listen.port)
     await site.start()
-    url = f"http://{settings.listen.host}:{_bound_port(runner, settings.listen.port)}"
+    url = f"http://{listen.host}:{_bound_port(runner, listen.port)}"
     log.info("broker_started", url=url, policies=len(services.policies))
-    if callable(banner):
+    if banner is not None:
         banner(url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: reload_policies(services))
+    watcher = None
+    if services.settings.watch_policies:
+        watcher = asyncio.create_task(watch_policies(services))
     try:
         await stop.wait()
     finally:
         services.shutting_down = True
-        log.info("broker_stopping")
-        await runner.shutdown()
+        log.info("broker_stopping", delay_seconds=listen.shutdown_delay_seconds)
+        if watcher is not None:
+            watcher.cancel()
+        await asyncio.sleep(listen.shutdown_delay_seconds)
         await runner.cleanup()
         log.info("broker_stopped")
 
@@ -189,20 +208,6 @@ def _bound_port(runner: web.AppRunner, default: int) -> int:
         if isinstance(address, tuple) and len(address) >= 2:
             return int(address[1])
     return default
-
-
-def reload_policies(services: Services) -> bool:
-    """Load the whole policy directory and swap it in; keep the old set on any error."""
-    try:
-        fresh = load_policies(services.settings.policies_dir)
-    except ConfigError as err:
-        log.error("policies_reload_failed", problems=err.problems)
-        services.metrics.record_reload(successful=False, at=services.clock())
-        return False
-    services.policies = fresh
-    services.metrics.record_reload(successful=True, at=services.clock(), policies=len(fresh))
-    log.info("policies_reloaded", policies=len(fresh), digest=fresh.digest[:16])
-    return True
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -48,6 +48,8 @@ class ListenSettings(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_header_bytes: int = Field(default=8190, ge=1024, le=65536)
+    shutdown_delay_seconds: float = Field(default=0.0, ge=0, le=60)
+    shutdown_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
 
 
 def _check_endpoint(value: str) -> str:
@@ -213,6 +215,7 @@ class Settings(_Section):
     oss: OssSettings = OssSettings()
     cache: CacheSettings = CacheSettings()
     policies_dir: Path = Path("../policies")
+    watch_policies: bool = False
     auth: AuthSettings = AuthSettings()
     cors: CorsSettings = CorsSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -247,3 +247,57 @@ async def test_dev_mode_prints_a_working_key_and_curl() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_sigterm_during_load_fails_no_accepted_request(
+    tmp_path: Path, real_sts: tuple[StsEmulator, str]
+) -> None:
+    """SIGTERM while 40 requests wait on a slow STS: all 40 succeed, exit code 0."""
+    emulator, sts_url = real_sts
+    emulator.faults.delay_seconds = 2.0
+    port = _free_port()
+    config = _write(
+        tmp_path,
+        f"listen: {{host: 127.0.0.1, port: {port}, shutdown_timeout_seconds: 10}}\n"
+        f"sts: {{endpoint: '{sts_url}', timeout_seconds: 5}}\n"
+        f"policies_dir: {POLICIES_DIR}\n"
+        "logging: {format: json}\n"
+        "auth:\n  api_keys:\n"
+        + "".join(
+            f"    - id: svc-{i}\n      key_sha256: {hash_api_key(f'k-{i}')}\n"
+            "      groups: [internal]\n"
+            for i in range(40)
+        ),
+    )
+    env = {**os.environ, "ALIBABA_CLOUD_ACCESS_KEY_ID": "LTAI-chain-test"}
+    env["ALIBABA_CLOUD_ACCESS_KEY_SECRET"] = "chain-secret"
+    env["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] = "true"
+    proc = await asyncio.create_subprocess_exec(
+        STS_BROKER, "serve", "--config", str(config), env=env, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    try:
+        await _wait_for_line(proc.stderr, "broker_started")
+        url = f"http://127.0.0.1:{port}/v1/credentials/service-uploads"
+        async with aiohttp.ClientSession() as session:
+
+            async def fetch(i: int) -> int:
+                headers = {"Authorization": f"Bearer k-{i}"}
+                async with session.get(url, headers=headers) as resp:
+                    await resp.read()
+                    return resp.status
+
+            pending = [asyncio.create_task(fetch(i)) for i in range(40)]
+            async with asyncio.timeout(10):
+                while emulator.received < 40:  # every request is waiting on STS
+                    await asyncio.sleep(0.02)
+            assert emulator.calls == []  # none answered yet: the signal lands mid-flight
+            proc.send_signal(signal.SIGTERM)
+            statuses = await asyncio.gather(*pending)
+        assert statuses == [200] * 40
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -250,6 +250,7 @@ class StsEmulator:
         self._by_token: dict[str, IssuedCredentials] = {}
         self.faults = StsFaults()
         self.calls: list[RecordedCall] = []
+        self.received = 0  # requests that have arrived, answered or not
         self.issued: dict[str, IssuedCredentials] = {}
 
     def lookup_security_token(self, token: str) -> IssuedCredentials | None:
@@ -274,6 +275,7 @@ class StsEmulator:
 
     async def answer(self, request: web.Request) -> web.StreamResponse:
         """Answer one AssumeRole request, faults first."""
+        self.received += 1
         body = await request.read()
         params = _request_params(request, body)
         caller = _caller_of(request.headers.get("Authorization", ""))

@@ -1,0 +1,125 @@
+"""Policy reload: whole-set validation, atomic swap, old set kept on any error."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from broker.reload import reload_policies, watch_policies
+from tests.conftest import POLICIES_DIR, BrokerFactory, BrokerHarness
+
+
+@pytest.fixture
+def policies(tmp_path: Path) -> Path:
+    directory = tmp_path / "policies"
+    shutil.copytree(POLICIES_DIR, directory, ignore=shutil.ignore_patterns("*.md"))
+    return directory
+
+
+@pytest.fixture
+async def broker(make_broker: BrokerFactory, policies: Path) -> BrokerHarness:
+    return await make_broker(policies_dir=policies)
+
+
+def _reload_gauge(broker: BrokerHarness) -> float:
+    return broker.services.metrics.reload_successful._value.get()  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("avatar-upload.yaml", "name: [unclosed\n"),
+        ("avatar-upload.yaml", "name: avatar-upload\nbucket: examplebucket\n"),
+        ("extra.yaml", "name: extra\nprefix: '*'\n"),
+        ("dup.yaml", (POLICIES_DIR / "reports-read.yaml").read_text()),
+    ],
+    ids=["yaml-syntax", "schema", "widening-prefix", "duplicate-name"],
+)
+async def test_broken_file_keeps_previous_set(
+    broker: BrokerHarness, policies: Path, name: str, text: str
+) -> None:
+    """A reload that meets a broken file keeps every old policy and reports 0."""
+    before = broker.services.policies
+    (policies / name).write_text(text)
+    assert reload_policies(broker.services) is False
+    assert broker.services.policies is before
+    assert _reload_gauge(broker) == 0
+    status, _ = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
+    assert status == 200
+
+
+async def test_removed_file_removes_its_policy_and_empty_dir_is_refused(
+    broker: BrokerHarness, policies: Path
+) -> None:
+    """Deleting a file drops that policy; deleting them all is refused and keeps the set."""
+    (policies / "reports-read.yaml").unlink()
+    assert reload_policies(broker.services) is True
+    assert broker.services.policies.get("reports-read") is None
+    status, _ = await broker.get_json("/v1/credentials/reports-read", caller="svc-reports")
+    assert status == 403
+    for path in policies.glob("*.yaml"):
+        path.unlink()
+    assert reload_policies(broker.services) is False
+    assert broker.services.policies.get("avatar-upload") is not None
+
+
+async def test_edit_takes_effect_on_next_request(broker: BrokerHarness, policies: Path) -> None:
+    """An edited prefix is used at once: the cache key follows the rendered policy."""
+    _, first = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
+    path = policies / "avatar-upload.yaml"
+    path.write_text(path.read_text().replace("avatars/${subject}/", "faces/${subject}/"))
+    assert reload_policies(broker.services) is True
+    _, second = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
+    assert (first["Prefix"], second["Prefix"]) == ("avatars/alice/", "faces/alice/")
+    assert second["AccessKeyId"] != first["AccessKeyId"]
+    assert "faces/alice/" in broker.sts.emulator.calls[-1].params["Policy"]
+
+
+def _configmap(root: Path, version: str, files: dict[str, str]) -> None:
+    """Lay out files as the kubelet does: ..VERSION/ holds them, ..data points at it."""
+    target = root / f"..{version}"
+    target.mkdir()
+    for name, text in files.items():
+        (target / name).write_text(text)
+        link = root / name
+        if not link.is_symlink():
+            link.symlink_to(Path("..data") / name)
+    temporary = root / "..data_tmp"
+    temporary.symlink_to(target.name)
+    os.replace(temporary, root / "..data")  # the atomic swap
+
+
+async def test_kubernetes_symlink_swap(make_broker: BrokerFactory, tmp_path: Path) -> None:
+    """A ConfigMap-style ..data symlink swap is picked up whole on reload."""
+    root = tmp_path / "configmap"
+    root.mkdir()
+    original = {p.name: p.read_text() for p in POLICIES_DIR.glob("*.yaml")}
+    _configmap(root, "2026_11_21_v1", original)
+    broker = await make_broker(policies_dir=root)
+    assert broker.services.policies.get("avatar-upload") is not None
+    edited = dict(original)
+    edited["avatar-upload.yaml"] = original["avatar-upload.yaml"].replace("avatars/", "pics/")
+    _configmap(root, "2026_11_21_v2", edited)
+    assert reload_policies(broker.services) is True
+    _, body = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
+    assert body["Prefix"] == "pics/alice/"
+
+
+async def test_watcher_reloads_on_change(broker: BrokerHarness, policies: Path) -> None:
+    """With watching on, a changed file is reloaded without a signal (bounded wait)."""
+    task = asyncio.create_task(watch_policies(broker.services))
+    try:
+        await asyncio.sleep(0.3)  # let the watcher start
+        path = policies / "avatar-upload.yaml"
+        path.write_text(path.read_text().replace("avatars/${subject}/", "watched/${subject}/"))
+        async with asyncio.timeout(10):
+            while "watched/" not in broker.services.policies.get("avatar-upload").prefix:  # type: ignore[union-attr]
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
