@@ -32,7 +32,7 @@ import structlog
 from broker.errors import BrokerError, UpstreamError
 from broker.models import AssumeRoleRequest, Clock, Credentials, system_clock
 
-__all__ = ["CacheKey", "CacheResult", "CacheStats", "CredentialCache"]
+__all__ = ["CacheKey", "CacheResult", "CacheStats", "CredentialCache", "Fetch"]
 
 log = structlog.get_logger("broker.cache")
 

@@ -20,10 +20,13 @@ __all__ = [
     "AuthSettings",
     "CacheSettings",
     "CorsSettings",
+    "FailureGateSettings",
     "JwtSettings",
     "ListenSettings",
     "LoggingSettings",
     "OssSettings",
+    "QuotaSettings",
+    "RetrySettings",
     "Settings",
     "StsSettings",
     "api_key_hashes",
@@ -74,12 +77,30 @@ def _endpoint_parts(value: str) -> tuple[str, str]:
     return "https", value
 
 
+class RetrySettings(_Section):
+    """Retries of retryable STS failures: exponential backoff, full jitter, one deadline."""
+
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    base_delay_seconds: float = Field(default=0.1, gt=0, le=10)
+    max_delay_seconds: float = Field(default=2.0, gt=0, le=60)
+    deadline_seconds: float = Field(default=8.0, gt=0, le=120)
+
+
+class FailureGateSettings(_Section):
+    """After ``threshold`` non-retryable errors for one scope, stop calling STS for a while."""
+
+    threshold: int = Field(default=3, ge=1, le=100)
+    open_seconds: float = Field(default=30.0, gt=0, le=3600)
+
+
 class StsSettings(_Section):
     """How to reach STS.  ``endpoint`` is a host, or a full URL for emulators."""
 
     endpoint: str = "sts.cn-hangzhou.aliyuncs.com"
     region: str = Field(default="cn-hangzhou", pattern=r"^[a-z0-9-]+$")
     timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    retry: RetrySettings = RetrySettings()
+    failure_gate: FailureGateSettings = FailureGateSettings()
 
     @field_validator("endpoint")
     @classmethod
@@ -115,6 +136,16 @@ class OssSettings(_Section):
     def scheme_and_host(self, policy_endpoint: str) -> tuple[str, str]:
         """``(scheme, host)`` for a policy whose own endpoint is ``policy_endpoint``."""
         return _endpoint_parts(self.endpoint or policy_endpoint)
+
+
+class QuotaSettings(_Section):
+    """Per-caller request rate, and the AssumeRole budget of this process."""
+
+    caller_requests_per_second: float = Field(default=50.0, gt=0, le=100_000)
+    caller_burst: float = Field(default=100.0, ge=1, le=1_000_000)
+    sts_calls_per_second: float = Field(default=20.0, gt=0, le=100)
+    sts_burst: float = Field(default=20.0, ge=1, le=100)
+    sts_max_wait_seconds: float = Field(default=2.0, ge=0, le=30)
 
 
 class CacheSettings(_Section):
@@ -214,6 +245,7 @@ class Settings(_Section):
     sts: StsSettings = StsSettings()
     oss: OssSettings = OssSettings()
     cache: CacheSettings = CacheSettings()
+    quotas: QuotaSettings = QuotaSettings()
     policies_dir: Path = Path("../policies")
     watch_policies: bool = False
     auth: AuthSettings = AuthSettings()

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.auth import ApiKeyAuthenticator, Authenticator
-from broker.cache import CredentialCache
+from broker.cache import CacheKey, CredentialCache, Fetch
 from broker.config import Settings, api_key_hashes
 from broker.metrics import Metrics
 from broker.models import Clock, system_clock
 from broker.policies import PolicySet
+from broker.quotas import CallerQuotas, StsBudget
+from broker.resilience import FailureGate, RetryPolicy, with_resilience
 from broker.sts import CredentialClient, StsClient
 
 __all__ = ["Services", "build_services"]
@@ -26,6 +28,7 @@ class Services:
     sts: StsClient
     clock: Clock
     metrics: Metrics
+    quotas: CallerQuotas
     shutting_down: bool = False
 
 
@@ -41,7 +44,7 @@ def build_services(
     metrics = Metrics()
     sts = StsClient(settings.sts, credential=credential, clock=clock, min_validity_seconds=margin)
     cache = CredentialCache(
-        metrics.instrument_sts(sts.assume_role),
+        _resilient(settings, metrics, metrics.instrument_sts(sts.assume_role), clock),
         clock=clock,
         refresh_margin_seconds=margin,
         max_entries=settings.cache.max_entries,
@@ -49,6 +52,37 @@ def build_services(
     )
     groups = {key.id: key.groups for key in settings.auth.api_keys}
     authenticator = Authenticator(ApiKeyAuthenticator(api_key_hashes(settings), groups))
+    quota = settings.quotas
+    quotas = CallerQuotas(quota.caller_requests_per_second, quota.caller_burst, clock)
     metrics.track_cache(cache)
     metrics.record_reload(successful=True, at=clock(), policies=len(policies))
-    return Services(settings, policies, cache, authenticator, sts, clock, metrics)
+    return Services(settings, policies, cache, authenticator, sts, clock, metrics, quotas)
+
+
+def _resilient(settings: Settings, metrics: Metrics, fetch: Fetch, clock: Clock) -> Fetch:
+    """AssumeRole behind the failure gate, each attempt inside the STS budget, retried.
+
+    Retries and waits use real time (``asyncio.sleep``); ``clock`` decides
+    budgets and gate windows so tests can move it.
+    """
+    sts = settings.sts
+    quota = settings.quotas
+    retry = RetryPolicy(
+        max_attempts=sts.retry.max_attempts,
+        base_delay_seconds=sts.retry.base_delay_seconds,
+        max_delay_seconds=sts.retry.max_delay_seconds,
+        deadline_seconds=sts.retry.deadline_seconds,
+    )
+    budget = StsBudget(
+        quota.sts_calls_per_second,
+        quota.sts_burst,
+        clock,
+        max_wait_seconds=quota.sts_max_wait_seconds,
+        on_reject=metrics.quota_rejections.labels("sts_budget").inc,
+    )
+    gate = FailureGate(
+        threshold=sts.failure_gate.threshold,
+        open_seconds=sts.failure_gate.open_seconds,
+        clock=clock,
+    )
+    return with_resilience(fetch, retry=retry, budget=budget, gate=gate, key=CacheKey.for_request)

@@ -196,4 +196,5 @@ def _translate_transport_error(err: UnretryableException, role_arn: str) -> Upst
         "STS could not be reached or sent an unreadable reply",
         role_arn=role_arn,
         error_type=type(inner).__name__,
+        retryable=True,
     )

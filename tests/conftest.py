@@ -94,7 +94,10 @@ async def sts(clock: FakeClock) -> AsyncIterator[StsHarness]:
 
 def make_settings(sts_url: str, policies_dir: Path = POLICIES_DIR, **overrides: Any) -> Settings:
     data: dict[str, Any] = {
-        "sts": {"endpoint": sts_url, "timeout_seconds": 2},
+        # One attempt per STS call and generous quotas, unless a test asks for more:
+        # tests/test_resilience_http.py exercises retries, the gate and quotas.
+        "sts": {"endpoint": sts_url, "timeout_seconds": 2, "retry": {"max_attempts": 1}},
+        "quotas": {"caller_requests_per_second": 1e5, "caller_burst": 1e6, "sts_burst": 100},
         "policies_dir": policies_dir,
         "auth": {
             "api_keys": [

@@ -15,7 +15,7 @@ from broker import signing
 from broker.auth import extract_token, role_session_name
 from broker.cache import CacheResult
 from broker.dev import demo_page
-from broker.errors import AccessDenied, RequestInvalid
+from broker.errors import AccessDenied, RequestInvalid, TooManyRequests
 from broker.http.keys import SERVICES
 from broker.http.middleware import REQUEST_ID
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -68,6 +68,11 @@ def _authenticate(request: web.Request, services: Services) -> Principal:
     token = extract_token(request.headers.get("Authorization"), request.query)
     principal = services.authenticator.authenticate(token)
     structlog.contextvars.bind_contextvars(caller=principal.subject)
+    try:
+        services.quotas.check(principal.subject)
+    except TooManyRequests:
+        services.metrics.quota_rejections.labels("caller").inc()
+        raise
     return principal
 
 
