@@ -1,4 +1,4 @@
-"""Request credentials → ``Principal``.  Knows nothing of STS or policies.
+"""Request credentials → ``Principal`` (API keys, OIDC/JWT).  Knows nothing of STS.
 
 Callers send ``Authorization: Bearer <token>``; clients that cannot set
 headers (the official SDKs' credentials-URI provider) may send
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from broker.errors import AuthenticationFailed, RequestInvalid
 from broker.models import Principal
+from broker.oidc import MAX_TOKEN_CHARS, JwtVerifier, looks_like_jwt
 
 __all__ = [
     "ApiKeyAuthenticator",
@@ -28,8 +29,6 @@ __all__ = [
     "hash_api_key",
     "role_session_name",
 ]
-
-_MAX_TOKEN_CHARS = 4096
 
 
 def hash_api_key(key: str) -> str:
@@ -73,7 +72,7 @@ def _count(query: Mapping[str, str], name: str) -> int:
 
 
 def _bounded(token: str) -> str:
-    if len(token) > _MAX_TOKEN_CHARS:
+    if len(token) > MAX_TOKEN_CHARS:
         raise AuthenticationFailed()
     return token
 
@@ -108,13 +107,17 @@ class ApiKeyAuthenticator:
 
 
 class Authenticator:
-    """Bearer token → ``Principal``: API keys now, JWTs where configured."""
+    """Bearer token → ``Principal``: a JWT if one is configured and the token is one, else a key."""
 
-    def __init__(self, api_keys: ApiKeyAuthenticator) -> None:
+    def __init__(self, api_keys: ApiKeyAuthenticator, jwt: JwtVerifier | None = None) -> None:
         self._api_keys = api_keys
+        self._jwt = jwt
 
-    def authenticate(self, token: str) -> Principal:
+    async def authenticate(self, token: str) -> Principal:
         """The caller ``token`` belongs to; ``AuthenticationFailed`` otherwise."""
+        # API keys never contain dots, so a JWT cannot be mistaken for one.
+        if self._jwt is not None and looks_like_jwt(token):
+            return await self._jwt.verify(token)
         principal = self._api_keys.authenticate(token)
         if principal is None:
             raise AuthenticationFailed()

@@ -277,10 +277,20 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     problems = _missing_env_keys(settings, environ, doc)
     if problems:
         raise ConfigError(problems)
-    policies_dir = settings.policies_dir
-    if not policies_dir.is_absolute():
-        policies_dir = (path.parent / policies_dir).resolve()
-    return settings.model_copy(update={"policies_dir": policies_dir, "source": path})
+    update: dict[str, object] = {
+        "policies_dir": _relative_to(path, settings.policies_dir),
+        "source": path,
+    }
+    jwt = settings.auth.jwt
+    if jwt is not None and jwt.jwks_file is not None:
+        jwt = jwt.model_copy(update={"jwks_file": _relative_to(path, jwt.jwks_file)})
+        update["auth"] = settings.auth.model_copy(update={"jwt": jwt})
+    return settings.model_copy(update=update)
+
+
+def _relative_to(config_file: Path, path: Path) -> Path:
+    """``path`` as given if absolute, else relative to the config file's folder."""
+    return path if path.is_absolute() else (config_file.parent / path).resolve()
 
 
 def _missing_env_keys(

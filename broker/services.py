@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from broker.auth import ApiKeyAuthenticator, Authenticator
 from broker.cache import CacheKey, CredentialCache, Fetch
-from broker.config import Settings, api_key_hashes
+from broker.config import JwtSettings, Settings, api_key_hashes
 from broker.metrics import Metrics
 from broker.models import Clock, system_clock
+from broker.oidc import JwksSource, JwtVerifier
 from broker.policies import PolicySet
 from broker.quotas import CallerQuotas, StsBudget
 from broker.resilience import FailureGate, RetryPolicy, with_resilience
@@ -51,12 +52,20 @@ def build_services(
         refresh_fraction=settings.cache.refresh_fraction,
     )
     groups = {key.id: key.groups for key in settings.auth.api_keys}
-    authenticator = Authenticator(ApiKeyAuthenticator(api_key_hashes(settings), groups))
+    jwt = None
+    if settings.auth.jwt is not None:
+        jwt = _jwt_verifier(settings.auth.jwt, clock)
+    authenticator = Authenticator(ApiKeyAuthenticator(api_key_hashes(settings), groups), jwt)
     quota = settings.quotas
     quotas = CallerQuotas(quota.caller_requests_per_second, quota.caller_burst, clock)
     metrics.track_cache(cache)
     metrics.record_reload(successful=True, at=clock(), policies=len(policies))
     return Services(settings, policies, cache, authenticator, sts, clock, metrics, quotas)
+
+
+def _jwt_verifier(settings: JwtSettings, clock: Clock) -> JwtVerifier:
+    jwks = JwksSource(jwks_file=settings.jwks_file, jwks_url=settings.jwks_url, clock=clock)
+    return JwtVerifier(settings, jwks, clock=clock)
 
 
 def _resilient(settings: Settings, metrics: Metrics, fetch: Fetch, clock: Clock) -> Fetch:

@@ -64,9 +64,9 @@ def _json(body: dict[str, Any], status: int = 200, *, no_store: bool = False) ->
     )
 
 
-def _authenticate(request: web.Request, services: Services) -> Principal:
+async def _authenticate(request: web.Request, services: Services) -> Principal:
     token = extract_token(request.headers.get("Authorization"), request.query)
-    principal = services.authenticator.authenticate(token)
+    principal = await services.authenticator.authenticate(token)
     structlog.contextvars.bind_contextvars(caller=principal.subject)
     try:
         services.quotas.check(principal.subject)
@@ -132,7 +132,7 @@ def _fresh_enough(services: Services, policy: Policy, wanted_seconds: int) -> in
 async def get_credentials(request: web.Request) -> web.Response:
     """``GET /v1/credentials/{policy}``: scoped STS credentials for this caller."""
     services = request.app[SERVICES]
-    principal = _authenticate(request, services)
+    principal = await _authenticate(request, services)
     policy = _usable_policy(services, principal, request.match_info["policy"])
     min_ttl = _min_ttl(request, policy, services.settings.cache.refresh_margin_seconds)
     scope = scope_for(policy, principal)
@@ -205,7 +205,7 @@ def _describe_validation(err: pydantic.ValidationError) -> str:
 async def create_presigned_url(request: web.Request) -> web.Response:
     """``POST /v1/presign``: a V4 presigned URL for one operation on one key."""
     services = request.app[SERVICES]
-    principal = _authenticate(request, services)
+    principal = await _authenticate(request, services)
     body = await _parse(request, PresignBody)
     policy = _usable_policy(services, principal, body.policy)
     operation = resolve_operation(body.method, body.operation)
@@ -266,7 +266,7 @@ async def create_presigned_url(request: web.Request) -> web.Response:
 async def create_post_policy(request: web.Request) -> web.Response:
     """``POST /v1/post-policy``: signed PostObject form fields for a browser upload."""
     services = request.app[SERVICES]
-    principal = _authenticate(request, services)
+    principal = await _authenticate(request, services)
     body = await _parse(request, PostPolicyBody)
     policy = _usable_policy(services, principal, body.policy)
     if "put" not in policy.actions:
@@ -329,7 +329,7 @@ def _iso(moment: datetime) -> str:
 async def list_policies(request: web.Request) -> web.Response:
     """``GET /v1/policies``: the policies this caller may use, with its rendered prefix."""
     services = request.app[SERVICES]
-    principal = _authenticate(request, services)
+    principal = await _authenticate(request, services)
     usable = [policy for policy in services.policies if may_use(policy, principal)]
     return _json({"policies": [_describe(services, policy, principal) for policy in usable]})
 
