@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SYSTEM := $(VENV)/.system-deps
 
 .PHONY: run test lint typecheck pytest bench clean
 
@@ -15,7 +16,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## run the broker in dev mode: emulators, example policies, a printed dev key
 	$(BIN)/sts-broker dev
 
-test: $(STAMP) lint typecheck pytest  ## ruff, mypy --strict and the whole pytest suite
+$(SYSTEM): tools/install-system-deps.sh | $(STAMP)
+	bash tools/install-system-deps.sh
+	touch $(SYSTEM)
+
+test: $(STAMP) $(SYSTEM) lint typecheck pytest  ## ruff, mypy --strict and the whole pytest suite
 
 lint: $(STAMP)
 	$(BIN)/ruff check broker tests
@@ -24,7 +29,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(SYSTEM)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 clean:
