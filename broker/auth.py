@@ -16,6 +16,7 @@ import hmac
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from broker.errors import AuthenticationFailed, RequestInvalid
 from broker.models import Principal
@@ -24,6 +25,7 @@ from broker.oidc import MAX_TOKEN_CHARS, JwtVerifier, looks_like_jwt
 __all__ = [
     "ApiKeyAuthenticator",
     "Authenticator",
+    "CertificateAuthenticator",
     "extract_token",
     "generate_api_key",
     "hash_api_key",
@@ -106,12 +108,51 @@ class ApiKeyAuthenticator:
         return found
 
 
+class CertificateAuthenticator:
+    """A verified client certificate's common name → its configured caller (``auth_method`` mtls).
+
+    The certificate has already been verified by the TLS handshake against
+    the configured client CA; only the handshake's result is used, never a
+    header that claims to carry a certificate.
+    """
+
+    def __init__(self, callers: Mapping[str, Principal]) -> None:
+        """``callers`` maps a certificate common name to its principal."""
+        self._callers = dict(callers)
+
+    def authenticate(self, peercert: Mapping[str, Any] | None) -> Principal | None:
+        """The caller of a verified peer certificate, or ``None``."""
+        if not peercert:
+            return None
+        names = [
+            value
+            for rdn in peercert.get("subject", ())
+            for key, value in rdn
+            if key == "commonName"
+        ]
+        if len(names) != 1:
+            return None
+        return self._callers.get(names[0])
+
+
 class Authenticator:
     """Bearer token → ``Principal``: a JWT if one is configured and the token is one, else a key."""
 
-    def __init__(self, api_keys: ApiKeyAuthenticator, jwt: JwtVerifier | None = None) -> None:
+    def __init__(
+        self,
+        api_keys: ApiKeyAuthenticator,
+        jwt: JwtVerifier | None = None,
+        certificates: CertificateAuthenticator | None = None,
+    ) -> None:
         self._api_keys = api_keys
         self._jwt = jwt
+        self._certificates = certificates
+
+    def authenticate_certificate(self, peercert: Mapping[str, Any] | None) -> Principal | None:
+        """The caller a verified client certificate maps to, when mTLS callers are configured."""
+        if self._certificates is None:
+            return None
+        return self._certificates.authenticate(peercert)
 
     async def authenticate(self, token: str) -> Principal:
         """The caller ``token`` belongs to; ``AuthenticationFailed`` otherwise."""

@@ -22,7 +22,7 @@ from broker.auth import generate_api_key, hash_api_key
 from broker.config import ApiKeySettings, Settings, StsSettings, load_settings
 from broker.emulators.sts import StsEmulator, start_sts_emulator
 from broker.errors import BrokerError, ConfigError
-from broker.http.app import make_app, runner_options
+from broker.http.app import make_app, runner_options, ssl_context
 from broker.logs import configure_logging
 from broker.models import Principal
 from broker.policies import (
@@ -177,9 +177,11 @@ async def _serve(
         app, shutdown_timeout=listen.shutdown_timeout_seconds, **runner_options(services)
     )
     await runner.setup()
-    site = web.TCPSite(runner, listen.host, listen.port)
+    context = ssl_context(listen.tls) if listen.tls is not None else None
+    site = web.TCPSite(runner, listen.host, listen.port, ssl_context=context)
     await site.start()
-    url = f"http://{listen.host}:{_bound_port(runner, listen.port)}"
+    scheme = "https" if context is not None else "http"
+    url = f"{scheme}://{listen.host}:{_bound_port(runner, listen.port)}"
     log.info("broker_started", url=url, policies=len(services.policies))
     if banner is not None:
         banner(url)

@@ -24,11 +24,13 @@ __all__ = [
     "JwtSettings",
     "ListenSettings",
     "LoggingSettings",
+    "MtlsCallerSettings",
     "OssSettings",
     "QuotaSettings",
     "RetrySettings",
     "Settings",
     "StsSettings",
+    "TlsSettings",
     "api_key_hashes",
     "load_settings",
 ]
@@ -44,6 +46,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsSettings(_Section):
+    """TLS on the listener; with ``client_ca_file``, client certificates (mTLS) too.
+
+    A client certificate verified against ``client_ca_file`` identifies the
+    caller through ``auth.mtls``; identity headers from the network (such as
+    X-Forwarded-Client-Cert) are never trusted.
+    """
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_required(self) -> TlsSettings:
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("require_client_cert needs client_ca_file")
+        return self
+
+
 class ListenSettings(_Section):
     """Where the broker listens and how much it reads from one request."""
 
@@ -53,6 +75,7 @@ class ListenSettings(_Section):
     max_header_bytes: int = Field(default=8190, ge=1024, le=65536)
     shutdown_delay_seconds: float = Field(default=0.0, ge=0, le=60)
     shutdown_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    tls: TlsSettings | None = None
 
 
 def _check_endpoint(value: str) -> str:
@@ -199,11 +222,20 @@ class JwtSettings(_Section):
         return self
 
 
+class MtlsCallerSettings(_Section):
+    """A caller identified by the common name of its verified client certificate."""
+
+    id: Identifier
+    common_name: str = Field(min_length=1, max_length=64)
+    groups: tuple[Identifier, ...] = ()
+
+
 class AuthSettings(_Section):
     """Who may call the broker."""
 
     api_keys: tuple[ApiKeySettings, ...] = ()
     jwt: JwtSettings | None = None
+    mtls: tuple[MtlsCallerSettings, ...] = ()
 
     @field_validator("api_keys")
     @classmethod
@@ -281,6 +313,15 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
         "policies_dir": _relative_to(path, settings.policies_dir),
         "source": path,
     }
+    tls = settings.listen.tls
+    if tls is not None:
+        files = {"cert_file": tls.cert_file, "key_file": tls.key_file}
+        if tls.client_ca_file is not None:
+            files["client_ca_file"] = tls.client_ca_file
+        resolved = {name: _relative_to(path, value) for name, value in files.items()}
+        update["listen"] = settings.listen.model_copy(
+            update={"tls": tls.model_copy(update=resolved)}
+        )
     jwt = settings.auth.jwt
     if jwt is not None and jwt.jwks_file is not None:
         jwt = jwt.model_copy(update={"jwks_file": _relative_to(path, jwt.jwks_file)})

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.auth import ApiKeyAuthenticator, Authenticator
+from broker.auth import ApiKeyAuthenticator, Authenticator, CertificateAuthenticator
 from broker.cache import CacheKey, CredentialCache, Fetch
 from broker.config import JwtSettings, Settings, api_key_hashes
 from broker.metrics import Metrics
-from broker.models import Clock, system_clock
+from broker.models import Clock, Principal, system_clock
 from broker.oidc import JwksSource, JwtVerifier
 from broker.policies import PolicySet
 from broker.quotas import CallerQuotas, StsBudget
@@ -55,7 +55,17 @@ def build_services(
     jwt = None
     if settings.auth.jwt is not None:
         jwt = _jwt_verifier(settings.auth.jwt, clock)
-    authenticator = Authenticator(ApiKeyAuthenticator(api_key_hashes(settings), groups), jwt)
+    certificates = None
+    if settings.auth.mtls:
+        certificates = CertificateAuthenticator(
+            {
+                caller.common_name: Principal(caller.id, caller.groups, auth_method="mtls")
+                for caller in settings.auth.mtls
+            }
+        )
+    authenticator = Authenticator(
+        ApiKeyAuthenticator(api_key_hashes(settings), groups), jwt, certificates
+    )
     quota = settings.quotas
     quotas = CallerQuotas(quota.caller_requests_per_second, quota.caller_burst, clock)
     metrics.track_cache(cache)

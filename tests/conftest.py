@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from broker.auth import hash_api_key
 from broker.config import Settings
@@ -114,6 +114,16 @@ def make_settings(sts_url: str, policies_dir: Path = POLICIES_DIR, **overrides: 
 BrokerFactory = Callable[..., Awaitable[BrokerHarness]]
 
 
+async def start_test_server(services: Services, **options: Any) -> TestServer:
+    """The broker on 127.0.0.1 with the production runner options (no access log, limits).
+
+    (pytest-aiohttp's ``server_kwargs`` would be dropped by ``TestServer``.)
+    """
+    server = TestServer(make_app(services))
+    await server.start_server(**runner_options(services), **options)
+    return server
+
+
 @pytest.fixture
 async def make_broker(
     aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
@@ -128,7 +138,7 @@ async def make_broker(
             credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
             clock=clock,
         )
-        client = await aiohttp_client(make_app(services), server_kwargs=runner_options(services))
+        client = await aiohttp_client(await start_test_server(services))
         return BrokerHarness(client, services, sts, clock)
 
     return factory

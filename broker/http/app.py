@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
+from broker.config import TlsSettings
 from broker.http import routes
 from broker.http.cors import cors_middleware
 from broker.http.keys import SERVICES
 from broker.http.middleware import request_context
 from broker.services import Services
 
-__all__ = ["make_app", "runner_options"]
+__all__ = ["make_app", "runner_options", "ssl_context"]
 
 
 def make_app(services: Services, *, demo: bool = False) -> web.Application:
@@ -58,3 +60,14 @@ def runner_options(services: Services) -> dict[str, Any]:
         "max_field_size": max_header,
         "max_headers": 64,
     }
+
+
+def ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The listener's TLS context: TLS 1.2+, and client certificates when a client CA is set."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.client_ca_file is not None:
+        context.load_verify_locations(cafile=tls.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return context

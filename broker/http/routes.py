@@ -65,8 +65,13 @@ def _json(body: dict[str, Any], status: int = 200, *, no_store: bool = False) ->
 
 
 async def _authenticate(request: web.Request, services: Services) -> Principal:
-    token = extract_token(request.headers.get("Authorization"), request.query)
-    principal = await services.authenticator.authenticate(token)
+    principal = None
+    if "Authorization" not in request.headers and "access_token" not in request.query:
+        peercert = request.transport.get_extra_info("peercert") if request.transport else None
+        principal = services.authenticator.authenticate_certificate(peercert)
+    if principal is None:
+        token = extract_token(request.headers.get("Authorization"), request.query)
+        principal = await services.authenticator.authenticate(token)
     structlog.contextvars.bind_contextvars(caller=principal.subject)
     try:
         services.quotas.check(principal.subject)

@@ -1,0 +1,891 @@
+"""The OSS emulator over real sockets: the official OSS SDK, aiohttp and hand-built forms."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+import aiohttp
+import alibabacloud_oss_v2 as oss
+import alibabacloud_oss_v2.aio as oss_aio
+import pytest
+from aiohttp import web
+from alibabacloud_oss_v2.signer import SignerV4
+from alibabacloud_oss_v2.types import Credentials as OssCredentials
+from alibabacloud_oss_v2.types import HttpRequest, SigningContext
+from alibabacloud_sts20150401 import models as sts_models
+from alibabacloud_sts20150401.client import Client as StsSdkClient
+from alibabacloud_tea_openapi.utils_models import Config as StsConfig
+from multidict import CIMultiDict
+from yarl import URL
+
+from broker.emulators.oss import OssEmulator, start_oss_emulator
+from broker.emulators.sts import StsEmulator, start_sts_emulator
+from tests.conftest import FakeClock
+
+SOURCE_KEY_ID = "LTAI5tOssEmulatorSource"
+SOURCE_SECRET = "oss-emulator-source-secret-4c1d"
+ROLE_ARN = "acs:ram::1234567890123456:role/oss-avatar-upload"
+BUCKET = "examplebucket"
+REGION = "cn-hangzhou"
+ALICE_POLICY = json.dumps(
+    {
+        "Version": "1",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": [
+                    "oss:PutObject",
+                    "oss:GetObject",
+                    "oss:DeleteObject",
+                    "oss:AbortMultipartUpload",
+                    "oss:ListParts",
+                ],
+                "Resource": ["acs:oss:*:*:examplebucket/user/alice/*"],
+            },
+            {
+                "Effect": "Deny",
+                "Action": "oss:*",
+                "Resource": "acs:oss:*:*:examplebucket/user/alice/private/*",
+            },
+        ],
+    }
+)
+
+
+@dataclass(frozen=True)
+class Creds:
+    access_key_id: str
+    access_key_secret: str
+    security_token: str
+
+
+@dataclass
+class Harness:
+    emulator: OssEmulator
+    sts: StsEmulator
+    url: str
+    sts_url: str
+    clock: FakeClock
+    creds: Creds
+    storage_dir: Path
+
+
+async def assume_role(sts_url: str, policy: str = ALICE_POLICY) -> Creds:
+    """STS credentials from the STS emulator, through the official STS SDK."""
+    config = StsConfig(
+        endpoint=sts_url.removeprefix("http://"),
+        protocol="http",
+        region_id=REGION,
+        access_key_id=SOURCE_KEY_ID,
+        access_key_secret=SOURCE_SECRET,
+    )
+    request = sts_models.AssumeRoleRequest(
+        role_arn=ROLE_ARN, role_session_name="alice", duration_seconds=3600, policy=policy
+    )
+    response = await StsSdkClient(config).assume_role_async(request)
+    credentials = response.body.credentials
+    return Creds(
+        credentials.access_key_id, credentials.access_key_secret, credentials.security_token
+    )
+
+
+async def start_oss(
+    sts: StsEmulator, clock: FakeClock, tmp_path: Path, **kwargs: Any
+) -> tuple[OssEmulator, web.AppRunner, str]:
+    """An OSS emulator on a free port, storing under tmp_path/oss."""
+    emulator = OssEmulator(sts=sts, storage_dir=tmp_path / "oss", clock=clock, **kwargs)
+    runner, url = await start_oss_emulator(emulator)
+    return emulator, runner, url
+
+
+@pytest.fixture
+async def harness(clock: FakeClock, tmp_path: Path) -> AsyncIterator[Harness]:
+    sts = StsEmulator(access_keys={SOURCE_KEY_ID: SOURCE_SECRET}, clock=clock)
+    sts_runner, sts_url = await start_sts_emulator(sts)
+    emulator, runner, url = await start_oss(sts, clock, tmp_path)
+    creds = await assume_role(sts_url)
+    yield Harness(emulator, sts, url, sts_url, clock, creds, tmp_path / "oss")
+    await runner.cleanup()
+    await sts_runner.cleanup()
+
+
+def sdk_client(
+    h: Harness, *, creds: Creds | None = None, secret: str | None = None, virtual_host: bool = False
+) -> oss_aio.AsyncClient:
+    """The official async OSS client: path style on the emulator's IP, or virtual-host via proxy."""
+    c = creds or h.creds
+    provider = oss.credentials.StaticCredentialsProvider(
+        c.access_key_id, secret or c.access_key_secret, c.security_token
+    )
+    if virtual_host:
+        config = oss.config.Config(
+            region=REGION,
+            endpoint=f"http://oss-{REGION}.aliyuncs.com",
+            credentials_provider=provider,
+            proxy_host=h.url,
+        )
+    else:
+        config = oss.config.Config(
+            region=REGION, endpoint=h.url, credentials_provider=provider, use_path_style=True
+        )
+    config.retry_max_attempts = 1
+    return oss_aio.AsyncClient(config)
+
+
+async def service_error(call: Awaitable[Any]) -> oss.exceptions.ServiceError:
+    with pytest.raises(oss.exceptions.OperationError) as info:
+        await call
+    error = info.value.unwrap()
+    assert isinstance(error, oss.exceptions.ServiceError)
+    return error
+
+
+def error_xml(body: bytes) -> dict[str, str]:
+    assert body.startswith(b'<?xml version="1.0" encoding="UTF-8"?>')
+    root = ElementTree.fromstring(body)  # noqa: S314 - the emulator's own reply
+    assert root.tag == "Error"
+    return {child.tag: child.text or "" for child in root}
+
+
+async def raw(method: str, url: str | URL, **kwargs: Any) -> tuple[int, CIMultiDict[str], bytes]:
+    """One plain HTTP request; status, headers (case-insensitive) and body."""
+    async with aiohttp.ClientSession() as session, session.request(method, url, **kwargs) as resp:
+        return resp.status, CIMultiDict(resp.headers), await resp.read()
+
+
+@pytest.mark.parametrize("key", ["user/alice/hello.txt", "user/alice/sp ace+plus=ü~%.txt"])
+async def test_sdk_put_get_round_trip_path_style(harness: Harness, key: str) -> None:
+    """PutObject then GetObject via the SDK (path style) return the bytes, type and metadata."""
+    async with sdk_client(harness) as client:
+        await client.put_object(
+            oss.PutObjectRequest(
+                bucket=BUCKET,
+                key=key,
+                body=b"hello oss",
+                content_type="text/plain",
+                metadata={"owner": "alice"},
+            )
+        )
+        result = await client.get_object(oss.GetObjectRequest(bucket=BUCKET, key=key))
+    assert result.body.content == b"hello oss"
+    assert result.content_type == "text/plain"
+    assert result.metadata == {"owner": "alice"}
+    assert harness.emulator.read_object(BUCKET, key) == b"hello oss"
+    assert (harness.storage_dir / BUCKET / key).read_bytes() == b"hello oss"
+
+
+async def test_sdk_virtual_host_style_through_proxy(harness: Harness) -> None:
+    """The SDK on a virtual-host endpoint, with the emulator as its proxy, round-trips an object."""
+    async with sdk_client(harness, virtual_host=True) as client:
+        await client.put_object(
+            oss.PutObjectRequest(bucket=BUCKET, key="user/alice/v.bin", body=b"\x00v")
+        )
+        head = await client.head_object(
+            oss.HeadObjectRequest(bucket=BUCKET, key="user/alice/v.bin")
+        )
+    assert head.content_length == 2
+    assert harness.emulator.read_object(BUCKET, "user/alice/v.bin") == b"\x00v"
+
+
+async def test_virtual_host_header_addresses_the_bucket(harness: Harness) -> None:
+    """A Host of <bucket>.<ip>:<port> selects the bucket; the path is then the key."""
+    async with sdk_client(harness) as client:
+        await client.put_object(
+            oss.PutObjectRequest(bucket=BUCKET, key="user/alice/x.txt", body=b"x")
+        )
+    host = f"{BUCKET}.{URL(harness.url).host}:{URL(harness.url).port}"
+    status, _, body = await raw("GET", f"{harness.url}/user/alice/x.txt", headers={"Host": host})
+    assert status == 403  # anonymous, but addressed: not NoSuchBucket
+    assert error_xml(body)["Code"] == "AccessDenied"
+    assert harness.emulator.requests[-1].bucket == BUCKET
+    assert harness.emulator.requests[-1].key == "user/alice/x.txt"
+
+
+async def test_tampered_secret_is_signature_does_not_match(harness: Harness) -> None:
+    """A request signed with a wrong secret gets 403 SignatureDoesNotMatch; no secret echoed."""
+    async with sdk_client(harness, secret="not-the-secret") as client:
+        error = await service_error(
+            client.put_object(
+                oss.PutObjectRequest(bucket=BUCKET, key="user/alice/a.txt", body=b"a")
+            )
+        )
+    assert (error.status_code, error.code) == (403, "SignatureDoesNotMatch")
+    fields = error.error_fileds
+    assert fields["OSSAccessKeyId"] == harness.creds.access_key_id
+    assert fields["CanonicalRequest"].startswith("PUT\n/examplebucket/user/alice/a.txt\n")
+    assert fields["StringToSign"].startswith("OSS4-HMAC-SHA256\n")
+    assert harness.creds.access_key_secret.encode() not in error.snapshot
+    assert harness.emulator.read_object(BUCKET, "user/alice/a.txt") is None
+
+
+async def test_key_outside_policy_is_access_denied(harness: Harness) -> None:
+    """Writing outside the token's inline policy prefix gets 403 AccessDenied (STS policy)."""
+    async with sdk_client(harness) as client:
+        error = await service_error(
+            client.put_object(oss.PutObjectRequest(bucket=BUCKET, key="user/bob/a.txt", body=b"a"))
+        )
+    assert (error.status_code, error.code, error.ec) == (403, "AccessDenied", "0003-00000301")
+    assert error.message == "Access denied by authorizer's policy."
+    assert harness.emulator.requests[-1].error_code == "AccessDenied"
+
+
+async def test_explicit_deny_wins_over_allow(harness: Harness) -> None:
+    """A Deny statement blocks a key an Allow statement covers."""
+    async with sdk_client(harness) as client:
+        error = await service_error(
+            client.put_object(
+                oss.PutObjectRequest(bucket=BUCKET, key="user/alice/private/k", body=b"k")
+            )
+        )
+    assert error.code == "AccessDenied"
+    assert b"<NoPermissionType>ExplicitDeny</NoPermissionType>" in error.snapshot
+
+
+async def test_expired_sts_token_is_security_token_expired(harness: Harness) -> None:
+    """Credentials whose STS token has expired get 403 SecurityTokenExpired."""
+    harness.sts.faults.expired_credentials = True
+    expired = await assume_role(harness.sts_url)
+    async with sdk_client(harness, creds=expired) as client:
+        error = await service_error(
+            client.put_object(
+                oss.PutObjectRequest(bucket=BUCKET, key="user/alice/a.txt", body=b"a")
+            )
+        )
+    assert (error.status_code, error.code) == (403, "SecurityTokenExpired")
+    assert error.message == "The security token you provided has expired."
+
+
+@pytest.mark.parametrize("change", ["access_key_id", "security_token"])
+async def test_unknown_key_or_token_is_invalid_access_key_id(harness: Harness, change: str) -> None:
+    """A key id the token was not issued for, or a token STS never issued: InvalidAccessKeyId."""
+    values = vars(harness.creds) | {change: "STS.NotIssuedByTheEmulator"}
+    async with sdk_client(harness, creds=Creds(**values)) as client:
+        error = await service_error(
+            client.put_object(
+                oss.PutObjectRequest(bucket=BUCKET, key="user/alice/a.txt", body=b"a")
+            )
+        )
+    assert (error.status_code, error.code) == (403, "InvalidAccessKeyId")
+
+
+async def test_forbid_overwrite_is_file_already_exists(harness: Harness) -> None:
+    """x-oss-forbid-overwrite: true on an existing key gets 409 FileAlreadyExists; it stays."""
+    key = "user/alice/once.txt"
+    async with sdk_client(harness) as client:
+        await client.put_object(
+            oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"first", forbid_overwrite=True)
+        )
+        error = await service_error(
+            client.put_object(
+                oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"second", forbid_overwrite=True)
+            )
+        )
+    assert (error.status_code, error.code) == (409, "FileAlreadyExists")
+    assert harness.emulator.read_object(BUCKET, key) == b"first"
+
+
+async def test_delete_then_get_is_no_such_key(harness: Harness) -> None:
+    """DeleteObject removes the object; GetObject and HeadObject then get 404 NoSuchKey."""
+    key = "user/alice/gone.txt"
+    async with sdk_client(harness) as client:
+        await client.put_object(oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"x"))
+        await client.delete_object(oss.DeleteObjectRequest(bucket=BUCKET, key=key))
+        get_error = await service_error(
+            client.get_object(oss.GetObjectRequest(bucket=BUCKET, key=key))
+        )
+        head_error = await service_error(
+            client.head_object(oss.HeadObjectRequest(bucket=BUCKET, key=key))
+        )
+    assert (get_error.status_code, get_error.code) == (404, "NoSuchKey")
+    assert (head_error.status_code, head_error.code) == (404, "NoSuchKey")
+    assert not (harness.storage_dir / BUCKET / "user").exists()
+
+
+async def test_multipart_three_parts_assembled_byte_exactly(harness: Harness) -> None:
+    """Three parts uploaded through the SDK are assembled in part order, byte for byte."""
+    key = "user/alice/big.bin"
+    parts = [os.urandom(100 * 1024), os.urandom(100 * 1024 + 3), b"tail"]
+    async with sdk_client(harness) as client:
+        init = await client.initiate_multipart_upload(
+            oss.InitiateMultipartUploadRequest(
+                bucket=BUCKET, key=key, content_type="application/x-big"
+            )
+        )
+        uploaded = []
+        for number in (2, 1, 3):  # out of order on purpose
+            result = await client.upload_part(
+                oss.UploadPartRequest(
+                    bucket=BUCKET,
+                    key=key,
+                    upload_id=init.upload_id,
+                    part_number=number,
+                    body=parts[number - 1],
+                )
+            )
+            uploaded.append(oss.UploadPart(part_number=number, etag=result.etag))
+        uploaded.sort(key=lambda part: part.part_number)
+        done = await client.complete_multipart_upload(
+            oss.CompleteMultipartUploadRequest(
+                bucket=BUCKET,
+                key=key,
+                upload_id=init.upload_id,
+                complete_multipart_upload=oss.CompleteMultipartUpload(parts=uploaded),
+            )
+        )
+        got = await client.get_object(oss.GetObjectRequest(bucket=BUCKET, key=key))
+    assert harness.emulator.read_object(BUCKET, key) == b"".join(parts)
+    assert got.body.content == b"".join(parts)
+    assert got.content_type == "application/x-big"
+    assert str(done.etag).endswith('-3"')
+
+
+async def test_multipart_wrong_etag_is_invalid_part(harness: Harness) -> None:
+    """CompleteMultipartUpload naming a part with the wrong ETag gets 400 InvalidPart."""
+    key = "user/alice/bad.bin"
+    async with sdk_client(harness) as client:
+        init = await client.initiate_multipart_upload(
+            oss.InitiateMultipartUploadRequest(bucket=BUCKET, key=key)
+        )
+        await client.upload_part(
+            oss.UploadPartRequest(
+                bucket=BUCKET, key=key, upload_id=init.upload_id, part_number=1, body=b"x"
+            )
+        )
+        error = await service_error(
+            client.complete_multipart_upload(
+                oss.CompleteMultipartUploadRequest(
+                    bucket=BUCKET,
+                    key=key,
+                    upload_id=init.upload_id,
+                    complete_multipart_upload=oss.CompleteMultipartUpload(
+                        parts=[
+                            oss.UploadPart(part_number=1, etag='"0123456789ABCDEF0123456789ABCDEF"')
+                        ]
+                    ),
+                )
+            )
+        )
+    assert (error.status_code, error.code) == (400, "InvalidPart")
+
+
+async def test_multipart_abort_forgets_the_upload(harness: Harness) -> None:
+    """AbortMultipartUpload drops the upload: parts are gone, later calls get NoSuchUpload."""
+    key = "user/alice/aborted.bin"
+    async with sdk_client(harness) as client:
+        init = await client.initiate_multipart_upload(
+            oss.InitiateMultipartUploadRequest(bucket=BUCKET, key=key)
+        )
+        await client.upload_part(
+            oss.UploadPartRequest(
+                bucket=BUCKET, key=key, upload_id=init.upload_id, part_number=1, body=b"x"
+            )
+        )
+        await client.abort_multipart_upload(
+            oss.AbortMultipartUploadRequest(bucket=BUCKET, key=key, upload_id=init.upload_id)
+        )
+        error = await service_error(
+            client.upload_part(
+                oss.UploadPartRequest(
+                    bucket=BUCKET, key=key, upload_id=init.upload_id, part_number=2, body=b"y"
+                )
+            )
+        )
+    assert (error.status_code, error.code) == (404, "NoSuchUpload")
+    assert harness.emulator.read_object(BUCKET, key) is None
+    assert [r.operation for r in harness.emulator.requests][-2:] == [
+        "AbortMultipartUpload",
+        "UploadPart",
+    ]
+
+
+async def presign(h: Harness, request: Any, seconds: int = 300) -> oss.PresignResult:
+    async with sdk_client(h) as client:
+        return await client.presign(request, expires=timedelta(seconds=seconds))
+
+
+async def test_presigned_put_and_get_urls_work_with_plain_http(harness: Harness) -> None:
+    """The SDK's presign() URLs for PUT (Content-Type signed) and GET work from aiohttp."""
+    key = "user/alice/presigned.txt"
+    put = await presign(
+        harness, oss.PutObjectRequest(bucket=BUCKET, key=key, content_type="text/plain")
+    )
+    assert put.signed_headers == {"Content-Type": "text/plain"}
+    status, _, _ = await raw(
+        "PUT", URL(put.url, encoded=True), data=b"via url", headers=put.signed_headers
+    )
+    assert status == 200
+    get = await presign(harness, oss.GetObjectRequest(bucket=BUCKET, key=key))
+    status, headers, body = await raw("GET", URL(get.url, encoded=True))
+    assert (status, body, headers["Content-Type"]) == (200, b"via url", "text/plain")
+
+
+async def test_presigned_put_with_another_content_type_is_rejected(harness: Harness) -> None:
+    """A presigned PUT sent with another Content-Type than the signed one: SignatureDoesNotMatch."""
+    put = await presign(
+        harness,
+        oss.PutObjectRequest(bucket=BUCKET, key="user/alice/t.txt", content_type="text/plain"),
+    )
+    status, headers, body = await raw(
+        "PUT", URL(put.url, encoded=True), data=b"<html>", headers={"Content-Type": "text/html"}
+    )
+    assert status == 403
+    assert error_xml(body)["Code"] == "SignatureDoesNotMatch"
+    assert headers["x-oss-ec"] == "0002-00000201"
+    assert harness.emulator.read_object(BUCKET, "user/alice/t.txt") is None
+
+
+async def test_presigned_url_for_another_key_is_rejected(harness: Harness) -> None:
+    """A presigned URL whose path is changed to another key gets 403 SignatureDoesNotMatch."""
+    put = await presign(harness, oss.PutObjectRequest(bucket=BUCKET, key="user/alice/a.txt"))
+    other = put.url.replace("/user/alice/a.txt?", "/user/alice/b.txt?")
+    status, _, body = await raw(
+        "PUT", URL(other, encoded=True), data=b"x", skip_auto_headers=["Content-Type"]
+    )
+    assert status == 403
+    assert error_xml(body)["Code"] == "SignatureDoesNotMatch"
+
+
+async def test_expired_presigned_url_is_access_denied(harness: Harness) -> None:
+    """Past x-oss-date + x-oss-expires on the injected clock: 403 "Request has expired."."""
+    get = await presign(
+        harness, oss.GetObjectRequest(bucket=BUCKET, key="user/alice/a.txt"), seconds=60
+    )
+    harness.clock.advance(61)
+    status, headers, body = await raw("GET", URL(get.url, encoded=True))
+    fields = error_xml(body)
+    assert (status, fields["Code"], fields["Message"]) == (
+        403,
+        "AccessDenied",
+        "Request has expired.",
+    )
+    assert fields["EC"] == "0002-00000069"
+    assert {"Expires", "ServerTime", "RequestId", "HostId"} <= fields.keys()
+    assert headers["x-oss-request-id"] == fields["RequestId"]
+
+
+async def test_presigned_url_dated_beyond_the_skew_is_rejected(harness: Harness) -> None:
+    """A URL whose x-oss-date is more than 15 minutes ahead of the server clock is refused."""
+    get = await presign(harness, oss.GetObjectRequest(bucket=BUCKET, key="user/alice/a.txt"))
+    harness.clock.advance(-1000)
+    status, _, body = await raw("GET", URL(get.url, encoded=True))
+    assert (status, error_xml(body)["Code"]) == (403, "RequestTimeTooSkewed")
+
+
+def official_sign(
+    h: Harness, method: str, key: str, headers: dict[str, str], *, query: bool
+) -> tuple[str, dict[str, str]]:
+    """Sign with the SDK's own SignerV4, Cache-Control as an additional signed header."""
+    request = HttpRequest(method, f"{h.url}/{BUCKET}/{key}", headers=dict(headers))
+    credentials = OssCredentials(
+        h.creds.access_key_id, h.creds.access_key_secret, h.creds.security_token
+    )
+    context = SigningContext(
+        product="oss",
+        region=REGION,
+        bucket=BUCKET,
+        key=key,
+        request=request,
+        credentials=credentials,
+        additional_headers={"cache-control"},
+    )
+    context.auth_method_query = query
+    SignerV4().sign(context)
+    return request.url, dict(request.headers)
+
+
+@pytest.mark.parametrize("query", [True, False], ids=["url", "header"])
+async def test_additional_headers_are_signed(harness: Harness, query: bool) -> None:
+    """A header named in the additional headers is signed: the same value passes, another fails."""
+    key = "user/alice/cached.txt"
+    url, headers = official_sign(harness, "PUT", key, {"Cache-Control": "no-cache"}, query=query)
+    assert ("x-oss-additional-headers=cache-control" in url) == query
+    send = {"skip_auto_headers": ["Content-Type"], "data": b"c"}
+    changed = headers | {"Cache-Control": "max-age=60"}
+    bad_status, _, body = await raw("PUT", URL(url, encoded=True), headers=changed, **send)
+    ok_status, _, _ = await raw("PUT", URL(url, encoded=True), headers=headers, **send)
+    assert (bad_status, error_xml(body)["Code"]) == (403, "SignatureDoesNotMatch")
+    assert ok_status == 200
+    assert harness.emulator.read_object(BUCKET, key) == b"c"
+
+
+def stamp_of(clock: FakeClock) -> str:
+    return datetime.fromtimestamp(clock.now, UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def encode_policy(clock: FakeClock, conditions: list[Any], lifetime_seconds: int = 600) -> str:
+    expiration = datetime.fromtimestamp(clock.now + lifetime_seconds, UTC)
+    document = {
+        "expiration": expiration.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+        "conditions": conditions,
+    }
+    return base64.b64encode(json.dumps(document).encode()).decode()
+
+
+BASE_CONDITIONS: list[Any] = [
+    ["starts-with", "$key", "user/alice/"],
+    ["content-length-range", 1, 1024],
+    ["eq", "$content-type", "text/plain"],
+    ["eq", "$success_action_status", "201"],
+]
+
+
+def post_v4_fields(
+    h: Harness, conditions: list[Any] = BASE_CONDITIONS, *, include_required: bool = True
+) -> dict[str, str]:
+    """A V4 PostObject form, built from the "POST V4 signature" document's algorithm."""
+    stamp = stamp_of(h.clock)
+    credential = f"{h.creds.access_key_id}/{stamp[:8]}/{REGION}/oss/aliyun_v4_request"
+    required = [
+        {"bucket": BUCKET},
+        {"x-oss-signature-version": "OSS4-HMAC-SHA256"},
+        {"x-oss-credential": credential},
+        {"x-oss-date": stamp},
+        {"x-oss-security-token": h.creds.security_token},
+    ]
+    encoded = encode_policy(h.clock, (required if include_required else []) + conditions)
+    key = ("aliyun_v4" + h.creds.access_key_secret).encode()
+    for part in (stamp[:8], REGION, "oss", "aliyun_v4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return {
+        "key": "user/alice/form.txt",
+        "Content-Type": "text/plain",
+        "success_action_status": "201",
+        "policy": encoded,
+        "x-oss-signature-version": "OSS4-HMAC-SHA256",
+        "x-oss-credential": credential,
+        "x-oss-date": stamp,
+        "x-oss-security-token": h.creds.security_token,
+        "x-oss-signature": hmac.new(key, encoded.encode(), hashlib.sha256).hexdigest(),
+    }
+
+
+def post_v1_fields(h: Harness, conditions: list[Any] = BASE_CONDITIONS) -> dict[str, str]:
+    """A V1 PostObject form: Signature = base64(HMAC-SHA1(secret, base64 policy))."""
+    encoded = encode_policy(h.clock, [{"bucket": BUCKET}, *conditions])
+    digest = hmac.new(h.creds.access_key_secret.encode(), encoded.encode(), hashlib.sha1).digest()
+    return {
+        "key": "user/alice/form-v1.txt",
+        "Content-Type": "text/plain",
+        "success_action_status": "201",
+        "OSSAccessKeyId": h.creds.access_key_id,
+        "policy": encoded,
+        "Signature": base64.b64encode(digest).decode(),
+        "x-oss-security-token": h.creds.security_token,
+    }
+
+
+async def post_form(
+    h: Harness, fields: dict[str, str], content: bytes = b"form body", *, file_last: bool = True
+) -> tuple[int, CIMultiDict[str], bytes]:
+    form = aiohttp.FormData()
+    if not file_last:
+        form.add_field("file", content, filename="a.txt", content_type="text/plain")
+    for name, value in fields.items():
+        form.add_field(name, value)
+    if file_last:
+        form.add_field("file", content, filename="a.txt", content_type="text/plain")
+    return await raw("POST", f"{h.url}/{BUCKET}/", data=form)
+
+
+async def test_post_object_v4_form_is_accepted(harness: Harness) -> None:
+    """A V4-signed PostObject form within its policy stores the file; 201 with PostResponse."""
+    status, headers, body = await post_form(harness, post_v4_fields(harness))
+    assert status == 201, body
+    root = ElementTree.fromstring(body)  # noqa: S314 - the emulator's own reply
+    assert (root.tag, root.findtext("Key")) == ("PostResponse", "user/alice/form.txt")
+    assert root.findtext("ETag") == headers["ETag"]
+    assert harness.emulator.read_object(BUCKET, "user/alice/form.txt") == b"form body"
+
+
+async def test_post_object_v1_form_is_accepted(harness: Harness) -> None:
+    """A V1-signed (OSSAccessKeyId, Signature) PostObject form within its policy is stored."""
+    conditions = [c for c in BASE_CONDITIONS if "$success_action_status" not in c]
+    fields = post_v1_fields(harness, [*conditions, ["eq", "$success_action_status", "204"]])
+    fields["success_action_status"] = "204"
+    status, _, body = await post_form(harness, fields)
+    assert status == 204, body
+    assert harness.emulator.read_object(BUCKET, "user/alice/form-v1.txt") == b"form body"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "content", "status", "code", "message_part"),
+    [
+        (
+            lambda f: f | {"key": "user/bob/form.txt"},
+            b"x",
+            403,
+            "AccessDenied",
+            '["starts-with", "$key", "user/alice/"]',
+        ),
+        (lambda f: f, b"x" * 1025, 400, "EntityTooLarge", ""),
+        (lambda f: f, b"", 400, "EntityTooSmall", ""),
+        (lambda f: f | {"Content-Type": "text/html"}, b"x", 403, "AccessDenied", '"$content-type"'),
+        (
+            lambda f: f | {"success_action_status": "200"},
+            b"x",
+            403,
+            "AccessDenied",
+            "success_action_status",
+        ),
+        (
+            lambda f: f | {"x-oss-meta-extra": "1"},
+            b"x",
+            403,
+            "AccessDenied",
+            "Extra input fields: x-oss-meta-extra",
+        ),
+        (lambda f: f | {"x-oss-signature": "0" * 64}, b"x", 403, "SignatureDoesNotMatch", ""),
+        (
+            lambda f: {k: v for k, v in f.items() if k != "key"},
+            b"x",
+            400,
+            "InvalidArgument",
+            "'key'",
+        ),
+        (
+            lambda f: {k: v for k, v in f.items() if k != "x-oss-security-token"},
+            b"x",
+            403,
+            "InvalidAccessKeyId",
+            "",
+        ),
+    ],
+    ids=[
+        "key-prefix",
+        "too-large",
+        "too-small",
+        "content-type",
+        "status",
+        "extra-field",
+        "signature",
+        "no-key",
+        "no-token",
+    ],
+)
+async def test_post_object_v4_violations_are_rejected(
+    harness: Harness, mutate: Any, content: bytes, status: int, code: str, message_part: str
+) -> None:
+    """Each violated PostObject V4 condition or signature rule is refused; nothing is stored."""
+    got_status, _, body = await post_form(harness, mutate(post_v4_fields(harness)), content)
+    fields = error_xml(body)
+    assert (got_status, fields["Code"]) == (status, code), fields
+    assert message_part in fields["Message"]
+    assert not list(harness.storage_dir.rglob("*.txt"))
+
+
+async def test_post_object_expired_policy_is_rejected(harness: Harness) -> None:
+    """A PostObject policy past its expiration gets 403 "...Policy: Policy expired."."""
+    fields = post_v4_fields(harness)
+    harness.clock.advance(601)
+    status, _, body = await post_form(harness, fields)
+    assert (status, error_xml(body)["Message"]) == (
+        403,
+        "Invalid according to Policy: Policy expired.",
+    )
+
+
+async def test_post_object_file_must_be_last(harness: Harness) -> None:
+    """A form field after the file part is refused as a malformed POST."""
+    status, _, body = await post_form(harness, post_v4_fields(harness), file_last=False)
+    assert (status, error_xml(body)["Code"]) == (400, "MalformedPOSTRequest")
+
+
+@pytest.mark.parametrize(
+    ("changes", "content", "code"),
+    [
+        ({"key": "elsewhere/form.txt"}, b"x", "AccessDenied"),
+        ({"Content-Type": "image/png"}, b"x", "AccessDenied"),
+        ({}, b"x" * 2048, "EntityTooLarge"),
+        ({"Signature": base64.b64encode(b"x" * 20).decode()}, b"x", "SignatureDoesNotMatch"),
+    ],
+    ids=["key-prefix", "content-type", "too-large", "signature"],
+)
+async def test_post_object_v1_violations_are_rejected(
+    harness: Harness, changes: dict[str, str], content: bytes, code: str
+) -> None:
+    """The V1 form's signature and policy conditions are enforced like V4's."""
+    status, _, body = await post_form(harness, post_v1_fields(harness) | changes, content)
+    assert (status // 100, error_xml(body)["Code"]) == (4, code)
+    assert not list(harness.storage_dir.rglob("*.txt"))
+
+
+async def test_post_object_v4_policy_must_name_the_signature_fields(harness: Harness) -> None:
+    """A V4 policy without x-oss-signature-version/credential/date conditions is refused."""
+    fields = post_v4_fields(harness, include_required=False)
+    status, _, body = await post_form(harness, fields)
+    assert (status, error_xml(body)["Code"]) == (400, "InvalidPolicyDocument")
+
+
+async def test_post_object_inside_form_policy_but_outside_sts_policy_is_denied(
+    harness: Harness,
+) -> None:
+    """A key the form policy allows but the token's RAM policy does not gets AccessDenied."""
+    conditions = [["starts-with", "$key", "user/"], *BASE_CONDITIONS[1:]]
+    fields = post_v4_fields(harness, conditions) | {"key": "user/bob/form.txt"}
+    status, _, body = await post_form(harness, fields)
+    fields_xml = error_xml(body)
+    assert (status, fields_xml["Message"]) == (403, "Access denied by authorizer's policy.")
+
+
+async def test_cors_preflight_from_allowed_origin(harness: Harness) -> None:
+    """A preflight from an allowed origin echoes the origin, methods and requested headers."""
+    status, headers, _ = await raw(
+        "OPTIONS",
+        f"{harness.url}/{BUCKET}/user/alice/a.txt",
+        headers={
+            "Origin": "https://app.example.com",
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "content-type,x-oss-meta-owner",
+        },
+    )
+    assert status == 200
+    assert headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert "PUT" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Headers"] == "content-type,x-oss-meta-owner"
+    assert "ETag" in headers["Access-Control-Expose-Headers"]
+    assert "x-oss-request-id" in headers["Access-Control-Expose-Headers"]
+
+
+async def test_cors_origin_not_allowed(clock: FakeClock, tmp_path: Path) -> None:
+    """A preflight from an origin not in cors_allow_origins: 403 AccessForbidden, no CORS."""
+    sts = StsEmulator(access_keys={SOURCE_KEY_ID: SOURCE_SECRET}, clock=clock)
+    _, runner, url = await start_oss(
+        sts, clock, tmp_path, cors_allow_origins=["https://*.example.com"]
+    )
+    try:
+        headers = {"Origin": "https://evil.test", "Access-Control-Request-Method": "PUT"}
+        status, got, body = await raw("OPTIONS", f"{url}/{BUCKET}/k", headers=headers)
+        ok_status, ok_headers, _ = await raw(
+            "OPTIONS", f"{url}/{BUCKET}/k", headers=headers | {"Origin": "https://a.example.com"}
+        )
+    finally:
+        await runner.cleanup()
+    assert (status, error_xml(body)["Code"]) == (403, "AccessForbidden")
+    assert "Access-Control-Allow-Origin" not in got
+    assert (ok_status, ok_headers["Access-Control-Allow-Origin"]) == (200, "https://a.example.com")
+
+
+async def test_cors_headers_on_actual_responses(harness: Harness) -> None:
+    """Responses to requests with an allowed Origin, errors included, carry CORS headers."""
+    status, headers, _ = await raw(
+        "GET",
+        f"{harness.url}/{BUCKET}/user/alice/a.txt",
+        headers={"Origin": "http://localhost:5173"},
+    )
+    assert status == 403
+    assert headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/examplebucket/user/alice/../../../escape.txt",
+        "/examplebucket/user/alice/%2E%2E/%2E%2E/escape.txt",
+        "/examplebucket//etc/escape.txt",
+        "/examplebucket/user/alice/./a.txt",
+        "/examplebucket/user/alice%5C..%5Cescape.txt",
+    ],
+)
+async def test_path_traversal_keys_are_refused(harness: Harness, path: str) -> None:
+    """Keys with .., ., empty segments, a leading / or backslashes get 400 InvalidObjectName."""
+    status, _, body = await raw("PUT", URL(f"{harness.url}{path}", encoded=True), data=b"x")
+    assert (status, error_xml(body)["Code"]) == (400, "InvalidObjectName")
+    assert not list(harness.storage_dir.parent.rglob("escape.txt"))
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "code"),
+    [
+        ("GET", "/nosuchbucket/k", {}, 404, "NoSuchBucket"),
+        ("GET", "/examplebucket/user/alice/a.txt", {}, 403, "AccessDenied"),
+        (
+            "GET",
+            "/examplebucket/user/alice/a.txt",
+            {"Authorization": "OSS4-HMAC-SHA256 garbage"},
+            400,
+            "InvalidArgument",
+        ),
+        (
+            "GET",
+            "/examplebucket/k?x-oss-signature-version=OSS4-HMAC-SHA256&x-oss-date=yesterday",
+            {},
+            400,
+            "InvalidArgument",
+        ),
+        (
+            "GET",
+            "/examplebucket/k?x-oss-signature-version=OSS4-HMAC-SHA256&x-oss-credential=a%2Fb&x-oss-date=20250101T000000Z&x-oss-expires=60&x-oss-signature=00",
+            {},
+            400,
+            "InvalidArgument",
+        ),
+        (
+            "GET",
+            "/examplebucket/k?x-oss-signature-version=OSS4-HMAC-SHA256&x-oss-credential=AK%2F20250101%2Fcn-hangzhou%2Foss%2Faliyun_v4_request&x-oss-date=20250101T000000Z&x-oss-expires=99999999&x-oss-signature=00",
+            {},
+            400,
+            "InvalidArgument",
+        ),
+        ("POST", "/examplebucket/", {"Content-Type": "text/plain"}, 400, "MalformedPOSTRequest"),
+        (
+            "POST",
+            "/examplebucket/",
+            {"Content-Type": "multipart/form-data; boundary=zz"},
+            400,
+            "MalformedPOSTRequest",
+        ),
+        ("PUT", "/examplebucket/k?acl", {}, 501, "NotImplemented"),
+        ("PUT", "/examplebucket/", {}, 405, "MethodNotAllowed"),
+        ("GET", "/examplebucket/%FF%FE", {}, 400, "InvalidArgument"),
+        ("PUT", "/examplebucket/k", {"Content-MD5": "not base64!"}, 400, "InvalidDigest"),
+    ],
+)
+async def test_malformed_requests_get_xml_errors(
+    harness: Harness, method: str, path: str, headers: dict[str, str], status: int, code: str
+) -> None:
+    """Malformed or unauthenticated input gets an OSS XML error and the right status."""
+    got_status, got_headers, body = await raw(
+        method, URL(f"{harness.url}{path}", encoded=True), headers=headers, data=b"--zz\r\ngarbage"
+    )
+    fields = error_xml(body)
+    assert (got_status, fields["Code"]) == (status, code), fields
+    assert got_headers["x-oss-request-id"] == fields["RequestId"]
+    assert harness.emulator.requests[-1].status == status
+
+
+async def test_requests_are_recorded(harness: Harness) -> None:
+    """Every request is recorded with method, bucket, key, operation, status and error code."""
+    async with sdk_client(harness) as client:
+        await client.put_object(
+            oss.PutObjectRequest(bucket=BUCKET, key="user/alice/r.txt", body=b"r")
+        )
+        await service_error(
+            client.get_object(oss.GetObjectRequest(bucket=BUCKET, key="user/alice/none"))
+        )
+    first, second = harness.emulator.requests[-2:]
+    assert (
+        first.method,
+        first.bucket,
+        first.key,
+        first.operation,
+        first.status,
+        first.error_code,
+    ) == (
+        "PUT",
+        BUCKET,
+        "user/alice/r.txt",
+        "PutObject",
+        200,
+        None,
+    )
+    assert (second.operation, second.status, second.error_code) == ("GetObject", 404, "NoSuchKey")
