@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -19,8 +18,8 @@ import structlog
 from aiohttp import web
 
 from broker.auth import generate_api_key, hash_api_key
-from broker.config import ApiKeySettings, Settings, StsSettings, load_settings
-from broker.emulators.sts import StsEmulator, start_sts_emulator
+from broker.config import load_settings
+from broker.devstack import DEV_CALLER, DevStack, dev_stack
 from broker.errors import BrokerError, ConfigError
 from broker.http.app import make_app, runner_options, ssl_context
 from broker.logs import configure_logging
@@ -35,7 +34,6 @@ from broker.policies import (
 )
 from broker.reload import reload_policies, watch_policies
 from broker.services import Services, build_services
-from broker.sts import static_credential
 
 __all__ = ["main"]
 
@@ -43,7 +41,6 @@ log = structlog.get_logger("broker.cli")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 _SHUTDOWN_TIMEOUT_SECONDS = 10.0
-_DEV_SOURCE_KEY_ID = "LTAI-dev-broker"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="run locally with an embedded STS emulator, no cloud account")
     dev.add_argument("--port", type=int, default=8080)
     dev.add_argument("--policies-dir", type=Path, default=Path("policies"))
+    dev.add_argument("--storage-dir", type=Path, default=Path("var/dev-oss"))
     dev.set_defaults(run=_cmd_dev)
 
     check = sub.add_parser("check", help="validate config and policy files")
@@ -104,58 +102,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    policies = load_policies(args.policies_dir.resolve())
+    policies_dir = args.policies_dir.resolve()
+    policies = load_policies(policies_dir)
     configure_logging("console" if sys.stderr.isatty() else "json", "info")
-    asyncio.run(_dev(args.port, args.policies_dir.resolve(), policies))
+    storage_dir = args.storage_dir.resolve()
+    storage_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(_dev(args.port, policies_dir, policies, storage_dir))
     return EXIT_OK
 
 
-async def _dev(port: int, policies_dir: Path, policies: PolicySet) -> None:
-    source_secret = secrets.token_urlsafe(24)
-    emulator = StsEmulator(
-        access_keys={_DEV_SOURCE_KEY_ID: source_secret},
-        role_max_duration_seconds={policy.role_arn: 43200 for policy in policies},
-    )
-    sts_runner, sts_url = await start_sts_emulator(emulator)
-    dev_key = generate_api_key()
-    groups = sorted(
-        {
-            caller[6:]
-            for policy in policies
-            for caller in policy.callers
-            if caller.startswith("group:")
-        }
-    )
-    settings = Settings(
-        listen={"host": "127.0.0.1", "port": port},  # type: ignore[arg-type]
-        sts=StsSettings(endpoint=sts_url),
-        policies_dir=policies_dir,
-        auth={
-            "api_keys": [
-                ApiKeySettings(id="dev", key_sha256=hash_api_key(dev_key), groups=tuple(groups))
-            ]
-        },  # type: ignore[arg-type]
-    )
-    credential = static_credential(_DEV_SOURCE_KEY_ID, source_secret)
-    services = build_services(settings, policies, credential=credential)
-    try:
-        await _serve(
-            services, banner=lambda url: _dev_banner(url, dev_key, sts_url, policies), demo=True
-        )
-    finally:
-        await sts_runner.cleanup()
+async def _dev(port: int, policies_dir: Path, policies: PolicySet, storage_dir: Path) -> None:
+    async with dev_stack(policies, policies_dir, storage_dir, port=port) as stack:
+        await _serve(stack.services, banner=lambda url: _dev_banner(url, stack), demo=True)
 
 
-def _dev_banner(url: str, dev_key: str, sts_url: str, policies: PolicySet) -> None:
-    first = next(iter(policies)).name
+def _dev_banner(url: str, stack: DevStack) -> None:
+    first = next(iter(stack.services.policies)).name
+    names = ", ".join(policy.name for policy in stack.services.policies)
     print(
         f"\n  oss-sts-broker dev mode\n"
         f"  broker:        {url}\n"
-        f"  STS emulator:  {sts_url}\n"
-        f"  policies:      {', '.join(policy.name for policy in policies)}\n"
-        f"  dev API key:   {dev_key}   (caller id 'dev'; new on every start)\n\n"
+        f"  demo page:     {url}/demo#key={stack.dev_key}\n"
+        f"  STS emulator:  {stack.sts_url}\n"
+        f"  OSS emulator:  {stack.oss_url}   (objects stored in {stack.storage_dir})\n"
+        f"  policies:      {names}\n"
+        f"  dev API key:   {stack.dev_key}   (caller id '{DEV_CALLER}'; new on every start)\n\n"
         f"  try:\n"
-        f"    curl -s -H 'Authorization: Bearer {dev_key}' {url}/v1/credentials/{first}\n",
+        f"    curl -s -H 'Authorization: Bearer {stack.dev_key}' {url}/v1/credentials/{first}\n",
         file=sys.stderr,
         flush=True,
     )

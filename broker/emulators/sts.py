@@ -652,7 +652,7 @@ async def start_sts_emulator(
     emulator: StsEmulator, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[web.AppRunner, str]:
     """Serve the emulator on ``host:port`` (0 picks a free port); returns runner and base URL."""
-    runner = web.AppRunner(emulator.make_app(), shutdown_timeout=2.0)
+    runner = web.AppRunner(emulator.make_app(), shutdown_timeout=2.0, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

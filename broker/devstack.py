@@ -1,0 +1,96 @@
+"""Everything ``sts-broker dev`` runs, with no cloud account: STS and OSS emulators, wired in.
+
+The broker's own source AccessKey is a random one the STS emulator accepts;
+signed URLs point at the OSS emulator (path style); a random dev API key
+(caller id ``dev``) belongs to every group the example policies name.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.auth import generate_api_key, hash_api_key
+from broker.config import Settings
+from broker.emulators.oss import OssEmulator, start_oss_emulator
+from broker.emulators.sts import StsEmulator, start_sts_emulator
+from broker.models import Clock, system_clock
+from broker.policies import PolicySet
+from broker.services import Services, build_services
+from broker.sts import static_credential
+
+__all__ = ["DEV_CALLER", "DevStack", "dev_stack"]
+
+DEV_CALLER = "dev"
+_SOURCE_KEY_ID = "LTAI-dev-broker"
+
+
+@dataclass(frozen=True)
+class DevStack:
+    """The running emulators and the broker services that use them."""
+
+    services: Services
+    dev_key: str
+    sts: StsEmulator
+    sts_url: str
+    oss: OssEmulator
+    oss_url: str
+    storage_dir: Path
+
+
+@asynccontextmanager
+async def dev_stack(
+    policies: PolicySet,
+    policies_dir: Path,
+    storage_dir: Path,
+    *,
+    port: int = 8080,
+    clock: Clock = system_clock,
+) -> AsyncIterator[DevStack]:
+    """Start both emulators and build the broker's services against them."""
+    source_secret = secrets.token_urlsafe(24)
+    sts = StsEmulator(
+        access_keys={_SOURCE_KEY_ID: source_secret},
+        clock=clock,
+        role_max_duration_seconds={policy.role_arn: 43200 for policy in policies},
+    )
+    oss = OssEmulator(
+        sts=sts,
+        storage_dir=storage_dir,
+        clock=clock,
+        buckets={policy.bucket for policy in policies},
+    )
+    sts_runner, sts_url = await start_sts_emulator(sts)
+    oss_runner, oss_url = await start_oss_emulator(oss)
+    dev_key = generate_api_key()
+    settings = Settings.model_validate(
+        {
+            "listen": {"host": "127.0.0.1", "port": port},
+            "sts": {"endpoint": sts_url},
+            "oss": {"endpoint": oss_url, "addressing": "path"},
+            "policies_dir": policies_dir,
+            "auth": {"api_keys": [_dev_caller(dev_key, policies)]},
+        }
+    )
+    credential = static_credential(_SOURCE_KEY_ID, source_secret)
+    services = build_services(settings, policies, credential=credential, clock=clock)
+    try:
+        yield DevStack(services, dev_key, sts, sts_url, oss, oss_url, storage_dir)
+    finally:
+        await oss_runner.cleanup()
+        await sts_runner.cleanup()
+
+
+def _dev_caller(dev_key: str, policies: PolicySet) -> dict[str, object]:
+    groups = sorted(
+        {
+            caller.removeprefix("group:")
+            for policy in policies
+            for caller in policy.callers
+            if caller.startswith("group:")
+        }
+    )
+    return {"id": DEV_CALLER, "key_sha256": hash_api_key(dev_key), "groups": groups}
