@@ -8,7 +8,7 @@ signed URLs point at the OSS emulator (path style); a random dev API key
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +49,12 @@ async def dev_stack(
     *,
     port: int = 8080,
     clock: Clock = system_clock,
+    extra_api_keys: Sequence[Mapping[str, object]] = (),
 ) -> AsyncIterator[DevStack]:
-    """Start both emulators and build the broker's services against them."""
+    """Start both emulators and build the broker's services against them.
+
+    ``extra_api_keys`` adds callers (``auth.api_keys`` entries) beside the dev key.
+    """
     source_secret = secrets.token_urlsafe(24)
     sts = StsEmulator(
         access_keys={_SOURCE_KEY_ID: source_secret},
@@ -72,7 +76,7 @@ async def dev_stack(
             "sts": {"endpoint": sts_url},
             "oss": {"endpoint": oss_url, "addressing": "path"},
             "policies_dir": policies_dir,
-            "auth": {"api_keys": [_dev_caller(dev_key, policies)]},
+            "auth": {"api_keys": [_dev_caller(dev_key, policies), *extra_api_keys]},
         }
     )
     credential = static_credential(_SOURCE_KEY_ID, source_secret)

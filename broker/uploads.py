@@ -69,17 +69,15 @@ class OperationSpec:
     fields: frozenset[str] = frozenset()
     needs_upload_id: bool = False
     needs_part_number: bool = False
-
-    @property
-    def uploads_content(self) -> bool:
-        """Whether the request creates object content (so Content-Type matters)."""
-        return "content_type" in self.fields
+    uploads_content: bool = False  # creates object content: Content-Type from the policy's list
 
 
 OPERATIONS: dict[str, OperationSpec] = {
-    "put_object": OperationSpec("PUT", "put", _CONTENT_FIELDS | {"content_md5", "callback"}),
+    "put_object": OperationSpec(
+        "PUT", "put", _CONTENT_FIELDS | {"content_md5", "callback"}, uploads_content=True
+    ),
     "get_object": OperationSpec("GET", "get"),
-    "initiate_multipart": OperationSpec("POST", "multipart", _CONTENT_FIELDS),
+    "initiate_multipart": OperationSpec("POST", "multipart", _CONTENT_FIELDS, uploads_content=True),
     "upload_part": OperationSpec(
         "PUT",
         "multipart",
@@ -87,8 +85,12 @@ OPERATIONS: dict[str, OperationSpec] = {
         needs_upload_id=True,
         needs_part_number=True,
     ),
+    # Browsers always label a POST body, so the XML part list's type may be signed too.
     "complete_multipart": OperationSpec(
-        "POST", "multipart", frozenset({"callback", "headers"}), needs_upload_id=True
+        "POST",
+        "multipart",
+        frozenset({"callback", "headers", "content_type"}),
+        needs_upload_id=True,
     ),
     "abort_multipart": OperationSpec("DELETE", "multipart", needs_upload_id=True),
 }
@@ -204,7 +206,8 @@ def presign_headers(body: PresignBody, policy: Policy, operation: str) -> dict[s
     for name in _OPTIONAL_FIELDS:
         if getattr(body, name) and name not in spec.fields:
             raise RequestInvalid(f"{operation} does not take {name}")
-    check_content_type(policy, body.content_type, required=spec.uploads_content)
+    if spec.uploads_content:
+        check_content_type(policy, body.content_type, required=True)
     headers: dict[str, str] = {}
     if body.content_type:
         headers["Content-Type"] = body.content_type

@@ -1,0 +1,233 @@
+"""Uploads end to end: broker-signed URLs and forms and vended credentials, at the OSS emulator."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import alibabacloud_oss_v2 as oss
+import pytest
+from aiohttp.test_utils import TestClient
+from alibabacloud_oss_v2.aio import AsyncClient
+
+from broker.auth import hash_api_key
+from broker.devstack import DevStack, dev_stack
+from broker.policies import load_policies
+from tests.conftest import POLICIES_DIR, FakeClock, start_test_server
+
+CALLER_KEYS = {"svc-a": "canary-e2e-svc-a", "alice": "canary-e2e-alice"}
+
+
+@dataclass
+class Stack:
+    dev: DevStack
+    client: TestClient[Any, Any]
+    clock: FakeClock
+
+    def auth(self, caller: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {CALLER_KEYS[caller]}"}
+
+    async def post(self, path: str, body: dict[str, Any], caller: str = "svc-a") -> Any:
+        async with self.client.post(path, json=body, headers=self.auth(caller)) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, clock: FakeClock, aiohttp_client: Any) -> AsyncIterator[Stack]:
+    policies = load_policies(POLICIES_DIR)
+    api_keys = [
+        {"id": "svc-a", "key_sha256": hash_api_key(CALLER_KEYS["svc-a"]), "groups": ["internal"]},
+        {"id": "alice", "key_sha256": hash_api_key(CALLER_KEYS["alice"]), "groups": ["browser"]},
+    ]
+    async with dev_stack(
+        policies, POLICIES_DIR, tmp_path / "oss", port=0, clock=clock, extra_api_keys=api_keys
+    ) as dev:
+        client = await aiohttp_client(await start_test_server(dev.services))
+        yield Stack(dev, client, clock)
+
+
+async def _send(
+    method: str, url: str, headers: dict[str, str], data: bytes = b""
+) -> tuple[int, str, dict[str, str]]:
+    """Send exactly the signed headers (aiohttp would otherwise add a Content-Type)."""
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=["Content-Type"]) as session,
+        session.request(method, url, headers=headers, data=data) as resp,
+    ):
+        return resp.status, await resp.text(), {k.lower(): v for k, v in resp.headers.items()}
+
+
+def _sdk(stack: Stack, creds: dict[str, Any], secret: str | None = None) -> AsyncClient:
+    provider = oss.credentials.StaticCredentialsProvider(
+        creds["AccessKeyId"], secret or creds["AccessKeySecret"], creds["SecurityToken"]
+    )
+    config = oss.config.Config(
+        region=creds["Region"],
+        endpoint=stack.dev.oss_url,
+        credentials_provider=provider,
+        use_path_style=True,
+    )
+    return AsyncClient(config)
+
+
+async def test_official_sdk_with_vended_credentials_puts_and_gets(stack: Stack) -> None:
+    """alibabacloud-oss-v2 with broker-vended credentials puts and gets under the prefix."""
+    async with stack.client.get(
+        "/v1/credentials/service-uploads", headers=stack.auth("svc-a")
+    ) as resp:
+        creds = await resp.json()
+    client = _sdk(stack, creds)
+    try:
+        key = creds["Prefix"] + "report.csv"
+        await client.put_object(
+            oss.PutObjectRequest(bucket=creds["Bucket"], key=key, body=b"a,b\n1,2\n")
+        )
+        result = await client.get_object(oss.GetObjectRequest(bucket=creds["Bucket"], key=key))
+        assert await result.body.read() == b"a,b\n1,2\n"
+        with pytest.raises(oss.exceptions.OperationError) as outside:
+            await client.put_object(
+                oss.PutObjectRequest(bucket=creds["Bucket"], key="services/svc-b/x", body=b"x")
+            )
+        assert "AccessDenied" in str(outside.value)
+    finally:
+        await client.close()
+
+
+async def test_tampered_secret_gets_signature_does_not_match(stack: Stack) -> None:
+    """The same SDK client with a tampered secret is refused with SignatureDoesNotMatch."""
+    async with stack.client.get(
+        "/v1/credentials/service-uploads", headers=stack.auth("svc-a")
+    ) as resp:
+        creds = await resp.json()
+    client = _sdk(stack, creds, secret=creds["AccessKeySecret"][:-1] + "x")
+    try:
+        with pytest.raises(oss.exceptions.OperationError) as err:
+            await client.put_object(
+                oss.PutObjectRequest(bucket=creds["Bucket"], key=creds["Prefix"] + "x", body=b"x")
+            )
+        assert "SignatureDoesNotMatch" in str(err.value)
+    finally:
+        await client.close()
+
+
+async def test_presigned_put_lands_and_is_bound_to_key_and_content_type(stack: Stack) -> None:
+    """A presigned PUT stores the bytes; reused for another key or Content-Type it is refused."""
+    signed = await stack.post(
+        "/v1/presign",
+        {"policy": "avatar-upload", "key": "avatars/alice/me.png", "content_type": "image/png"},
+        caller="alice",
+    )
+    status, _, _ = await _send("PUT", signed["url"], signed["signed_headers"], b"\x89PNG-1")
+    assert status == 200
+    assert stack.dev.oss.read_object("examplebucket", "avatars/alice/me.png") == b"\x89PNG-1"
+    other_key = signed["url"].replace("avatars/alice/me.png", "avatars/alice/other.png")
+    status, text, _ = await _send("PUT", other_key, signed["signed_headers"], b"x")
+    assert status == 403
+    assert "SignatureDoesNotMatch" in text
+    status, text, _ = await _send("PUT", signed["url"], {"Content-Type": "text/html"}, b"<p>")
+    assert status == 403
+    assert "SignatureDoesNotMatch" in text
+    assert stack.dev.oss.read_object("examplebucket", "avatars/alice/me.png") == b"\x89PNG-1"
+
+
+async def test_clamped_url_dies_with_its_short_lived_token(
+    tmp_path: Path, clock: FakeClock, aiohttp_client: Any, stack: Stack
+) -> None:
+    """Asking 3,600 s of a 300 s token gives ≤ 300 s, clamped; it fails once the token expires."""
+    stack.dev.sts._lifetime_seconds = 300  # this account's tokens live 5 minutes
+    policy_file = tmp_path / "long-urls.yaml"
+    policy_file.write_text(
+        (POLICIES_DIR / "service-uploads.yaml")
+        .read_text()
+        .replace("name: service-uploads", "name: long-urls")
+    )
+    stack.dev.services.policies = load_policies(tmp_path)
+    signed = await stack.post(
+        "/v1/presign",
+        {"policy": "long-urls", "key": "services/svc-a/big.bin", "expires_seconds": 3600},
+    )
+    assert signed["clamped"] is True
+    assert signed["requested_expires_seconds"] == 3600
+    assert signed["expires_in"] <= 300
+    stack.clock.advance(200)
+    status, _, _ = await _send("PUT", signed["url"], signed["signed_headers"], b"early")
+    assert status == 200
+    stack.clock.advance(101)
+    status, text, _ = await _send("PUT", signed["url"], signed["signed_headers"], b"late")
+    assert status == 403
+    assert "expired" in text.lower()
+
+
+async def test_three_part_multipart_upload_with_presigned_urls_only(stack: Stack) -> None:
+    """Initiate, three parts and complete, all by presigned URL, assemble byte-exactly."""
+    key = "services/svc-a/video.bin"
+    parts = [bytes([index]) * (102_400 + index) for index in range(1, 4)]  # OSS: parts ≥ 100 KiB
+    base = {"policy": "service-uploads", "key": key}
+    init = await stack.post("/v1/presign", {**base, "operation": "initiate_multipart"})
+    status, text, _ = await _send("POST", init["url"], init["signed_headers"])
+    assert status == 200, text
+    upload_id = text.split("<UploadId>")[1].split("</UploadId>")[0]
+    etags = []
+    for number, data in enumerate(parts, start=1):
+        part = await stack.post(
+            "/v1/presign",
+            {**base, "operation": "upload_part", "upload_id": upload_id, "part_number": number},
+        )
+        status, text, headers = await _send("PUT", part["url"], part["signed_headers"], data)
+        assert status == 200, text
+        etags.append(headers["etag"])
+    listing = "".join(
+        f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>"
+        for n, etag in enumerate(etags, start=1)
+    )
+    xml = f"<CompleteMultipartUpload>{listing}</CompleteMultipartUpload>".encode()
+    done = await stack.post(
+        "/v1/presign", {**base, "operation": "complete_multipart", "upload_id": upload_id}
+    )
+    status, text, _ = await _send("POST", done["url"], done["signed_headers"], xml)
+    assert status == 200, text
+    stored = stack.dev.oss.read_object("examplebucket", key)
+    assert stored is not None
+    assert hashlib.sha256(stored).digest() == hashlib.sha256(b"".join(parts)).digest()
+
+
+@pytest.mark.parametrize("version", ["v4", "v1"])
+async def test_post_policy_form_uploads(stack: Stack, version: str) -> None:
+    """Broker-signed PostObject forms (V4 and V1) upload; a file over the size limit is refused."""
+    form = await stack.post(
+        "/v1/post-policy",
+        {
+            "policy": "avatar-upload",
+            "content_type": "image/png",
+            "max_object_bytes": 1000,
+            "success_action_status": 201,
+            "signature_version": version,
+        },
+        caller="alice",
+    )
+
+    async def post(content: bytes) -> tuple[int, str]:
+        data = aiohttp.FormData()
+        for name, value in form["fields"].items():
+            data.add_field(name, value)
+        data.add_field("file", content, filename="face.png", content_type="image/png")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(form["host"], data=data) as resp,
+        ):
+            return resp.status, await resp.text()
+
+    status, text = await post(b"\x89PNG" + b"." * 100)
+    assert status == 201, text
+    assert (
+        stack.dev.oss.read_object("examplebucket", "avatars/alice/face.png")
+        == b"\x89PNG" + b"." * 100
+    )
+    status, text = await post(b"x" * 1001)
+    assert status == 400
+    assert "EntityTooLarge" in text
