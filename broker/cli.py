@@ -9,6 +9,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -65,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the broker")
     serve.add_argument("--config", type=Path, default=Path("config/broker.yaml"))
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port (SO_REUSEPORT); the STS budget is divided",
+    )
     serve.set_defaults(run=_cmd_serve)
 
     dev = sub.add_parser("dev", help="run locally with an embedded STS emulator, no cloud account")
@@ -95,10 +103,55 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     policies = load_policies(settings.policies_dir)
+    if not 1 <= args.workers <= 64:
+        print("--workers must be from 1 to 64", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.workers > 1:
+        return _run_workers(args.config, args.workers)
     configure_logging(settings.logging.format, settings.logging.level)
-    services = build_services(settings, policies)
-    asyncio.run(_serve(services))
+    asyncio.run(_serve(build_services(settings, policies)))
     return EXIT_OK
+
+
+def _run_workers(config: Path, workers: int) -> int:
+    """Start ``workers`` processes on one port; forward SIGTERM/SIGINT/SIGHUP; exit when all do.
+
+    Each worker keeps its own cache and gets ``1/workers`` of the STS call
+    budget, so together they stay within the configured account budget.
+    """
+    context = multiprocessing.get_context("spawn")
+    children = [
+        context.Process(target=_worker_main, args=(config, workers, index), daemon=False)
+        for index in range(workers)
+    ]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    for child in children:
+        child.join()
+    return EXIT_OK if all(child.exitcode == 0 for child in children) else EXIT_FAILURE
+
+
+def _worker_main(config: Path, workers: int, index: int) -> None:
+    settings = load_settings(config)
+    quotas = settings.quotas.model_copy(
+        update={
+            "sts_calls_per_second": settings.quotas.sts_calls_per_second / workers,
+            "sts_burst": max(1.0, settings.quotas.sts_burst / workers),
+        }
+    )
+    settings = settings.model_copy(update={"quotas": quotas})
+    configure_logging(settings.logging.format, settings.logging.level)
+    structlog.contextvars.bind_contextvars(worker=index)
+    services = build_services(settings, load_policies(settings.policies_dir))
+    asyncio.run(_serve(services, reuse_port=True))
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
@@ -135,7 +188,11 @@ def _dev_banner(url: str, stack: DevStack) -> None:
 
 
 async def _serve(
-    services: Services, banner: Callable[[str], None] | None = None, *, demo: bool = False
+    services: Services,
+    banner: Callable[[str], None] | None = None,
+    *,
+    demo: bool = False,
+    reuse_port: bool = False,
 ) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads policies.
 
@@ -151,7 +208,9 @@ async def _serve(
     )
     await runner.setup()
     context = ssl_context(listen.tls) if listen.tls is not None else None
-    site = web.TCPSite(runner, listen.host, listen.port, ssl_context=context)
+    site = web.TCPSite(
+        runner, listen.host, listen.port, ssl_context=context, reuse_port=reuse_port or None
+    )
     await site.start()
     scheme = "https" if context is not None else "http"
     url = f"{scheme}://{listen.host}:{_bound_port(runner, listen.port)}"

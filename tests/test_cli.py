@@ -301,3 +301,53 @@ async def test_sigterm_during_load_fails_no_accepted_request(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_serve_with_two_workers_shares_the_port(
+    tmp_path: Path, real_sts: tuple[StsEmulator, str]
+) -> None:
+    """--workers 2: both processes answer on one port and SIGTERM stops them all with 0."""
+    _, sts_url = real_sts
+    port = _free_port()
+    config = _write(
+        tmp_path,
+        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+        f"sts: {{endpoint: '{sts_url}', timeout_seconds: 5}}\n"
+        f"policies_dir: {POLICIES_DIR}\n"
+        "logging: {format: json}\n"
+        f"auth:\n  api_keys:\n    - id: svc-a\n      key_sha256: {hash_api_key('k-svc-a')}\n"
+        "      groups: [internal]\n",
+    )
+    env = {**os.environ, "ALIBABA_CLOUD_ACCESS_KEY_ID": "LTAI-chain-test"}
+    env["ALIBABA_CLOUD_ACCESS_KEY_SECRET"] = "chain-secret"
+    env["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] = "true"
+    proc = await asyncio.create_subprocess_exec(
+        STS_BROKER,
+        "serve",
+        "--config",
+        str(config),
+        "--workers",
+        "2",
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    try:
+        workers = set()
+        for _ in range(2):
+            line = await _wait_for_line(proc.stderr, "broker_started")
+            workers.add(json.loads(line)["worker"])
+        assert workers == {0, 1}
+        url = f"http://127.0.0.1:{port}/v1/credentials/service-uploads"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(10):
+                headers = {"Authorization": "Bearer k-svc-a", "Connection": "close"}
+                async with session.get(url, headers=headers) as resp:
+                    assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
