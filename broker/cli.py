@@ -108,7 +108,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.workers > 1:
         return _run_workers(args.config, args.workers)
-    configure_logging(settings.logging.format, settings.logging.level)
+    configure_logging(settings.logging.format, settings.logging.level, batched=True)
     asyncio.run(_serve(build_services(settings, policies)))
     return EXIT_OK
 
@@ -148,7 +148,7 @@ def _worker_main(config: Path, workers: int, index: int) -> None:
         }
     )
     settings = settings.model_copy(update={"quotas": quotas})
-    configure_logging(settings.logging.format, settings.logging.level)
+    configure_logging(settings.logging.format, settings.logging.level, batched=True)
     structlog.contextvars.bind_contextvars(worker=index)
     services = build_services(settings, load_policies(settings.policies_dir))
     asyncio.run(_serve(services, reuse_port=True))

@@ -68,12 +68,17 @@ class Credentials:
     access_key_secret: str = field(repr=False)
     security_token: str = field(repr=False)
     expiration: datetime
+    expires_at: float = field(init=False, repr=False, compare=False)
+    """Expiration as epoch seconds."""
+    _expiration_text: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def expires_at(self) -> float:
-        """Expiration as epoch seconds."""
-        return self.expiration.timestamp()
+    def __post_init__(self) -> None:
+        if self.expiration.tzinfo is None:
+            raise ValueError("expiration must be timezone-aware")
+        object.__setattr__(self, "expires_at", self.expiration.timestamp())
+        text = self.expiration.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        object.__setattr__(self, "_expiration_text", text)
 
     def expiration_iso(self) -> str:
         """Expiration in the STS wire format, ``2026-11-21T05:00:00Z``."""
-        return self.expiration.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return self._expiration_text

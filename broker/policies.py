@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 MAX_POLICY_CHARS = 2048
+_MAX_MEMO_SCOPES = 200_000
 """STS rejects an AssumeRole ``Policy`` longer than this."""
 
 SAFE_VALUE_PATTERN: re.Pattern[str] = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
@@ -427,6 +428,9 @@ class PolicySet:
     policies: Mapping[str, Policy] = field(default_factory=dict)
     digest: str = field(init=False)
     """sha256 of every policy's canonical JSON (not its path), to tell sets apart."""
+    _scopes: dict[tuple[object, ...], Scope | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         ordered = {name: self.policies[name] for name in sorted(self.policies)}
@@ -440,6 +444,25 @@ class PolicySet:
     def get(self, name: str) -> Policy | None:
         """The policy called ``name``, if any."""
         return self.policies.get(name)
+
+    def scope(self, name: str, principal: Principal) -> Scope | None:
+        """``principal``'s rendered scope of policy ``name``; ``None`` if absent or not allowed.
+
+        Memoised per set (a reload brings a fresh, empty memo), so the hot path
+        renders each caller's policy once; ``TemplateValueRejected`` is not memoised.
+        """
+        claims = tuple(sorted(principal.claims.items())) if principal.claims else ()
+        key = (name, principal.subject, principal.groups, principal.auth_method, claims)
+        try:
+            return self._scopes[key]
+        except KeyError:
+            pass
+        policy = self.policies.get(name)
+        scope = scope_for(policy, principal) if policy and may_use(policy, principal) else None
+        if len(self._scopes) >= _MAX_MEMO_SCOPES:
+            self._scopes.clear()
+        self._scopes[key] = scope
+        return scope
 
     def __contains__(self, name: object) -> bool:
         return name in self.policies

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from broker.logs import REDACTED, configure_logging, redact_secrets
+from broker.logs import REDACTED, configure_logging, redact_secrets, scrub_rendered
 from tests.conftest import CALLERS, SOURCE_SECRET, BrokerHarness
 
 CANARY_BEARER = "eyJhbGciOiJSUzI1NiJ9.canary-bearer-payload.canary-bearer-signature"
@@ -73,9 +73,9 @@ def test_redaction_masks_keys_at_any_depth_and_fragments_in_strings() -> None:
         "authorization": "Bearer s7",
     }
     out = redact_secrets(None, "info", dict(event))
-    text = json.dumps(out)
+    text = scrub_rendered(None, "info", json.dumps(out))
     for secret in ["s1", "s2", "s3", "s4", "s5", "s6", "s7"]:
         assert not re.search(rf"[\"= ]{secret}\b", text), secret
     assert out["nested"]["deeper"][0]["ok"] == "fine"
     assert out["AccessKeySecret"] == REDACTED
-    assert "min_ttl_seconds=10" in out["query"]
+    assert "min_ttl_seconds=10" in text

@@ -36,6 +36,7 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
     app.router.add_get("/healthz", routes.healthz, name="healthz")
     app.router.add_get("/readyz", routes.readyz, name="readyz")
     app.router.add_get("/metrics", routes.metrics, name="metrics")
+    app.router.add_get("/openapi.json", routes.openapi, name="openapi")
     if demo:
         app.router.add_get("/demo", routes.demo, name="demo")
     app.cleanup_ctx.append(_close_cache)

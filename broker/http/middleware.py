@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -71,7 +71,7 @@ def _as_broker_error(exc: web.HTTPException) -> BrokerError:
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Assign a request id, turn every error into JSON, log one line per request."""
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _INCOMING_ID.match(incoming) else uuid.uuid4().hex
+    request_id = incoming if incoming and _INCOMING_ID.match(incoming) else os.urandom(16).hex()
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)

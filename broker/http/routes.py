@@ -7,6 +7,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import orjson
 import pydantic
 import structlog
 from aiohttp import web
@@ -18,9 +19,10 @@ from broker.dev import demo_page
 from broker.errors import AccessDenied, RequestInvalid, TooManyRequests
 from broker.http.keys import SERVICES
 from broker.http.middleware import REQUEST_ID
+from broker.http.openapi import openapi_document
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.models import AssumeRoleRequest, Principal
-from broker.policies import Policy, Scope, may_use, scope_for
+from broker.policies import Policy, Scope
 from broker.services import Services
 from broker.uploads import (
     OPERATIONS,
@@ -44,6 +46,7 @@ __all__ = [
     "healthz",
     "list_policies",
     "metrics",
+    "openapi",
     "readyz",
 ]
 
@@ -52,16 +55,13 @@ _Body = TypeVar("_Body", bound=pydantic.BaseModel)
 log = structlog.get_logger("broker.http")
 
 _POLICY_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_JSON = {"Content-Type": "application/json"}
+_JSON_NO_STORE = {**_JSON, "Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 def _json(body: dict[str, Any], status: int = 200, *, no_store: bool = False) -> web.Response:
-    return web.Response(
-        status=status,
-        text=json.dumps(body, separators=(",", ":")),
-        content_type="application/json",
-        headers=_NO_STORE if no_store else None,
-    )
+    headers = _JSON_NO_STORE if no_store else _JSON
+    return web.Response(status=status, body=orjson.dumps(body), headers=headers)
 
 
 async def _authenticate(request: web.Request, services: Services) -> Principal:
@@ -81,15 +81,15 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
     return principal
 
 
-def _usable_policy(services: Services, principal: Principal, name: str) -> Policy:
+def _usable_scope(services: Services, principal: Principal, name: str) -> Scope:
+    """The caller's scope of policy ``name``: the same 403 whether or not the policy exists."""
     if not _POLICY_NAME.match(name):
         raise RequestInvalid("a policy name is 1-63 characters of a-z, 0-9 and '-'")
     structlog.contextvars.bind_contextvars(policy=name)
-    policy = services.policies.get(name)
-    # The same 403 whether or not the policy exists: names are not disclosed.
-    if policy is None or not may_use(policy, principal):
+    scope = services.policies.scope(name, principal)
+    if scope is None:
         raise AccessDenied(policy=name)
-    return policy
+    return scope
 
 
 def _min_ttl(request: web.Request, policy: Policy, margin: int) -> int:
@@ -138,9 +138,9 @@ async def get_credentials(request: web.Request) -> web.Response:
     """``GET /v1/credentials/{policy}``: scoped STS credentials for this caller."""
     services = request.app[SERVICES]
     principal = await _authenticate(request, services)
-    policy = _usable_policy(services, principal, request.match_info["policy"])
+    scope = _usable_scope(services, principal, request.match_info["policy"])
+    policy = scope.policy
     min_ttl = _min_ttl(request, policy, services.settings.cache.refresh_margin_seconds)
-    scope = scope_for(policy, principal)
     result = await _credentials_for(services, policy, principal, scope, min_ttl)
     creds = result.credentials
     expires_in = int(creds.expires_at - services.clock())
@@ -212,12 +212,12 @@ async def create_presigned_url(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     principal = await _authenticate(request, services)
     body = await _parse(request, PresignBody)
-    policy = _usable_policy(services, principal, body.policy)
+    scope = _usable_scope(services, principal, body.policy)
+    policy = scope.policy
     operation = resolve_operation(body.method, body.operation)
     spec = OPERATIONS[operation]
     if spec.action not in policy.actions:
         raise AccessDenied(f"policy {policy.name} does not allow {operation}")
-    scope = scope_for(policy, principal)
     key = check_key(body.key, scope.prefix)
     headers = presign_headers(body, policy, operation)
     query = sub_resources(operation, body)
@@ -273,10 +273,10 @@ async def create_post_policy(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     principal = await _authenticate(request, services)
     body = await _parse(request, PostPolicyBody)
-    policy = _usable_policy(services, principal, body.policy)
+    scope = _usable_scope(services, principal, body.policy)
+    policy = scope.policy
     if "put" not in policy.actions:
         raise AccessDenied(f"policy {policy.name} does not allow uploads")
-    scope = scope_for(policy, principal)
     form = post_policy_conditions(body, policy, scope.prefix)
     wanted = wanted_validity(body.expires_seconds, policy)
     # Ask for a token that covers the wanted lifetime; if STS cannot give one, clamp.
@@ -335,18 +335,20 @@ async def list_policies(request: web.Request) -> web.Response:
     """``GET /v1/policies``: the policies this caller may use, with its rendered prefix."""
     services = request.app[SERVICES]
     principal = await _authenticate(request, services)
-    usable = [policy for policy in services.policies if may_use(policy, principal)]
-    return _json({"policies": [_describe(services, policy, principal) for policy in usable]})
+    scopes = [services.policies.scope(policy.name, principal) for policy in services.policies]
+    usable = [scope for scope in scopes if scope is not None]
+    return _json({"policies": [_describe(services, scope) for scope in usable]})
 
 
-def _describe(services: Services, policy: Policy, principal: Principal) -> dict[str, Any]:
+def _describe(services: Services, scope: Scope) -> dict[str, Any]:
+    policy = scope.policy
     return {
         "name": policy.name,
         "description": policy.description,
         "bucket": policy.bucket,
         "region": policy.region,
         "endpoint": oss_endpoint(services.settings.oss, policy).host,
-        "prefix": scope_for(policy, principal).prefix,
+        "prefix": scope.prefix,
         "actions": list(policy.actions),
         "duration_seconds": policy.duration_seconds,
         "max_url_expires_seconds": policy.max_url_expires_seconds,
@@ -387,3 +389,8 @@ async def demo(request: web.Request) -> web.Response:
         content_type="text/html",
         headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
     )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI 3.1 description of this API."""
+    return _json(openapi_document())
