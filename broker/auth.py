@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,16 +43,17 @@ def generate_api_key() -> str:
     return "sk_" + secrets.token_urlsafe(32)
 
 
-def extract_token(authorization: str | None, query: Mapping[str, str]) -> str:
-    """The bearer token from the header, or from ``access_token`` when there is no header.
+def extract_token(authorization: Sequence[str], query: Mapping[str, str]) -> str:
+    """The bearer token from the ``Authorization`` header, or from ``access_token`` without one.
 
-    Both at once, several ``access_token`` parameters, a scheme other than
-    Bearer, or an oversized token are refused.
+    Both at once, either given twice, a scheme other than Bearer, or an
+    oversized token are refused.
     """
     from_query = query.get("access_token")
-    if _count(query, "access_token") > 1:
-        raise RequestInvalid("access_token may be given only once")
-    if authorization is not None:
+    if _count(query, "access_token") > 1 or len(authorization) > 1:
+        raise RequestInvalid("give one Authorization header or one access_token, once")
+    if authorization:
+        authorization = authorization[0]
         if from_query is not None:
             raise RequestInvalid(
                 "give the token in the Authorization header or the query, not both"

@@ -23,7 +23,7 @@ from broker.auth import generate_api_key, hash_api_key
 from broker.config import load_settings
 from broker.devstack import DEV_CALLER, DevStack, dev_stack
 from broker.errors import BrokerError, ConfigError
-from broker.http.app import make_app, runner_options, ssl_context
+from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
 from broker.logs import configure_logging
 from broker.models import Principal
 from broker.policies import (
@@ -203,7 +203,7 @@ async def _serve(
     """
     listen = services.settings.listen
     app = make_app(services, demo=demo)
-    runner = web.AppRunner(
+    runner = BrokerRunner(
         app, shutdown_timeout=listen.shutdown_timeout_seconds, **runner_options(services)
     )
     await runner.setup()

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from broker.errors import ConfigError
 from broker.yamldoc import YamlDocument, format_validation_error, load_yaml
@@ -35,11 +35,20 @@ __all__ = [
     "load_settings",
 ]
 
-_IDENTIFIER = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+_IDENTIFIER = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"  # pydantic's regex: $ is the very end
 _HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 
-Identifier = Annotated[str, Field(pattern=_IDENTIFIER)]
+
+def _no_double_dot(value: str) -> str:
+    if ".." in value:
+        raise ValueError("may not contain '..'")
+    return value
+
+
+# The same rule as policy template values (broker.policies.SAFE_VALUE_PATTERN):
+# a caller id becomes ${subject}, so it must be renderable.
+Identifier = Annotated[str, Field(pattern=_IDENTIFIER), AfterValidator(_no_double_dot)]
 
 
 class _Section(BaseModel):

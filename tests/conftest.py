@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from broker.auth import hash_api_key
 from broker.config import Settings
 from broker.emulators.sts import StsEmulator, start_sts_emulator
-from broker.http.app import make_app, runner_options
+from broker.http.app import BrokerRunner, make_app, runner_options
 from broker.policies import load_policies
 from broker.services import Services, build_services
 from broker.sts import static_credential
@@ -119,9 +119,16 @@ async def start_test_server(services: Services, **options: Any) -> TestServer:
 
     (pytest-aiohttp's ``server_kwargs`` would be dropped by ``TestServer``.)
     """
-    server = TestServer(make_app(services))
+    server = _BrokerTestServer(make_app(services))
     await server.start_server(**runner_options(services), **options)
     return server
+
+
+class _BrokerTestServer(TestServer):
+    """``TestServer`` with the production runner (``BrokerRunner``)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BrokerRunner:
+        return BrokerRunner(self.app, **kwargs)
 
 
 @pytest.fixture

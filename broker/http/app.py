@@ -6,7 +6,9 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from broker.config import TlsSettings
 from broker.http import routes
@@ -15,7 +17,13 @@ from broker.http.keys import SERVICES
 from broker.http.middleware import request_context
 from broker.services import Services
 
-__all__ = ["make_app", "runner_options", "ssl_context"]
+__all__ = ["BrokerRunner", "make_app", "runner_options", "ssl_context"]
+
+
+_PARSE_ERROR = "the request line or headers are malformed or too large"
+_PARSE_ERROR_JSON = orjson.dumps(
+    {"error": {"code": "RequestInvalid", "message": _PARSE_ERROR, "request_id": None}}
+).decode()
 
 
 def make_app(services: Services, *, demo: bool = False) -> web.Application:
@@ -72,3 +80,41 @@ def ssl_context(tls: TlsSettings) -> ssl.SSLContext:
         context.load_verify_locations(cafile=tls.client_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return context
+
+
+class _QuietRequestHandler(RequestHandler):
+    """aiohttp's protocol handler, minus echoing a malformed request head back.
+
+    aiohttp answers an unparseable or oversized request line or header with a
+    plain-text 400 that quotes the offending bytes, which may be an
+    ``Authorization`` header or an ``access_token``.  This sends a fixed JSON
+    error instead.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, _PARSE_ERROR)
+        if status == 500:
+            return response
+        quiet = web.Response(status=status, text=_PARSE_ERROR_JSON, content_type="application/json")
+        quiet.force_close()
+        return quiet
+
+
+class _QuietServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _QuietRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class BrokerRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections never echo a malformed request head."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _QuietServer
+        return server

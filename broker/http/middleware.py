@@ -50,6 +50,8 @@ def error_response(err: BrokerError, request_id: str, *, sts_compatible: bool) -
     retry_after = err.retry_after_seconds
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
+    if isinstance(err, MethodNotAllowed) and err.context.get("allow"):
+        headers["Allow"] = err.context["allow"]
     return web.Response(
         status=err.status,
         text=json.dumps(body, separators=(",", ":")),
@@ -60,6 +62,8 @@ def error_response(err: BrokerError, request_id: str, *, sts_compatible: bool) -
 
 def _as_broker_error(exc: web.HTTPException) -> BrokerError:
     cls = _HTTP_ERRORS.get(exc.status)
+    if cls is MethodNotAllowed:
+        return MethodNotAllowed(allow=exc.headers.get("Allow", ""))
     if cls is not None:
         return cls()
     if 400 <= exc.status < 500:

@@ -11,6 +11,7 @@ import orjson
 import pydantic
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from broker import signing
 from broker.auth import extract_token, role_session_name
@@ -54,7 +55,8 @@ _Body = TypeVar("_Body", bound=pydantic.BaseModel)
 
 log = structlog.get_logger("broker.http")
 
-_POLICY_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_POLICY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,9}")
 _JSON = {"Content-Type": "application/json"}
 _JSON_NO_STORE = {**_JSON, "Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -70,7 +72,7 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
         peercert = request.transport.get_extra_info("peercert") if request.transport else None
         principal = services.authenticator.authenticate_certificate(peercert)
     if principal is None:
-        token = extract_token(request.headers.get("Authorization"), request.query)
+        token = extract_token(request.headers.getall("Authorization", []), request.query)
         principal = await services.authenticator.authenticate(token)
     structlog.contextvars.bind_contextvars(caller=principal.subject)
     try:
@@ -83,7 +85,7 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
 
 def _usable_scope(services: Services, principal: Principal, name: str) -> Scope:
     """The caller's scope of policy ``name``: the same 403 whether or not the policy exists."""
-    if not _POLICY_NAME.match(name):
+    if not _POLICY_NAME.fullmatch(name):
         raise RequestInvalid("a policy name is 1-63 characters of a-z, 0-9 and '-'")
     structlog.contextvars.bind_contextvars(policy=name)
     scope = services.policies.scope(name, principal)
@@ -97,7 +99,7 @@ def _min_ttl(request: web.Request, policy: Policy, margin: int) -> int:
     if not values:
         return 0
     limit = policy.duration_seconds - margin
-    if len(values) > 1 or not values[0].isdigit() or int(values[0]) > limit:
+    if len(values) > 1 or not _WHOLE_NUMBER.fullmatch(values[0]) or int(values[0]) > limit:
         raise RequestInvalid(f"min_ttl_seconds must be a whole number from 0 to {limit}")
     return int(values[0])
 
@@ -186,10 +188,13 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 async def _parse(request: web.Request, model: type[_Body]) -> _Body:
-    raw = await request.read()  # bounded by client_max_size: 413 past it
+    try:
+        raw = await request.read()  # bounded by client_max_size: 413 past it
+    except RequestPayloadError as err:
+        raise RequestInvalid("the body could not be read (bad Content-Encoding?)") from err
     try:
         data = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise RequestInvalid("the body must be a JSON object") from err
     if not isinstance(data, dict):
         raise RequestInvalid("the body must be a JSON object")
