@@ -32,5 +32,9 @@ typecheck: $(STAMP)
 pytest: $(STAMP) $(SYSTEM)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+bench: $(STAMP)  ## ratios against baselines measured in the same run; writes bench/RESULTS.md
+	bash tools/install-system-deps.sh
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,9 +1,9 @@
 """µs per presigned URL: broker.signing.presign() against alibabacloud_oss_v2 Client.presign().
 
-Run as ``.venv/bin/python bench/presign_inprocess.py``.  Both sides sign the
-same inputs at the same fixed signing time; outputs are checked byte-identical
-first, then timed in interleaved rounds after a warm-up, and the median round
-is reported as a Markdown table.
+Run as ``.venv/bin/python bench/presign_inprocess.py`` (``bench/run.py`` calls
+``measure()``).  Both sides sign the same inputs at the same fixed signing time;
+outputs are checked byte-identical first, then timed in interleaved rounds
+after a warm-up, and the median round is reported as a Markdown table.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +23,8 @@ from alibabacloud_oss_v2.signer import SignerV4
 
 from broker.models import Credentials
 from broker.signing import OssEndpoint, PresignInput, presign
+
+__all__ = ["CaseTiming", "main", "measure"]
 
 ROUNDS = 15
 CALLS_PER_ROUND = 2000
@@ -90,13 +93,44 @@ def _per_call_us(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter_ns() - start) / calls / 1000
 
 
-def main() -> None:
+@dataclass(frozen=True)
+class CaseTiming:
+    """One case: median µs per call for ours and the SDK, and whether outputs matched."""
+
+    name: str
+    ours_us: float
+    sdk_us: float
+    identical: bool
+
+    @property
+    def speedup(self) -> float:
+        """How many times faster ours is than the SDK."""
+        return self.sdk_us / self.ours_us
+
+
+def _time_case(
+    name: str, ours: Callable[[], str], sdk: Callable[[], str], rounds: int
+) -> CaseTiming:
+    """Check byte-identical output, warm up, then time ``rounds`` interleaved rounds."""
+    identical = ours() == sdk()
+    _per_call_us(ours, WARMUP_CALLS)
+    _per_call_us(sdk, WARMUP_CALLS // 10)
+    ours_us, sdk_us = [], []
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            ours_us.append(_per_call_us(ours, CALLS_PER_ROUND))
+            sdk_us.append(_per_call_us(sdk, CALLS_PER_ROUND // 10))
+    finally:
+        gc.enable()
+    return CaseTiming(name, statistics.median(ours_us), statistics.median(sdk_us), identical)
+
+
+def measure(rounds: int = ROUNDS) -> list[CaseTiming]:
+    """Time every case, ours against the SDK, in this process."""
     client = _sdk_client()
     expiration = SIGNING_TIME + timedelta(seconds=600)
-    print(f"Python {sys.version.split()[0]}, alibabacloud_oss_v2 {oss.__version__}")
-    print(f"median of {ROUNDS} interleaved rounds x {CALLS_PER_ROUND} calls, after warm-up\n")
-    print("| case | ours (µs) | SDK (µs) | speed-up |")
-    print("| --- | ---: | ---: | ---: |")
+    timings = []
     for name, ours_input, sdk_request in _cases():
 
         def ours(request: PresignInput = ours_input) -> str:
@@ -105,22 +139,21 @@ def main() -> None:
         def sdk(request: Any = sdk_request) -> str:
             return str(client.presign(request, expiration=expiration).url)
 
-        if ours() != sdk():
-            raise SystemExit(f"{name}: outputs differ\n ours: {ours()}\n sdk:  {sdk()}")
-        _per_call_us(ours, WARMUP_CALLS)
-        _per_call_us(sdk, WARMUP_CALLS // 10)
-        ours_us, sdk_us = [], []
-        gc.disable()
-        try:
-            for _ in range(ROUNDS):
-                ours_us.append(_per_call_us(ours, CALLS_PER_ROUND))
-                sdk_us.append(_per_call_us(sdk, CALLS_PER_ROUND // 10))
-        finally:
-            gc.enable()
-        ours_median, sdk_median = statistics.median(ours_us), statistics.median(sdk_us)
-        ratio = sdk_median / ours_median
-        print(f"| {name} | {ours_median:.2f} | {sdk_median:.1f} | {ratio:.1f}x |")
-    print("\noutputs byte-identical: yes (checked per case before timing)")
+        timings.append(_time_case(name, ours, sdk, rounds))
+    return timings
+
+
+def main() -> None:
+    print(f"Python {sys.version.split()[0]}, alibabacloud_oss_v2 {oss.__version__}")
+    print(f"median of {ROUNDS} interleaved rounds x {CALLS_PER_ROUND} calls, after warm-up\n")
+    print("| case | ours (µs) | SDK (µs) | speed-up | byte-identical |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    timings = measure()
+    for t in timings:
+        same = "yes" if t.identical else "NO"
+        print(f"| {t.name} | {t.ours_us:.2f} | {t.sdk_us:.1f} | {t.speedup:.1f}x | {same} |")
+    if not all(t.identical for t in timings):
+        raise SystemExit("outputs differ: see the byte-identical column")
 
 
 if __name__ == "__main__":

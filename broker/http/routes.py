@@ -27,6 +27,7 @@ from broker.policies import Policy, Scope
 from broker.services import Services
 from broker.uploads import (
     OPERATIONS,
+    Expiry,
     PostPolicyBody,
     PresignBody,
     check_key,
@@ -129,11 +130,25 @@ async def _credentials_for(
     return result
 
 
-def _fresh_enough(services: Services, policy: Policy, wanted_seconds: int) -> int:
-    """The validity to ask the cache for: what is wanted, as far as a fresh token can give it."""
-    return min(
-        wanted_seconds, policy.duration_seconds - services.settings.cache.refresh_margin_seconds
+async def _credentials_to_sign(
+    services: Services, scope: Scope, principal: Principal, requested_seconds: int | None
+) -> tuple[CacheResult, float, Expiry]:
+    """Credentials to sign with, the signing time, and the lifetime clamped to the token.
+
+    A token covering the wanted lifetime is asked for (as far as a fresh one
+    could give it); if STS cannot give one, the still-valid token signs and the
+    lifetime is clamped to what it has left.
+    """
+    policy = scope.policy
+    wanted = wanted_validity(requested_seconds, policy)
+    margin = services.settings.cache.refresh_margin_seconds
+    min_ttl = min(wanted, policy.duration_seconds - margin)
+    result = await _credentials_for(
+        services, policy, principal, scope, min_ttl, min_ttl_is_preference=True
     )
+    now = services.clock()
+    remaining = result.credentials.expires_at - now
+    return result, now, clamp_expiry(requested_seconds, policy, remaining)
 
 
 async def get_credentials(request: web.Request) -> web.Response:
@@ -226,19 +241,10 @@ async def create_presigned_url(request: web.Request) -> web.Response:
     key = check_key(body.key, scope.prefix)
     headers = presign_headers(body, policy, operation)
     query = sub_resources(operation, body)
-    wanted = wanted_validity(body.expires_seconds, policy)
-    # Ask for a token that covers the wanted lifetime; if STS cannot give one, clamp.
-    result = await _credentials_for(
-        services,
-        policy,
-        principal,
-        scope,
-        _fresh_enough(services, policy, wanted),
-        min_ttl_is_preference=True,
+    result, now, expiry = await _credentials_to_sign(
+        services, scope, principal, body.expires_seconds
     )
     creds = result.credentials
-    now = services.clock()
-    expiry = clamp_expiry(body.expires_seconds, policy, creds.expires_at - now)
     presign_input = signing.PresignInput(
         method=spec.method,
         bucket=policy.bucket,
@@ -283,19 +289,10 @@ async def create_post_policy(request: web.Request) -> web.Response:
     if "put" not in policy.actions:
         raise AccessDenied(f"policy {policy.name} does not allow uploads")
     form = post_policy_conditions(body, policy, scope.prefix)
-    wanted = wanted_validity(body.expires_seconds, policy)
-    # Ask for a token that covers the wanted lifetime; if STS cannot give one, clamp.
-    result = await _credentials_for(
-        services,
-        policy,
-        principal,
-        scope,
-        _fresh_enough(services, policy, wanted),
-        min_ttl_is_preference=True,
+    result, now, expiry = await _credentials_to_sign(
+        services, scope, principal, body.expires_seconds
     )
     creds = result.credentials
-    now = services.clock()
-    expiry = clamp_expiry(body.expires_seconds, policy, creds.expires_at - now)
     signed_at = datetime.fromtimestamp(now, UTC)
     expiration = signed_at + timedelta(seconds=expiry.seconds)
     if body.signature_version == "v1":
