@@ -7,11 +7,14 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import structlog
 
 from broker.logs import REDACTED, configure_logging, redact_secrets, scrub_rendered
+from broker.reload import reload_policies
 from tests.conftest import CALLERS, SOURCE_SECRET, BrokerHarness
 
 CANARY_BEARER = "eyJhbGciOiJSUzI1NiJ9.canary-bearer-payload.canary-bearer-signature"
@@ -79,3 +82,42 @@ def test_redaction_masks_keys_at_any_depth_and_fragments_in_strings() -> None:
     assert out["nested"]["deeper"][0]["ok"] == "fine"
     assert out["AccessKeySecret"] == REDACTED
     assert "min_ttl_seconds=10" in text
+
+
+async def test_no_secret_from_signing_metrics_or_reload(
+    broker: BrokerHarness, log_output: io.StringIO, tmp_path: Path
+) -> None:
+    """Presign, post-policy, /metrics and a failed reload log no signature, token or key."""
+    headers = broker.auth("alice")
+    presign = {"policy": "avatar-upload", "key": "avatars/alice/a.png", "content_type": "image/png"}
+    async with broker.client.post("/v1/presign", json=presign, headers=headers) as resp:
+        signed = await resp.json()
+    form_body = {"policy": "avatar-upload", "content_type": "image/png"}
+    async with broker.client.post("/v1/post-policy", json=form_body, headers=headers) as resp:
+        form = (await resp.json())["fields"]
+    async with broker.client.get("/metrics") as resp:
+        metrics_text = await resp.text()
+    broken = tmp_path / "policies"
+    broken.mkdir()
+    (broken / "bad.yaml").write_text(f"name: [unclosed {CALLERS['alice'][0]}\n")
+    settings = broker.services.settings
+    broker.services.settings = settings.model_copy(update={"policies_dir": broken})
+    assert reload_policies(broker.services) is False
+    broker.services.settings = settings
+    query = parse_qs(urlsplit(signed["url"]).query)
+    canaries = [
+        query["x-oss-signature"][0],
+        query["x-oss-security-token"][0],
+        form["x-oss-signature"],
+        form["x-oss-security-token"],
+        form["policy"],
+        *(key for key, _ in CALLERS.values()),
+        SOURCE_SECRET,
+    ]
+    text = log_output.getvalue()
+    assert "url_presigned" in text
+    assert "post_policy_signed" in text
+    assert "policies_reload_failed" in text
+    for canary in canaries:
+        assert canary not in text
+        assert canary not in metrics_text

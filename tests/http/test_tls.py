@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import ipaddress
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp.test_utils import TestClient
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -20,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from broker.config import Settings
 from broker.http.app import ssl_context
+from broker.logs import configure_logging
 from broker.policies import load_policies
 from broker.services import build_services
 from broker.sts import static_credential
@@ -206,3 +210,23 @@ async def test_required_client_certificate(
         await _get(url, _client_context(pki))
     status, _ = await _get(url, _client_context(pki, pki.client_cert, pki.client_key))
     assert status == 200
+
+
+async def test_mtls_path_logs_the_caller_and_no_secret(
+    aiohttp_client: ClientFactory, sts: StsHarness, clock: FakeClock, pki: Pki
+) -> None:
+    """An mTLS request logs its caller id; no key material or issued secret reaches the log."""
+    stream = io.StringIO()
+    configure_logging("json", "debug", stream=stream)
+    try:
+        _, url = await _tls_broker(aiohttp_client, sts, clock, pki, required=False)
+        status, body = await _get(url, _client_context(pki, pki.client_cert, pki.client_key))
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert status == 200
+    text = stream.getvalue()
+    assert '"caller":"svc-cert"' in text
+    key_body = "".join(pki.client_key.read_text().splitlines()[1:-1])
+    for secret in (body["AccessKeySecret"], body["SecurityToken"], key_body[:40]):
+        assert secret not in text
