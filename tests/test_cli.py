@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -161,6 +162,33 @@ async def _wait_for_line(stream: asyncio.StreamReader, pattern: str, seconds: fl
                 return line
 
 
+def _chain_env() -> dict[str, str]:
+    """The environment with the broker's identity for the default credential chain."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ALIBABA_CLOUD")}
+    env.update(
+        ALIBABA_CLOUD_ACCESS_KEY_ID="LTAI-chain-test",
+        ALIBABA_CLOUD_ACCESS_KEY_SECRET="chain-secret",
+        ALIBABA_CLOUD_ECS_METADATA_DISABLED="true",
+    )
+    return env
+
+
+@contextlib.asynccontextmanager
+async def _sts_broker(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``sts-broker ARGS`` as a real process (stderr piped); killed if still running at the end."""
+    proc = await asyncio.create_subprocess_exec(
+        STS_BROKER, *args, env=env, cwd=cwd, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 @pytest.fixture
 async def real_sts() -> AsyncIterator[tuple[StsEmulator, str]]:
     emulator = StsEmulator(access_keys={"LTAI-chain-test": "chain-secret"})
@@ -188,17 +216,8 @@ async def test_serve_uses_the_default_chain_reloads_and_stops(
         f"auth:\n  api_keys:\n    - id: svc-a\n      key_sha256: {hash_api_key('k-svc-a')}\n"
         "      groups: [internal]\n",
     )
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ALIBABA_CLOUD")}
-    env.update(
-        ALIBABA_CLOUD_ACCESS_KEY_ID="LTAI-chain-test",
-        ALIBABA_CLOUD_ACCESS_KEY_SECRET="chain-secret",
-        ALIBABA_CLOUD_ECS_METADATA_DISABLED="true",
-    )
-    proc = await asyncio.create_subprocess_exec(
-        STS_BROKER, "serve", "--config", str(config), env=env, stderr=asyncio.subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    try:
+    async with _sts_broker("serve", "--config", str(config), env=_chain_env()) as proc:
+        assert proc.stderr is not None
         await _wait_for_line(proc.stderr, "broker_started")
         url = f"http://127.0.0.1:{port}/v1/credentials/service-uploads"
         headers = {"Authorization": "Bearer k-svc-a"}
@@ -215,20 +234,13 @@ async def test_serve_uses_the_default_chain_reloads_and_stops(
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_dev_mode_prints_a_working_key_and_curl() -> None:
     """dev: starts with the emulator and example policies; the printed key works."""
     port = _free_port()
-    proc = await asyncio.create_subprocess_exec(
-        STS_BROKER, "dev", "--port", str(port), cwd=REPO, stderr=asyncio.subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    try:
+    async with _sts_broker("dev", "--port", str(port), cwd=REPO) as proc:
+        assert proc.stderr is not None
         line = await _wait_for_line(proc.stderr, r"dev API key:")
         key = line.split(":", 1)[1].split()[0]
         curl = await _wait_for_line(proc.stderr, r"curl -s -H")
@@ -243,10 +255,6 @@ async def test_dev_mode_prints_a_working_key_and_curl() -> None:
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_sigterm_during_load_fails_no_accepted_request(
@@ -269,14 +277,8 @@ async def test_sigterm_during_load_fails_no_accepted_request(
             for i in range(40)
         ),
     )
-    env = {**os.environ, "ALIBABA_CLOUD_ACCESS_KEY_ID": "LTAI-chain-test"}
-    env["ALIBABA_CLOUD_ACCESS_KEY_SECRET"] = "chain-secret"
-    env["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] = "true"
-    proc = await asyncio.create_subprocess_exec(
-        STS_BROKER, "serve", "--config", str(config), env=env, stderr=asyncio.subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    try:
+    async with _sts_broker("serve", "--config", str(config), env=_chain_env()) as proc:
+        assert proc.stderr is not None
         await _wait_for_line(proc.stderr, "broker_started")
         url = f"http://127.0.0.1:{port}/v1/credentials/service-uploads"
         async with aiohttp.ClientSession() as session:
@@ -297,10 +299,6 @@ async def test_sigterm_during_load_fails_no_accepted_request(
         assert statuses == [200] * 40
         async with asyncio.timeout(20):
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_serve_with_two_workers_shares_the_port(
@@ -318,21 +316,10 @@ async def test_serve_with_two_workers_shares_the_port(
         f"auth:\n  api_keys:\n    - id: svc-a\n      key_sha256: {hash_api_key('k-svc-a')}\n"
         "      groups: [internal]\n",
     )
-    env = {**os.environ, "ALIBABA_CLOUD_ACCESS_KEY_ID": "LTAI-chain-test"}
-    env["ALIBABA_CLOUD_ACCESS_KEY_SECRET"] = "chain-secret"
-    env["ALIBABA_CLOUD_ECS_METADATA_DISABLED"] = "true"
-    proc = await asyncio.create_subprocess_exec(
-        STS_BROKER,
-        "serve",
-        "--config",
-        str(config),
-        "--workers",
-        "2",
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    try:
+    async with _sts_broker(
+        "serve", "--config", str(config), "--workers", "2", env=_chain_env()
+    ) as proc:
+        assert proc.stderr is not None
         workers = set()
         for _ in range(2):
             line = await _wait_for_line(proc.stderr, "broker_started")
@@ -347,7 +334,3 @@ async def test_serve_with_two_workers_shares_the_port(
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
