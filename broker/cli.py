@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from broker.auth import generate_api_key, hash_api_key
-from broker.config import load_settings
+from broker.config import Settings, load_settings
 from broker.devstack import DEV_CALLER, DevStack, dev_stack
 from broker.errors import BrokerError, ConfigError
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
@@ -36,6 +36,7 @@ from broker.policies import (
 )
 from broker.reload import reload_policies, watch_policies
 from broker.services import Services, build_services
+from broker.shared_cache import load_encryption_keys
 
 __all__ = ["main"]
 
@@ -100,9 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_secrets(settings: Settings) -> None:
+    """Files and variables read only at start (the shared cache's keys): fail with exit 2."""
+    if settings.cache.backend == "redis" and settings.cache.redis is not None:
+        config_dir = settings.source.parent if settings.source is not None else None
+        load_encryption_keys(settings.cache.redis, config_dir=config_dir)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     policies = load_policies(settings.policies_dir)
+    _check_secrets(settings)
     if not 1 <= args.workers <= 64:
         print("--workers must be from 1 to 64", file=sys.stderr)
         return EXIT_CONFIG
@@ -141,13 +150,18 @@ def _run_workers(config: Path, workers: int) -> int:
 
 def _worker_main(config: Path, workers: int, index: int) -> None:
     settings = load_settings(config)
-    quotas = settings.quotas.model_copy(
-        update={
-            "sts_calls_per_second": settings.quotas.sts_calls_per_second / workers,
-            "sts_burst": max(1.0, settings.quotas.sts_burst / workers),
-        }
+    redis = settings.cache.redis
+    shared_budget = (
+        settings.cache.backend == "redis" and redis is not None and redis.share_sts_budget
     )
-    settings = settings.model_copy(update={"quotas": quotas})
+    if not shared_budget:  # a budget kept in Redis is already shared by every worker
+        quotas = settings.quotas.model_copy(
+            update={
+                "sts_calls_per_second": settings.quotas.sts_calls_per_second / workers,
+                "sts_burst": max(1.0, settings.quotas.sts_burst / workers),
+            }
+        )
+        settings = settings.model_copy(update={"quotas": quotas})
     configure_logging(settings.logging.format, settings.logging.level, batched=True)
     structlog.contextvars.bind_contextvars(worker=index)
     services = build_services(settings, load_policies(settings.policies_dir))
@@ -251,6 +265,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         try:
             settings = load_settings(args.config)
             policies = load_policies(settings.policies_dir)
+            _check_secrets(settings)
             checked.append(
                 f"{args.config}: ok ({len(policies)} policies in {settings.policies_dir})"
             )

@@ -27,6 +27,7 @@ __all__ = [
     "MtlsCallerSettings",
     "OssSettings",
     "QuotaSettings",
+    "RedisSettings",
     "RetrySettings",
     "Settings",
     "StsSettings",
@@ -180,12 +181,66 @@ class QuotaSettings(_Section):
     sts_max_wait_seconds: float = Field(default=2.0, ge=0, le=30)
 
 
+class RedisSettings(_Section):
+    """The shared cache on Redis (``cache.backend: redis``); see broker/shared_cache.py.
+
+    Credentials are stored AES-GCM encrypted with the keys in
+    ``encryption_keys_file`` or the environment variable ``encryption_keys_env``
+    (exactly one), a JSON document ``{"active": ID, "keys": {ID: base64 of 32 bytes}}``.
+    A Redis password comes from ``password_env``, never from the YAML.
+    """
+
+    url: str = "redis://127.0.0.1:6379/0"
+    password_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    key_prefix: str = Field(default="oss-sts-broker:", min_length=1, max_length=128)
+    encryption_keys_file: Path | None = None
+    encryption_keys_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    lock_ttl_seconds: float = Field(default=10.0, gt=0, le=300)
+    wait_seconds: float = Field(default=5.0, gt=0, le=60)
+    operation_timeout_seconds: float = Field(default=0.25, gt=0, le=10)
+    share_sts_budget: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if parts.password:
+            raise ValueError("may not hold a password: name its variable in password_env")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> RedisSettings:
+        if (self.encryption_keys_file is None) == (self.encryption_keys_env is None):
+            raise ValueError(
+                "give exactly one of encryption_keys_file or encryption_keys_env "
+                "(credentials in Redis are always encrypted)"
+            )
+        return self
+
+
 class CacheSettings(_Section):
-    """Credential cache: never serve inside the margin, refresh hot entries early."""
+    """Credential cache: never serve inside the margin, refresh hot entries early.
+
+    ``backend: memory`` keeps each process's cache to itself; ``backend: redis``
+    puts a shared, encrypted cache on Redis behind it (settings in ``redis``).
+    """
 
     refresh_margin_seconds: int = Field(default=60, ge=0, le=3600)
     max_entries: int = Field(default=100_000, ge=1, le=10_000_000)
     refresh_fraction: float = Field(default=0.5, ge=0.1, le=0.9)
+    backend: Literal["memory", "redis"] = "memory"
+    redis: RedisSettings | None = None
+
+    @model_validator(mode="after")
+    def _redis_for_backend(self) -> CacheSettings:
+        if self.backend == "redis" and self.redis is None:
+            raise ValueError(
+                "backend redis needs a redis section with encryption_keys_file "
+                "or encryption_keys_env"
+            )
+        return self
 
 
 class ApiKeySettings(_Section):

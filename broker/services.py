@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from broker.auth import ApiKeyAuthenticator, Authenticator, CertificateAuthenticator
 from broker.cache import CacheKey, CredentialCache, Fetch
@@ -13,6 +15,8 @@ from broker.oidc import JwksSource, JwtVerifier
 from broker.policies import PolicySet
 from broker.quotas import CallerQuotas, StsBudget
 from broker.resilience import FailureGate, RetryPolicy, with_resilience
+from broker.shared_budget import SharedStsBudget
+from broker.shared_cache import SharedCache, SharedCredentialCache, connect_shared_cache
 from broker.sts import CredentialClient, StsClient
 
 __all__ = ["Services", "build_services"]
@@ -40,12 +44,23 @@ def build_services(
     credential: CredentialClient | None = None,
     clock: Clock = system_clock,
 ) -> Services:
-    """Wire settings and policies into the shared services (no I/O happens here)."""
+    """Wire settings and policies into the shared services.
+
+    No network I/O happens here; with ``cache.backend: redis`` the encryption
+    keys are read (``ConfigError`` if they are bad) and Redis is reached on first use.
+    """
     margin = settings.cache.refresh_margin_seconds
     metrics = Metrics()
+    shared = None
+    if settings.cache.backend == "redis":  # first: a bad keys file stops us before any client
+        shared = connect_shared_cache(settings, metrics, clock)
     sts = StsClient(settings.sts, credential=credential, clock=clock, min_validity_seconds=margin)
-    cache = CredentialCache(
-        _resilient(settings, metrics, metrics.instrument_sts(sts.assume_role), clock),
+    fetch = _resilient(settings, metrics, metrics.instrument_sts(sts.assume_role), clock, shared)
+    make_cache: Callable[..., CredentialCache] = CredentialCache
+    if shared is not None:  # the in-process cache in front of Redis
+        make_cache = partial(SharedCredentialCache, shared=shared)
+    cache = make_cache(
+        fetch,
         clock=clock,
         refresh_margin_seconds=margin,
         max_entries=settings.cache.max_entries,
@@ -78,11 +93,18 @@ def _jwt_verifier(settings: JwtSettings, clock: Clock) -> JwtVerifier:
     return JwtVerifier(settings, jwks, clock=clock)
 
 
-def _resilient(settings: Settings, metrics: Metrics, fetch: Fetch, clock: Clock) -> Fetch:
+def _resilient(
+    settings: Settings,
+    metrics: Metrics,
+    fetch: Fetch,
+    clock: Clock,
+    shared: SharedCache | None = None,
+) -> Fetch:
     """AssumeRole behind the failure gate, each attempt inside the STS budget, retried.
 
     Retries and waits use real time (``asyncio.sleep``); ``clock`` decides
-    budgets and gate windows so tests can move it.
+    budgets and gate windows so tests can move it.  With a shared cache whose
+    ``share_sts_budget`` is on, the budget is the fleet's, kept in Redis.
     """
     sts = settings.sts
     quota = settings.quotas
@@ -92,13 +114,16 @@ def _resilient(settings: Settings, metrics: Metrics, fetch: Fetch, clock: Clock)
         max_delay_seconds=sts.retry.max_delay_seconds,
         deadline_seconds=sts.retry.deadline_seconds,
     )
-    budget = StsBudget(
-        quota.sts_calls_per_second,
-        quota.sts_burst,
-        clock,
-        max_wait_seconds=quota.sts_max_wait_seconds,
-        on_reject=metrics.quota_rejections.labels("sts_budget").inc,
-    )
+    on_reject = metrics.quota_rejections.labels("sts_budget").inc
+    rate, burst, max_wait = quota.sts_calls_per_second, quota.sts_burst, quota.sts_max_wait_seconds
+    budget: StsBudget
+    if shared is not None and shared.settings.share_sts_budget:
+        key = f"{shared.settings.key_prefix}sts-budget"
+        budget = SharedStsBudget(
+            shared.redis, key, rate, burst, clock, max_wait, on_reject=on_reject
+        )
+    else:
+        budget = StsBudget(rate, burst, clock, max_wait_seconds=max_wait, on_reject=on_reject)
     gate = FailureGate(
         threshold=sts.failure_gate.threshold,
         open_seconds=sts.failure_gate.open_seconds,

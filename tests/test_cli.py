@@ -334,3 +334,16 @@ async def test_serve_with_two_workers_shares_the_port(
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await proc.wait() == 0
+
+
+def test_check_reads_the_shared_cache_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check fails with exit 2 when cache.redis's encryption keys file is unreadable."""
+    config = _write(
+        tmp_path,
+        f"policies_dir: {POLICIES_DIR}\n"
+        "cache:\n  backend: redis\n  redis:\n    encryption_keys_file: missing-keys.json\n",
+    )
+    assert main(["check", "--config", str(config)]) == 2
+    assert "missing-keys.json: cannot read file" in capsys.readouterr().err

@@ -1,0 +1,523 @@
+"""The shared Redis cache: sealed values, fleet-wide single flight, degradation, shared budget.
+
+Redis is a real ``redis-server`` started per test on a free port, not a fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+
+from broker.cli import main
+from broker.config import StsSettings, load_settings
+from broker.errors import ConfigError, UpstreamThrottled
+from broker.metrics import Metrics
+from broker.models import AssumeRoleRequest, Credentials
+from broker.policies import load_policies
+from broker.services import Services, build_services
+from broker.shared_budget import SharedRedis, SharedStsBudget
+from broker.shared_cache import (
+    EncryptionKeys,
+    SharedCredentialCache,
+    SharedCredentialStore,
+    open_sealed,
+    seal,
+)
+from broker.sts import StsClient, static_credential
+from tests.conftest import (
+    POLICIES_DIR,
+    SOURCE_KEY_ID,
+    SOURCE_SECRET,
+    FakeClock,
+    StsHarness,
+    make_settings,
+)
+
+ROLE = "acs:ram::1234567890123456:role/oss-service-uploads"
+PREFIX = "test-broker:"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A real ``redis-server`` on 127.0.0.1, no persistence; killed by ``stop()``."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: run `bash tools/install-system-deps.sh`")
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        quiet = subprocess.DEVNULL
+        self._proc = subprocess.Popen(args, stdout=quiet, stderr=quiet)  # noqa: S603 (which())
+        self._wait_ready()
+
+    def _wait_ready(self, seconds: float = 10.0) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                pytest.fail(f"redis-server exited with {self._proc.returncode}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        self.stop()
+        pytest.fail("redis-server did not answer PING within 10 s")
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL: no goodbye to clients) and reap it."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait(10)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def new_key() -> str:
+    """A fresh AES-256 key, base64-encoded."""
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def keys_document(active: str, **keys: str) -> str:
+    return json.dumps({"active": active, "keys": keys})
+
+
+def request_for(subject: str = "svc-a", duration: int = 3600) -> AssumeRoleRequest:
+    document = {
+        "Version": "1",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["oss:PutObject"],
+                "Resource": [f"acs:oss:*:*:examplebucket/services/{subject}/*"],
+            }
+        ],
+    }
+    return AssumeRoleRequest(
+        role_arn=ROLE,
+        policy=json.dumps(document, separators=(",", ":")),
+        duration_seconds=duration,
+        role_session_name=subject,
+    )
+
+
+def sts_fetch(sts: StsHarness, clock: FakeClock) -> Callable[[AssumeRoleRequest], Awaitable[Any]]:
+    client = StsClient(
+        StsSettings(endpoint=sts.url, timeout_seconds=2),
+        credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
+        clock=clock,
+        min_validity_seconds=60,
+    )
+    return client.assume_role
+
+
+@dataclass
+class Store:
+    """A store straight on Redis (no L1) with its own metrics."""
+
+    store: SharedCredentialStore
+    redis: SharedRedis
+    metrics: Metrics
+
+
+@pytest.fixture
+async def make_store(
+    redis_server: RedisServer, clock: FakeClock
+) -> AsyncIterator[Callable[..., Store]]:
+    opened: list[SharedRedis] = []
+
+    def factory(keys: EncryptionKeys, **options: Any) -> Store:
+        metrics = Metrics()
+        redis = SharedRedis(Redis.from_url(redis_server.url), metrics)
+        opened.append(redis)
+        store = SharedCredentialStore(
+            redis, keys, clock=clock, key_prefix=PREFIX, refresh_margin_seconds=60, **options
+        )
+        return Store(store, redis, metrics)
+
+    yield factory
+    for redis in opened:
+        await redis.close()
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cache-keys.json"
+    path.write_text(keys_document("k1", k1=new_key()))
+    return path
+
+
+@pytest.fixture
+async def make_replica(
+    redis_server: RedisServer, sts: StsHarness, clock: FakeClock, keys_file: Path
+) -> AsyncIterator[Callable[..., Services]]:
+    """Build a broker's services (a "replica") with ``cache.backend: redis``."""
+    built: list[Services] = []
+
+    def factory(**redis_options: Any) -> Services:
+        redis = {"url": redis_server.url, "key_prefix": PREFIX}
+        redis["encryption_keys_file"] = str(keys_file)
+        settings = make_settings(
+            sts.url, cache={"backend": "redis", "redis": redis | redis_options}
+        )
+        services = build_services(
+            settings,
+            load_policies(settings.policies_dir),
+            credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
+            clock=clock,
+        )
+        built.append(services)
+        return services
+
+    yield factory
+    for services in built:
+        await services.cache.close()
+
+
+def lock_key(services: Services) -> str:
+    """The single-flight lock key of ``request_for()`` in this replica's store."""
+    assert isinstance(services.cache, SharedCredentialCache)
+    return services.cache.shared.store.lock_key(request_for())
+
+
+def degraded(metrics: Metrics) -> float:
+    """Every count of ``broker_shared_cache_degraded_total``, all operations."""
+    return sum(
+        sample.value
+        for family in metrics.registry.collect()
+        if family.name == "broker_shared_cache_degraded"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+def test_seal_and_open_round_trip() -> None:
+    """A sealed value opens to the same bytes; nonces are fresh; the envelope names the key."""
+    keys = EncryptionKeys.parse(keys_document("k1", k1=new_key()), "test")
+    first = seal(keys, b"plaintext", b"key-a")
+    second = seal(keys, b"plaintext", b"key-a")
+    envelope = json.loads(first)
+    assert envelope["v"] == 1
+    assert envelope["kid"] == "k1"
+    assert len(base64.b64decode(envelope["n"])) == 12
+    assert first != second
+    assert open_sealed(keys, first, b"key-a") == b"plaintext"
+    with pytest.raises(ValueError, match="authentication failed"):
+        open_sealed(keys, first, b"key-b")
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ("{not json", "is not valid JSON"),
+        (keys_document("k2", k1=new_key()), "active: key 'k2' is not in keys"),
+        (keys_document("k1", k1="c2hvcnQ="), "keys.k1: must be 32 bytes"),
+        (keys_document("k1", k1="!!!"), "keys.k1: is not valid base64"),
+        (json.dumps({"active": "k1", "keys": {}}), "keys: "),
+    ],
+)
+def test_bad_key_documents_are_config_errors(document: str, problem: str) -> None:
+    """A bad keys document raises ConfigError naming the key and problem, never key material."""
+    with pytest.raises(ConfigError) as caught:
+        EncryptionKeys.parse(document, "keys.json")
+    assert problem in str(caught.value)
+    assert "c2hvcnQ=" not in str(caught.value)
+
+
+def test_backend_redis_without_keys_is_a_config_error(tmp_path: Path) -> None:
+    """cache.backend redis with no encryption keys fails at load, naming the key."""
+    config = tmp_path / "broker.yaml"
+    config.write_text("cache:\n  backend: redis\n  redis: {url: 'redis://127.0.0.1:1/0'}\n")
+    with pytest.raises(ConfigError, match="exactly one of encryption_keys_file"):
+        load_settings(config)
+    config.write_text("cache:\n  backend: redis\n")
+    with pytest.raises(ConfigError, match=r"cache: .*backend redis needs a redis section"):
+        load_settings(config)
+
+
+def test_unreadable_keys_file_fails_build_services(sts: StsHarness, tmp_path: Path) -> None:
+    """A missing keys file stops start-up with a ConfigError naming the file."""
+    missing = tmp_path / "nope.json"
+    redis = {"url": "redis://127.0.0.1:1/0", "encryption_keys_file": str(missing)}
+    settings = make_settings(sts.url, cache={"backend": "redis", "redis": redis})
+    with pytest.raises(ConfigError, match=r"nope\.json: cannot read file"):
+        build_services(
+            settings,
+            load_policies(settings.policies_dir),
+            credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
+        )
+
+
+def test_serve_with_a_bad_keys_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sts-broker serve refuses to start (exit 2) when the keys file holds a short key."""
+    keys = tmp_path / "cache-keys.json"
+    keys.write_text(keys_document("k1", k1="c2hvcnQ="))
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        f"policies_dir: {POLICIES_DIR}\n"
+        "cache:\n  backend: redis\n  redis: {encryption_keys_file: cache-keys.json}\n"
+    )
+    assert main(["serve", "--config", str(config)]) == 2
+    assert f"{keys}: keys.k1: must be 32 bytes" in capsys.readouterr().err
+
+
+async def test_tampered_or_moved_values_are_misses(
+    make_store: Callable[..., Store], redis_client: Redis, sts: StsHarness, clock: FakeClock
+) -> None:
+    """A flipped ciphertext bit or a value copied to another key is a miss, not an error."""
+    keys = EncryptionKeys.parse(keys_document("k1", k1=new_key()), "test")
+    shared = make_store(keys)
+    fetch = shared.store.wrap(sts_fetch(sts, clock))
+    alice, bob = request_for("alice"), request_for("bob")
+    await fetch(alice)
+    envelope = json.loads(await redis_client.get(shared.store.value_key(alice)))
+    ciphertext = bytearray(base64.b64decode(envelope["c"]))
+    ciphertext[0] ^= 1
+    envelope["c"] = base64.b64encode(bytes(ciphertext)).decode()
+    await redis_client.set(shared.store.value_key(alice), json.dumps(envelope), ex=600)
+    with capture_logs() as logs:
+        other = make_store(keys).store.wrap(sts_fetch(sts, clock))  # another replica
+        await other(alice)
+        moved = await redis_client.get(shared.store.value_key(alice))
+        await redis_client.set(shared.store.value_key(bob), moved, ex=600)
+        await other(bob)
+    assert sts.emulator.assume_role_calls() == 3
+    reasons = [log["reason"] for log in logs if log["event"] == "shared_cache_value_rejected"]
+    assert reasons == ["authentication failed", "authentication failed"]
+
+
+async def test_rotation_reads_old_key_and_seals_with_the_new(
+    make_store: Callable[..., Store], redis_client: Redis, sts: StsHarness, clock: FakeClock
+) -> None:
+    """A value sealed with k1 is read after k2 becomes active; new values carry kid k2."""
+    k1, k2 = new_key(), new_key()
+    before = make_store(EncryptionKeys.parse(keys_document("k1", k1=k1), "test"))
+    first = await before.store.wrap(sts_fetch(sts, clock))(request_for("alice"))
+    after = make_store(EncryptionKeys.parse(keys_document("k2", k1=k1, k2=k2), "test"))
+    fetch = after.store.wrap(sts_fetch(sts, clock))
+    assert await fetch(request_for("alice")) == first
+    await fetch(request_for("bob"))
+    stored = json.loads(await redis_client.get(after.store.value_key(request_for("bob"))))
+    assert stored["kid"] == "k2"
+    assert sts.emulator.assume_role_calls() == 2
+    without_k1 = make_store(EncryptionKeys.parse(keys_document("k2", k2=k2), "test"))
+    await without_k1.store.wrap(sts_fetch(sts, clock))(request_for("alice"))
+    assert sts.emulator.assume_role_calls() == 3
+
+
+async def test_ttl_is_expiration_minus_margin(
+    make_store: Callable[..., Store], redis_client: Redis, sts: StsHarness, clock: FakeClock
+) -> None:
+    """The Redis TTL is expiration - refresh_margin_seconds - now; no lock is left behind."""
+    shared = make_store(EncryptionKeys.parse(keys_document("k1", k1=new_key()), "test"))
+    credentials = await shared.store.wrap(sts_fetch(sts, clock))(request_for(duration=900))
+    ttl_ms = await redis_client.pttl(shared.store.value_key(request_for(duration=900)))
+    expected_ms = (credentials.expires_at - 60 - clock()) * 1000
+    assert expected_ms - 2000 < ttl_ms <= expected_ms
+    assert await redis_client.exists(shared.store.lock_key(request_for(duration=900))) == 0
+
+
+async def test_credentials_inside_the_margin_are_not_stored(
+    make_store: Callable[..., Store], redis_client: Redis, clock: FakeClock
+) -> None:
+    """Credentials expiring within the refresh margin are handed out but never written."""
+    shared = make_store(EncryptionKeys.parse(keys_document("k1", k1=new_key()), "test"))
+    expiring = Credentials("STS.x", "s", "t", datetime.fromtimestamp(clock() + 30, UTC))
+
+    async def fetch(request: AssumeRoleRequest) -> Credentials:
+        return expiring
+
+    assert await shared.store.wrap(fetch)(request_for()) == expiring
+    assert await redis_client.exists(shared.store.value_key(request_for())) == 0
+
+
+async def test_values_in_redis_hold_no_plaintext_secrets(
+    make_replica: Callable[..., Services], redis_client: Redis, sts: StsHarness
+) -> None:
+    """Nothing in Redis contains an issued AccessKeyId, AccessKeySecret or SecurityToken."""
+    services = make_replica()
+    for subject in ("alice", "bob", "carol"):
+        await services.cache.get(request_for(subject))
+    keys = [key async for key in redis_client.scan_iter(f"{PREFIX}*")]
+    blob = b"".join([await redis_client.dump(key) for key in keys])
+    assert len(keys) == 4  # three values and the STS budget's bucket
+    assert len(sts.emulator.issued) == 3
+    for issued in sts.emulator.issued.values():
+        for secret in (issued.access_key_id, issued.access_key_secret, issued.security_token):
+            assert secret.encode() not in blob
+            assert secret.encode()[8:40] not in blob
+
+
+async def test_two_replicas_make_one_sts_call_for_600_cold_gets(
+    make_replica: Callable[..., Services], sts: StsHarness
+) -> None:
+    """Two replicas, 300 concurrent cold gets each on one scope: exactly 1 AssumeRole."""
+    replicas = [make_replica(), make_replica()]
+    gets = [replica.cache.get(request_for()) for replica in replicas for _ in range(300)]
+    results = await asyncio.gather(*gets)
+    assert sts.emulator.assume_role_calls() == 1
+    assert len({result.credentials for result in results}) == 1
+
+
+async def test_a_refresh_reaches_sts_once_for_the_fleet(
+    make_replica: Callable[..., Services], sts: StsHarness, clock: FakeClock
+) -> None:
+    """min_ttl beyond what the replicas hold: one new AssumeRole, both then share it."""
+    first, second = make_replica(), make_replica()
+    held = (await first.cache.get(request_for())).credentials
+    assert (await second.cache.get(request_for())).credentials == held
+    clock.advance(100)
+    newer = (await first.cache.get(request_for(), min_ttl_seconds=3590)).credentials
+    assert newer != held
+    assert (await second.cache.get(request_for(), min_ttl_seconds=3590)).credentials == newer
+    assert sts.emulator.assume_role_calls() == 2
+
+
+async def test_dead_lock_holder_is_taken_over_after_the_lock_expires(
+    make_replica: Callable[..., Services], redis_client: Redis, sts: StsHarness
+) -> None:
+    """A lock nobody will release (holder died) delays the replicas until it expires; 1 call."""
+    replicas = [make_replica(), make_replica()]
+    await redis_client.set(lock_key(replicas[0]), "a-dead-replica", px=400)
+    started = time.monotonic()
+    gets = [replica.cache.get(request_for()) for replica in replicas for _ in range(20)]
+    results = await asyncio.gather(*gets)
+    assert time.monotonic() - started >= 0.35
+    assert sts.emulator.assume_role_calls() == 1
+    assert len({result.credentials for result in results}) == 1
+
+
+async def test_waiters_call_sts_themselves_after_wait_seconds(
+    make_replica: Callable[..., Services], redis_client: Redis, sts: StsHarness
+) -> None:
+    """A lock outliving wait_seconds: each replica stops waiting and calls STS itself."""
+    replicas = [make_replica(wait_seconds=0.2), make_replica(wait_seconds=0.2)]
+    await redis_client.set(lock_key(replicas[0]), "a-stuck-replica", px=30_000)
+    with capture_logs() as logs:
+        await asyncio.gather(*(replica.cache.get(request_for()) for replica in replicas))
+    assert sts.emulator.assume_role_calls() == 2
+    assert [log["event"] for log in logs].count("shared_cache_wait_expired") == 2
+
+
+async def test_redis_stopped_mid_run_falls_back_to_sts(
+    make_replica: Callable[..., Services], redis_server: RedisServer, sts: StsHarness
+) -> None:
+    """Redis killed mid-run: every get still succeeds (STS directly) and degraded counts."""
+    replicas = [make_replica(), make_replica()]
+    await asyncio.gather(*(replica.cache.get(request_for()) for replica in replicas))
+    assert sts.emulator.assume_role_calls() == 1
+    redis_server.stop()
+    with capture_logs() as logs:
+        for subject in ("bob", "carol", "dave"):
+            gets = [replica.cache.get(request_for(subject)) for replica in replicas]
+            await asyncio.gather(*gets)
+    assert sts.emulator.assume_role_calls() == 1 + 3 * 2
+    assert all(degraded(replica.metrics) >= 3 for replica in replicas)
+    events = [log["event"] for log in logs]
+    assert events.count("shared_cache_degraded") == 2  # once per replica: rate-limited
+    dumped = json.dumps(logs, default=str)
+    assert not any(issued.access_key_secret in dumped for issued in sts.emulator.issued.values())
+
+
+async def test_unreachable_redis_costs_little(
+    make_replica: Callable[..., Services], sts: StsHarness
+) -> None:
+    """Nothing listening at the Redis URL: gets succeed quickly via STS."""
+    replica = make_replica(url=f"redis://127.0.0.1:{_free_port()}/0")
+    started = time.monotonic()
+    for subject in ("alice", "bob", "carol"):
+        await replica.cache.get(request_for(subject))
+    assert time.monotonic() - started < 2.0
+    assert sts.emulator.assume_role_calls() == 3
+    assert degraded(replica.metrics) >= 3
+
+
+async def test_budget_is_shared_across_replicas(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    """Two replicas' budgets draw from one Redis bucket; time refills it; rejections are 503s."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    connections = [SharedRedis(Redis.from_url(redis_server.url), Metrics()) for _ in range(2)]
+
+    def budget(redis: SharedRedis, max_wait: float) -> SharedStsBudget:
+        return SharedStsBudget(redis, f"{PREFIX}sts-budget", 1.0, 2.0, clock, max_wait, sleep)
+
+    first, second = budget(connections[0], 0.0), budget(connections[1], 1.5)
+    try:
+        await first.acquire()
+        await first.acquire()
+        with pytest.raises(UpstreamThrottled) as caught:
+            await first.acquire()
+        assert caught.value.retry_after_seconds == 1
+        await second.acquire()  # queues for the next token instead
+        assert waits == [1.0]
+        clock.advance(2.0)
+        await first.acquire()
+    finally:
+        for redis in connections:
+            await redis.close()
+
+
+async def test_budget_falls_back_to_the_local_bucket(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    """With Redis gone, acquire uses this process's own bucket and counts the bypass."""
+    metrics = Metrics()
+    redis = SharedRedis(Redis.from_url(redis_server.url), metrics)
+    budget = SharedStsBudget(redis, f"{PREFIX}sts-budget", 1.0, 2.0, clock, 0.0)
+    try:
+        await budget.acquire()
+        redis_server.stop()
+        await budget.acquire()  # the local bucket is still full
+        await budget.acquire()
+        with pytest.raises(UpstreamThrottled):
+            await budget.acquire()
+        assert degraded(metrics) == 3
+    finally:
+        await redis.close()
