@@ -35,6 +35,7 @@ pytest: $(STAMP) $(SYSTEM)
 bench: $(STAMP)  ## ratios against baselines measured in the same run; writes bench/RESULTS.md
 	bash tools/install-system-deps.sh
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/fleet.py --append bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -50,6 +50,7 @@ class Options:
     lifetime: int
     seconds: float
     rate: float
+    append_to: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,25 @@ async def main(options: Options) -> None:
             url = redis_url if backend == "redis" else None
             results.append(await run_backend(backend, workdir, options, url))
             print(f"{backend}: done", file=sys.stderr)
-    print(table(results, options))
+    report = table(results, options)
+    print(report)
+    if options.append_to is not None:
+        _append_section(options.append_to, report, options)
+
+
+_SECTION = "## Fleet: AssumeRole per scope per token lifetime"
+
+
+def _append_section(path: Path, report: str, options: Options) -> None:
+    """Replace (or add) the fleet section of a results file."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = text.split(_SECTION)[0].rstrip() + "\n\n"
+    command = (
+        f"`python bench/fleet.py --replicas {options.replicas} --scopes {options.scopes} "
+        f"--lifetime {options.lifetime} --seconds {options.seconds:g} --rate {options.rate:g}` "
+        "(part of `make bench`)"
+    )
+    path.write_text(f"{text}{_SECTION}\n\n{command}\n\n{report}\n", encoding="utf-8")
 
 
 def _options() -> Options:
@@ -267,8 +286,9 @@ def _options() -> Options:
     parser.add_argument("--lifetime", type=int, default=10, help="token lifetime, seconds")
     parser.add_argument("--seconds", type=float, default=30.0, help="run time per backend")
     parser.add_argument("--rate", type=float, default=300.0, help="requests a second, in all")
+    parser.add_argument("--append", type=Path, default=None, help="add the table to this file")
     args = parser.parse_args()
-    return Options(args.replicas, args.scopes, args.lifetime, args.seconds, args.rate)
+    return Options(args.replicas, args.scopes, args.lifetime, args.seconds, args.rate, args.append)
 
 
 if __name__ == "__main__":
