@@ -41,13 +41,11 @@ import hmac
 import json
 import re
 import secrets
-import socket
 import string
-import struct
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final
@@ -55,6 +53,7 @@ from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
 
+from broker.emulators.sts_faults import StsFaults, early_fault, late_fault, reset_connection
 from broker.models import Clock, system_clock
 
 __all__ = [
@@ -112,72 +111,6 @@ _CATALOGUE: Final[Mapping[str, tuple[int, str]]] = {
     "Throttling.User": (400, "Request was denied due to user flow control."),
     "Throttling": (400, "Request was denied due to flow control."),
 }
-
-
-@dataclass
-class StsFaults:
-    """Faults to inject into the next AssumeRole answers; change them at run time."""
-
-    delay_seconds: float = 0.0
-    throttle: bool = False
-    throttle_code: str = "Throttling.Api"
-    error_status: int | None = None
-    reset_connection: bool = False
-    malformed_body: bool = False
-    omit_credentials: bool = False
-    omit_expiration: bool = False
-    expired_credentials: bool = False
-    remaining: int | None = None
-
-    def clear(self) -> None:
-        """Switch every fault off."""
-        for spec in fields(self):
-            setattr(self, spec.name, spec.default)
-
-    def active(self) -> bool:
-        """Whether any fault is switched on."""
-        return any(
-            getattr(self, spec.name) != spec.default
-            for spec in fields(self)
-            if spec.name not in {"remaining", "throttle_code"}
-        )
-
-    def take(self) -> StsFaults | None:
-        """The faults for one request (a copy), counting ``remaining`` down."""
-        if self.remaining is not None and self.remaining <= 0:
-            self.clear()
-        if not self.active():
-            return None
-        snapshot = replace(self)
-        if self.remaining is not None:
-            self.remaining -= 1
-            if self.remaining <= 0:
-                self.clear()
-        return snapshot
-
-    def update(self, changes: Mapping[str, Any]) -> None:
-        """Set fields from a JSON object; ValueError names the first bad one."""
-        types = {spec.name: spec.type for spec in fields(self)}
-        for name, value in changes.items():
-            if name not in types:
-                raise ValueError(f"unknown fault {name!r}")
-            if not _fits(str(types[name]), value):
-                raise ValueError(f"bad value for fault {name!r}")
-        for name, value in changes.items():
-            setattr(self, name, value)
-
-
-def _fits(type_name: str, value: object) -> bool:
-    """Whether a JSON value suits a StsFaults field annotation."""
-    if value is None:
-        return "None" in type_name
-    if type_name.startswith("bool"):
-        return isinstance(value, bool)
-    if type_name.startswith("float"):
-        return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-    if type_name.startswith("int"):
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    return isinstance(value, str) and bool(value)
 
 
 @dataclass(frozen=True)
@@ -282,7 +215,7 @@ class StsEmulator:
         faults = self.faults.take()
         if faults is not None and faults.delay_seconds > 0:
             await asyncio.sleep(faults.delay_seconds)
-        early = _early_fault(faults)
+        early = early_fault(faults)
         if faults is not None and early is not None:
             self._record(params, caller, f"fault:{early}")
             return _fault_response(request, early, faults)
@@ -368,7 +301,7 @@ class StsEmulator:
         faults: StsFaults | None,
     ) -> web.Response:
         """Issue credentials (unless a fault forbids it) and answer like STS."""
-        late = _late_fault(faults)
+        late = late_fault(faults)
         issued = self._issue(grant, expired=late == "expired_credentials")
         if late != "omit_credentials":
             self._remember(issued)
@@ -532,29 +465,9 @@ def _validate_external_id(external_id: str | None) -> None:
         raise _StsError("InvalidParameter.ExternalId")
 
 
-def _early_fault(faults: StsFaults | None) -> str | None:
-    """The fault that answers before any checks, if one is on."""
-    if faults is None:
-        return None
-    for name in ("reset_connection", "throttle", "malformed_body"):
-        if getattr(faults, name):
-            return name
-    return "error_status" if faults.error_status is not None else None
-
-
-def _late_fault(faults: StsFaults | None) -> str | None:
-    """The fault that spoils a successful answer, if one is on."""
-    if faults is None:
-        return None
-    for name in ("omit_credentials", "omit_expiration", "expired_credentials"):
-        if getattr(faults, name):
-            return name
-    return None
-
-
 def _fault_response(request: web.Request, name: str, faults: StsFaults) -> web.StreamResponse:
     if name == "reset_connection":
-        return _reset(request)
+        return reset_connection(request)
     if name == "throttle":
         code = faults.throttle_code
         status, message = _CATALOGUE.get(code, (400, "Request was denied due to flow control."))
@@ -564,17 +477,6 @@ def _fault_response(request: web.Request, name: str, faults: StsFaults) -> web.S
     status = faults.error_status or 500
     code = "ServiceUnavailable" if status == 503 else "InternalError"
     return _error_json(request, status, code, _CATALOGUE[code][1])
-
-
-def _reset(request: web.Request) -> web.StreamResponse:
-    """Drop the TCP connection with a RST and no reply."""
-    transport = request.transport
-    if transport is not None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
-    return web.Response(status=500)
 
 
 def _error_json(request: web.Request, status: int, code: str, message: str) -> web.Response:
