@@ -22,6 +22,9 @@ from broker.errors import AuthenticationFailed, RequestInvalid
 from broker.models import Principal
 from broker.oidc import MAX_TOKEN_CHARS, JwtVerifier, looks_like_jwt
 
+_CONFIGURED_CALLERS = frozenset({"api_key", "mtls"})
+_MAX_SESSION_NAME = 64
+
 __all__ = [
     "ApiKeyAuthenticator",
     "Authenticator",
@@ -169,9 +172,20 @@ class Authenticator:
 def role_session_name(principal: Principal) -> str:
     """STS ``RoleSessionName`` for a caller: 2..64 characters of ``[A-Za-z0-9.@_-]``.
 
-    Subjects have already passed the safe-value check (a subset of that
-    alphabet, at most 64 characters), so the caller id shows verbatim in
-    ActionTrail; a one-character id is padded.
+    API-key and mTLS callers appear under their configured id, so ActionTrail
+    shows who called.  Other callers (JWT) get a ``u.`` prefix, so a browser
+    user whose subject equals a service's id never shares its session name,
+    and so never its cached credentials; a name over 64 characters keeps its
+    start and ends in a digest.  Subjects have passed the safe-value check.
     """
-    name = principal.subject
+    subject = principal.subject
+    name = subject if principal.auth_method in _CONFIGURED_CALLERS else f"u.{subject}"
+    if len(name) > _MAX_SESSION_NAME:
+        digest = hashlib.sha256(subject.encode()).hexdigest()[:16]
+        name = f"{name[: _MAX_SESSION_NAME - 17]}.{digest}"
     return name if len(name) >= 2 else f"{name}.caller"
+
+
+def quota_key(principal: Principal) -> str:
+    """The rate-limit bucket of a caller: its kind and id, so a JWT subject never shares one."""
+    return f"{principal.auth_method}:{principal.subject}"

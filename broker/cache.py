@@ -24,7 +24,7 @@ import hashlib
 import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import structlog
@@ -148,17 +148,20 @@ class CredentialCache:
                     self._refresh_in_background(key, request, entry, now)
                 return CacheResult(entry.credentials, "hit")
             self.stats.forced_refreshes += 1
+            wanted = replace(request, min_expires_at=now + min_ttl_seconds)
             try:
-                credentials = await self._shared_fetch(key, request)
+                credentials = await self._shared_fetch(key, wanted)
             except UpstreamError:
-                if not min_ttl_is_preference:
+                # Only while the entry is still servable: the failed fetch took time.
+                if not min_ttl_is_preference or self._clock() >= entry.serve_until:
                     raise
                 return CacheResult(entry.credentials, "stale")
             return CacheResult(credentials, "refresh")
         if entry is not None:
             del self._entries[key]
         self.stats.misses += 1
-        return CacheResult(await self._shared_fetch(key, request), "miss")
+        wanted = replace(request, min_expires_at=now + max(min_ttl_seconds, self._margin))
+        return CacheResult(await self._shared_fetch(key, wanted), "miss")
 
     async def join(self) -> None:
         """Wait until no fetch or background refresh is in flight (for tests and shutdown)."""

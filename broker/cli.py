@@ -150,21 +150,10 @@ def _run_workers(config: Path, workers: int) -> int:
 
 def _worker_main(config: Path, workers: int, index: int) -> None:
     settings = load_settings(config)
-    redis = settings.cache.redis
-    shared_budget = (
-        settings.cache.backend == "redis" and redis is not None and redis.share_sts_budget
-    )
-    if not shared_budget:  # a budget kept in Redis is already shared by every worker
-        quotas = settings.quotas.model_copy(
-            update={
-                "sts_calls_per_second": settings.quotas.sts_calls_per_second / workers,
-                "sts_burst": max(1.0, settings.quotas.sts_burst / workers),
-            }
-        )
-        settings = settings.model_copy(update={"quotas": quotas})
     configure_logging(settings.logging.format, settings.logging.level, batched=True)
     structlog.contextvars.bind_contextvars(worker=index)
-    services = build_services(settings, load_policies(settings.policies_dir))
+    policies = load_policies(settings.policies_dir)
+    services = build_services(settings, policies, process_share=1 / workers)
     asyncio.run(_serve(services, reuse_port=True))
 
 

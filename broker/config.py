@@ -279,6 +279,13 @@ class JwtSettings(_Section):
     groups_claim: str | None = None
     algorithms: tuple[str, ...] = ("RS256", "ES256")
 
+    @field_validator("jwks_url")
+    @classmethod
+    def _no_userinfo(cls, value: str | None) -> str | None:
+        if value is not None and "@" in urlsplit(value).netloc:
+            raise ValueError("may not carry credentials (user:password@)")
+        return value
+
     @model_validator(mode="after")
     def _one_jwks(self) -> JwtSettings:
         if (self.jwks_file is None) == (self.jwks_url is None):

@@ -53,6 +53,8 @@ class AssumeRoleRequest:
     duration_seconds: int
     role_session_name: str
     external_id: str | None = None
+    min_expires_at: float = field(default=0.0, compare=False)
+    """Credentials from a shared cache must not expire before this (not part of the key)."""
 
     def __post_init__(self) -> None:
         if not self.policy:

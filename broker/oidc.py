@@ -176,6 +176,8 @@ def _parse_jwks(raw: bytes) -> tuple[_Jwk, ...]:
 def _check_jwks_url(url: str) -> str:
     """``url`` if it is https, or http to this host (for tests); ``ValueError`` otherwise."""
     parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("jwks_url may not carry credentials (user:password@)")
     if parts.scheme == "https" and parts.hostname:
         return url
     if parts.scheme == "http" and parts.hostname in _LOCAL_HOSTS:
@@ -302,7 +304,8 @@ class JwksSource:
 
     def _source_name(self) -> str:
         if self._url is not None:
-            return urlsplit(self._url).netloc
+            parts = urlsplit(self._url)
+            return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
         return str(self._file)
 
     def _find(self, kid: str | None, alg: str) -> jwt.PyJWK | None:

@@ -431,6 +431,7 @@ class PolicySet:
     _scopes: dict[tuple[object, ...], Scope | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _claim_names: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ordered = {name: self.policies[name] for name in sorted(self.policies)}
@@ -439,6 +440,9 @@ class PolicySet:
                 raise ValueError(f"policy {policy.name!r} is filed under {name!r}")
         canonical = _dumps({"policies": [p.model_dump(mode="json") for p in ordered.values()]})
         object.__setattr__(self, "policies", MappingProxyType(ordered))
+        # Only claims a prefix uses key the scope memo (not jti, nonce, ...).
+        used = {m for p in ordered.values() for m in re.findall(r"\$\{claim:([^}]*)\}", p.prefix)}
+        object.__setattr__(self, "_claim_names", frozenset(used))
         object.__setattr__(self, "digest", hashlib.sha256(canonical.encode()).hexdigest())
 
     def get(self, name: str) -> Policy | None:
@@ -451,7 +455,10 @@ class PolicySet:
         Memoised per set (a reload brings a fresh, empty memo), so the hot path
         renders each caller's policy once; ``TemplateValueRejected`` is not memoised.
         """
-        claims = tuple(sorted(principal.claims.items())) if principal.claims else ()
+        claims: tuple[tuple[str, str], ...] = ()
+        if principal.claims and self._claim_names:
+            used = self._claim_names
+            claims = tuple(sorted(i for i in principal.claims.items() if i[0] in used))
         key = (name, principal.subject, principal.groups, principal.auth_method, claims)
         try:
             return self._scopes[key]

@@ -43,8 +43,14 @@ def build_services(
     *,
     credential: CredentialClient | None = None,
     clock: Clock = system_clock,
+    process_share: float = 1.0,
 ) -> Services:
     """Wire settings and policies into the shared services.
+
+    ``process_share`` (``1/N`` for one of ``serve --workers N``) is the part of
+    the STS call budget this process may spend on its own: all of its budget
+    without a shared cache, its fallback while a shared budget in Redis is
+    unreachable (the Redis budget itself is the whole fleet's).
 
     No network I/O happens here; with ``cache.backend: redis`` the encryption
     keys are read (``ConfigError`` if they are bad) and Redis is reached on first use.
@@ -55,7 +61,9 @@ def build_services(
     if settings.cache.backend == "redis":  # first: a bad keys file stops us before any client
         shared = connect_shared_cache(settings, metrics, clock)
     sts = StsClient(settings.sts, credential=credential, clock=clock, min_validity_seconds=margin)
-    fetch = _resilient(settings, metrics, metrics.instrument_sts(sts.assume_role), clock, shared)
+    fetch = _resilient(
+        settings, metrics, metrics.instrument_sts(sts.assume_role), clock, shared, process_share
+    )
     make_cache: Callable[..., CredentialCache] = CredentialCache
     if shared is not None:  # the in-process cache in front of Redis
         make_cache = partial(SharedCredentialCache, shared=shared)
@@ -99,6 +107,7 @@ def _resilient(
     fetch: Fetch,
     clock: Clock,
     shared: SharedCache | None = None,
+    process_share: float = 1.0,
 ) -> Fetch:
     """AssumeRole behind the failure gate, each attempt inside the STS budget, retried.
 
@@ -117,13 +126,24 @@ def _resilient(
     on_reject = metrics.quota_rejections.labels("sts_budget").inc
     rate, burst, max_wait = quota.sts_calls_per_second, quota.sts_burst, quota.sts_max_wait_seconds
     budget: StsBudget
+    local_rate, local_burst = rate * process_share, max(1.0, burst * process_share)
     if shared is not None and shared.settings.share_sts_budget:
         key = f"{shared.settings.key_prefix}sts-budget"
         budget = SharedStsBudget(
-            shared.redis, key, rate, burst, clock, max_wait, on_reject=on_reject
+            shared.redis,
+            key,
+            rate,
+            burst,
+            clock,
+            max_wait,
+            on_reject=on_reject,
+            fallback_rate_per_second=local_rate,
+            fallback_burst=local_burst,
         )
     else:
-        budget = StsBudget(rate, burst, clock, max_wait_seconds=max_wait, on_reject=on_reject)
+        budget = StsBudget(
+            local_rate, local_burst, clock, max_wait_seconds=max_wait, on_reject=on_reject
+        )
     gate = FailureGate(
         threshold=sts.failure_gate.threshold,
         open_seconds=sts.failure_gate.open_seconds,

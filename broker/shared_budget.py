@@ -181,8 +181,19 @@ class SharedStsBudget(StsBudget):
         max_wait_seconds: float = 2.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_reject: Callable[[], None] | None = None,
+        *,
+        fallback_rate_per_second: float | None = None,
+        fallback_burst: float | None = None,
     ) -> None:
-        super().__init__(rate_per_second, burst, clock, max_wait_seconds, sleep, on_reject)
+        # The local bucket is the fallback while Redis is down: this process's share only.
+        super().__init__(
+            fallback_rate_per_second or rate_per_second,
+            fallback_burst or burst,
+            clock,
+            max_wait_seconds,
+            sleep,
+            on_reject,
+        )
         self._redis = redis
         self._key = key
         self._rate = rate_per_second

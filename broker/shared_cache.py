@@ -249,6 +249,7 @@ class _Slot:
     value_key: str
     lock_key: str
     newer_than: float | None  # expires_at of what this process last handed out for the key
+    min_expires_at: float = 0.0  # what the caller needs (min_ttl_seconds)
 
 
 class SharedCredentialStore:
@@ -305,6 +306,7 @@ class SharedCredentialStore:
             f"{self._prefix}cred:{digest}",
             f"{self._prefix}lock:{digest}",
             self._handed_out.get(digest),
+            request.min_expires_at,
         )
 
     async def _get(self, fetch: Fetch, request: AssumeRoleRequest) -> Credentials:
@@ -351,6 +353,8 @@ class SharedCredentialStore:
             return None
         if slot.newer_than is not None and credentials.expires_at <= slot.newer_than:
             return None  # a refresh wants something newer than what the L1 holds
+        if credentials.expires_at < slot.min_expires_at:
+            return None  # the caller asked for more validity (min_ttl_seconds)
         return credentials
 
     def _open(self, slot: _Slot, blob: bytes) -> Credentials | None:

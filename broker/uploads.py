@@ -183,7 +183,7 @@ def check_key(key: str, prefix: str) -> str:
     if any(segment in (".", "..") for segment in key.split("/")):
         raise RequestInvalid("key may not contain '.' or '..' segments")
     if not key.startswith(prefix) or key == prefix:
-        raise AccessDenied("key is outside this caller's prefix {prefix}", prefix=prefix)
+        raise AccessDenied(f"key is outside this caller's prefix {prefix}", prefix=prefix)
     return key
 
 

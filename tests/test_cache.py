@@ -10,7 +10,7 @@ import pytest
 from broker.cache import CacheKey, CredentialCache
 from broker.config import StsSettings
 from broker.errors import UpstreamError
-from broker.models import AssumeRoleRequest
+from broker.models import AssumeRoleRequest, Credentials
 from broker.sts import StsClient, static_credential
 from tests.conftest import SOURCE_KEY_ID, SOURCE_SECRET, FakeClock, StsHarness
 
@@ -228,3 +228,24 @@ async def test_min_ttl_as_preference_falls_back_when_sts_fails(
     assert (result.source, result.credentials) == ("stale", first)
     with pytest.raises(UpstreamError):
         await cache.get(_request(), min_ttl_seconds=700)
+
+
+async def test_stale_fallback_never_crosses_the_margin(sts: StsHarness, clock: FakeClock) -> None:
+    """If the failed refresh took the entry past expiry - margin, the error is raised instead."""
+    client = StsClient(
+        StsSettings(endpoint=sts.url, timeout_seconds=2),
+        credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
+        clock=clock,
+        min_validity_seconds=60,
+    )
+
+    async def slow_fetch(request: AssumeRoleRequest) -> Credentials:
+        clock.advance(30)  # STS took 30 s to fail
+        return await client.assume_role(request)
+
+    cache = CredentialCache(slow_fetch, clock=clock, jitter=lambda: 0.0)
+    await cache.get(_request())  # issued at t=30, serve_until t=870
+    clock.advance(820)  # t=850: 20 s before the margin
+    sts.emulator.faults.error_status = 500
+    with pytest.raises(UpstreamError):
+        await cache.get(_request(), min_ttl_seconds=800, min_ttl_is_preference=True)

@@ -606,3 +606,9 @@ def test_looks_like_jwt(keys: Keys, clock: FakeClock) -> None:
     assert not looks_like_jwt("a.b.c")
     assert not looks_like_jwt(forge({"typ": "JWT"}, {}))
     assert not looks_like_jwt(sign(claims(clock, pad="x" * MAX_TOKEN_CHARS), keys.rsa))
+
+
+def test_jwks_url_with_credentials_is_refused() -> None:
+    """A jwks_url carrying user:password@ is refused, so it can never reach a log line."""
+    with pytest.raises(ValueError, match="credentials"):
+        JwksSource(jwks_url="https://user:secret@idp.example.com/jwks.json")

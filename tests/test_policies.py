@@ -453,3 +453,14 @@ def test_group_and_claim_values_are_checked_like_subjects(group: str, tenant: st
     except TemplateValueRejected:
         return
     assert prefix == f"t/{check_template_value(tenant)}/{check_template_value(group)}/"
+
+
+def test_scope_memo_ignores_claims_no_prefix_uses() -> None:
+    """Per-token claims (jti, nonce) do not grow the scope memo: one entry per caller."""
+    policies = load_policies(POLICIES)
+    for jti in ("a1", "b2", "c3"):
+        principal = Principal("alice", ("browser",), auth_method="jwt", claims={"jti": jti})
+        scope = policies.scope("avatar-upload", principal)
+        assert scope is not None
+        assert scope.prefix == "avatars/alice/"
+    assert len(policies._scopes) == 1

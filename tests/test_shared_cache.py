@@ -521,3 +521,41 @@ async def test_budget_falls_back_to_the_local_bucket(
         assert degraded(metrics) == 3
     finally:
         await redis.close()
+
+
+async def test_fallback_bucket_is_only_this_process_share(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    """One of N workers falls back to 1/N of the budget while Redis is down, not all of it."""
+    metrics = Metrics()
+    redis = SharedRedis(Redis.from_url(redis_server.url), metrics)
+    budget = SharedStsBudget(
+        redis,
+        f"{PREFIX}sts-budget",
+        4.0,
+        4.0,
+        clock,
+        0.0,
+        fallback_rate_per_second=1.0,
+        fallback_burst=1.0,
+    )
+    try:
+        redis_server.stop()
+        await budget.acquire()
+        with pytest.raises(UpstreamThrottled):
+            await budget.acquire()  # the fleet allows 4, this worker's share is 1
+    finally:
+        await redis.close()
+
+
+async def test_cold_replica_honours_min_ttl_against_redis(
+    make_replica: Callable[..., Services], sts: StsHarness, clock: FakeClock
+) -> None:
+    """A replica with an empty L1 does not take a Redis value with less than min_ttl left."""
+    first, second = make_replica(), make_replica()
+    held = (await first.cache.get(request_for())).credentials
+    clock.advance(1000)  # 2,600 s left on the shared token
+    result = await second.cache.get(request_for(), min_ttl_seconds=3000)
+    assert result.credentials != held
+    assert result.credentials.expires_at - clock() >= 3000
+    assert sts.emulator.assume_role_calls() == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,9 +22,6 @@ __all__ = ["BrokerRunner", "make_app", "runner_options", "ssl_context"]
 
 
 _PARSE_ERROR = "the request line or headers are malformed or too large"
-_PARSE_ERROR_JSON = orjson.dumps(
-    {"error": {"code": "RequestInvalid", "message": _PARSE_ERROR, "request_id": None}}
-).decode()
 
 
 def make_app(services: Services, *, demo: bool = False) -> web.Application:
@@ -101,7 +99,14 @@ class _QuietRequestHandler(RequestHandler):
         response = super().handle_error(request, status, exc, _PARSE_ERROR)
         if status == 500:
             return response
-        quiet = web.Response(status=status, text=_PARSE_ERROR_JSON, content_type="application/json")
+        request_id = os.urandom(16).hex()
+        error = {"code": "RequestInvalid", "message": _PARSE_ERROR, "request_id": request_id}
+        quiet = web.Response(
+            status=status,
+            body=orjson.dumps({"error": error}),
+            content_type="application/json",
+            headers={"X-Request-Id": request_id, "Cache-Control": "no-store"},
+        )
         quiet.force_close()
         return quiet
 

@@ -14,10 +14,10 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from broker import signing
-from broker.auth import extract_token, role_session_name
+from broker.auth import extract_token, quota_key, role_session_name
 from broker.cache import CacheResult
 from broker.dev import demo_page
-from broker.errors import AccessDenied, RequestInvalid, TooManyRequests
+from broker.errors import AccessDenied, RequestInvalid, TemplateValueRejected, TooManyRequests
 from broker.http.keys import SERVICES
 from broker.http.middleware import REQUEST_ID
 from broker.http.openapi import openapi_document
@@ -77,7 +77,7 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
         principal = await services.authenticator.authenticate(token)
     structlog.contextvars.bind_contextvars(caller=principal.subject)
     try:
-        services.quotas.check(principal.subject)
+        services.quotas.check(quota_key(principal))
     except TooManyRequests:
         services.metrics.quota_rejections.labels("caller").inc()
         raise
@@ -337,8 +337,14 @@ async def list_policies(request: web.Request) -> web.Response:
     """``GET /v1/policies``: the policies this caller may use, with its rendered prefix."""
     services = request.app[SERVICES]
     principal = await _authenticate(request, services)
-    scopes = [services.policies.scope(policy.name, principal) for policy in services.policies]
-    usable = [scope for scope in scopes if scope is not None]
+    usable = []
+    for policy in services.policies:
+        try:
+            scope = services.policies.scope(policy.name, principal)
+        except TemplateValueRejected:
+            continue  # this caller's identity cannot render that prefix: not usable
+        if scope is not None:
+            usable.append(scope)
     return _json({"policies": [_describe(services, scope) for scope in usable]})
 
 

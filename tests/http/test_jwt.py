@@ -13,6 +13,7 @@ import pytest
 import structlog
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from broker.auth import hash_api_key
 from broker.logs import configure_logging
 from tests.conftest import BrokerFactory, BrokerHarness
 
@@ -52,13 +53,13 @@ def _token(key: rsa.RSAPrivateKey, now: float, **claims: Any) -> str:
 async def test_jwt_caller_gets_its_own_prefix(
     broker: BrokerHarness, signing_key: rsa.RSAPrivateKey
 ) -> None:
-    """A valid browser token gets credentials for avatars/<sub>/, as RoleSessionName <sub>."""
+    """A valid browser token gets credentials for avatars/<sub>/, as RoleSessionName u.<sub>."""
     token = _token(signing_key, broker.clock(), sub="bob")
     headers = {"Authorization": f"Bearer {token}"}
     async with broker.client.get("/v1/credentials/avatar-upload", headers=headers) as resp:
         assert resp.status == 200
         assert (await resp.json())["Prefix"] == "avatars/bob/"
-    assert broker.sts.emulator.calls[0].params["RoleSessionName"] == "bob"
+    assert broker.sts.emulator.calls[0].params["RoleSessionName"] == "u.bob"
 
 
 @pytest.mark.parametrize(
@@ -129,3 +130,34 @@ async def test_jwt_path_logs_no_token(
     for token in (good, bad):
         for part in token.split("."):
             assert part not in text
+
+
+async def test_jwt_subject_equal_to_a_service_id_shares_nothing_with_it(
+    make_broker: BrokerFactory, tmp_path: Path, signing_key: rsa.RSAPrivateKey
+) -> None:
+    """A JWT 'svc-reports' gets its own session name, credentials and rate-limit bucket."""
+    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(signing_key.public_key()))
+    public.update(kid="k1", alg="RS256", use="sig")
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [public]}))
+    settings = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks)}
+    settings |= {"groups": ["internal"]}  # so both may use reports-read
+    broker = await make_broker(
+        auth={
+            "jwt": settings,
+            "api_keys": [{"id": "svc-reports", "key_sha256": hash_api_key("k"), "groups": []}],
+        },
+        quotas={"caller_requests_per_second": 1, "caller_burst": 1},
+    )
+    token = _token(signing_key, broker.clock(), sub="svc-reports")
+    as_user = {"Authorization": f"Bearer {token}"}
+    as_service = {"Authorization": "Bearer k"}
+    async with broker.client.get("/v1/credentials/reports-read", headers=as_user) as resp:
+        assert resp.status == 200
+        user = await resp.json()
+    async with broker.client.get("/v1/credentials/reports-read", headers=as_service) as resp:
+        assert resp.status == 200  # its own bucket: not throttled by the user's request
+        service = await resp.json()
+    assert user["AccessKeyId"] != service["AccessKeyId"]
+    names = [call.params["RoleSessionName"] for call in broker.sts.emulator.calls]
+    assert names == ["u.svc-reports", "svc-reports"]
