@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,20 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class FakeSleep:
+    """An injected sleep: records each delay, yields once, then moves the clock to the wake-up."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        wake_at = self.clock.now + seconds
+        self.delays.append(seconds)
+        await asyncio.sleep(0)
+        self.clock.now = max(self.clock.now, wake_at)
 
 
 @dataclass
@@ -154,3 +174,67 @@ async def make_broker(
 @pytest.fixture
 async def broker(make_broker: BrokerFactory) -> BrokerHarness:
     return await make_broker()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A real ``redis-server`` on 127.0.0.1, no persistence; killed by ``stop()``."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: run `bash tools/install-system-deps.sh`")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        quiet = subprocess.DEVNULL
+        self._proc = subprocess.Popen(args, stdout=quiet, stderr=quiet)  # noqa: S603 - which()
+        self._wait_ready()
+
+    def _wait_ready(self, seconds: float = 10.0) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                pytest.fail(f"redis-server exited with {self._proc.returncode}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        self.stop()
+        pytest.fail("redis-server did not answer PING within 10 s")
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL: no goodbye to clients) and reap it."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait(10)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def write_jwks(path: Path, public_key: Any, kid: str = "k1", alg: str = "RS256") -> Path:
+    """A JWKS file holding ``public_key`` (an RSA public key) as its one signing key."""
+    import jwt
+
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public_key))
+    jwk.update(kid=kid, alg=alg, use="sig")
+    path.write_text(json.dumps({"keys": [jwk]}))
+    return path

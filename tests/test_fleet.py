@@ -18,8 +18,8 @@ import pytest
 
 from broker.auth import hash_api_key
 from broker.emulators.sts import StsEmulator, start_sts_emulator
-from tests.conftest import POLICIES_DIR
-from tests.test_shared_cache import RedisServer, keys_document, new_key
+from tests.conftest import POLICIES_DIR, RedisServer
+from tests.test_shared_cache import keys_document, new_key
 
 STS_BROKER = str(Path(sys.executable).parent / "sts-broker")
 ACCESS_KEY_ID, ACCESS_KEY_SECRET = "LTAI-fleet-test", "fleet-secret"
@@ -82,15 +82,6 @@ class Broker:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from broker.models import AssumeRoleRequest
 from broker.policies import Policy, load_policies
 from broker.signing import MAX_EXPIRES_SECONDS
 from broker.uploads import MAX_KEY_BYTES, check_key, clamp_expiry
-from tests.conftest import CALLERS, POLICIES_DIR, BrokerFactory, BrokerHarness
+from tests.conftest import CALLERS, POLICIES_DIR, BrokerFactory, BrokerHarness, write_jwks
 
 PRESIGN = {"policy": "avatar-upload", "key": "avatars/alice/me.png", "content_type": "image/png"}
 POST_POLICY = {"policy": "avatar-upload", "content_type": "image/png"}
@@ -463,10 +463,7 @@ def signing_key() -> rsa.RSAPrivateKey:
 async def jwt_broker(
     make_broker: BrokerFactory, tmp_path: Path, signing_key: rsa.RSAPrivateKey
 ) -> BrokerHarness:
-    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(signing_key.public_key()))
-    public.update(kid="k1", alg="RS256", use="sig")
-    jwks = tmp_path / "jwks.json"
-    jwks.write_text(json.dumps({"keys": [public]}))
+    jwks = write_jwks(tmp_path / "jwks.json", signing_key.public_key())
     policies = tmp_path / "policies"
     shutil.copytree(POLICIES_DIR, policies, ignore=shutil.ignore_patterns("*.md"))
     (policies / "team-uploads.yaml").write_text(_TEAM_POLICY)

@@ -8,23 +8,9 @@ import pytest
 
 from broker.errors import TooManyRequests, UpstreamThrottled
 from broker.quotas import CallerQuotas, StsBudget, TokenBucket
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, FakeSleep
 
 START = 1_000_000.0
-
-
-class FakeSleep:
-    """An injected sleep: records each delay, yields once, then moves the clock to the wake-up."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        wake_at = self.clock.now + seconds
-        self.delays.append(seconds)
-        await asyncio.sleep(0)
-        self.clock.now = max(self.clock.now, wake_at)
 
 
 @pytest.fixture

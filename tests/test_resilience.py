@@ -6,7 +6,6 @@ path (and error translation) is tested against the emulator elsewhere.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -23,24 +22,10 @@ from broker.errors import (
 )
 from broker.quotas import StsBudget
 from broker.resilience import FailureGate, RetryPolicy, is_retryable, with_resilience
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, FakeSleep
 
 START = 1_000_000.0
 ROLE_NOT_FOUND = "STS AssumeRole failed: EntityNotExist.Role"
-
-
-class FakeSleep:
-    """An injected sleep: records each delay, yields once, then moves the clock to the wake-up."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        wake_at = self.clock.now + seconds
-        self.delays.append(seconds)
-        await asyncio.sleep(0)
-        self.clock.now = max(self.clock.now, wake_at)
 
 
 class Script:

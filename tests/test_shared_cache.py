@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
-import shutil
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,65 +41,14 @@ from tests.conftest import (
     SOURCE_KEY_ID,
     SOURCE_SECRET,
     FakeClock,
+    RedisServer,
     StsHarness,
+    free_port,
     make_settings,
 )
 
 ROLE = "acs:ram::1234567890123456:role/oss-service-uploads"
 PREFIX = "test-broker:"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A real ``redis-server`` on 127.0.0.1, no persistence; killed by ``stop()``."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed: run `bash tools/install-system-deps.sh`")
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-        quiet = subprocess.DEVNULL
-        self._proc = subprocess.Popen(args, stdout=quiet, stderr=quiet)  # noqa: S603 (which())
-        self._wait_ready()
-
-    def _wait_ready(self, seconds: float = 10.0) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {self._proc.returncode}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
-            ):
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return
-            time.sleep(0.02)
-        self.stop()
-        pytest.fail("redis-server did not answer PING within 10 s")
-
-    def stop(self) -> None:
-        """Kill the server (SIGKILL: no goodbye to clients) and reap it."""
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait(10)
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -465,7 +410,7 @@ async def test_unreachable_redis_costs_little(
     make_replica: Callable[..., Services], sts: StsHarness
 ) -> None:
     """Nothing listening at the Redis URL: gets succeed quickly via STS."""
-    replica = make_replica(url=f"redis://127.0.0.1:{_free_port()}/0")
+    replica = make_replica(url=f"redis://127.0.0.1:{free_port()}/0")
     started = time.monotonic()
     for subject in ("alice", "bob", "carol"):
         await replica.cache.get(request_for(subject))

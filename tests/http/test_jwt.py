@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.auth import hash_api_key
 from broker.logs import configure_logging
-from tests.conftest import BrokerFactory, BrokerHarness
+from tests.conftest import BrokerFactory, BrokerHarness, write_jwks
 
 ISSUER = "https://idp.example.com/"
 AUDIENCE = "upload-web"
@@ -30,10 +29,7 @@ def signing_key() -> rsa.RSAPrivateKey:
 async def broker(
     make_broker: BrokerFactory, tmp_path: Path, signing_key: rsa.RSAPrivateKey
 ) -> BrokerHarness:
-    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(signing_key.public_key()))
-    public.update(kid="k1", alg="RS256", use="sig")
-    jwks = tmp_path / "jwks.json"
-    jwks.write_text(json.dumps({"keys": [public]}))
+    jwks = write_jwks(tmp_path / "jwks.json", signing_key.public_key())
     settings = {
         "issuer": ISSUER,
         "audience": AUDIENCE,
@@ -136,10 +132,7 @@ async def test_jwt_subject_equal_to_a_service_id_shares_nothing_with_it(
     make_broker: BrokerFactory, tmp_path: Path, signing_key: rsa.RSAPrivateKey
 ) -> None:
     """A JWT 'svc-reports' gets its own session name, credentials and rate-limit bucket."""
-    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(signing_key.public_key()))
-    public.update(kid="k1", alg="RS256", use="sig")
-    jwks = tmp_path / "jwks.json"
-    jwks.write_text(json.dumps({"keys": [public]}))
+    jwks = write_jwks(tmp_path / "jwks.json", signing_key.public_key())
     settings = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks)}
     settings |= {"groups": ["internal"]}  # so both may use reports-read
     broker = await make_broker(
