@@ -38,6 +38,7 @@ from urllib.parse import quote, unquote
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from broker.emulators import serve_app
 from broker.emulators.oss_signature import (
     OssError,
     PostForm,
@@ -653,11 +654,4 @@ async def start_oss_emulator(
     emulator: OssEmulator, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[web.AppRunner, str]:
     """Serve the emulator on ``host:port`` (0 picks a free port); returns runner and base URL."""
-    # No access log: presigned URLs carry signatures and security tokens.
-    runner = web.AppRunner(emulator.make_app(), shutdown_timeout=2.0, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound_port = runner.addresses[0][1]
-    bracketed = f"[{host}]" if ":" in host else host
-    return runner, f"http://{bracketed}:{bound_port}"
+    return await serve_app(emulator.make_app(), host, port)

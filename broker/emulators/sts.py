@@ -53,6 +53,7 @@ from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
 
+from broker.emulators import serve_app
 from broker.emulators.sts_faults import StsFaults, early_fault, late_fault, reset_connection
 from broker.models import Clock, system_clock
 
@@ -554,10 +555,4 @@ async def start_sts_emulator(
     emulator: StsEmulator, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[web.AppRunner, str]:
     """Serve the emulator on ``host:port`` (0 picks a free port); returns runner and base URL."""
-    runner = web.AppRunner(emulator.make_app(), shutdown_timeout=2.0, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound_port = runner.addresses[0][1]
-    bracketed = f"[{host}]" if ":" in host else host
-    return runner, f"http://{bracketed}:{bound_port}"
+    return await serve_app(emulator.make_app(), host, port)
