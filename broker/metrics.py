@@ -45,6 +45,7 @@ class _CacheCollector(Collector):
             ),
             "refresh_failures": ("Background refreshes that failed", stats.refresh_failures),
             "evictions": ("Entries evicted by max_entries", stats.evictions),
+            "fetches": ("Fetches started (concurrent misses share one)", stats.fetches),
         }
         for name, (help_text, value) in counters.items():
             yield CounterMetricFamily(f"broker_cache_{name}", help_text, value=value)

@@ -7,6 +7,7 @@ the caller's rendered prefix, and hand the result to ``broker.signing``.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import re
@@ -290,7 +291,13 @@ def clamp_expiry(requested: int | None, policy: Policy, token_remaining: float) 
 
 def oss_endpoint(settings: OssSettings, policy: Policy) -> OssEndpoint:
     """Where URLs for ``policy`` point: the configured override, or the policy's endpoint."""
-    scheme, host = settings.scheme_and_host(policy.oss_endpoint)
+    return _endpoint(settings, policy.oss_endpoint)
+
+
+@functools.lru_cache(maxsize=256)
+def _endpoint(settings: OssSettings, policy_endpoint: str) -> OssEndpoint:
+    # Built (and validated) once per distinct endpoint, not once per request.
+    scheme, host = settings.scheme_and_host(policy_endpoint)
     return OssEndpoint(host=host, scheme=scheme, addressing=settings.addressing)
 
 

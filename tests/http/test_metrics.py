@@ -33,6 +33,7 @@ async def test_metrics_count_requests_cache_and_sts(broker: BrokerHarness) -> No
     assert samples[("broker_requests_total", (("route", "credentials"), ("status", "503")))] == 1
     assert samples[("broker_cache_hits_total", ())] == 2
     assert samples[("broker_cache_misses_total", ())] == 2
+    assert samples[("broker_cache_fetches_total", ())] == 2
     assert samples[("broker_sts_calls_total", (("outcome", "success"),))] == 1
     assert samples[("broker_sts_calls_total", (("outcome", "UpstreamThrottled"),))] == 1
     assert samples[("broker_sts_call_duration_seconds_count", ())] == 2
