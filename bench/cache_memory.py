@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from broker.auth import role_session_name
-from broker.cache import CredentialCache
+from broker.credentials.cache import CredentialCache
 from broker.models import AssumeRoleRequest, Credentials, Principal, system_clock
 from broker.policies import Policy, load_policies, render_policy, render_prefix
 

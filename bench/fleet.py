@@ -34,7 +34,7 @@ from pathlib import Path
 import aiohttp
 
 from broker.auth import hash_api_key
-from broker.emulators.sts import StsEmulator, start_sts_emulator
+from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 
 REPO = Path(__file__).resolve().parent.parent
 STS_BROKER = str(Path(sys.executable).parent / "sts-broker")

@@ -12,7 +12,7 @@ import asyncio
 
 from serving import serve_until_stopped
 
-from broker.emulators.sts import StsEmulator, start_sts_emulator
+from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 
 __all__ = ["ACCESS_KEY_ID", "ACCESS_KEY_SECRET", "main"]
 

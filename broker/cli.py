@@ -21,7 +21,9 @@ from aiohttp import web
 
 from broker.auth import generate_api_key, hash_api_key
 from broker.config import Settings, load_settings
-from broker.devstack import DEV_CALLER, DevStack, dev_stack
+from broker.credentials.chain import Services, build_services
+from broker.credentials.shared_store import load_encryption_keys
+from broker.dev.stack import DEV_CALLER, DevStack, dev_stack
 from broker.errors import BrokerError, ConfigError
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
 from broker.logs import configure_logging
@@ -35,8 +37,6 @@ from broker.policies import (
     render_prefix,
 )
 from broker.reload import reload_policies, watch_policies
-from broker.services import Services, build_services
-from broker.shared_cache import load_encryption_keys
 
 __all__ = ["main"]
 

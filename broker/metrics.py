@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.cache import CredentialCache
+from broker.credentials.cache import CredentialCache
 from broker.errors import BrokerError
 
 __all__ = ["CONTENT_TYPE", "Metrics"]

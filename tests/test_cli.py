@@ -18,7 +18,7 @@ import pytest
 
 from broker.auth import hash_api_key
 from broker.cli import main
-from broker.emulators.sts import StsEmulator, start_sts_emulator
+from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 from tests.conftest import POLICIES_DIR, REPO
 
 STS_BROKER = str(Path(sys.executable).parent / "sts-broker")

@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 
 from broker.auth import hash_api_key
-from broker.emulators.sts import StsEmulator, start_sts_emulator
+from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 from tests.conftest import POLICIES_DIR, RedisServer
-from tests.test_shared_cache import keys_document, new_key
+from tests.credentials.test_shared_store import keys_document, new_key
 
 STS_BROKER = str(Path(sys.executable).parent / "sts-broker")
 ACCESS_KEY_ID, ACCESS_KEY_SECRET = "LTAI-fleet-test", "fleet-secret"

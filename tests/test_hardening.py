@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.cache import CacheKey
 from broker.config import load_settings
+from broker.credentials.cache import CacheKey
 from broker.errors import AccessDenied, ConfigError, RequestInvalid
 from broker.models import AssumeRoleRequest
 from broker.policies import Policy, load_policies

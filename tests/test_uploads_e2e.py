@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from alibabacloud_oss_v2.aio import AsyncClient
 
 from broker.auth import hash_api_key
-from broker.devstack import DevStack, dev_stack
+from broker.dev.stack import DevStack, dev_stack
 from broker.policies import load_policies
 from tests.conftest import POLICIES_DIR, FakeClock, start_test_server
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
-from broker.devstack import dev_stack
+from broker.dev.stack import dev_stack
 from broker.http.app import make_app, runner_options
 from broker.policies import load_policies
 from tests.conftest import POLICIES_DIR

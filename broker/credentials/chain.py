@@ -7,17 +7,17 @@ from dataclasses import dataclass
 from functools import partial
 
 from broker.auth import ApiKeyAuthenticator, Authenticator, CertificateAuthenticator
-from broker.cache import CacheKey, CredentialCache, Fetch
 from broker.config import JwtSettings, Settings, api_key_hashes
+from broker.credentials.cache import CacheKey, CredentialCache, Fetch
+from broker.credentials.redis import SharedStsBudget
+from broker.credentials.resilience import FailureGate, RetryPolicy, with_resilience
+from broker.credentials.shared_store import SharedCache, SharedCredentialCache, connect_shared_cache
+from broker.credentials.sts import CredentialClient, StsClient
 from broker.metrics import Metrics
 from broker.models import Clock, Principal, system_clock
 from broker.oidc import JwksSource, JwtVerifier
 from broker.policies import PolicySet
 from broker.quotas import CallerQuotas, StsBudget
-from broker.resilience import FailureGate, RetryPolicy, with_resilience
-from broker.shared_budget import SharedStsBudget
-from broker.shared_cache import SharedCache, SharedCredentialCache, connect_shared_cache
-from broker.sts import CredentialClient, StsClient
 
 __all__ = ["Services", "build_services"]
 

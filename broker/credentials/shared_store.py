@@ -1,7 +1,7 @@
 """Shared credential cache on Redis: AES-GCM sealed values and a fleet-wide single flight.
 
 With ``cache.backend: redis`` every process keeps its in-process cache
-(``broker.cache.CredentialCache``, the L1) and, behind it, this store.
+(``broker.credentials.cache.CredentialCache``, the L1) and, behind it, this store.
 Rules, each pinned by tests/test_shared_cache.py:
 
 * A value is the credentials as JSON, sealed with AES-256-GCM under the
@@ -26,7 +26,7 @@ Rules, each pinned by tests/test_shared_cache.py:
 * Redis never fails a request: an error or timeout (each operation is
   bounded by ``operation_timeout_seconds``) means calling STS directly,
   counted in ``broker_shared_cache_degraded_total`` and logged as
-  ``shared_cache_degraded`` at most every 30 s (``broker.shared_budget.SharedRedis``).
+  ``shared_cache_degraded`` at most every 30 s (``broker.credentials.redis.SharedRedis``).
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BeforeValidator, ConfigDict, Field
 from redis.asyncio import Redis
 
-from broker.cache import CacheKey, CredentialCache, Fetch
 from broker.config import RedisSettings, Settings
+from broker.credentials.cache import CacheKey, CredentialCache, Fetch
+from broker.credentials.redis import SharedCacheUnavailable, SharedRedis, connect_redis
 from broker.errors import ConfigError
 from broker.metrics import Metrics
 from broker.models import AssumeRoleRequest, Clock, Credentials
-from broker.shared_budget import SharedCacheUnavailable, SharedRedis, connect_redis
 
 __all__ = [
     "EncryptionKeys",
@@ -73,7 +73,7 @@ __all__ = [
     "seal",
 ]
 
-log = structlog.get_logger("broker.shared_cache")
+log = structlog.get_logger("broker.credentials.shared_store")
 
 _ENVELOPE_VERSION = 1
 _NONCE_BYTES = 12

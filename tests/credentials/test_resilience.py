@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from broker.credentials.resilience import FailureGate, RetryPolicy, is_retryable, with_resilience
 from broker.errors import (
     AccessDenied,
     BrokerError,
@@ -21,7 +22,6 @@ from broker.errors import (
     UpstreamUnavailable,
 )
 from broker.quotas import StsBudget
-from broker.resilience import FailureGate, RetryPolicy, is_retryable, with_resilience
 from tests.conftest import FakeClock, FakeSleep
 
 START = 1_000_000.0

@@ -36,7 +36,7 @@ __all__ = [
     "static_credential",
 ]
 
-log = structlog.get_logger("broker.sts")
+log = structlog.get_logger("broker.credentials.sts")
 
 THROTTLING_CODES = frozenset({"Throttling", "Throttling.User", "Throttling.Api"})
 _EXPIRATION_FORMAT = "%Y-%m-%dT%H:%M:%SZ"

@@ -20,7 +20,7 @@ from alibabacloud_tea_openapi.utils_models import Config
 from darabonba.exceptions import UnretryableException
 from darabonba.request import DaraRequest
 
-from broker.emulators.sts import StsEmulator, start_sts_emulator
+from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 
 ACCESS_KEY_ID = "LTAI5tEmulatorTestKey"
 ACCESS_KEY_SECRET = "emulator-test-secret-value"

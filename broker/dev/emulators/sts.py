@@ -53,8 +53,8 @@ from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
 
-from broker.emulators import serve_app
-from broker.emulators.sts_faults import StsFaults, early_fault, late_fault, reset_connection
+from broker.dev.emulators import serve_app
+from broker.dev.emulators.sts_faults import StsFaults, early_fault, late_fault, reset_connection
 from broker.models import Clock, system_clock
 
 __all__ = [

@@ -34,7 +34,7 @@ from broker.models import AssumeRoleRequest, Clock, Credentials, system_clock
 
 __all__ = ["CacheKey", "CacheResult", "CacheStats", "CredentialCache", "Fetch"]
 
-log = structlog.get_logger("broker.cache")
+log = structlog.get_logger("broker.credentials.cache")
 
 Fetch = Callable[[AssumeRoleRequest], Awaitable[Credentials]]
 Source = Literal["hit", "miss", "refresh", "stale"]

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from broker.cache import CacheKey, CredentialCache
 from broker.config import StsSettings
+from broker.credentials.cache import CacheKey, CredentialCache
+from broker.credentials.sts import StsClient, static_credential
 from broker.errors import UpstreamError
 from broker.models import AssumeRoleRequest, Credentials
-from broker.sts import StsClient, static_credential
 from tests.conftest import SOURCE_KEY_ID, SOURCE_SECRET, FakeClock, StsHarness
 
 ROLE = "acs:ram::1234567890123456:role/oss-avatar-upload"

@@ -28,8 +28,8 @@ from alibabacloud_tea_openapi.utils_models import Config as StsConfig
 from multidict import CIMultiDict
 from yarl import URL
 
-from broker.emulators.oss import OssEmulator, start_oss_emulator
-from broker.emulators.sts import StsEmulator, start_sts_emulator
+from broker.dev.emulators.oss import OssEmulator, start_oss_emulator
+from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 from tests.conftest import FakeClock
 
 SOURCE_KEY_ID = "LTAI5tOssEmulatorSource"

@@ -38,8 +38,8 @@ from urllib.parse import quote, unquote
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from broker.emulators import serve_app
-from broker.emulators.oss_signature import (
+from broker.dev.emulators import serve_app
+from broker.dev.emulators.oss_signature import (
     OssError,
     PostForm,
     SignedRequest,
@@ -48,7 +48,7 @@ from broker.emulators.oss_signature import (
     authenticate_post,
     authorize,
 )
-from broker.emulators.sts import StsEmulator
+from broker.dev.emulators.sts import StsEmulator
 from broker.models import Clock, system_clock
 
 __all__ = ["OssEmulator", "RecordedOssRequest", "start_oss_emulator"]

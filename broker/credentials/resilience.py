@@ -39,7 +39,7 @@ from broker.quotas import StsBudget
 
 __all__ = ["FailureGate", "RetryPolicy", "is_retryable", "is_transient", "with_resilience"]
 
-log = structlog.get_logger("broker.resilience")
+log = structlog.get_logger("broker.credentials.resilience")
 
 T = TypeVar("T")
 K = TypeVar("K")

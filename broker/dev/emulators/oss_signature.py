@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, TypeAlias
 from urllib.parse import quote
 
-from broker.emulators.sts import IssuedCredentials, StsEmulator
+from broker.dev.emulators.sts import IssuedCredentials, StsEmulator
 from broker.models import Clock
 
 __all__ = [

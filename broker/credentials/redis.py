@@ -41,7 +41,7 @@ from broker.quotas import StsBudget
 
 __all__ = ["SharedCacheUnavailable", "SharedRedis", "SharedStsBudget", "connect_redis"]
 
-log = structlog.get_logger("broker.shared_budget")
+log = structlog.get_logger("broker.credentials.redis")
 
 T = TypeVar("T")
 

@@ -22,20 +22,20 @@ from structlog.testing import capture_logs
 
 from broker.cli import main
 from broker.config import StsSettings, load_settings
-from broker.errors import ConfigError, UpstreamThrottled
-from broker.metrics import Metrics
-from broker.models import AssumeRoleRequest, Credentials
-from broker.policies import load_policies
-from broker.services import Services, build_services
-from broker.shared_budget import SharedRedis, SharedStsBudget
-from broker.shared_cache import (
+from broker.credentials.chain import Services, build_services
+from broker.credentials.redis import SharedRedis, SharedStsBudget
+from broker.credentials.shared_store import (
     EncryptionKeys,
     SharedCredentialCache,
     SharedCredentialStore,
     open_sealed,
     seal,
 )
-from broker.sts import StsClient, static_credential
+from broker.credentials.sts import StsClient, static_credential
+from broker.errors import ConfigError, UpstreamThrottled
+from broker.metrics import Metrics
+from broker.models import AssumeRoleRequest, Credentials
+from broker.policies import load_policies
 from tests.conftest import (
     POLICIES_DIR,
     SOURCE_KEY_ID,

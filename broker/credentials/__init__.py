@@ -1,0 +1,1 @@
+"""The credential chain: where a request's STS credentials come from."""
