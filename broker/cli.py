@@ -21,7 +21,6 @@ from aiohttp import web
 
 from broker.auth import generate_api_key, hash_api_key
 from broker.config import Settings, load_settings
-from broker.credentials.chain import Services, build_services
 from broker.credentials.shared_store import load_encryption_keys
 from broker.dev.stack import DEV_CALLER, DevStack, dev_stack
 from broker.errors import BrokerError, ConfigError
@@ -37,6 +36,7 @@ from broker.policies import (
     render_prefix,
 )
 from broker.reload import reload_policies, watch_policies
+from broker.services import Services, build_services
 
 __all__ = ["main"]
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import structlog
 import watchfiles
 
-from broker.credentials.chain import Services
 from broker.errors import ConfigError
 from broker.policies import load_policies
+from broker.services import Services
 
 __all__ = ["reload_policies", "watch_policies"]
 

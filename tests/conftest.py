@@ -19,11 +19,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from broker.auth import hash_api_key
 from broker.config import Settings
-from broker.credentials.chain import Services, build_services
 from broker.credentials.sts import static_credential
 from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 from broker.http.app import BrokerRunner, make_app, runner_options
 from broker.policies import load_policies
+from broker.services import Services, build_services
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES_DIR = REPO / "policies"

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from broker.auth import generate_api_key, hash_api_key
 from broker.config import Settings
-from broker.credentials.chain import Services, build_services
 from broker.credentials.sts import static_credential
 from broker.dev.emulators.oss import OssEmulator, start_oss_emulator
 from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 from broker.models import Clock, system_clock
 from broker.policies import PolicySet
+from broker.services import Services, build_services
 
 __all__ = ["DEV_CALLER", "DevStack", "dev_stack"]
 

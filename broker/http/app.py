@@ -12,11 +12,11 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from broker.config import TlsSettings
-from broker.credentials.chain import Services
 from broker.http import routes
 from broker.http.cors import cors_middleware
 from broker.http.keys import SERVICES
 from broker.http.middleware import request_context
+from broker.services import Services
 
 __all__ = ["BrokerRunner", "make_app", "runner_options", "ssl_context"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from broker.credentials.chain import Services
+from broker.services import Services
 
 __all__ = ["SERVICES"]
 

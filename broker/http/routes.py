@@ -16,7 +16,6 @@ from aiohttp.web_protocol import RequestPayloadError
 from broker import signing
 from broker.auth import extract_token, quota_key, role_session_name
 from broker.credentials.cache import CacheResult
-from broker.credentials.chain import Services
 from broker.dev import demo_page
 from broker.errors import AccessDenied, RequestInvalid, TemplateValueRejected, TooManyRequests
 from broker.http.keys import SERVICES
@@ -25,6 +24,7 @@ from broker.http.openapi import openapi_document
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.models import AssumeRoleRequest, Principal
 from broker.policies import Policy, Scope
+from broker.services import Services
 from broker.uploads import (
     OPERATIONS,
     Expiry,

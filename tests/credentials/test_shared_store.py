@@ -22,7 +22,6 @@ from structlog.testing import capture_logs
 
 from broker.cli import main
 from broker.config import StsSettings, load_settings
-from broker.credentials.chain import Services, build_services
 from broker.credentials.redis import SharedRedis, SharedStsBudget
 from broker.credentials.shared_store import (
     EncryptionKeys,
@@ -36,6 +35,7 @@ from broker.errors import ConfigError, UpstreamThrottled
 from broker.metrics import Metrics
 from broker.models import AssumeRoleRequest, Credentials
 from broker.policies import load_policies
+from broker.services import Services, build_services
 from tests.conftest import (
     POLICIES_DIR,
     SOURCE_KEY_ID,

@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker.config import Settings
-from broker.credentials.chain import build_services
 from broker.credentials.sts import static_credential
 from broker.http.app import ssl_context
 from broker.logs import configure_logging
 from broker.policies import load_policies
+from broker.services import build_services
 from tests.conftest import (
     SOURCE_KEY_ID,
     SOURCE_SECRET,
