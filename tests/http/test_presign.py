@@ -13,7 +13,7 @@ import pytest
 from broker.models import Credentials
 from broker.signing import OssEndpoint, PresignInput
 from tests.conftest import BrokerFactory, BrokerHarness
-from tests.test_signing import _sdk_presign
+from tests.signing.sdk_oracle import sdk_presign
 
 
 async def _post(
@@ -52,7 +52,7 @@ async def test_presigned_put_is_byte_identical_to_the_sdk(broker: BrokerHarness)
         expires_seconds=600,
         headers={"Content-Type": "image/png"},
     )
-    sdk = _sdk_presign(creds, request, datetime.fromtimestamp(broker.clock(), UTC))
+    sdk = sdk_presign(creds, request, datetime.fromtimestamp(broker.clock(), UTC))
     assert body["url"] == sdk.url
     assert body["signed_headers"] == {"Content-Type": "image/png"}
     assert body["method"] == "PUT"

@@ -1,8 +1,8 @@
-"""OSS signature V4 (presigned URLs, header signatures) and PostObject policies, as pure functions.
+"""OSS signature V4: presigned URLs and header signatures, as pure functions.
 
 Nothing here reads the clock or does I/O: every function takes the signing
 time as an argument.  ``presign`` produces URLs byte-identical to
-``alibabacloud_oss_v2`` ``Client.presign()`` (pinned by ``tests/test_signing.py``
+``alibabacloud_oss_v2`` ``Client.presign()`` (pinned by ``tests/signing/test_v4.py``
 against the SDK as an oracle), in a fraction of its time.
 
 The V4 algorithm, as the official SDK implements it (``signer/v4.py``)::
@@ -31,12 +31,9 @@ What is signed, exactly as the SDK does it:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import json
 import re
-import socket
 import string
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -44,9 +41,10 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from functools import lru_cache
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from broker.models import Credentials
+from broker.signing.endpoints import OssEndpoint, object_url_base
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -54,22 +52,18 @@ if TYPE_CHECKING:
 __all__ = [
     "ALGORITHM",
     "MAX_EXPIRES_SECONDS",
-    "OssEndpoint",
     "PresignInput",
     "PresignedUrl",
+    "as_utc",
     "authorization_v4",
-    "bucket_url",
-    "post_policy_v1",
-    "post_policy_v4",
     "presign",
     "signing_key",
+    "x_oss_date",
 ]
 
 ALGORITHM = "OSS4-HMAC-SHA256"
 MAX_EXPIRES_SECONDS = 7 * 24 * 3600
 """OSS refuses V4 URLs and POST policies valid for more than 7 days after x-oss-date."""
-
-Addressing = Literal["virtual", "path", "cname"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "HEAD"})
@@ -90,29 +84,6 @@ _ALL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")
 _PATH_SAFE = re.compile(r"[A-Za-z0-9_.~/-]*")
 _IPAD = bytes(b ^ 0x36 for b in range(256))
 _OPAD = bytes(b ^ 0x5C for b in range(256))
-
-
-@dataclass(frozen=True, slots=True)
-class OssEndpoint:
-    """Where OSS is reached: a bare ``host[:port]`` and a scheme.
-
-    Hosts such as ``oss-cn-hangzhou.aliyuncs.com``, ``cdn.example.com`` or
-    ``127.0.0.1:9100``.  ``virtual`` puts the bucket in the host name,
-    ``path`` in the path, ``cname`` in neither (the host serves one bucket).
-    As in the SDK, an IP-address host always uses path-style addressing.
-    """
-
-    host: str
-    scheme: str = "https"
-    addressing: Addressing = "virtual"
-
-    def __post_init__(self) -> None:
-        if self.scheme not in ("http", "https"):
-            raise ValueError(f"endpoint scheme must be http or https, not {self.scheme!r}")
-        if self.addressing not in ("virtual", "path", "cname"):
-            raise ValueError(f"unknown addressing style {self.addressing!r}")
-        if not self.host or any(c in self.host for c in "/?#@ \t\r\n"):
-            raise ValueError(f"endpoint host must be a bare host[:port], not {self.host!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +136,7 @@ def presign(
     credentials: Credentials, request: PresignInput, signing_time: datetime
 ) -> PresignedUrl:
     """Sign ``request`` into a query-string (presigned) URL, byte-identical to the SDK's."""
-    when = _as_utc(signing_time)
+    when = as_utc(signing_time)
     expires = request.expires_seconds
     if not 0 < expires <= MAX_EXPIRES_SECONDS:
         raise ValueError(f"expires_seconds must be in 1..{MAX_EXPIRES_SECONDS}, not {expires}")
@@ -177,7 +148,7 @@ def presign(
     if not 0 < len(request.key) <= 1024:
         raise ValueError("an object key must have 1 to 1024 characters")
 
-    stamp = _stamp(when)
+    stamp = x_oss_date(when)
     scope, credential, token, pads = _scope_state(
         credentials.access_key_id,
         credentials.access_key_secret,
@@ -203,8 +174,7 @@ def presign(
         f"{canonical_headers}\n{additional}\n{_UNSIGNED}"
     )
     signature = _signature(pads, stamp, scope, canonical)
-    endpoint = request.endpoint
-    base = _url_base(endpoint.scheme, endpoint.host, endpoint.addressing, bucket)
+    base = object_url_base(request.endpoint, bucket)
     url = f"{base}{path}?{url_query}&x-oss-signature={signature}"
     if when.microsecond:
         when = when.replace(microsecond=0)
@@ -231,8 +201,8 @@ def authorization_v4(
     ``Date``, ``x-oss-security-token`` (with a token), ``x-oss-content-sha256``
     and ``Authorization``; ``headers`` are the request's own headers.
     """
-    when = _as_utc(signing_time)
-    stamp = _stamp(when)
+    when = as_utc(signing_time)
+    stamp = x_oss_date(when)
     added = {"x-oss-date": stamp, "Date": format_datetime(when, usegmt=True)}
     if credentials.security_token:
         added["x-oss-security-token"] = credentials.security_token
@@ -256,79 +226,14 @@ def authorization_v4(
     return added
 
 
-def post_policy_v4(
-    credentials: Credentials,
-    *,
-    bucket: str,
-    region: str,
-    conditions: list[Any],
-    expiration: datetime,
-    signing_time: datetime,
-) -> dict[str, str]:
-    """PostObject form fields signed with POST V4 (``OSS4-HMAC-SHA256``).
-
-    Per https://help.aliyun.com/en/oss/developer-reference/signature-version-4-recommend
-    (zh: https://help.aliyun.com/zh/oss/developer-reference/signature-version-4-recommend):
-    the policy's ``conditions`` must carry ``x-oss-signature-version``,
-    ``x-oss-credential`` and ``x-oss-date`` with the same values as the form
-    fields (and ``x-oss-security-token`` for STS credentials); the string to
-    sign is the base64 of the policy JSON; ``x-oss-signature`` is
-    hex(HMAC-SHA256(SigningKey, base64 policy)) with the V4 signing key for
-    the x-oss-date's day, the region and ``oss``; a policy may be valid for at
-    most 7 days after ``x-oss-date``.  ``conditions`` are the extra ones
-    (``["starts-with", "$key", ...]``, ``["content-length-range", 0, n]``...).
-    """
-    when = _as_utc(signing_time)
-    until = _as_utc(expiration)
-    if not timedelta(0) < until - when <= timedelta(seconds=MAX_EXPIRES_SECONDS):
-        raise ValueError("a POST policy must expire within 7 days after its signing time")
-    stamp = _stamp(when)
-    credential = f"{credentials.access_key_id}/{stamp[:8]}/{region}/oss/aliyun_v4_request"
-    fields = {
-        "x-oss-signature-version": ALGORITHM,
-        "x-oss-credential": credential,
-        "x-oss-date": stamp,
-    }
-    if credentials.security_token:
-        fields["x-oss-security-token"] = credentials.security_token
-    required: list[Any] = [{"bucket": bucket}, *({k: v} for k, v in fields.items())]
-    policy = _encode_policy(until, required + list(conditions))
-    sig_key = signing_key(credentials.access_key_secret, stamp[:8], region, "oss")
-    return {
-        "policy": policy,
-        **fields,
-        "x-oss-signature": hmac.digest(sig_key, policy.encode(), "sha256").hex(),
-    }
-
-
-def post_policy_v1(
-    credentials: Credentials, *, conditions: list[Any], expiration: datetime
-) -> dict[str, str]:
-    """PostObject form fields signed with POST V1 (HMAC-SHA1).
-
-    Per https://help.aliyun.com/en/oss/developer-reference/signature-version-1:
-    ``Signature`` = base64(HMAC-SHA1(AccessKeySecret, base64 policy)); STS
-    credentials add the ``x-oss-security-token`` form field.  Prefer V4.
-    """
-    policy = _encode_policy(_as_utc(expiration), list(conditions))
-    digest = hmac.digest(credentials.access_key_secret.encode(), policy.encode(), "sha1")
-    fields = {
-        "OSSAccessKeyId": credentials.access_key_id,
-        "policy": policy,
-        "Signature": base64.b64encode(digest).decode(),
-    }
-    if credentials.security_token:
-        fields["x-oss-security-token"] = credentials.security_token
-    return fields
-
-
-def _as_utc(moment: datetime) -> datetime:
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive datetime is refused."""
     if moment.tzinfo is None:
         raise ValueError("signing and expiration times must be timezone-aware")
     return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
 
 
-def _stamp(when: datetime) -> str:
+def x_oss_date(when: datetime) -> str:
     """``YYYYMMDDTHHMMSSZ``, the x-oss-date format (%-formatting is the fastest way)."""
     w = when
     return "%04d%02d%02dT%02d%02d%02dZ" % (w.year, w.month, w.day, w.hour, w.minute, w.second)  # noqa: UP031
@@ -460,35 +365,6 @@ def _additional(headers: Mapping[str, str], names: Collection[str]) -> str:
     )
 
 
-def _is_ip(host: str) -> bool:
-    """The SDK's test (``endpoints.is_ip``), plus bracketed IPv6 literals."""
-    if host.startswith("["):
-        return True
-    try:
-        socket.inet_aton(host.split(":")[0])
-    except OSError:
-        return False
-    return True
-
-
-def bucket_url(endpoint: OssEndpoint, bucket: str) -> str:
-    """The bucket's base URL (no trailing slash), e.g. where a PostObject form is sent."""
-    return _url_base(endpoint.scheme, endpoint.host, endpoint.addressing, bucket).rstrip("/")
-
-
-@lru_cache(maxsize=1024)
-def _url_base(scheme: str, host: str, addressing: str, bucket: str) -> str:
-    """Everything of the URL before the encoded key, for this addressing style.
-
-    As the SDK does, an IP-address host forces path-style addressing.
-    """
-    if addressing == "path" or _is_ip(host):
-        return f"{scheme}://{host}/{bucket}/"
-    if addressing == "cname":
-        return f"{scheme}://{host}/"
-    return f"{scheme}://{bucket}.{host}/"
-
-
 @lru_cache(maxsize=4096)
 def _hmac_pads(secret: str, date: str, region: str, product: str) -> tuple[_Hash, _Hash]:
     """HMAC-SHA256 inner and outer states for one signing key (RFC 2104), hashed once.
@@ -524,9 +400,3 @@ def _signature(pads: tuple[_Hash, _Hash], stamp: str, scope: str, canonical: str
     outer = pads[1].copy()
     outer.update(inner.digest())
     return outer.hexdigest()
-
-
-def _encode_policy(expiration: datetime, conditions: list[Any]) -> str:
-    iso = expiration.strftime("%Y-%m-%dT%H:%M:%S") + f".{expiration.microsecond // 1000:03d}Z"
-    document = {"expiration": iso, "conditions": conditions}
-    return base64.b64encode(json.dumps(document, separators=(",", ":")).encode()).decode()
