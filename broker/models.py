@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from types import MappingProxyType
+
+from broker.names import format_sts_time
 
 __all__ = [
     "AssumeRoleRequest",
@@ -78,8 +80,7 @@ class Credentials:
         if self.expiration.tzinfo is None:
             raise ValueError("expiration must be timezone-aware")
         object.__setattr__(self, "expires_at", self.expiration.timestamp())
-        text = self.expiration.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        object.__setattr__(self, "_expiration_text", text)
+        object.__setattr__(self, "_expiration_text", format_sts_time(self.expiration))
 
     def expiration_iso(self) -> str:
         """Expiration in the STS wire format, ``2026-11-21T05:00:00Z``."""

@@ -1,7 +1,7 @@
 """What a caller may sign: operations, object keys, headers and expiry clamping.
 
-Pure rules, no I/O: the route handlers feed them a parsed body, a policy and
-the caller's rendered prefix, and hand the result to ``broker.signing``.
+Pure rules, no I/O: ``broker.vending`` feeds them a parsed body, a policy and
+the caller's rendered prefix, and hands the result to ``broker.signing``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from broker.config import OssSettings
 from broker.errors import AccessDenied, RequestInvalid
+from broker.names import POLICY_NAME_PATTERN
 from broker.policies import Policy
 from broker.signing import MAX_EXPIRES_SECONDS, OssEndpoint
 
@@ -53,7 +54,7 @@ MAX_KEY_BYTES = 1023
 MAX_SINGLE_UPLOAD_BYTES = 5 * 1024**3  # OSS's limit for one PutObject / PostObject
 _MAX_METADATA_BYTES = 8 * 1024
 _MIME = r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$"
-_POLICY_NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+_POLICY_NAME = f"^{POLICY_NAME_PATTERN}$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _HEADER_VALUE = re.compile(r"^[\x20-\x7e]*$")
 

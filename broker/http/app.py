@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from broker.config import TlsSettings
+from broker.errors import RequestInvalid
 from broker.http import routes
 from broker.http.cors import cors_middleware
 from broker.http.keys import SERVICES
-from broker.http.middleware import request_context
+from broker.http.middleware import error_response, new_request_id, request_context
 from broker.services import Services
 
 __all__ = ["BrokerRunner", "make_app", "runner_options", "ssl_context"]
@@ -27,7 +26,8 @@ _PARSE_ERROR = "the request line or headers are malformed or too large"
 def make_app(services: Services, *, demo: bool = False) -> web.Application:
     """The broker's aiohttp application.  The table of contents of the API.
 
-    ``demo`` adds the dev-mode upload page at ``/demo`` (``sts-broker dev`` only).
+    ``demo`` adds the dev-mode upload page at ``/demo`` (``sts-broker dev`` only),
+    imported only then: ``serve`` never loads ``broker.dev``.
     """
     app = web.Application(
         # request_context is outermost: every error below it becomes JSON.
@@ -44,7 +44,9 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
     app.router.add_get("/metrics", routes.metrics, name="metrics")
     app.router.add_get("/openapi.json", routes.openapi, name="openapi")
     if demo:
-        app.router.add_get("/demo", routes.demo, name="demo")
+        from broker.dev.demo import demo_routes
+
+        app.router.add_routes(demo_routes())
     app.cleanup_ctx.append(_close_cache)
     return app
 
@@ -99,14 +101,8 @@ class _QuietRequestHandler(RequestHandler):
         response = super().handle_error(request, status, exc, _PARSE_ERROR)
         if status == 500:
             return response
-        request_id = os.urandom(16).hex()
-        error = {"code": "RequestInvalid", "message": _PARSE_ERROR, "request_id": request_id}
-        quiet = web.Response(
-            status=status,
-            body=orjson.dumps({"error": error}),
-            content_type="application/json",
-            headers={"X-Request-Id": request_id, "Cache-Control": "no-store"},
-        )
+        quiet = error_response(RequestInvalid(_PARSE_ERROR), new_request_id(), sts_compatible=False)
+        quiet.set_status(status)  # the status aiohttp chose, with the one error body
         quiet.force_close()
         return quiet
 

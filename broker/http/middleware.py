@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from typing import Any
 
@@ -12,6 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from broker import names
 from broker.errors import (
     BrokerError,
     MethodNotAllowed,
@@ -21,7 +21,13 @@ from broker.errors import (
 )
 from broker.http.keys import SERVICES
 
-__all__ = ["REQUEST_ID", "STS_COMPATIBLE_ROUTES", "error_response", "request_context"]
+__all__ = [
+    "REQUEST_ID",
+    "STS_COMPATIBLE_ROUTES",
+    "error_response",
+    "new_request_id",
+    "request_context",
+]
 
 log = structlog.get_logger("broker.http")
 
@@ -29,12 +35,16 @@ REQUEST_ID = web.RequestKey("request_id", str)
 STS_COMPATIBLE_ROUTES = frozenset({"credentials"})
 """Route names whose error bodies also carry the mobile SDKs' StatusCode/ErrorCode/ErrorMessage."""
 
-_INCOMING_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _HTTP_ERRORS: dict[int, type[BrokerError]] = {
     404: NotFound,
     405: MethodNotAllowed,
     413: RequestTooLarge,
 }
+
+
+def new_request_id() -> str:
+    """A fresh request id: 32 random hex characters."""
+    return os.urandom(16).hex()
 
 
 def error_response(err: BrokerError, request_id: str, *, sts_compatible: bool) -> web.Response:
@@ -75,7 +85,7 @@ def _as_broker_error(exc: web.HTTPException) -> BrokerError:
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Assign a request id, turn every error into JSON, log one line per request."""
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if incoming and _INCOMING_ID.match(incoming) else os.urandom(16).hex()
+    request_id = incoming if names.REQUEST_ID.fullmatch(incoming) else new_request_id()
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -94,7 +104,14 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = _reply_error(request, error, request_id)
     else:
         response.headers["X-Request-Id"] = request_id
-    elapsed = time.perf_counter() - started
+    _finish(request, response, error, time.perf_counter() - started)
+    return response
+
+
+def _finish(
+    request: web.Request, response: web.StreamResponse, error: BrokerError | None, elapsed: float
+) -> None:
+    """Count the request in the metrics and write its one ``request_finished`` line."""
     route = request.match_info.route.name or "unmatched"
     metrics = request.app[SERVICES].metrics
     metrics.requests.labels(route, str(response.status)).inc()
@@ -107,7 +124,6 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         duration_ms=round(elapsed * 1000, 3),
         error_code=error.code if error is not None else None,
     )
-    return response
 
 
 def _reply_error(request: web.Request, err: BrokerError, request_id: str) -> web.Response:

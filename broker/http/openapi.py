@@ -31,6 +31,7 @@ from broker.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from broker.names import REQUEST_ID_PATTERN
 from broker.policies import Policy
 from broker.signing import MAX_EXPIRES_SECONDS
 from broker.uploads import OPERATIONS, PostPolicyBody, PresignBody
@@ -40,7 +41,7 @@ __all__ = ["openapi_document"]
 _JSON = "application/json"
 _SCHEMAS = "#/components/schemas/"
 _ISO_SECONDS = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
-_REQUEST_ID = r"^[A-Za-z0-9._-]{8,64}$"
+_REQUEST_ID = f"^{REQUEST_ID_PATTERN}$"
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}, {"accessToken": []}]
 
 _ErrorClasses = tuple[type[BrokerError], ...]

@@ -1,10 +1,8 @@
-"""One small handler per endpoint: parse → call → reply."""
+"""One small handler per endpoint: parse → vending → reply."""
 
 from __future__ import annotations
 
 import json
-import re
-from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import orjson
@@ -13,37 +11,22 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from broker import signing
-from broker.auth import extract_token, quota_key, role_session_name
-from broker.credentials.cache import CacheResult
-from broker.dev import demo_page
-from broker.errors import AccessDenied, RequestInvalid, TemplateValueRejected, TooManyRequests
+from broker import vending
+from broker.auth import extract_token, quota_key
+from broker.errors import RequestInvalid, TooManyRequests
 from broker.http.keys import SERVICES
 from broker.http.middleware import REQUEST_ID
 from broker.http.openapi import openapi_document
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from broker.models import AssumeRoleRequest, Principal
-from broker.policies import Policy, Scope
+from broker.models import Principal
+from broker.names import format_sts_time
+from broker.policies import Scope
 from broker.services import Services
-from broker.uploads import (
-    OPERATIONS,
-    Expiry,
-    PostPolicyBody,
-    PresignBody,
-    check_key,
-    clamp_expiry,
-    oss_endpoint,
-    post_policy_conditions,
-    presign_headers,
-    resolve_operation,
-    sub_resources,
-    wanted_validity,
-)
+from broker.uploads import Expiry, PostPolicyBody, PresignBody, oss_endpoint
 
 __all__ = [
     "create_post_policy",
     "create_presigned_url",
-    "demo",
     "get_credentials",
     "healthz",
     "list_policies",
@@ -54,10 +37,6 @@ __all__ = [
 
 _Body = TypeVar("_Body", bound=pydantic.BaseModel)
 
-log = structlog.get_logger("broker.http")
-
-_POLICY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-_WHOLE_NUMBER = re.compile(r"[0-9]{1,9}")
 _JSON = {"Content-Type": "application/json"}
 _JSON_NO_STORE = {**_JSON, "Cache-Control": "no-store", "Pragma": "no-cache"}
 
@@ -82,117 +61,6 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
         services.metrics.quota_rejections.labels("caller").inc()
         raise
     return principal
-
-
-def _usable_scope(services: Services, principal: Principal, name: str) -> Scope:
-    """The caller's scope of policy ``name``: the same 403 whether or not the policy exists."""
-    if not _POLICY_NAME.fullmatch(name):
-        raise RequestInvalid("a policy name is 1-63 characters of a-z, 0-9 and '-'")
-    structlog.contextvars.bind_contextvars(policy=name)
-    scope = services.policies.scope(name, principal)
-    if scope is None:
-        raise AccessDenied(policy=name)
-    return scope
-
-
-def _min_ttl(request: web.Request, policy: Policy, margin: int) -> int:
-    values = request.query.getall("min_ttl_seconds", [])
-    if not values:
-        return 0
-    limit = policy.duration_seconds - margin
-    if len(values) > 1 or not _WHOLE_NUMBER.fullmatch(values[0]) or int(values[0]) > limit:
-        raise RequestInvalid(f"min_ttl_seconds must be a whole number from 0 to {limit}")
-    return int(values[0])
-
-
-async def _credentials_for(
-    services: Services,
-    policy: Policy,
-    principal: Principal,
-    scope: Scope,
-    min_ttl: float,
-    *,
-    min_ttl_is_preference: bool = False,
-) -> CacheResult:
-    assume = AssumeRoleRequest(
-        role_arn=policy.role_arn,
-        policy=scope.document,
-        duration_seconds=policy.duration_seconds,
-        role_session_name=role_session_name(principal),
-        external_id=policy.external_id,
-    )
-    result = await services.cache.get(
-        assume, min_ttl_seconds=min_ttl, min_ttl_is_preference=min_ttl_is_preference
-    )
-    if result.source == "stale":
-        services.metrics.stale_served.inc()
-        log.warning("stale_credentials_served", access_key_id=result.credentials.access_key_id)
-    return result
-
-
-async def _credentials_to_sign(
-    services: Services, scope: Scope, principal: Principal, requested_seconds: int | None
-) -> tuple[CacheResult, float, Expiry]:
-    """Credentials to sign with, the signing time, and the lifetime clamped to the token.
-
-    A token covering the wanted lifetime is asked for (as far as a fresh one
-    could give it); if STS cannot give one, the still-valid token signs and the
-    lifetime is clamped to what it has left.
-    """
-    policy = scope.policy
-    wanted = wanted_validity(requested_seconds, policy)
-    margin = services.settings.cache.refresh_margin_seconds
-    min_ttl = min(wanted, policy.duration_seconds - margin)
-    result = await _credentials_for(
-        services, policy, principal, scope, min_ttl, min_ttl_is_preference=True
-    )
-    now = services.clock()
-    remaining = result.credentials.expires_at - now
-    return result, now, clamp_expiry(requested_seconds, policy, remaining)
-
-
-async def get_credentials(request: web.Request) -> web.Response:
-    """``GET /v1/credentials/{policy}``: scoped STS credentials for this caller."""
-    services = request.app[SERVICES]
-    principal = await _authenticate(request, services)
-    scope = _usable_scope(services, principal, request.match_info["policy"])
-    policy = scope.policy
-    min_ttl = _min_ttl(request, policy, services.settings.cache.refresh_margin_seconds)
-    result = await _credentials_for(services, policy, principal, scope, min_ttl)
-    creds = result.credentials
-    expires_in = int(creds.expires_at - services.clock())
-    log.info(
-        "credentials_issued",
-        bucket=policy.bucket,
-        prefix=scope.prefix,
-        policy_digest=scope.digest[:16],
-        access_key_id=creds.access_key_id,
-        expiration=creds.expiration_iso(),
-        expires_in=expires_in,
-        cache=result.source,
-    )
-    expiration = creds.expiration_iso()
-    body = {
-        "Code": "Success",
-        "StatusCode": 200,
-        "RequestId": request[REQUEST_ID],
-        "AccessKeyId": creds.access_key_id,
-        "AccessKeySecret": creds.access_key_secret,
-        "SecurityToken": creds.security_token,
-        "Expiration": expiration,
-        "ExpiresIn": expires_in,
-        "Credentials": {
-            "AccessKeyId": creds.access_key_id,
-            "AccessKeySecret": creds.access_key_secret,
-            "SecurityToken": creds.security_token,
-            "Expiration": expiration,
-        },
-        "Bucket": policy.bucket,
-        "Region": policy.region,
-        "Endpoint": oss_endpoint(services.settings.oss, policy).host,
-        "Prefix": scope.prefix,
-    }
-    return _json(body, no_store=True)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -227,56 +95,60 @@ def _describe_validation(err: pydantic.ValidationError) -> str:
     return "; ".join(problems)
 
 
+async def get_credentials(request: web.Request) -> web.Response:
+    """``GET /v1/credentials/{policy}``: scoped STS credentials for this caller."""
+    services = request.app[SERVICES]
+    principal = await _authenticate(request, services)
+    issued = await vending.issue_credentials(
+        services,
+        principal,
+        request.match_info["policy"],
+        request.query.getall("min_ttl_seconds", []),
+    )
+    return _json(_credentials_reply(issued, request[REQUEST_ID]), no_store=True)
+
+
+def _credentials_reply(issued: vending.IssuedCredentials, request_id: str) -> dict[str, Any]:
+    """STS's shape, the credentials-URI provider's and the OSS mobile SDKs' at once."""
+    creds, policy = issued.credentials, issued.scope.policy
+    expiration = creds.expiration_iso()
+    return {
+        "Code": "Success",
+        "StatusCode": 200,
+        "RequestId": request_id,
+        "AccessKeyId": creds.access_key_id,
+        "AccessKeySecret": creds.access_key_secret,
+        "SecurityToken": creds.security_token,
+        "Expiration": expiration,
+        "ExpiresIn": issued.expires_in,
+        "Credentials": {
+            "AccessKeyId": creds.access_key_id,
+            "AccessKeySecret": creds.access_key_secret,
+            "SecurityToken": creds.security_token,
+            "Expiration": expiration,
+        },
+        "Bucket": policy.bucket,
+        "Region": policy.region,
+        "Endpoint": issued.endpoint.host,
+        "Prefix": issued.scope.prefix,
+    }
+
+
 async def create_presigned_url(request: web.Request) -> web.Response:
     """``POST /v1/presign``: a V4 presigned URL for one operation on one key."""
     services = request.app[SERVICES]
     principal = await _authenticate(request, services)
     body = await _parse(request, PresignBody)
-    scope = _usable_scope(services, principal, body.policy)
-    policy = scope.policy
-    operation = resolve_operation(body.method, body.operation)
-    spec = OPERATIONS[operation]
-    if spec.action not in policy.actions:
-        raise AccessDenied(f"policy {policy.name} does not allow {operation}")
-    key = check_key(body.key, scope.prefix)
-    headers = presign_headers(body, policy, operation)
-    query = sub_resources(operation, body)
-    result, now, expiry = await _credentials_to_sign(
-        services, scope, principal, body.expires_seconds
-    )
-    creds = result.credentials
-    presign_input = signing.PresignInput(
-        method=spec.method,
-        bucket=policy.bucket,
-        key=key,
-        region=policy.region,
-        endpoint=oss_endpoint(services.settings.oss, policy),
-        expires_seconds=expiry.seconds,
-        headers=headers,
-        query=query,
-    )
-    signed = signing.presign(creds, presign_input, datetime.fromtimestamp(now, UTC))
-    log.info(
-        "url_presigned",
-        operation=operation,
-        key=key,
-        access_key_id=creds.access_key_id,
-        expires_in=expiry.seconds,
-        clamped=expiry.clamped,
-        cache=result.source,
-    )
-    return _json(
-        {
-            "url": signed.url,
-            "method": signed.method,
-            "expiration": _iso(signed.expiration),
-            "expires_in": expiry.seconds,
-            "signed_headers": signed.signed_headers,
-            "clamped": expiry.clamped,
-            "requested_expires_seconds": expiry.requested_seconds,
-        },
-        no_store=True,
-    )
+    signed = await vending.presign_url(services, principal, body)
+    reply = {
+        "url": signed.url,
+        "method": signed.method,
+        "expiration": format_sts_time(signed.expiration),
+        "expires_in": signed.expiry.seconds,
+        "signed_headers": signed.signed_headers,
+        **_clamping(signed.expiry),
+    }
+    return _json(reply, no_store=True)
 
 
 async def create_post_policy(request: web.Request) -> web.Response:
@@ -284,67 +156,26 @@ async def create_post_policy(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     principal = await _authenticate(request, services)
     body = await _parse(request, PostPolicyBody)
-    scope = _usable_scope(services, principal, body.policy)
-    policy = scope.policy
-    if "put" not in policy.actions:
-        raise AccessDenied(f"policy {policy.name} does not allow uploads")
-    form = post_policy_conditions(body, policy, scope.prefix)
-    result, now, expiry = await _credentials_to_sign(
-        services, scope, principal, body.expires_seconds
-    )
-    creds = result.credentials
-    signed_at = datetime.fromtimestamp(now, UTC)
-    expiration = signed_at + timedelta(seconds=expiry.seconds)
-    if body.signature_version == "v1":
-        conditions = [{"bucket": policy.bucket}, *form.conditions]
-        fields = signing.post_policy_v1(creds, conditions=conditions, expiration=expiration)
-    else:
-        fields = signing.post_policy_v4(
-            creds,
-            bucket=policy.bucket,
-            region=policy.region,
-            conditions=form.conditions,
-            expiration=expiration,
-            signing_time=signed_at,
-        )
-    log.info(
-        "post_policy_signed",
-        key_condition=form.fields["key"],
-        access_key_id=creds.access_key_id,
-        expires_in=expiry.seconds,
-        clamped=expiry.clamped,
-        cache=result.source,
-    )
-    endpoint = oss_endpoint(services.settings.oss, policy)
-    return _json(
-        {
-            "host": signing.bucket_url(endpoint, policy.bucket),
-            "fields": {**form.fields, **fields},
-            "expiration": _iso(expiration),
-            "expires_in": expiry.seconds,
-            "clamped": expiry.clamped,
-            "requested_expires_seconds": expiry.requested_seconds,
-        },
-        no_store=True,
-    )
+    signed = await vending.sign_post_policy(services, principal, body)
+    reply = {
+        "host": signed.host,
+        "fields": signed.fields,
+        "expiration": format_sts_time(signed.expiration),
+        "expires_in": signed.expiry.seconds,
+        **_clamping(signed.expiry),
+    }
+    return _json(reply, no_store=True)
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _clamping(expiry: Expiry) -> dict[str, Any]:
+    return {"clamped": expiry.clamped, "requested_expires_seconds": expiry.requested_seconds}
 
 
 async def list_policies(request: web.Request) -> web.Response:
     """``GET /v1/policies``: the policies this caller may use, with its rendered prefix."""
     services = request.app[SERVICES]
     principal = await _authenticate(request, services)
-    usable = []
-    for policy in services.policies:
-        try:
-            scope = services.policies.scope(policy.name, principal)
-        except TemplateValueRejected:
-            continue  # this caller's identity cannot render that prefix: not usable
-        if scope is not None:
-            usable.append(scope)
+    usable = vending.usable_scopes(services.policies, principal)
     return _json({"policies": [_describe(services, scope) for scope in usable]})
 
 
@@ -388,15 +219,6 @@ async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text format."""
     body = request.app[SERVICES].metrics.render()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-
-async def demo(request: web.Request) -> web.Response:
-    """``GET /demo`` (dev mode only): a page that uploads by presigned PUT and PostObject."""
-    return web.Response(
-        text=demo_page(),
-        content_type="text/html",
-        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
-    )
 
 
 async def openapi(request: web.Request) -> web.Response:

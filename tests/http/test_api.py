@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from alibabacloud_credentials.client import Client as CredentialClient
 from alibabacloud_credentials.provider import URLCredentialsProvider
@@ -91,3 +94,13 @@ async def test_credentials_replies_are_not_cacheable(broker: BrokerHarness) -> N
         "/v1/credentials/avatar-upload", headers=broker.auth("alice")
     ) as resp:
         assert resp.headers["Cache-Control"] == "no-store"
+
+
+def test_the_api_never_loads_dev_mode() -> None:
+    """Importing the HTTP app and the use cases loads nothing of broker.dev (serve stays lean)."""
+    check = (
+        "import sys, broker.http.app, broker.vending; "
+        "loaded = [m for m in sys.modules if m.startswith('broker.dev')]; "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60)  # noqa: S603

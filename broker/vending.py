@@ -1,0 +1,303 @@
+"""The use cases: issue credentials, presign a URL, sign a post policy; values in, values out.
+
+Each use case takes the services, the authenticated caller and what it asked
+for, and returns a frozen value; ``broker.http.routes`` only parses requests
+and writes these values as replies.  Nothing here knows HTTP.  Every use case
+first resolves the caller's scope of the policy it names (the same
+``AccessDenied`` whether or not that policy exists), then asks the credential
+cache for a token.  Signing tokens are asked to cover the lifetime wanted for
+the URL or form; when STS cannot give a fresh one, the still-valid token signs
+and the lifetime is clamped to what it has left (``Expiry.clamped``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from broker import signing
+from broker.auth import role_session_name
+from broker.credentials.cache import CacheResult
+from broker.errors import AccessDenied, RequestInvalid, TemplateValueRejected
+from broker.models import AssumeRoleRequest, Credentials, Principal
+from broker.names import POLICY_NAME, POLICY_NAME_RULE
+from broker.policies import Policy, PolicySet, Scope
+from broker.services import Services
+from broker.signing import OssEndpoint
+from broker.uploads import (
+    OPERATIONS,
+    Expiry,
+    PostPolicyBody,
+    PresignBody,
+    check_key,
+    clamp_expiry,
+    oss_endpoint,
+    post_policy_conditions,
+    presign_headers,
+    resolve_operation,
+    sub_resources,
+    wanted_validity,
+)
+
+__all__ = [
+    "IssuedCredentials",
+    "SignedPostPolicy",
+    "SignedUrl",
+    "issue_credentials",
+    "presign_url",
+    "sign_post_policy",
+    "usable_scope",
+    "usable_scopes",
+]
+
+log = structlog.get_logger("broker.vending")
+
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,9}")
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCredentials:
+    """Credentials for one caller under one policy, and where they may be used."""
+
+    credentials: Credentials
+    scope: Scope
+    endpoint: OssEndpoint
+    expires_in: int
+    """Whole seconds of validity left when they were handed out."""
+    cache: str
+    """Where they came from: ``hit``, ``miss``, ``refresh`` or ``stale``."""
+
+
+@dataclass(frozen=True, slots=True)
+class SignedUrl:
+    """A presigned URL: the headers its user must send, and how long it lives."""
+
+    url: str
+    method: str
+    signed_headers: dict[str, str]
+    expiration: datetime
+    expiry: Expiry
+
+
+@dataclass(frozen=True, slots=True)
+class SignedPostPolicy:
+    """PostObject form fields: a browser POSTs them, plus ``file``, to ``host``."""
+
+    host: str
+    fields: dict[str, str]
+    expiration: datetime
+    expiry: Expiry
+
+
+@dataclass(frozen=True, slots=True)
+class _Signer:
+    """Credentials to sign with, when, and the lifetime they leave the signature."""
+
+    result: CacheResult
+    signed_at: datetime
+    expiry: Expiry
+
+    @property
+    def credentials(self) -> Credentials:
+        return self.result.credentials
+
+
+def usable_scope(policies: PolicySet, principal: Principal, name: str) -> Scope:
+    """The caller's scope of policy ``name``: the same 403 whether or not the policy exists."""
+    if not POLICY_NAME.fullmatch(name):
+        raise RequestInvalid(POLICY_NAME_RULE)
+    structlog.contextvars.bind_contextvars(policy=name)
+    scope = policies.scope(name, principal)
+    if scope is None:
+        raise AccessDenied(policy=name)
+    return scope
+
+
+def usable_scopes(policies: PolicySet, principal: Principal) -> list[Scope]:
+    """Every policy this caller may use, rendered; those its identity cannot render are left out."""
+    usable = []
+    for policy in policies:
+        try:
+            scope = policies.scope(policy.name, principal)
+        except TemplateValueRejected:
+            continue
+        if scope is not None:
+            usable.append(scope)
+    return usable
+
+
+async def issue_credentials(
+    services: Services, principal: Principal, policy_name: str, min_ttl_seconds: Sequence[str] = ()
+) -> IssuedCredentials:
+    """Credentials for ``principal`` under ``policy_name``, from the cache when it can.
+
+    ``min_ttl_seconds`` holds the values the caller sent (none, or one whole
+    number up to the policy's duration minus the refresh margin): a cached
+    token with less validity left is replaced by a fresh one.
+    """
+    scope = usable_scope(services.policies, principal, policy_name)
+    margin = services.settings.cache.refresh_margin_seconds
+    min_ttl = _min_ttl(min_ttl_seconds, scope.policy.duration_seconds - margin)
+    result = await _credentials(services, principal, scope, min_ttl)
+    creds = result.credentials
+    issued = IssuedCredentials(
+        credentials=creds,
+        scope=scope,
+        endpoint=oss_endpoint(services.settings.oss, scope.policy),
+        expires_in=int(creds.expires_at - services.clock()),
+        cache=result.source,
+    )
+    _log_issued(issued)
+    return issued
+
+
+async def presign_url(services: Services, principal: Principal, body: PresignBody) -> SignedUrl:
+    """A V4 presigned URL for one operation on one key under the caller's prefix."""
+    scope = usable_scope(services.policies, principal, body.policy)
+    policy = scope.policy
+    operation = resolve_operation(body.method, body.operation)
+    spec = OPERATIONS[operation]
+    if spec.action not in policy.actions:
+        raise AccessDenied(f"policy {policy.name} does not allow {operation}")
+    key = check_key(body.key, scope.prefix)
+    headers = presign_headers(body, policy, operation)
+    query = sub_resources(operation, body)
+    signer = await _signer(services, principal, scope, body.expires_seconds)
+    request = signing.PresignInput(
+        method=spec.method,
+        bucket=policy.bucket,
+        key=key,
+        region=policy.region,
+        endpoint=oss_endpoint(services.settings.oss, policy),
+        expires_seconds=signer.expiry.seconds,
+        headers=headers,
+        query=query,
+    )
+    signed = signing.presign(signer.credentials, request, signer.signed_at)
+    _log_signed("url_presigned", signer, operation=operation, key=key)
+    return SignedUrl(
+        signed.url, signed.method, signed.signed_headers, signed.expiration, signer.expiry
+    )
+
+
+async def sign_post_policy(
+    services: Services, principal: Principal, body: PostPolicyBody
+) -> SignedPostPolicy:
+    """PostObject form fields for uploads under the caller's prefix, signed V4 (or V1)."""
+    scope = usable_scope(services.policies, principal, body.policy)
+    policy = scope.policy
+    if "put" not in policy.actions:
+        raise AccessDenied(f"policy {policy.name} does not allow uploads")
+    form = post_policy_conditions(body, policy, scope.prefix)
+    signer = await _signer(services, principal, scope, body.expires_seconds)
+    expiration = signer.signed_at + timedelta(seconds=signer.expiry.seconds)
+    fields = _post_fields(body.signature_version, signer, policy, form.conditions, expiration)
+    _log_signed("post_policy_signed", signer, key_condition=form.fields["key"])
+    endpoint = oss_endpoint(services.settings.oss, policy)
+    return SignedPostPolicy(
+        host=signing.bucket_url(endpoint, policy.bucket),
+        fields={**form.fields, **fields},
+        expiration=expiration,
+        expiry=signer.expiry,
+    )
+
+
+def _min_ttl(values: Sequence[str], limit: int) -> int:
+    if not values:
+        return 0
+    if len(values) > 1 or not _WHOLE_NUMBER.fullmatch(values[0]) or int(values[0]) > limit:
+        raise RequestInvalid(f"min_ttl_seconds must be a whole number from 0 to {limit}")
+    return int(values[0])
+
+
+async def _credentials(
+    services: Services,
+    principal: Principal,
+    scope: Scope,
+    min_ttl: float,
+    *,
+    min_ttl_is_preference: bool = False,
+) -> CacheResult:
+    policy = scope.policy
+    assume = AssumeRoleRequest(
+        role_arn=policy.role_arn,
+        policy=scope.document,
+        duration_seconds=policy.duration_seconds,
+        role_session_name=role_session_name(principal),
+        external_id=policy.external_id,
+    )
+    result = await services.cache.get(
+        assume, min_ttl_seconds=min_ttl, min_ttl_is_preference=min_ttl_is_preference
+    )
+    if result.source == "stale":
+        services.metrics.stale_served.inc()
+        log.warning("stale_credentials_served", access_key_id=result.credentials.access_key_id)
+    return result
+
+
+async def _signer(
+    services: Services, principal: Principal, scope: Scope, requested_seconds: int | None
+) -> _Signer:
+    """Credentials covering the wanted lifetime (as far as a fresh token could), clamped.
+
+    If STS cannot give such a token, the still-valid one signs and the
+    lifetime is clamped to what it has left.
+    """
+    policy = scope.policy
+    wanted = wanted_validity(requested_seconds, policy)
+    margin = services.settings.cache.refresh_margin_seconds
+    min_ttl = min(wanted, policy.duration_seconds - margin)
+    result = await _credentials(services, principal, scope, min_ttl, min_ttl_is_preference=True)
+    now = services.clock()
+    expiry = clamp_expiry(requested_seconds, policy, result.credentials.expires_at - now)
+    return _Signer(result, datetime.fromtimestamp(now, UTC), expiry)
+
+
+def _post_fields(
+    version: str, signer: _Signer, policy: Policy, conditions: list[Any], expiration: datetime
+) -> dict[str, str]:
+    """The signature fields, V4 unless the caller asked for V1 (old browser SDKs)."""
+    if version == "v1":
+        return signing.post_policy_v1(
+            signer.credentials,
+            conditions=[{"bucket": policy.bucket}, *conditions],
+            expiration=expiration,
+        )
+    return signing.post_policy_v4(
+        signer.credentials,
+        bucket=policy.bucket,
+        region=policy.region,
+        conditions=conditions,
+        expiration=expiration,
+        signing_time=signer.signed_at,
+    )
+
+
+def _log_issued(issued: IssuedCredentials) -> None:
+    creds, scope = issued.credentials, issued.scope
+    log.info(
+        "credentials_issued",
+        bucket=scope.policy.bucket,
+        prefix=scope.prefix,
+        policy_digest=scope.digest[:16],
+        access_key_id=creds.access_key_id,
+        expiration=creds.expiration_iso(),
+        expires_in=issued.expires_in,
+        cache=issued.cache,
+    )
+
+
+def _log_signed(event: str, signer: _Signer, **what: str) -> None:
+    log.info(
+        event,
+        **what,
+        access_key_id=signer.credentials.access_key_id,
+        expires_in=signer.expiry.seconds,
+        clamped=signer.expiry.clamped,
+        cache=signer.result.source,
+    )
