@@ -32,6 +32,7 @@ __all__ = [
     "extract_token",
     "generate_api_key",
     "hash_api_key",
+    "quota_key",
     "role_session_name",
 ]
 

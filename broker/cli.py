@@ -23,7 +23,7 @@ from broker.auth import generate_api_key, hash_api_key
 from broker.config import Settings, load_settings
 from broker.credentials.shared_store import load_encryption_keys
 from broker.dev.stack import DEV_CALLER, DevStack, dev_stack
-from broker.errors import BrokerError, ConfigError
+from broker.errors import BrokerError, ConfigError, TemplateValueRejected
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
 from broker.logs import configure_logging
 from broker.models import Principal
@@ -31,12 +31,13 @@ from broker.policies import (
     MAX_POLICY_CHARS,
     PolicySet,
     load_policies,
-    load_policy_file,
+    load_policy_files,
     render_policy,
     render_prefix,
 )
 from broker.reload import reload_policies, watch_policies
 from broker.services import Services, build_services
+from broker.templates import VALUE_RULE
 
 __all__ = ["main"]
 
@@ -260,10 +261,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
             )
         except ConfigError as err:
             problems.extend(err.problems)
-    for path in args.policy_files:
-        try:
-            policy = load_policy_file(path)
-            checked.append(f"{path}: ok (policy {policy.name!r})")
+    if args.policy_files:
+        try:  # as one set: a name given in two files is refused, naming both
+            policies = load_policy_files(args.policy_files)
+            checked += [f"{policy.source}: ok (policy {policy.name!r})" for policy in policies]
         except ConfigError as err:
             problems.extend(err.problems)
     if not args.policy_files and args.config is None:
@@ -283,7 +284,14 @@ def _cmd_render(args: argparse.Namespace) -> int:
         print(f"no policy named {args.policy!r} in {policies_dir}", file=sys.stderr)
         return EXIT_CONFIG
     principal = Principal(subject=args.subject, groups=tuple(args.groups))
-    prefix = render_prefix(policy, principal)
+    try:
+        prefix = render_prefix(policy, principal)
+    except TemplateValueRejected as err:  # say why, never the value
+        variable, reason = err.context["variable"], err.context["reason"]
+        hint = " (give a --group the policy's callers list)" if variable == "${group}" else ""
+        allowed = f"a value that could widen the scope is refused; allowed: {VALUE_RULE}"
+        print(f"error: {variable} cannot be rendered: {reason}{hint}\n  {allowed}", file=sys.stderr)
+        return EXIT_FAILURE
     document = render_policy(policy, prefix)
     print(json.dumps(json.loads(document), indent=2))
     print(f"\n{len(document)} of {MAX_POLICY_CHARS} characters (minified, as sent to STS)")

@@ -1,4 +1,16 @@
-"""The only reader of the configuration file and of the broker's environment variables."""
+"""The configuration file → validated ``Settings``; the one reader of that file.
+
+Secrets may live in the environment instead of the file: the file then names
+the variable.  The environment is read in three places, each for what it owns:
+
+* here: each ``auth.api_keys[].key_sha256_env`` (checked by ``load_settings``,
+  read by ``api_key_hashes``);
+* ``broker.credentials``: ``cache.redis.encryption_keys_env`` and
+  ``cache.redis.password_env``, once at start;
+* the official ``alibabacloud-credentials`` chain: the broker's own identity
+  (``ALIBABA_CLOUD_*``; its order is written down in
+  ``broker.credentials.sts.default_credential``).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +22,19 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import pydantic
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from broker.errors import ConfigError
-from broker.yamldoc import YamlDocument, format_validation_error, load_yaml
+from broker.names import CALLER_ID_PATTERN, is_caller_id
+from broker.yamldoc import YamlDocument, format_validation_error, load_yaml, unknown_key_problem
 
 __all__ = [
     "ApiKeySettings",
@@ -36,20 +57,20 @@ __all__ = [
     "load_settings",
 ]
 
-_IDENTIFIER = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"  # pydantic's regex: $ is the very end
 _HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 
 
 def _no_double_dot(value: str) -> str:
-    if ".." in value:
+    if not is_caller_id(value):  # after the pattern, only ".." is left to refuse
         raise ValueError("may not contain '..'")
     return value
 
 
-# The same rule as policy template values (broker.policies.SAFE_VALUE_PATTERN):
-# a caller id becomes ${subject}, so it must be renderable.
-Identifier = Annotated[str, Field(pattern=_IDENTIFIER), AfterValidator(_no_double_dot)]
+# A caller or group id becomes ${subject}/${group}, so it must be renderable.
+Identifier = Annotated[
+    StrictStr, Field(pattern=f"^{CALLER_ID_PATTERN}$"), AfterValidator(_no_double_dot)
+]
 
 
 class _Section(BaseModel):
@@ -182,7 +203,7 @@ class QuotaSettings(_Section):
 
 
 class RedisSettings(_Section):
-    """The shared cache on Redis (``cache.backend: redis``); see broker/shared_cache.py.
+    """The shared cache on Redis (``cache.backend: redis``); see broker/credentials/shared_store.py.
 
     Credentials are stored AES-GCM encrypted with the keys in
     ``encryption_keys_file`` or the environment variable ``encryption_keys_env``
@@ -360,26 +381,30 @@ class Settings(_Section):
 def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate ``path``; raise ``ConfigError`` listing every problem.
 
-    ``policies_dir`` is resolved relative to the file, and ``key_sha256_env``
+    Paths in the file are resolved relative to it, and ``key_sha256_env``
     references are looked up in ``environ`` (default: the process environment).
     """
     environ = os.environ if environ is None else environ
-    try:
-        doc = load_yaml(path)
-    except ValueError as err:
-        raise ConfigError([str(err)]) from err
+    doc = load_yaml(path)
     data = doc.data if doc.data is not None else {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}:1: (top level): must be a mapping of keys"])
     if "source" in data:
-        raise ConfigError([f"{path}:{doc.line_of(('source',))}: source: unknown key"])
+        allowed = [name for name, info in Settings.model_fields.items() if not info.exclude]
+        problem = unknown_key_problem("source", allowed)
+        raise ConfigError([f"{path}:{doc.line_of(('source',))}: source: {problem}"])
     try:
         settings = Settings.model_validate(data)
     except pydantic.ValidationError as err:
-        raise ConfigError(format_validation_error(doc, err)) from err
+        raise ConfigError(format_validation_error(doc, err, Settings)) from err
     problems = _missing_env_keys(settings, environ, doc)
     if problems:
         raise ConfigError(problems)
+    return _with_paths_resolved(settings, path)
+
+
+def _with_paths_resolved(settings: Settings, path: Path) -> Settings:
+    """``settings`` read from ``path``, with every file it names resolved against its folder."""
     update: dict[str, object] = {
         "policies_dir": _relative_to(path, settings.policies_dir),
         "source": path,

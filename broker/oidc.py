@@ -39,7 +39,7 @@ from jwt.types import Options
 from broker.config import JwtSettings
 from broker.errors import AuthenticationFailed, TemplateValueRejected
 from broker.models import Clock, Principal, system_clock
-from broker.policies import check_template_value
+from broker.templates import CLAIM_NAME_PATTERN, check_template_value
 
 __all__ = ["MAX_TOKEN_CHARS", "JwksSource", "JwtVerifier", "looks_like_jwt"]
 
@@ -52,7 +52,7 @@ _MAX_JWKS_BYTES = 256 * 1024
 _LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\Z")
-_CLAIM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")  # as in ${claim:NAME}
+_CLAIM_NAME = re.compile(rf"{CLAIM_NAME_PATTERN}\Z")  # as in ${claim:NAME}
 
 
 @dataclass(frozen=True, slots=True)

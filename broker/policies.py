@@ -1,14 +1,16 @@
-"""Policy files → validated ``PolicySet``; a caller's scope → minified RAM inline policy."""
+"""Policy files → validated ``PolicySet``; a caller's scope → minified RAM inline policy.
+
+Prefix templates are parsed and their values checked in ``broker.templates``;
+the RAM document itself is written by ``broker.ram``.
+"""
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
@@ -19,32 +21,40 @@ from pydantic.json_schema import SkipJsonSchema
 
 from broker.errors import ConfigError, TemplateValueRejected
 from broker.models import Principal
-from broker.yamldoc import YamlDocument, format_validation_error, load_yaml
+from broker.names import CALLER_ID_CHARS, POLICY_NAME_PATTERN, POLICY_NAME_RULE, is_caller_id
+from broker.ram import MAX_POLICY_CHARS, oss_policy_document
+from broker.templates import (
+    MAX_VALUE_CHARS,
+    check_template_value,
+    claim_names,
+    fill_template,
+    parse_template,
+)
+from broker.yamldoc import (
+    YamlDocument,
+    format_validation_error,
+    load_yaml,
+    unknown_key_problem,
+)
 
 __all__ = [
     "MAX_POLICY_CHARS",
-    "SAFE_VALUE_PATTERN",
     "Policy",
     "PolicySet",
     "Scope",
-    "check_template_value",
     "load_policies",
     "load_policy_file",
+    "load_policy_files",
     "may_use",
     "render_policy",
     "render_prefix",
     "scope_for",
 ]
 
-MAX_POLICY_CHARS = 2048
 _MAX_MEMO_SCOPES = 200_000
-"""STS rejects an AssumeRole ``Policy`` longer than this."""
+"""Rendered scopes a ``PolicySet`` remembers before it forgets them all and starts again."""
 
-SAFE_VALUE_PATTERN: re.Pattern[str] = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
-"""A value that may stand in for a template variable: one path segment, no wildcard."""
-
-_MAX_VALUE_CHARS = 64
-_WORST_CASE_VALUE = "a" * _MAX_VALUE_CHARS
+_WORST_CASE_VALUE = "a" * MAX_VALUE_CHARS
 
 # Bare caller ids name API-key (or mTLS) callers from the config.  A JWT's
 # subject is chosen by the identity provider, so it never matches a bare id:
@@ -52,19 +62,6 @@ _WORST_CASE_VALUE = "a" * _MAX_VALUE_CHARS
 _ID_AUTH_METHODS = frozenset({"api_key", "mtls"})
 
 _Action = Literal["put", "multipart", "get", "list", "delete"]
-
-# Object actions share one statement on ``<bucket>/<prefix>*``, in this order.
-# InitiateMultipartUpload, UploadPart and CompleteMultipartUpload are all
-# authorised by oss:PutObject in RAM.
-_OBJECT_ACTIONS: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {
-        "put": ("oss:PutObject",),
-        "multipart": ("oss:PutObject", "oss:AbortMultipartUpload", "oss:ListParts"),
-        "get": ("oss:GetObject",),
-        "delete": ("oss:DeleteObject",),
-    }
-)
-
 
 # --- field validators (messages are for ops: what is wrong, what is allowed) ---
 
@@ -112,11 +109,17 @@ def _non_empty(what: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-_ID_CHARS = "A-Z a-z 0-9 . _ @ -"
-_Name = Annotated[
-    StrictStr,
-    _matching(r"[a-z0-9][a-z0-9-]{0,62}", "use 1-63 of a-z 0-9 -, starting with a letter or digit"),
-]
+def _check_caller(value: str) -> str:
+    """An entry of ``callers``: a caller id, or ``group:`` and a group name (the same rule)."""
+    if not is_caller_id(value.removeprefix("group:")):
+        raise ValueError(
+            f"{value!r} is not allowed; use an id or group:NAME, "
+            f"1-64 of {CALLER_ID_CHARS} starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+_Name = Annotated[StrictStr, _matching(POLICY_NAME_PATTERN, POLICY_NAME_RULE)]
 _RoleArn = Annotated[
     StrictStr,
     _matching(r"acs:ram::[0-9]+:role/[A-Za-z0-9.@_-]{1,64}", "use acs:ram::<account>:role/<name>"),
@@ -142,13 +145,7 @@ _ExternalId = Annotated[
         r"[A-Za-z0-9=,.@:/_-]{2,1224}", "use 2-1224 of A-Z a-z 0-9 = , . @ : / _ -", echo=False
     ),
 ]
-_Caller = Annotated[
-    StrictStr,
-    _matching(
-        r"(group:)?[A-Za-z0-9][A-Za-z0-9._@-]{0,63}",
-        f"use an id or group:NAME, 1-64 of {_ID_CHARS}",
-    ),
-]
+_Caller = Annotated[StrictStr, AfterValidator(_check_caller)]
 _MIME_PART = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 _ContentType = Annotated[
     StrictStr,
@@ -207,104 +204,22 @@ class Policy(pydantic.BaseModel):
     @pydantic.field_validator("prefix")
     @classmethod
     def _check_prefix(cls, template: str, info: pydantic.ValidationInfo) -> str:
-        segments = _parse_template(template)
+        segments = parse_template(template)
         bucket, actions = info.data.get("bucket"), info.data.get("actions")
         if bucket is None or actions is None:
             return template  # their own errors are already reported
-        worst = _dumps(_document(bucket, actions, _fill(segments, _WORST_CASE_VALUE)))
+        worst = oss_policy_document(bucket, actions, fill_template(segments, _WORST_CASE_VALUE))
         if len(worst) > MAX_POLICY_CHARS:
             raise ValueError(
                 f"rendered policy would be {len(worst)} characters, over STS's 2,048 limit "
-                f"(with {_MAX_VALUE_CHARS}-character variable values); shorten the prefix"
+                f"(with {MAX_VALUE_CHARS}-character variable values); shorten the prefix"
             )
         return template
 
 
-# --- prefix templates ---
+# --- rendering ---
 
-_VARIABLE = re.compile(r"\$\{([^}]*)\}")
-_VARIABLE_NAME = re.compile(r"subject|group|claim:[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-_STATIC_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._@=+-")
 _RENDERED_PREFIX = re.compile(r"(?:[A-Za-z0-9._@=+-]+/)+\Z")
-
-_Segment = tuple[str, str | None]
-"""One path segment of a template: its static text, then at most one variable at its end."""
-
-
-@lru_cache(maxsize=1024)
-def _parse_template(template: str) -> tuple[_Segment, ...]:
-    """Split a prefix template into segments, or raise ``ValueError`` saying why it is unsafe."""
-    if not template:
-        raise ValueError('must not be empty; use a path such as "uploads/${subject}/"')
-    if "*" in template or "?" in template:
-        raise ValueError("must not contain * or ?: RAM treats them as wildcards, with no escape")
-    if template.startswith("/"):
-        raise ValueError("must not start with / (OSS keys have no leading slash)")
-    if not template.endswith("/"):
-        raise ValueError("must end with / so that user1/ can never match the start of user10/")
-    return tuple(_parse_segment(segment) for segment in template[:-1].split("/"))
-
-
-def _parse_segment(segment: str) -> _Segment:
-    # A variable may never widen scope: it must END a segment, and a segment
-    # holds at most one, so two distinct values always give two prefixes of
-    # which neither is the start of the other ("a/" vs "ab/", never "a" vs "ab").
-    if not segment:
-        raise ValueError("must not contain an empty path segment (//)")
-    if segment in {".", ".."}:
-        raise ValueError("must not contain a . or .. path segment")
-    found = list(_VARIABLE.finditer(segment))
-    for match in found:
-        if _VARIABLE_NAME.fullmatch(match.group(1)) is None:
-            raise ValueError(
-                f"variable {match.group(0)} is not defined; "
-                "use ${subject}, ${group} or ${claim:NAME}"
-            )
-    if len(found) > 1:
-        raise ValueError(f"path segment {segment!r} holds more than one variable; allowed: one")
-    static, variable = segment, None
-    if found:
-        if found[0].end() != len(segment):
-            raise ValueError(
-                f"variable {found[0].group(0)} must end its path segment (be followed by /)"
-            )
-        static, variable = segment[: found[0].start()], found[0].group(1)
-    if set("${}") & set(static):
-        raise ValueError("has a malformed variable; write ${subject}, ${group} or ${claim:NAME}")
-    for char in static:
-        if char not in _STATIC_CHARS:
-            raise ValueError(
-                f"character {char!r} is not allowed; "
-                "static text may use A-Z a-z 0-9 . _ @ = + - and /, and ${...} variables"
-            )
-    if ".." in static:
-        raise ValueError("must not contain ..")
-    return static, variable
-
-
-def _fill(segments: tuple[_Segment, ...], value: str) -> str:
-    return "".join(f"{static}{value if variable else ''}/" for static, variable in segments)
-
-
-def check_template_value(value: str) -> str:
-    """``value`` if it is safe as one path segment, else ``ValueError`` (never naming it).
-
-    A template variable may never widen the scope: RAM has no escape for
-    ``*`` and ``?``, and ``/`` or ``..`` would leave the caller's segment.
-    """
-    if not isinstance(value, str):
-        raise ValueError("template value must be a string")
-    if not value:
-        raise ValueError("template value must not be empty")
-    if len(value) > _MAX_VALUE_CHARS:
-        raise ValueError(f"template value must be at most {_MAX_VALUE_CHARS} characters")
-    if ".." in value:
-        raise ValueError("template value must not contain two dots in a row")
-    if SAFE_VALUE_PATTERN.match(value) is None:
-        raise ValueError(
-            "template value must start with a letter or digit and contain only A-Z a-z 0-9 . _ @ -"
-        )
-    return value
 
 
 def _group_of(policy: Policy, principal: Principal) -> str | None:
@@ -329,7 +244,7 @@ def render_prefix(policy: Policy, principal: Principal) -> str:
     missing or unsafe: the value is never rendered, and there is no fallback.
     """
     parts: list[str] = []
-    for static, variable in _parse_template(policy.prefix):
+    for static, variable in parse_template(policy.prefix):
         parts.append(static)
         if variable is not None:
             raw = _value_of(variable, policy, principal)
@@ -343,36 +258,6 @@ def render_prefix(policy: Policy, principal: Principal) -> str:
     return "".join(parts)
 
 
-# --- rendering ---
-
-
-def _document(bucket: str, actions: Iterable[str], prefix: str) -> dict[str, Any]:
-    """The RAM policy (grammar Version "1") as data; serialised by ``_dumps`` only."""
-    wanted = set(actions)
-    object_actions = dict.fromkeys(
-        ram for name, mapped in _OBJECT_ACTIONS.items() if name in wanted for ram in mapped
-    )
-    statements: list[dict[str, Any]] = []
-    if object_actions:
-        resource = f"acs:oss:*:*:{bucket}/{prefix}*"
-        statements.append({"Effect": "Allow", "Action": [*object_actions], "Resource": [resource]})
-    if "list" in wanted:
-        only_prefix = {"StringLike": {"oss:Prefix": [f"{prefix}*"]}}
-        statements.append(
-            {
-                "Effect": "Allow",
-                "Action": ["oss:ListObjects"],
-                "Resource": [f"acs:oss:*:*:{bucket}"],
-                "Condition": only_prefix,
-            }
-        )
-    return {"Version": "1", "Statement": statements}
-
-
-def _dumps(document: Mapping[str, Any]) -> str:
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=True)
-
-
 def render_policy(policy: Policy, prefix: str) -> str:
     """The minified inline policy for ``prefix`` (already rendered, ending in ``/``).
 
@@ -384,7 +269,7 @@ def render_policy(policy: Policy, prefix: str) -> str:
         raise ValueError(
             "prefix must be non-empty path segments of A-Z a-z 0-9 . _ @ = + -, each ending in /"
         )
-    document = _dumps(_document(policy.bucket, policy.actions, prefix))
+    document = oss_policy_document(policy.bucket, policy.actions, prefix)
     if len(document) > MAX_POLICY_CHARS:
         raise ValueError(
             f"rendered policy is {len(document)} characters, over STS's {MAX_POLICY_CHARS} limit"
@@ -438,11 +323,13 @@ class PolicySet:
         for name, policy in ordered.items():
             if policy.name != name:
                 raise ValueError(f"policy {policy.name!r} is filed under {name!r}")
-        canonical = _dumps({"policies": [p.model_dump(mode="json") for p in ordered.values()]})
+        canonical = json.dumps(
+            [p.model_dump(mode="json") for p in ordered.values()], sort_keys=True
+        )
         object.__setattr__(self, "policies", MappingProxyType(ordered))
         # Only claims a prefix uses key the scope memo (not jti, nonce, ...).
-        used = {m for p in ordered.values() for m in re.findall(r"\$\{claim:([^}]*)\}", p.prefix)}
-        object.__setattr__(self, "_claim_names", frozenset(used))
+        used = frozenset().union(*(claim_names(policy.prefix) for policy in ordered.values()))
+        object.__setattr__(self, "_claim_names", used)
         object.__setattr__(self, "digest", hashlib.sha256(canonical.encode()).hexdigest())
 
     def get(self, name: str) -> Policy | None:
@@ -491,14 +378,11 @@ def _unknown_key_problems(doc: YamlDocument, data: Mapping[Any, Any]) -> list[st
     for key in data:
         if key in allowed:
             continue
-        line = doc.line_of((str(key),))
         if key == "source":
             problem = "is set by the broker from the file's path; remove it"
         else:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            problem = f"unknown key{hint}; allowed keys: {', '.join(sorted(allowed))}"
-        problems.append(f"{doc.path}:{line}: {key}: {problem}")
+            problem = unknown_key_problem(str(key), allowed)
+        problems.append(f"{doc.path}:{doc.line_of((str(key),))}: {key}: {problem}")
     return problems
 
 
@@ -508,10 +392,7 @@ def load_policy_file(path: Path) -> Policy:
 
 
 def _load_file(path: Path) -> tuple[Policy, YamlDocument]:
-    try:
-        doc = load_yaml(path)
-    except ValueError as err:
-        raise ConfigError([str(err)]) from err
+    doc = load_yaml(path)
     if not isinstance(doc.data, dict):
         raise ConfigError(
             [f"{path}:1: (top level): a policy file must be a YAML mapping of keys to values"]
@@ -553,9 +434,17 @@ def load_policies(directory: Path) -> PolicySet:
     paths = _policy_files(directory)
     if not paths:
         raise ConfigError([f"{directory}: no policy files (*.yaml, *.yml) in this directory"])
+    return load_policy_files(paths)
+
+
+def load_policy_files(paths: Iterable[Path]) -> PolicySet:
+    """Load these files as one set; one ``ConfigError`` lists every problem of every file.
+
+    A name given in two files is refused, naming both; a file listed twice is read once.
+    """
     problems: list[str] = []
     policies: dict[str, Policy] = {}
-    for path in paths:
+    for path in {path.resolve(): path for path in paths}.values():
         try:
             policy, doc = _load_file(path)
         except ConfigError as err:
@@ -563,10 +452,9 @@ def load_policies(directory: Path) -> PolicySet:
             continue
         first = policies.get(policy.name)
         if first is not None:
-            line = doc.line_of(("name",))
             problems.append(
-                f"{path}:{line}: name: policy {policy.name!r} is already defined in "
-                f"{first.source}; policy names must be unique"
+                f"{path}:{doc.line_of(('name',))}: name: policy {policy.name!r} is already "
+                f"defined in {first.source}; policy names must be unique"
             )
             continue
         policies[policy.name] = policy

@@ -10,6 +10,9 @@ also sees a Kubernetes ConfigMap's ``..data`` symlink swap).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
 import structlog
 import watchfiles
 
@@ -22,6 +25,8 @@ __all__ = ["reload_policies", "watch_policies"]
 log = structlog.get_logger("broker.reload")
 
 _DEBOUNCE_MS = 300
+_IDLE_MS = 500
+"""How long the watcher waits for a change before it reports that it is idle (and running)."""
 
 
 def reload_policies(services: Services) -> bool:
@@ -38,10 +43,35 @@ def reload_policies(services: Services) -> bool:
     return True
 
 
-async def watch_policies(services: Services) -> None:
-    """Reload whenever something in ``policies_dir`` changes, until cancelled."""
+async def watch_policies(
+    services: Services,
+    *,
+    ready: asyncio.Event | None = None,
+    reloaded: Callable[[bool], object] | None = None,
+) -> None:
+    """Reload whenever something in ``policies_dir`` changes, until cancelled.
+
+    ``ready`` is set once the directory is being watched (changes from then on
+    are seen); ``reloaded`` is called with each reload's outcome.
+    """
     directory = services.settings.policies_dir
-    log.info("policies_watch_started", directory=str(directory))
-    async for changes in watchfiles.awatch(directory, debounce=_DEBOUNCE_MS, recursive=True):
+    changes_seen = watchfiles.awatch(
+        directory,
+        debounce=_DEBOUNCE_MS,
+        recursive=True,
+        rust_timeout=_IDLE_MS,
+        yield_on_timeout=True,  # an empty set now and then: proof the watcher is running
+    )
+    started = False
+    async for changes in changes_seen:
+        if not started:
+            started = True
+            log.info("policies_watch_started", directory=str(directory))
+            if ready is not None:
+                ready.set()
+        if not changes:
+            continue
         log.info("policies_changed", changes=len(changes))
-        reload_policies(services)
+        outcome = reload_policies(services)
+        if reloaded is not None:
+            reloaded(outcome)

@@ -35,7 +35,7 @@ def _write(tmp_path: Path, text: str, name: str = "broker.yaml") -> Path:
     ("text", "line", "key", "problem"),
     [
         ("listen: {port: 70000}\n", 1, "listen.port", "less than or equal to 65535"),
-        ("listen:\n  host: 127.0.0.1\n  prot: 8080\n", 3, "listen.prot", "Extra inputs"),
+        ("listen:\n  host: 127.0.0.1\n  prot: 8080\n", 3, "listen.prot", "did you mean port?"),
         ("sts:\n  endpoint: 'ftp://x'\n", 2, "sts.endpoint", "http(s):// URL"),
         ("sts:\n  endpoint: 'http://127.0.0.1:9/path'\n", 2, "sts.endpoint", "may not have a path"),
         ("sts:\n  timeout_seconds: -1\n", 2, "sts.timeout_seconds", "greater than 0"),
@@ -75,7 +75,7 @@ def _write(tmp_path: Path, text: str, name: str = "broker.yaml") -> Path:
         ),
         ("cors:\n  allow_origins: ['app.example.com']\n", 2, "cors.allow_origins", "not an origin"),
         ("logging:\n  format: xml\n", 2, "logging.format", "'auto', 'json' or 'console'"),
-        ("listen: [1, 2\n", 2, "", "invalid YAML"),
+        ("listen: [1, 2\n", 1, "", "invalid YAML"),
         ("- just\n- a list\n", 1, "(top level)", "must be a mapping"),
         ("policies_dir: ./does-not-exist\n", 0, "", "does-not-exist"),
     ],

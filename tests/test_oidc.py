@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from structlog.testing import capture_logs
 from broker.config import JwtSettings
 from broker.errors import AuthenticationFailed, TemplateValueRejected
 from broker.oidc import MAX_TOKEN_CHARS, JwksSource, JwtVerifier, looks_like_jwt
-from tests.conftest import FakeClock
+from tests.conftest import POLICIES_DIR, BrokerFactory, BrokerHarness, FakeClock, write_jwks
+from tests.wire import error_code, send
 
 ISSUER = "https://idp.example.com/"
 AUDIENCE = "upload-web"
@@ -612,3 +614,102 @@ def test_jwks_url_with_credentials_is_refused() -> None:
     """A jwks_url carrying user:password@ is refused, so it can never reach a log line."""
     with pytest.raises(ValueError, match="credentials"):
         JwksSource(jwks_url="https://user:secret@idp.example.com/jwks.json")
+
+
+# --- template injection through a JWT, end to end ---
+
+
+_TEAM_POLICY = """\
+name: team-uploads
+description: Per-team uploads, keyed by a JWT claim.
+role_arn: acs:ram::1234567890123456:role/oss-service-uploads
+bucket: examplebucket
+region: cn-hangzhou
+prefix: "teams/${claim:team}/"
+actions: [put]
+duration_seconds: 900
+max_url_expires_seconds: 600
+callers: ["group:browser"]
+"""
+
+
+@pytest.fixture
+async def jwt_broker(make_broker: BrokerFactory, tmp_path: Path, keys: Keys) -> BrokerHarness:
+    jwks = write_jwks(tmp_path / "jwks.json", keys.rsa.public_key())
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES_DIR, policies, ignore=shutil.ignore_patterns("*.md"))
+    (policies / "team-uploads.yaml").write_text(_TEAM_POLICY)
+    jwt_settings = {
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+        "jwks_file": str(jwks),
+        "groups": ["browser"],
+        "groups_claim": "groups",
+    }
+    return await make_broker(policies, auth={"jwt": jwt_settings})
+
+
+def _jwt_headers(broker: BrokerHarness, key: RSAPrivateKey, **claims: Any) -> dict[str, str]:
+    now = broker.clock()
+    payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 300}
+    payload.update(claims)
+    token = jwt.encode(payload, key, algorithm="RS256", headers={"kid": "k1"})
+    return {"Authorization": f"Bearer {token}"}
+
+
+_INJECTIONS = [
+    "${subject}",
+    "${claim:team}",
+    "a/../b",
+    "../admin",
+    "*",
+    "a?",
+    "%2F",
+    "a%2fb",
+    "a\u2215b",
+    "a\uff0fb",
+    "a\\b",
+    "a\nb",
+    "a\u0000b",
+    "\u202eadmin",
+    "x" * 65,
+    "",
+    ".hidden",
+]
+
+
+@pytest.mark.parametrize("value", _INJECTIONS)
+async def test_jwt_subject_injection_is_refused(
+    jwt_broker: BrokerHarness, keys: Keys, value: str
+) -> None:
+    """A JWT sub that could widen avatars/${subject}/ is 403 TemplateValueRejected, before STS."""
+    headers = _jwt_headers(jwt_broker, keys.rsa, sub=value)
+    status, reply = await send(
+        jwt_broker, "GET", "/v1/credentials/avatar-upload", caller=None, headers=headers
+    )
+    assert (status, error_code(reply)) == (403, "TemplateValueRejected")
+    # Only the variable's name is ever echoed, never the value.
+    assert reply["error"]["message"] == "the caller's ${subject} cannot be used in a policy prefix"
+    assert jwt_broker.sts.emulator.calls == []
+
+
+@pytest.mark.parametrize("value", [*_INJECTIONS, 7, ["blue"], {"a": "b"}, None])
+async def test_jwt_claim_injection_is_refused(
+    jwt_broker: BrokerHarness, keys: Keys, value: Any
+) -> None:
+    """An unsafe or non-string ${claim:team} value is 403 TemplateValueRejected, before STS."""
+    headers = _jwt_headers(jwt_broker, keys.rsa, team=value)
+    status, reply = await send(
+        jwt_broker, "GET", "/v1/credentials/team-uploads", caller=None, headers=headers
+    )
+    assert (status, error_code(reply)) == (403, "TemplateValueRejected")
+    assert jwt_broker.sts.emulator.calls == []
+
+
+async def test_safe_jwt_claim_renders_its_own_prefix(jwt_broker: BrokerHarness, keys: Keys) -> None:
+    """The positive control: a safe team claim gets teams/<team>/."""
+    headers = _jwt_headers(jwt_broker, keys.rsa, team="blue")
+    status, reply = await send(
+        jwt_broker, "GET", "/v1/credentials/team-uploads", caller=None, headers=headers
+    )
+    assert (status, reply["Prefix"]) == (200, "teams/blue/")

@@ -3,30 +3,31 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from broker.errors import ConfigError, TemplateValueRejected
 from broker.models import Principal
+from broker.names import CALLER_ID, is_caller_id
 from broker.policies import (
     MAX_POLICY_CHARS,
-    SAFE_VALUE_PATTERN,
     Policy,
     PolicySet,
-    check_template_value,
     load_policies,
     load_policy_file,
+    load_policy_files,
     may_use,
     render_policy,
     render_prefix,
     scope_for,
 )
+from broker.templates import check_template_value
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
@@ -173,7 +174,8 @@ def test_digest_tells_sets_apart(examples: PolicySet) -> None:
 # --- bad files ---
 
 BAD_FILES = [
-    ("syntax_error.yaml", 5, None, "invalid YAML"),
+    ("syntax_error.yaml", 4, None, "invalid YAML"),
+    ("duplicate_key.yaml", 7, "prefix", "duplicate key (first at line 6)"),
     ("not_mapping.yaml", 1, "(top level)", "must be a YAML mapping"),
     ("unknown_key.yaml", 11, "content_type", "did you mean content_types?"),
     ("source_key.yaml", 11, "source", "set by the broker"),
@@ -242,6 +244,18 @@ def test_duplicate_names_name_both_files() -> None:
     assert f"already defined in {first}" in problem
 
 
+def test_files_given_together_must_have_distinct_names() -> None:
+    """load_policy_files refuses a name given in two files, naming both; one file twice is fine."""
+    first, second = BAD / "duplicate" / "first.yaml", BAD / "duplicate" / "second.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_policy_files([first, second])
+    assert caught.value.problems == [
+        f"{second}:2: name: policy 'same-name' is already defined in {first}; "
+        "policy names must be unique"
+    ]
+    assert [policy.name for policy in load_policy_files([first, first])] == ["same-name"]
+
+
 def test_directory_collects_every_problem_of_every_file() -> None:
     """Loading a directory reports the problems of all its files at once."""
     with pytest.raises(ConfigError) as caught:
@@ -293,6 +307,13 @@ def test_jwt_subject_never_matches_a_caller_id(examples: PolicySet) -> None:
     assert reports is not None
     assert not may_use(reports, Principal(subject="svc-reports", auth_method="jwt"))
     assert may_use(reports, Principal(subject="u1", groups=("internal",), auth_method="jwt"))
+
+
+@pytest.mark.parametrize("caller", ["a..b", "group:a..b", "group:", "group:group:x", "-a"])
+def test_callers_follow_the_caller_id_rule(caller: str) -> None:
+    """A callers entry is an id or group:NAME by the caller-id rule, so never holds '..'."""
+    with pytest.raises(pydantic.ValidationError, match="group:NAME"):
+        make_policy(callers=[caller])
 
 
 def test_group_variable_is_first_listed_group_in_principal_order() -> None:
@@ -367,7 +388,7 @@ ADVERSARIAL = st.text(
     max_size=70,
 )
 NEARLY_SAFE = st.text(alphabet=st.sampled_from(list("aZ09._@-")), min_size=1, max_size=66)
-SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+SEGMENT = CALLER_ID
 SUBJECTS = st.one_of(
     st.text(max_size=80), ADVERSARIAL, NEARLY_SAFE, st.from_regex(SEGMENT, fullmatch=True)
 )
@@ -400,14 +421,14 @@ def test_any_subject_is_rejected_or_stays_in_one_segment(subject: str) -> None:
 
 @BOUNDED
 @given(SUBJECTS)
-def test_check_template_value_matches_safe_pattern(value: str) -> None:
-    """check_template_value accepts exactly what SAFE_VALUE_PATTERN accepts."""
+def test_check_template_value_is_the_caller_id_rule(value: str) -> None:
+    """check_template_value accepts exactly what names.is_caller_id accepts."""
     try:
         check_template_value(value)
     except ValueError:
-        assert SAFE_VALUE_PATTERN.match(value) is None
+        assert not is_caller_id(value)
     else:
-        assert SAFE_VALUE_PATTERN.match(value) is not None
+        assert is_caller_id(value)
 
 
 @BOUNDED
@@ -445,7 +466,7 @@ def test_dotted_subjects_never_nest_with_their_extensions(subject: str) -> None:
 @given(NEARLY_SAFE, SUBJECTS)
 def test_group_and_claim_values_are_checked_like_subjects(group: str, tenant: str) -> None:
     """${group} and ${claim:NAME} values pass the same safe-value check as ${subject}."""
-    assume(SEGMENT.fullmatch(group))  # callers accepts it, though it may hold ".."
+    assume(is_caller_id(group))  # what callers accepts
     policy = make_policy(prefix="t/${claim:tenant}/${group}/", callers=[f"group:{group}"])
     caller = Principal(subject="alice", groups=("staff", group), claims={"tenant": tenant})
     try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -109,17 +111,45 @@ async def test_kubernetes_symlink_swap(make_broker: BrokerFactory, tmp_path: Pat
     assert body["Prefix"] == "pics/alice/"
 
 
-async def test_watcher_reloads_on_change(broker: BrokerHarness, policies: Path) -> None:
-    """With watching on, a changed file is reloaded without a signal (bounded wait)."""
-    task = asyncio.create_task(watch_policies(broker.services))
+@contextlib.asynccontextmanager
+async def _watching(broker: BrokerHarness) -> AsyncIterator[asyncio.Queue[bool]]:
+    """Run the watcher until the block ends; yield once it watches, with its reload outcomes."""
+    ready = asyncio.Event()
+    outcomes: asyncio.Queue[bool] = asyncio.Queue()
+    task = asyncio.create_task(
+        watch_policies(broker.services, ready=ready, reloaded=outcomes.put_nowait)
+    )
     try:
-        await asyncio.sleep(0.3)  # let the watcher start
-        path = policies / "avatar-upload.yaml"
-        path.write_text(path.read_text().replace("avatars/${subject}/", "watched/${subject}/"))
-        async with asyncio.timeout(10):
-            while "watched/" not in broker.services.policies.get("avatar-upload").prefix:  # type: ignore[union-attr]
-                await asyncio.sleep(0.05)
+        async with asyncio.timeout(30):  # a guard against a hang, not a measurement
+            await ready.wait()
+            yield outcomes
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_watcher_reloads_on_change(broker: BrokerHarness, policies: Path) -> None:
+    """With watching on, a changed file is reloaded without a signal, once the watcher is ready."""
+    async with _watching(broker) as outcomes:
+        path = policies / "avatar-upload.yaml"
+        path.write_text(path.read_text().replace("avatars/${subject}/", "watched/${subject}/"))
+        while "watched/" not in _avatar_prefix(broker):
+            await outcomes.get()  # a reload happened: look again
+
+
+async def test_watcher_keeps_the_set_when_a_change_breaks_it(
+    broker: BrokerHarness, policies: Path
+) -> None:
+    """A watched change that breaks a file is reported as a failed reload; the old set stays."""
+    before = broker.services.policies
+    async with _watching(broker) as outcomes:
+        (policies / "avatar-upload.yaml").write_text("name: [unclosed\n")
+        assert await outcomes.get() is False
+    assert broker.services.policies is before
+
+
+def _avatar_prefix(broker: BrokerHarness) -> str:
+    policy = broker.services.policies.get("avatar-upload")
+    assert policy is not None
+    return policy.prefix

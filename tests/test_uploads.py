@@ -1,0 +1,327 @@
+"""What a caller may sign (broker.uploads): body fields, object keys, headers, expiry clamping.
+
+The body rules are driven through the real server (the handlers parse bodies
+into these models); ``check_key`` and ``clamp_expiry`` are also pinned as
+Hypothesis properties of the pure functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.errors import AccessDenied, RequestInvalid
+from broker.names import is_caller_id
+from broker.policies import Policy, load_policies
+from broker.signing import MAX_EXPIRES_SECONDS
+from broker.uploads import MAX_KEY_BYTES, check_key, clamp_expiry
+from tests.conftest import POLICIES_DIR, BrokerHarness
+from tests.wire import POST_POLICY, PRESIGN, error_code, post_json
+
+_BOUNDED = settings(max_examples=200, deadline=None, database=None)
+
+# --- body fields: types, unknown fields, ranges ---
+
+
+WRONG_TYPES = [
+    ("expires_seconds", "600"),
+    ("expires_seconds", 600.0),
+    ("expires_seconds", 1.5),
+    ("expires_seconds", True),
+    ("expires_seconds", [600]),
+    ("expires_seconds", {"seconds": 600}),
+    ("policy", 1),
+    ("policy", ["avatar-upload"]),
+    ("policy", {"name": "avatar-upload"}),
+    ("policy", None),
+    ("key", 12),
+    ("key", ["avatars/alice/me.png"]),
+    ("key", False),
+    ("content_type", ["image/png"]),
+    ("content_type", 1),
+    ("metadata", ["a", "b"]),
+    ("metadata", {"a": 1}),
+    ("metadata", {"a": {"b": "c"}}),
+    ("metadata", "a=b"),
+    ("headers", {"x-oss-forbid-overwrite": True}),
+    ("part_number", "1"),
+    ("callback", "https://cb.example/"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), WRONG_TYPES)
+async def test_wrong_types_in_presign_are_400(
+    broker: BrokerHarness, field: str, value: Any
+) -> None:
+    """Strings for ints, floats, booleans, arrays and objects where scalars belong: 400."""
+    status, reply = await post_json(broker, "/v1/presign", {**PRESIGN, field: value})
+    assert (status, error_code(reply)) == (400, "RequestInvalid")
+    assert broker.sts.emulator.calls == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_object_bytes", "1024"),
+        ("max_object_bytes", 1024.5),
+        ("max_object_bytes", True),
+        ("success_action_status", "201"),
+        ("success_action_status", 202),
+        ("signature_version", "v2"),
+        ("key_prefix", ["avatars/alice/"]),
+        ("expires_seconds", {"$gt": 0}),
+    ],
+)
+async def test_wrong_types_in_post_policy_are_400(
+    broker: BrokerHarness, field: str, value: Any
+) -> None:
+    """The post-policy body is as strict: wrong types and values outside enums are 400."""
+    status, reply = await post_json(broker, "/v1/post-policy", {**POST_POLICY, field: value})
+    assert (status, error_code(reply)) == (400, "RequestInvalid")
+    assert broker.sts.emulator.calls == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/presign", {**PRESIGN, "acl": "public-read"}),
+        ("/v1/presign", {**PRESIGN, "Policy": "avatar-upload"}),
+        ("/v1/presign", {**PRESIGN, "callback": {"url": "u", "body": "b", "host": "evil"}}),
+        ("/v1/post-policy", {**POST_POLICY, "bucket": "otherbucket"}),
+        ("/v1/post-policy", {**POST_POLICY, "conditions": [["starts-with", "$key", ""]]}),
+    ],
+)
+async def test_unknown_fields_are_400(broker: BrokerHarness, path: str, body: Any) -> None:
+    """Fields the models do not declare, at any depth, are refused, not ignored."""
+    status, reply = await post_json(broker, path, body)
+    assert (status, error_code(reply)) == (400, "RequestInvalid")
+    assert broker.sts.emulator.calls == []
+
+
+async def test_policy_name_with_trailing_newline_in_a_body_is_400(broker: BrokerHarness) -> None:
+    """In a body, "avatar-upload\\n" fails the pattern: 400 RequestInvalid."""
+    status, reply = await post_json(broker, "/v1/presign", {**PRESIGN, "policy": "avatar-upload\n"})
+    assert (status, error_code(reply)) == (400, "RequestInvalid")
+
+
+@pytest.mark.parametrize("value", [0, -1, 604801, 10**100, 1e100, "600", True, False, 600.0, [600]])
+@pytest.mark.parametrize(
+    ("path", "base"), [("/v1/presign", PRESIGN), ("/v1/post-policy", POST_POLICY)]
+)
+async def test_out_of_range_expiry_is_400(
+    broker: BrokerHarness, path: str, base: dict[str, Any], value: Any
+) -> None:
+    """expires_seconds outside 1..604800, or not a JSON integer, is 400 before STS."""
+    status, reply = await post_json(broker, path, {**base, "expires_seconds": value})
+    assert (status, error_code(reply)) == (400, "RequestInvalid")
+    assert broker.sts.emulator.calls == []
+
+
+@pytest.mark.parametrize(
+    ("path", "base"), [("/v1/presign", PRESIGN), ("/v1/post-policy", POST_POLICY)]
+)
+async def test_null_expiry_means_the_policy_cap(
+    broker: BrokerHarness, path: str, base: dict[str, Any]
+) -> None:
+    """expires_seconds: null is the same as leaving it out: the policy's cap, not clamped."""
+    status, reply = await post_json(broker, path, {**base, "expires_seconds": None})
+    assert status == 200, reply
+    assert (reply["expires_in"], reply["clamped"]) == (600, False)
+
+
+# --- keys, metadata and headers ---
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "\uff41vatars/alice/me.png",  # fullwidth a: NFKC folds it to "a"
+        "avatars\u2215alice/me.png",  # division slash
+        "avatars/alice\uff0fme.png",  # fullwidth solidus
+        "avatars/ali\u0301ce/me.png",  # a combining accent inside the subject
+        "avatars/alice\u200d/me.png",  # zero-width joiner after the subject
+        "\u202eavatars/alice/me.png",  # right-to-left override before the prefix
+        "avatars/Alice/me.png",
+    ],
+)
+async def test_lookalikes_of_the_prefix_are_outside_it(broker: BrokerHarness, key: str) -> None:
+    """Keys that only look like, or normalize to, the caller's prefix are 403: no folding."""
+    status, reply = await post_json(broker, "/v1/presign", {**PRESIGN, "key": key})
+    assert (status, error_code(reply)) == (403, "AccessDenied")
+    assert broker.sts.emulator.calls == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\u00e9.png",  # NFC
+        "e\u0301.png",  # NFD of the same
+        "a\u200db.png",  # zero-width joiner
+        "\u202egnp.exe",  # right-to-left override
+        "\u2028.png",  # line separator
+    ],
+)
+async def test_unicode_under_the_prefix_is_signed_verbatim(
+    broker: BrokerHarness, name: str
+) -> None:
+    """Format characters under the prefix are signed byte for byte as sent, never normalized."""
+    status, reply = await post_json(
+        broker, "/v1/presign", {**PRESIGN, "key": "avatars/alice/" + name}
+    )
+    assert status == 200, reply
+    assert unquote(urlsplit(reply["url"]).path) == "/avatars/alice/" + name
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"note": "\u202eevil"}, {"note": "caf\u00e9"}, {"n\u00f6te": "x"}, {"note": "a\u200db"}],
+)
+async def test_non_ascii_metadata_is_400(broker: BrokerHarness, metadata: dict[str, str]) -> None:
+    """Metadata names and values are ASCII: RTL overrides, accents and joiners are refused."""
+    status, reply = await post_json(broker, "/v1/presign", {**PRESIGN, "metadata": metadata})
+    assert (status, error_code(reply)) == (400, "RequestInvalid")
+    assert broker.sts.emulator.calls == []
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"content_type": "image/png\r\nX-Evil: 1"},
+        {"content_type": "image/png\nX-Evil: 1"},
+        {"metadata": {"note": "a\r\nx-oss-object-acl: public-read"}},
+        {"metadata": {"note\r\nx-oss-object-acl": "public-read"}},
+        {"headers": {"x-oss-forbid-overwrite": "true\r\nx-oss-object-acl: public-read"}},
+        {"headers": {"x-oss-forbid-overwrite\r\nx-oss-object-acl": "true"}},
+        {"key": "avatars/alice/a\r\nb.png"},
+        {"upload_id": "a\r\nb", "operation": "abort_multipart"},
+    ],
+)
+async def test_crlf_in_values_is_400(broker: BrokerHarness, changes: dict[str, Any]) -> None:
+    """CR/LF in anything that would become a signed header or URL is refused, never signed."""
+    status, reply = await post_json(broker, "/v1/presign", {**PRESIGN, **changes})
+    assert (status, error_code(reply)) == (400, "RequestInvalid")
+    assert "url" not in reply
+    assert broker.sts.emulator.calls == []
+
+
+async def test_crlf_in_post_policy_content_type_is_400(broker: BrokerHarness) -> None:
+    """The post-policy content_type is held to the same pattern."""
+    body = {**POST_POLICY, "content_type": "image/png\r\nX-Evil: 1"}
+    status, reply = await post_json(broker, "/v1/post-policy", body)
+    assert (status, error_code(reply)) == (400, "RequestInvalid")
+
+
+# --- properties of check_key and clamp_expiry ---
+
+_SAFE_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-"
+_subjects = st.text(_SAFE_CHARS, min_size=1, max_size=64).filter(is_caller_id)
+_prefixes = st.one_of(
+    st.builds(lambda subject: f"avatars/{subject}/", _subjects),
+    st.sampled_from(["reports/", "services/svc-a/", "a/b/c/"]),
+)
+_any_text = st.text(st.characters(exclude_categories=()), max_size=80)
+_bad_parts = st.sampled_from(["..", ".", "\\", "\x00", "\r", "\n", "\x7f", "\x85", "\x1b"])
+
+
+def _keys_near(prefix: str) -> st.SearchStrategy[str]:
+    return st.one_of(
+        _any_text,
+        st.builds(lambda rest: prefix + rest, _any_text),
+        st.builds(lambda rest: prefix[:-1] + rest, _any_text),
+        st.builds(lambda rest: "/" + prefix + rest, _any_text),
+        st.builds(lambda rest: prefix + "../" + rest, _any_text),
+    )
+
+
+@_BOUNDED
+@given(data=st.data(), prefix=_prefixes)
+def test_check_key_never_accepts_a_key_outside_the_prefix(data: st.DataObject, prefix: str) -> None:
+    """check_key returns only well-formed keys strictly under the prefix; else 400 or 403."""
+    key = data.draw(_keys_near(prefix))
+    try:
+        accepted = check_key(key, prefix)
+    except (RequestInvalid, AccessDenied):
+        return
+    assert accepted == key
+    assert key.startswith(prefix)
+    assert key != prefix
+    assert not key.startswith("/")
+    assert "\\" not in key
+    assert not any(segment in (".", "..") for segment in key.split("/"))
+    assert not any(ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F for char in key)
+    assert 1 <= len(key.encode("utf-8")) <= MAX_KEY_BYTES
+
+
+@_BOUNDED
+@given(prefix=_prefixes, before=_any_text, bad=_bad_parts, after=_any_text)
+def test_check_key_refuses_traversal_and_controls_even_under_the_prefix(
+    prefix: str, before: str, bad: str, after: str
+) -> None:
+    """A key with a ./.. segment, a backslash or a control character is always refused."""
+    key = prefix + before.replace("/", "") + "/" + bad + "/" + after
+    with pytest.raises((RequestInvalid, AccessDenied)):
+        check_key(key, prefix)
+    with pytest.raises((RequestInvalid, AccessDenied)):
+        check_key("/" + prefix + "x", prefix)
+
+
+_sane_segment = st.text(
+    st.characters(
+        categories=["L", "N", "Pd", "Pc"], include_characters="~!()' ", exclude_characters="/\\"
+    ),
+    min_size=1,
+    max_size=30,
+).filter(lambda segment: segment not in (".", ".."))
+
+
+@_BOUNDED
+@given(prefix=_prefixes, segments=st.lists(_sane_segment, min_size=1, max_size=6))
+def test_check_key_accepts_every_sane_key_under_the_prefix(
+    prefix: str, segments: list[str]
+) -> None:
+    """Printable, traversal-free keys of at most 1023 bytes under the prefix are accepted as is."""
+    key = prefix + "/".join(segments)
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        return
+    assert check_key(key, prefix) == key
+
+
+@functools.cache
+def _avatar_policy() -> Policy:
+    policy = load_policies(POLICIES_DIR).get("avatar-upload")
+    assert policy is not None
+    return policy
+
+
+def _policy(cap: int) -> Policy:
+    return _avatar_policy().model_copy(update={"max_url_expires_seconds": cap})
+
+
+@_BOUNDED
+@given(
+    requested=st.none() | st.integers(1, MAX_EXPIRES_SECONDS),
+    cap=st.integers(1, MAX_EXPIRES_SECONDS),
+    remaining=st.floats(-1e3, 2e6, allow_nan=False),
+)
+def test_clamp_expiry_never_outlives_request_cap_week_or_token(
+    requested: int | None, cap: int, remaining: float
+) -> None:
+    """The lifetime is min(requested, cap, 7 days, floor(token left)); clamped iff shorter."""
+    policy = _policy(cap)
+    if math.floor(remaining) < 1:
+        with pytest.raises(RequestInvalid):
+            clamp_expiry(requested, policy, remaining)
+        return
+    expiry = clamp_expiry(requested, policy, remaining)
+    asked = requested if requested is not None else cap
+    assert 1 <= expiry.seconds <= min(cap, MAX_EXPIRES_SECONDS, math.floor(remaining))
+    assert expiry.seconds <= asked
+    assert expiry.seconds == min(asked, cap, math.floor(remaining))
+    assert expiry.requested_seconds == min(asked, MAX_EXPIRES_SECONDS)
+    assert expiry.clamped == (expiry.seconds < asked)
