@@ -104,7 +104,10 @@ async def test_tampered_secret_gets_signature_does_not_match(stack: Stack) -> No
         "/v1/credentials/service-uploads", headers=stack.auth("svc-a")
     ) as resp:
         creds = await resp.json()
-    client = _sdk(stack, creds, secret=creds["AccessKeySecret"][:-1] + "x")
+    secret = creds["AccessKeySecret"]
+    # Change the last character to one it is not (a fixed "x" left 1 secret in 64 intact).
+    tampered = secret[:-1] + ("y" if secret.endswith("x") else "x")
+    client = _sdk(stack, creds, secret=tampered)
     try:
         with pytest.raises(oss.exceptions.OperationError) as err:
             await client.put_object(
