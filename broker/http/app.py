@@ -44,7 +44,9 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
     app.router.add_get("/metrics", routes.metrics, name="metrics")
     app.router.add_get("/openapi.json", routes.openapi, name="openapi")
     if demo:
-        app.router.add_get("/demo", routes.demo, name="demo")
+        from broker.dev.demo import demo_routes  # dev mode only: serve never loads broker.dev
+
+        app.router.add_routes(demo_routes())
     app.cleanup_ctx.append(_close_cache)
     return app
 

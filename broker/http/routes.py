@@ -16,7 +16,6 @@ from aiohttp.web_protocol import RequestPayloadError
 from broker import signing
 from broker.auth import extract_token, quota_key, role_session_name
 from broker.credentials.cache import CacheResult
-from broker.dev import demo_page
 from broker.errors import AccessDenied, RequestInvalid, TemplateValueRejected, TooManyRequests
 from broker.http.keys import SERVICES
 from broker.http.middleware import REQUEST_ID
@@ -43,7 +42,6 @@ from broker.uploads import (
 __all__ = [
     "create_post_policy",
     "create_presigned_url",
-    "demo",
     "get_credentials",
     "healthz",
     "list_policies",
@@ -388,15 +386,6 @@ async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text format."""
     body = request.app[SERVICES].metrics.render()
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-
-async def demo(request: web.Request) -> web.Response:
-    """``GET /demo`` (dev mode only): a page that uploads by presigned PUT and PostObject."""
-    return web.Response(
-        text=demo_page(),
-        content_type="text/html",
-        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
-    )
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -32,7 +32,7 @@ OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
 
 _MAX_EXAMPLES = 30
 _HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
-_DEV_ONLY_ROUTES = frozenset({("GET", "/demo")})
+_DEV_ONLY_ROUTES = frozenset({("GET", "/demo"), ("GET", "/favicon.ico")})
 # caller -> a policy it may use and its rendered prefix there
 _USABLE = {
     "alice": ("avatar-upload", "avatars/alice/"),
