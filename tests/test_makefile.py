@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,9 +17,12 @@ MAKE = shutil.which("make") or "make"
 def _dry_run(venv: Path, *args: str, remake_all: bool = True) -> list[str]:
     """The commands ``make ARGS`` would run with ``VENV=venv`` (none are run)."""
     flags = ["-n", "-B"] if remake_all else ["-n"]
+    # Under `make test` this runs as a sub-make: keep the outer make's flags out of it.
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
     result = subprocess.run(  # noqa: S603 - make, fixed arguments
-        [MAKE, *flags, f"VENV={venv}", *args],
+        [MAKE, "--no-print-directory", *flags, f"VENV={venv}", *args],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         check=True,
