@@ -1,38 +1,53 @@
 # The two commands a newcomer needs: `make run` and `make test`.
+#   make run [PORT=9000]   dev mode; installs only what running needs (pip install -e .)
+#   make test              ruff, mypy --strict, pytest; adds the test toolchain (.[test])
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 SYSTEM := $(VENV)/.system-deps
+PORT   ?=
 
 .PHONY: run test lint typecheck pytest bench clean
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
+	@echo "==> $(VENV): creating a virtualenv with $(PYTHON)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@echo "==> installing sts-broker and what it needs to run (pip install -e .)"
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar on -e .
+	touch $@
 
-run: $(STAMP)  ## run the broker in dev mode: emulators, example policies, a printed dev key
-	$(BIN)/sts-broker dev
+$(TEST_STAMP): $(RUN_STAMP) pyproject.toml
+	@echo "==> installing the test toolchain (pip install -e '.[test]')"
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar on -e '.[test]'
+	touch $@
 
-$(SYSTEM): tools/install-system-deps.sh | $(STAMP)
+# The name this stamp had before run and test were installed apart.
+$(VENV)/.installed: $(TEST_STAMP)
+	touch $@
+
+run: $(RUN_STAMP)  ## run the broker in dev mode: emulators, example policies, a printed dev key
+	@echo "==> starting sts-broker dev (Ctrl-C stops it)"
+	$(BIN)/sts-broker dev$(if $(PORT), --port $(PORT))
+
+$(SYSTEM): tools/install-system-deps.sh | $(TEST_STAMP)
 	bash tools/install-system-deps.sh
 	touch $(SYSTEM)
 
-test: $(STAMP) $(SYSTEM) lint typecheck pytest  ## ruff, mypy --strict and the whole pytest suite
+test: $(TEST_STAMP) $(SYSTEM) lint typecheck pytest  ## ruff, mypy --strict and the whole pytest suite
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check broker tests
 	$(BIN)/ruff format --check broker
 
-typecheck: $(STAMP)
+typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) $(SYSTEM)
+pytest: $(TEST_STAMP) $(SYSTEM)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## ratios against baselines measured in the same run; writes bench/RESULTS.md
+bench: $(TEST_STAMP)  ## ratios against baselines measured in the same run; writes bench/RESULTS.md
 	bash tools/install-system-deps.sh
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/fleet.py --append bench/RESULTS.md

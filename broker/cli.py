@@ -1,6 +1,7 @@
 """``sts-broker``: argv → settings → logging → run.  The subcommands live here.
 
 Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+Dev mode (``broker.dev``) is imported inside ``dev`` only, so ``serve`` never loads it.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import multiprocessing
 import os
@@ -15,6 +17,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -22,7 +25,6 @@ from aiohttp import web
 from broker.auth import generate_api_key, hash_api_key
 from broker.config import Settings, load_settings
 from broker.credentials.shared_store import load_encryption_keys
-from broker.dev.stack import DEV_CALLER, DevStack, dev_stack
 from broker.errors import BrokerError, ConfigError, TemplateValueRejected
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
 from broker.logs import configure_logging
@@ -39,12 +41,20 @@ from broker.reload import reload_policies, watch_policies
 from broker.services import Services, build_services
 from broker.templates import VALUE_RULE
 
+if TYPE_CHECKING:
+    from broker.dev.stack import DevStack
+
 __all__ = ["main"]
 
 log = structlog.get_logger("broker.cli")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 _SHUTDOWN_TIMEOUT_SECONDS = 10.0
+_DEV_PORT_HINT = "--port N (or make run PORT=N)"
+
+
+class _PortInUse(Exception):
+    """The listener's address is taken; the message says how to choose another port."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"configuration error:\n{err}", file=sys.stderr)
         return EXIT_CONFIG
+    except _PortInUse as err:
+        print(f"sts-broker: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     except BrokerError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return EXIT_FAILURE
@@ -63,43 +76,123 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sts-broker", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+_DESCRIPTION = """\
+Hands out temporary, narrowly scoped Alibaba Cloud STS credentials for OSS, and
+presigned URLs and PostObject form fields signed with them, so that no service
+and no browser ever holds a long-term AccessKey."""
 
-    serve = sub.add_parser("serve", help="run the broker")
-    serve.add_argument("--config", type=Path, default=Path("config/broker.yaml"))
+_EPILOG = """\
+start here:
+  sts-broker dev            everything locally, no cloud account (also: make run)
+  sts-broker check --config config/broker.yaml policies/*.yaml
+  sts-broker serve --config config/broker.yaml
+
+'sts-broker COMMAND --help' describes a command's options.
+docs: README.md (overview), policies/README.md (policy files), docs/api.md (HTTP API),
+docs/deployment.md (production); a running broker serves its API at /openapi.json."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sts-broker",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(required=True, title="commands", metavar="COMMAND")
+    _add_serve(sub)
+    _add_dev(sub)
+    _add_check(sub)
+    _add_render(sub)
+    _add_hash_key(sub)
+    return parser
+
+
+_Subparsers = argparse._SubParsersAction
+
+
+def _add_command(
+    sub: _Subparsers[argparse.ArgumentParser], name: str, summary: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose summary is both its line in the list and its help's first line."""
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+
+
+def _add_path(
+    parser: argparse.ArgumentParser, flag: str, default: str | None, metavar: str, text: str
+) -> None:
+    """A ``--flag FILE`` or ``--flag DIR`` option, read as a Path."""
+    value = Path(default) if default is not None else None
+    parser.add_argument(flag, type=Path, default=value, metavar=metavar, help=text)
+
+
+def _add_serve(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    serve = _add_command(sub, "serve", "run the broker")
+    config_help = "the broker's config file (default: %(default)s)"
+    _add_path(serve, "--config", "config/broker.yaml", "FILE", config_help)
     serve.add_argument(
         "--workers",
         type=int,
         default=1,
+        metavar="N",
         help="worker processes sharing the port (SO_REUSEPORT); the STS budget is divided",
     )
     serve.set_defaults(run=_cmd_serve)
 
-    dev = sub.add_parser("dev", help="run locally with an embedded STS emulator, no cloud account")
-    dev.add_argument("--port", type=int, default=8080)
-    dev.add_argument("--policies-dir", type=Path, default=Path("policies"))
-    dev.add_argument("--storage-dir", type=Path, default=Path("var/dev-oss"))
+
+def _add_dev(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    summary = "run locally with STS and OSS emulators and a demo page, no cloud account"
+    dev = _add_command(sub, "dev", summary)
+    dev.add_argument(
+        "--port",
+        type=int,
+        default=8080,
+        metavar="N",
+        help="the broker's port on 127.0.0.1 (default: %(default)s; 0 picks a free one)",
+    )
+    policies_help = "the policy files to serve (default: %(default)s)"
+    _add_path(dev, "--policies-dir", "policies", "DIR", policies_help)
+    storage_help = "where the OSS emulator stores uploaded objects (default: %(default)s)"
+    _add_path(dev, "--storage-dir", "var/dev-oss", "DIR", storage_help)
     dev.set_defaults(run=_cmd_dev)
 
-    check = sub.add_parser("check", help="validate config and policy files")
-    check.add_argument("--config", type=Path, default=None)
-    check.add_argument("policy_files", nargs="*", type=Path, metavar="POLICY_FILE")
+
+def _add_check(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    check = _add_command(sub, "check", "validate config and policy files")
+    config_help = "a config file to validate, with the policies in its policies_dir"
+    _add_path(check, "--config", None, "FILE", config_help)
+    check.add_argument(
+        "policy_files",
+        nargs="*",
+        type=Path,
+        metavar="POLICY_FILE",
+        help="policy files to validate on their own",
+    )
     check.set_defaults(run=_cmd_check)
 
-    render = sub.add_parser("render", help="print the RAM policy sent to STS for a caller")
-    render.add_argument("policy")
-    render.add_argument("--subject", required=True)
-    render.add_argument("--group", action="append", default=[], dest="groups")
-    render.add_argument("--config", type=Path, default=None)
-    render.add_argument("--policies-dir", type=Path, default=Path("policies"))
+
+def _add_render(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    render = _add_command(sub, "render", "print the RAM policy sent to STS for a caller")
+    render.add_argument("policy", help="the policy's name (the name: in its file)")
+    render.add_argument("--subject", required=True, help="the caller's id, as ${subject}")
+    render.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        dest="groups",
+        metavar="GROUP",
+        help="a group of the caller, as ${group}; repeat for several",
+    )
+    _add_path(render, "--config", None, "FILE", "read policies_dir from this config file")
+    policies_help = "where the policy files are, without --config (default: %(default)s)"
+    _add_path(render, "--policies-dir", "policies", "DIR", policies_help)
     render.set_defaults(run=_cmd_render)
 
-    hash_key = sub.add_parser("hash-key", help="make a key_sha256 for the config")
+
+def _add_hash_key(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    hash_key = _add_command(sub, "hash-key", "make a key_sha256 for the config")
     hash_key.add_argument("--key", help="an existing key (default: read stdin, or make a new one)")
     hash_key.set_defaults(run=_cmd_hash_key)
-    return parser
 
 
 def _check_secrets(settings: Settings) -> None:
@@ -119,7 +212,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return _run_workers(args.config, args.workers)
     configure_logging(settings.logging.format, settings.logging.level, batched=True)
-    asyncio.run(_serve(build_services(settings, policies)))
+    port_hint = f"listen.port in {args.config}"
+    asyncio.run(_serve(build_services(settings, policies), port_hint=port_hint))
     return EXIT_OK
 
 
@@ -155,7 +249,11 @@ def _worker_main(config: Path, workers: int, index: int) -> None:
     structlog.contextvars.bind_contextvars(worker=index)
     policies = load_policies(settings.policies_dir)
     services = build_services(settings, policies, process_share=1 / workers)
-    asyncio.run(_serve(services, reuse_port=True))
+    try:
+        asyncio.run(_serve(services, port_hint=f"listen.port in {config}", reuse_port=True))
+    except _PortInUse as err:
+        print(f"sts-broker: worker {index}: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILURE) from None
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
@@ -169,11 +267,20 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
 
 async def _dev(port: int, policies_dir: Path, policies: PolicySet, storage_dir: Path) -> None:
+    from broker.dev.stack import dev_stack  # dev mode only: serve never loads broker.dev
+
     async with dev_stack(policies, policies_dir, storage_dir, port=port) as stack:
-        await _serve(stack.services, banner=lambda url: _dev_banner(url, stack), demo=True)
+        await _serve(
+            stack.services,
+            banner=lambda url: _dev_banner(url, stack),
+            port_hint=_DEV_PORT_HINT,
+            demo=True,
+        )
 
 
 def _dev_banner(url: str, stack: DevStack) -> None:
+    from broker.dev.stack import DEV_CALLER
+
     first = next(iter(stack.services.policies)).name
     names = ", ".join(policy.name for policy in stack.services.policies)
     print(
@@ -185,7 +292,8 @@ def _dev_banner(url: str, stack: DevStack) -> None:
         f"  policies:      {names}\n"
         f"  dev API key:   {stack.dev_key}   (caller id '{DEV_CALLER}'; new on every start)\n\n"
         f"  try:\n"
-        f"    curl -s -H 'Authorization: Bearer {stack.dev_key}' {url}/v1/credentials/{first}\n",
+        f"    curl -s -H 'Authorization: Bearer {stack.dev_key}' {url}/v1/credentials/{first}\n\n"
+        f"  stop:          Ctrl-C\n",
         file=sys.stderr,
         flush=True,
     )
@@ -195,6 +303,7 @@ async def _serve(
     services: Services,
     banner: Callable[[str], None] | None = None,
     *,
+    port_hint: str,
     demo: bool = False,
     reuse_port: bool = False,
 ) -> None:
@@ -206,31 +315,15 @@ async def _serve(
     refreshes are cancelled and the process exits 0.
     """
     listen = services.settings.listen
-    app = make_app(services, demo=demo)
-    runner = BrokerRunner(
-        app, shutdown_timeout=listen.shutdown_timeout_seconds, **runner_options(services)
-    )
-    await runner.setup()
-    context = ssl_context(listen.tls) if listen.tls is not None else None
-    site = web.TCPSite(
-        runner, listen.host, listen.port, ssl_context=context, reuse_port=reuse_port or None
-    )
-    await site.start()
-    scheme = "https" if context is not None else "http"
-    url = f"{scheme}://{listen.host}:{_bound_port(runner, listen.port)}"
+    runner, url = await _start(services, port_hint, demo=demo, reuse_port=reuse_port)
     log.info("broker_started", url=url, policies=len(services.policies))
     if banner is not None:
         banner(url)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload_policies(services))
     watcher = None
     if services.settings.watch_policies:
         watcher = asyncio.create_task(watch_policies(services))
     try:
-        await stop.wait()
+        await _wait_for_stop(services)
     finally:
         services.shutting_down = True
         log.info("broker_stopping", delay_seconds=listen.shutdown_delay_seconds)
@@ -239,6 +332,46 @@ async def _serve(
         await asyncio.sleep(listen.shutdown_delay_seconds)
         await runner.cleanup()
         log.info("broker_stopped")
+
+
+async def _wait_for_stop(services: Services) -> None:
+    """Return on SIGTERM or SIGINT; meanwhile SIGHUP reloads policies."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload_policies(services))
+    await stop.wait()
+
+
+async def _start(
+    services: Services, port_hint: str, *, demo: bool, reuse_port: bool
+) -> tuple[web.AppRunner, str]:
+    """Listen as ``listen`` says; the runner and the broker's URL.
+
+    A taken port raises ``_PortInUse`` naming ``port_hint``, the way to choose another.
+    """
+    listen = services.settings.listen
+    runner = BrokerRunner(
+        make_app(services, demo=demo),
+        shutdown_timeout=listen.shutdown_timeout_seconds,
+        **runner_options(services),
+    )
+    await runner.setup()
+    context = ssl_context(listen.tls) if listen.tls is not None else None
+    site = web.TCPSite(
+        runner, listen.host, listen.port, ssl_context=context, reuse_port=reuse_port or None
+    )
+    try:
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        if err.errno != errno.EADDRINUSE:
+            raise
+        message = f"port {listen.port} on {listen.host} is already in use; choose another with"
+        raise _PortInUse(f"{message} {port_hint}") from None
+    scheme = "https" if context is not None else "http"
+    return runner, f"{scheme}://{listen.host}:{_bound_port(runner, listen.port)}"
 
 
 def _bound_port(runner: web.AppRunner, default: int) -> int:

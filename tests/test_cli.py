@@ -9,8 +9,9 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -140,6 +141,66 @@ def test_render_refuses_unsafe_subject_without_echoing_it(
     assert "${subject}" in captured.err
 
 
+_COMMANDS = ("serve", "dev", "check", "render", "hash-key")
+
+
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """Each option or argument in an argparse help text (two-space indent), with its help."""
+    entries: dict[str, str] = {}
+    name = ""
+    for line in text.splitlines():
+        entry = re.fullmatch(r"  (\S.*?)(?: {2,}(\S.*))?", line)
+        if entry is not None:
+            name = entry[1]
+            entries[name] = entry[2] or ""
+        elif name and line.startswith("   ") and line.strip():
+            entries[name] = f"{entries[name]} {line.strip()}".strip()
+        else:
+            name = ""
+    return entries
+
+
+def test_help_says_what_the_tool_does_its_commands_and_where_docs_are(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """sts-broker --help: a user-facing purpose, every command with a summary, the docs."""
+    text = _help(capsys)
+    assert "temporary, narrowly scoped Alibaba Cloud STS credentials" in text
+    assert "argv" not in text  # not the module's internal docstring
+    for command in _COMMANDS:
+        assert re.search(rf"^    {command} +\w", text, re.MULTILINE), command
+    for doc in ("README.md", "policies/README.md", "docs/api.md"):
+        assert doc in text
+    assert "sts-broker dev" in text
+
+
+@pytest.mark.parametrize("command", _COMMANDS)
+def test_every_option_of_every_command_has_a_help_line(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Each option and argument that COMMAND --help lists comes with a line of help."""
+    entries = _help_entries(_help(capsys, command))
+    assert "-h, --help" in entries
+    assert len(entries) > 1
+    assert [name for name, text in entries.items() if not text] == []
+
+
+def test_import_cli_loads_no_dev_mode() -> None:
+    """import broker.cli (what serve runs) imports nothing from broker.dev."""
+    check = "import sys, broker.cli; print([m for m in sys.modules if m.startswith('broker.dev')])"
+    result = subprocess.run(  # noqa: S603 - our own interpreter, fixed arguments
+        [sys.executable, "-c", check], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert result.stdout.strip() == "[]"
+
+
 def test_hash_key(capsys: pytest.CaptureFixture[str]) -> None:
     """hash-key prints the sha256 the config wants; without a key it makes one."""
     assert main(["hash-key", "--key", "example-key-do-not-use"]) == 0
@@ -237,7 +298,7 @@ async def test_serve_uses_the_default_chain_reloads_and_stops(
 
 
 async def test_dev_mode_prints_a_working_key_and_curl() -> None:
-    """dev: starts with the emulator and example policies; the printed key works."""
+    """dev: emulators and example policies; the printed key works; the banner says how to stop."""
     port = _free_port()
     async with _sts_broker("dev", "--port", str(port), cwd=REPO) as proc:
         assert proc.stderr is not None
@@ -245,6 +306,7 @@ async def test_dev_mode_prints_a_working_key_and_curl() -> None:
         key = line.split(":", 1)[1].split()[0]
         curl = await _wait_for_line(proc.stderr, r"curl -s -H")
         assert key in curl
+        await _wait_for_line(proc.stderr, r"stop: +Ctrl-C")
         url = f"http://127.0.0.1:{port}/v1/credentials/service-uploads"
         headers = {"Authorization": f"Bearer {key}"}
         async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
@@ -347,3 +409,50 @@ def test_check_reads_the_shared_cache_keys(
     )
     assert main(["check", "--config", str(config)]) == 2
     assert "missing-keys.json: cannot read file" in capsys.readouterr().err
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that a real listening socket holds for the test's duration."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+async def _failure(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """Run ``sts-broker ARGS`` to its end: exit code and stderr's non-empty lines."""
+    async with _sts_broker(*args, env=env, cwd=REPO) as proc:
+        assert proc.stderr is not None
+        async with asyncio.timeout(30):
+            stderr = (await proc.stderr.read()).decode()
+            code = await proc.wait()
+    return code, [line for line in stderr.splitlines() if line.strip()]
+
+
+async def test_dev_on_a_taken_port_says_so_in_one_line(taken_port: int) -> None:
+    """dev --port P with P taken: one line naming the port and --port / PORT=, exit 1."""
+    code, lines = await _failure("dev", "--port", str(taken_port))
+    assert code == 1
+    assert len(lines) == 1, lines
+    assert f"port {taken_port} on 127.0.0.1 is already in use" in lines[0]
+    assert "--port N" in lines[0]
+    assert "make run PORT=N" in lines[0]
+
+
+async def test_serve_on_a_taken_port_says_so_in_one_line(
+    tmp_path: Path, taken_port: int, real_sts: tuple[StsEmulator, str]
+) -> None:
+    """serve with listen.port taken: one line naming the port and listen.port, exit 1."""
+    config = _write(
+        tmp_path,
+        f"listen: {{host: 127.0.0.1, port: {taken_port}}}\n"
+        f"sts: {{endpoint: '{real_sts[1]}'}}\n"
+        f"policies_dir: {POLICIES_DIR}\n"
+        "logging: {format: json}\n",
+    )
+    code, lines = await _failure("serve", "--config", str(config), env=_chain_env())
+    assert code == 1
+    assert len(lines) == 1, lines
+    assert f"port {taken_port} on 127.0.0.1 is already in use" in lines[0]
+    assert f"listen.port in {config}" in lines[0]

@@ -1,12 +1,10 @@
-"""Files served only by ``sts-broker dev``: the demo upload page."""
+"""Dev mode, loaded only by ``sts-broker dev`` and tests; ``serve`` never imports it.
+
+``stack.dev_stack()`` wires the STS and OSS emulators (``emulators/``) to the
+broker's services; ``demo.demo_routes()`` serves the demo upload page.  This
+``__init__`` imports nothing, so naming a submodule loads only that submodule.
+"""
 
 from __future__ import annotations
 
-from importlib.resources import files
-
-__all__ = ["demo_page"]
-
-
-def demo_page() -> str:
-    """The demo page's HTML (it reads the dev API key from the URL fragment)."""
-    return files(__package__).joinpath("demo.html").read_text(encoding="utf-8")
+__all__: list[str] = []

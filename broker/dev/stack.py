@@ -61,31 +61,35 @@ async def dev_stack(
         clock=clock,
         role_max_duration_seconds={policy.role_arn: 43200 for policy in policies},
     )
-    oss = OssEmulator(
-        sts=sts,
-        storage_dir=storage_dir,
-        clock=clock,
-        buckets={policy.bucket for policy in policies},
-    )
+    buckets = {policy.bucket for policy in policies}
+    oss = OssEmulator(sts=sts, storage_dir=storage_dir, clock=clock, buckets=buckets)
     sts_runner, sts_url = await start_sts_emulator(sts)
     oss_runner, oss_url = await start_oss_emulator(oss)
-    dev_key = generate_api_key()
-    settings = Settings.model_validate(
+    try:
+        dev_key = generate_api_key()
+        api_keys = [_dev_caller(dev_key, policies), *extra_api_keys]
+        settings = _dev_settings(port, sts_url, oss_url, policies_dir, api_keys)
+        credential = static_credential(_SOURCE_KEY_ID, source_secret)
+        services = build_services(settings, policies, credential=credential, clock=clock)
+        yield DevStack(services, dev_key, sts, sts_url, oss, oss_url, storage_dir)
+    finally:
+        await oss_runner.cleanup()
+        await sts_runner.cleanup()
+
+
+def _dev_settings(
+    port: int, sts_url: str, oss_url: str, policies_dir: Path, api_keys: list[Mapping[str, object]]
+) -> Settings:
+    """The broker's settings in dev mode: the emulators' URLs, path-style OSS, the callers."""
+    return Settings.model_validate(
         {
             "listen": {"host": "127.0.0.1", "port": port},
             "sts": {"endpoint": sts_url},
             "oss": {"endpoint": oss_url, "addressing": "path"},
             "policies_dir": policies_dir,
-            "auth": {"api_keys": [_dev_caller(dev_key, policies), *extra_api_keys]},
+            "auth": {"api_keys": api_keys},
         }
     )
-    credential = static_credential(_SOURCE_KEY_ID, source_secret)
-    services = build_services(settings, policies, credential=credential, clock=clock)
-    try:
-        yield DevStack(services, dev_key, sts, sts_url, oss, oss_url, storage_dir)
-    finally:
-        await oss_runner.cleanup()
-        await sts_runner.cleanup()
 
 
 def _dev_caller(dev_key: str, policies: PolicySet) -> dict[str, object]:

@@ -1,4 +1,15 @@
-"""Local stand-ins for Alibaba Cloud STS and OSS that speak the real wire protocols."""
+"""Local stand-ins for Alibaba Cloud STS and OSS that speak the real wire protocols.
+
+Both run as real aiohttp servers on 127.0.0.1 (``serve_app``):
+
+- ``sts``: the STS emulator (AssumeRole); ``sts_signature`` checks ACS3-HMAC-SHA256,
+  ``sts_params`` STS's parameter limits, ``sts_errors`` its error answers,
+  ``sts_faults`` the faults tests inject.
+- ``oss``: the OSS emulator; ``oss_signature`` checks V4 header and URL signatures,
+  ``oss_post`` PostObject forms, ``oss_ram`` the token's inline RAM policy;
+  ``oss_store`` keeps objects on disk, ``oss_multipart`` multipart uploads;
+  ``oss_errors`` and ``oss_xml`` are OSS's error codes and XML bodies.
+"""
 
 from __future__ import annotations
 

@@ -3,12 +3,12 @@
 It answers the official ``alibabacloud-oss-v2`` SDK and browsers over real HTTP:
 PutObject, GetObject, HeadObject, DeleteObject, multipart (Initiate,
 UploadPart, Complete, Abort, ListParts), PostObject forms and CORS.  Every
-request is authenticated by ``oss_signature`` against tokens the STS emulator
-issued, and authorized against the token's inline RAM policy.  Objects live
-on disk under ``storage_dir/<bucket>/<key>``; Content-Type and
-``x-oss-meta-*`` stay in memory.  Errors are OSS's XML (``Code``, ``Message``,
+request is authenticated by ``oss_signature`` (``oss_post`` for forms) against
+tokens the STS emulator issued, and authorized against the token's inline RAM
+policy (``oss_ram``).  Objects live on disk (``oss_store``); multipart uploads
+in ``oss_multipart``.  Errors are OSS's XML (``Code``, ``Message``,
 ``RequestId``, ``HostId``, extra elements, ``EC``) with ``x-oss-request-id``;
-``oss_signature`` lists where each code and message comes from.
+``oss_errors`` lists where each code and message comes from.
 
 Addressing: virtual-host (``Host: <bucket>.<anything>`` for a known bucket),
 path style (``/<bucket>/<key>``), and absolute-form targets, so an SDK can keep
@@ -25,39 +25,30 @@ import base64
 import binascii
 import fnmatch
 import hashlib
-import os
 import uuid
-import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
-from typing import Final, TypeAlias
-from urllib.parse import quote, unquote
+from typing import Final
+from urllib.parse import unquote
 
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 
 from broker.dev.emulators import serve_app
-from broker.dev.emulators.oss_signature import (
-    OssError,
-    PostForm,
-    SignedRequest,
-    Verifier,
-    authenticate,
-    authenticate_post,
-    authorize,
-)
+from broker.dev.emulators.oss_errors import OssError
+from broker.dev.emulators.oss_multipart import MultipartUploads, PartTarget
+from broker.dev.emulators.oss_post import authenticate_post, post_response, read_form
+from broker.dev.emulators.oss_ram import authorize
+from broker.dev.emulators.oss_signature import SignedRequest, Verifier, authenticate
+from broker.dev.emulators.oss_store import DEFAULT_TYPE, ObjectStore, StoredObject
+from broker.dev.emulators.oss_xml import error_response
 from broker.dev.emulators.sts import StsEmulator
 from broker.models import Clock, system_clock
 
 __all__ = ["OssEmulator", "RecordedOssRequest", "start_oss_emulator"]
 
-_MIN_PART_BYTES: Final = 100 * 1024
-_MAX_PART_NUMBER: Final = 10_000
-_MAX_FIELD_BYTES: Final = 64 * 1024
 _FORM_OVERHEAD_BYTES: Final = 1024 * 1024
-_DEFAULT_TYPE: Final = "application/octet-stream"
 _CORS_METHODS: Final = ("GET", "PUT", "POST", "DELETE", "HEAD")
 _EXPOSED: Final = "ETag, x-oss-request-id"
 _UNSUPPORTED: Final = frozenset(
@@ -77,8 +68,6 @@ _OPERATIONS: Final[Mapping[tuple[str, str], tuple[str, str]]] = {
     ("DELETE", "upload"): ("AbortMultipartUpload", "oss:AbortMultipartUpload"),
 }
 _ACTIONS: Final = dict(_OPERATIONS.values())
-
-_Node: TypeAlias = tuple[str, "str | Sequence[_Node]"]
 
 
 @dataclass(frozen=True)
@@ -106,25 +95,6 @@ class _Exchange:
         return next((value for key, value in self.query if key == name), None)
 
 
-@dataclass(frozen=True)
-class _Stored:
-    etag: str
-    content_type: str
-    metadata: Mapping[str, str]
-    last_modified: float
-    size: int
-    object_type: str
-
-
-@dataclass
-class _Upload:
-    bucket: str
-    key: str
-    content_type: str
-    metadata: Mapping[str, str]
-    parts: dict[int, tuple[str, bytes]] = field(default_factory=dict)
-
-
 class OssEmulator:
     """OSS for one region: buckets on disk, signatures and policies checked."""
 
@@ -142,15 +112,13 @@ class OssEmulator:
         strict_post_fields: bool = True,
     ) -> None:
         self._verifier = Verifier(sts, clock, region, max_skew_seconds)
-        self._storage_dir = Path(storage_dir)
-        self._clock = clock
+        self._store = ObjectStore(storage_dir, clock)
+        self._multipart = MultipartUploads(self._store)
         self._region = region
         self._buckets = frozenset(buckets)
         self._origins = tuple(cors_allow_origins)
         self._max_object_bytes = max_object_bytes
         self._strict_post_fields = strict_post_fields
-        self._objects: dict[tuple[str, str], _Stored] = {}
-        self._uploads: dict[str, _Upload] = {}
         self.requests: list[RecordedOssRequest] = []
 
     def make_app(self) -> web.Application:
@@ -162,9 +130,9 @@ class OssEmulator:
 
     def read_object(self, bucket: str, key: str) -> bytes | None:
         """An object's bytes as stored, or None."""
-        if (bucket, key) not in self._objects:
+        if self._store.get(bucket, key) is None:
             return None
-        return self._object_path(bucket, key).read_bytes()
+        return self._store.read(bucket, key)
 
     async def answer(self, request: web.Request) -> web.StreamResponse:
         """Answer one request; OSS-style XML for every error."""
@@ -175,7 +143,7 @@ class OssEmulator:
             response = await self._dispatch(request, exchange)
         except OssError as err:
             error = err
-            response = _error_response(request, err, request_id)
+            response = error_response(request, err, request_id)
         response.headers["x-oss-request-id"] = request_id
         self._add_cors(request, response)
         code = error.code if error else None
@@ -199,68 +167,24 @@ class OssEmulator:
         issued = authenticate(_signed_request(request, exchange, body), self._verifier)
         action = _ACTIONS[exchange.operation]
         authorize(issued, action, exchange.bucket or "", exchange.key, self._region)
-        return await self._operate(request, exchange, body)
+        return self._operate(request, exchange, body)
 
-    async def _operate(
-        self, request: web.Request, exchange: _Exchange, body: bytes
-    ) -> web.StreamResponse:
+    def _operate(self, request: web.Request, exchange: _Exchange, body: bytes) -> web.Response:
         bucket, key, operation = exchange.bucket or "", exchange.key or "", exchange.operation
         if operation == "PutObject":
-            self._check_overwrite(request.headers, bucket, key)
-            stored = self._store(bucket, key, body, request.headers, "Normal")
+            self._store.check_overwrite(request.headers, bucket, key)
+            stored = self._store.put(bucket, key, body, request.headers, "Normal")
             return web.Response(headers=_put_headers(stored, body))
         if operation in {"GetObject", "HeadObject"}:
             return self._get_object(bucket, key)
         if operation == "DeleteObject":
-            self._delete(bucket, key)
+            self._store.delete(bucket, key)
             return web.Response(status=204)
-        return await self._multipart(request, exchange, body)
-
-    async def _multipart(
-        self, request: web.Request, exchange: _Exchange, body: bytes
-    ) -> web.StreamResponse:
-        bucket, key, operation = exchange.bucket or "", exchange.key or "", exchange.operation
-        if operation == "InitiateMultipartUpload":
-            self._check_overwrite(request.headers, bucket, key)
-            upload_id = uuid.uuid4().hex.upper()
-            content_type = request.headers.get("Content-Type") or _DEFAULT_TYPE
-            meta = _metadata(request.headers.items())
-            self._uploads[upload_id] = _Upload(bucket, key, content_type, meta)
-            nodes = [("Bucket", bucket), ("Key", key), ("UploadId", upload_id)]
-            return _xml_response("InitiateMultipartUploadResult", nodes)
-        upload_id = exchange.param("uploadId") or ""
-        upload = self._upload(upload_id, bucket, key)
-        if operation == "UploadPart":
-            etag = _etag(body)
-            upload.parts[_part_number(exchange.param("partNumber"))] = (etag, body)
-            return web.Response(headers={"ETag": etag})
-        if operation == "AbortMultipartUpload":
-            del self._uploads[upload_id]
-            return web.Response(status=204)
-        if operation == "ListParts":
-            return _list_parts(upload, upload_id)
-        return self._complete(request, upload_id, upload, body)
-
-    def _complete(
-        self, request: web.Request, upload_id: str, upload: _Upload, body: bytes
-    ) -> web.Response:
-        if request.headers.get("x-oss-complete-all", "").lower() == "yes":
-            listed = [(number, upload.parts[number][0]) for number in sorted(upload.parts)]
-        else:
-            listed = _parse_complete(body)
-        chosen = _chosen_parts(upload, listed)
-        self._check_overwrite(request.headers, upload.bucket, upload.key)
-        digest = hashlib.md5(b"".join(hashlib.md5(part).digest() for part in chosen))  # noqa: S324
-        etag = f'"{digest.hexdigest().upper()}-{len(chosen)}"'
-        headers = {"Content-Type": upload.content_type, **upload.metadata}
-        self._store(upload.bucket, upload.key, b"".join(chosen), headers, "Multipart", etag)
-        del self._uploads[upload_id]
-        location = f"http://{request.host}/{upload.bucket}/{quote(upload.key)}"
-        nodes = [("Location", location), ("Bucket", upload.bucket), ("Key", upload.key)]
-        return _xml_response("CompleteMultipartUploadResult", [*nodes, ("ETag", etag)])
+        target = PartTarget(bucket, key, exchange.param("uploadId"), exchange.param("partNumber"))
+        return self._multipart.answer(request, operation, target, body)
 
     async def _post_object(self, request: web.Request, exchange: _Exchange) -> web.Response:
-        form, content = await _read_form(request, self._max_object_bytes)
+        form, content = await read_form(request, self._max_object_bytes)
         raw_key = form.fields.get("key")
         if not raw_key:
             raise OssError("InvalidArgument", "Bucket POST must contain a field named 'key'.")
@@ -270,13 +194,13 @@ class OssEmulator:
         exchange.key = key = raw_key.replace("${filename}", form.file_name)
         _check_key(key)
         authorize(issued, "oss:PutObject", bucket, key, self._region)
-        self._check_overwrite(form.fields, bucket, key)
-        headers = {**form.fields, "content-type": form.content_type or _DEFAULT_TYPE}
-        stored = self._store(bucket, key, content, headers, "Normal")
-        return _post_response(form.fields.get("success_action_status"), bucket, key, stored)
+        self._store.check_overwrite(form.fields, bucket, key)
+        headers = {**form.fields, "content-type": form.content_type or DEFAULT_TYPE}
+        stored = self._store.put(bucket, key, content, headers, "Normal")
+        return post_response(form.fields.get("success_action_status"), bucket, key, stored.etag)
 
     def _get_object(self, bucket: str, key: str) -> web.Response:
-        stored = self._objects.get((bucket, key))
+        stored = self._store.get(bucket, key)
         if stored is None:
             raise OssError("NoSuchKey", ec="0026-00000001", details={"Key": key})
         headers = {
@@ -287,59 +211,7 @@ class OssEmulator:
             "x-oss-storage-class": "Standard",
             **stored.metadata,
         }
-        return web.Response(body=self._object_path(bucket, key).read_bytes(), headers=headers)
-
-    def _upload(self, upload_id: str, bucket: str, key: str) -> _Upload:
-        upload = self._uploads.get(upload_id)
-        if upload is None or (upload.bucket, upload.key) != (bucket, key):
-            raise OssError("NoSuchUpload", details={"UploadId": upload_id})
-        return upload
-
-    def _check_overwrite(self, headers: Mapping[str, str], bucket: str, key: str) -> None:
-        forbid = next((v for k, v in headers.items() if k.lower() == "x-oss-forbid-overwrite"), "")
-        if forbid.lower() == "true" and (bucket, key) in self._objects:
-            raise OssError("FileAlreadyExists", ec="0026-00000003")
-
-    def _store(
-        self,
-        bucket: str,
-        key: str,
-        data: bytes,
-        headers: Mapping[str, str],
-        object_type: str,
-        etag: str | None = None,
-    ) -> _Stored:
-        content_type = next(
-            (v for k, v in headers.items() if k.lower() == "content-type"), _DEFAULT_TYPE
-        )
-        metadata = _metadata(headers.items())
-        for value in (content_type, *metadata.values()):
-            _check_header_value(value)
-        _write_atomically(self._object_path(bucket, key), data)
-        stored = _Stored(
-            etag or _etag(data), content_type, metadata, self._clock(), len(data), object_type
-        )
-        self._objects[(bucket, key)] = stored
-        return stored
-
-    def _delete(self, bucket: str, key: str) -> None:
-        if self._objects.pop((bucket, key), None) is None:
-            return
-        path = self._object_path(bucket, key)
-        path.unlink(missing_ok=True)
-        top = (self._storage_dir / bucket).resolve()
-        for parent in path.parents:
-            if parent == top or any(parent.iterdir()):
-                break
-            parent.rmdir()
-
-    def _object_path(self, bucket: str, key: str) -> Path:
-        """``storage_dir/<bucket>/<key>``, refused if it would leave the bucket's directory."""
-        base = (self._storage_dir / bucket).resolve()
-        path = (base / key).resolve()
-        if path == base or not path.is_relative_to(base):
-            raise OssError("InvalidObjectName")
-        return path
+        return web.Response(body=self._store.read(bucket, key), headers=headers)
 
     def _preflight(self, request: web.Request) -> web.Response:
         origin = request.headers.get("Origin", "")
@@ -426,13 +298,6 @@ def _check_key(key: str) -> None:
         raise OssError("InvalidObjectName", details={"ObjectName": key})
 
 
-def _check_header_value(value: str) -> None:
-    if not value.isascii() or not value.isprintable():
-        raise OssError(
-            "InvalidArgument", "Content-Type and x-oss-meta-* values must be printable ASCII."
-        )
-
-
 async def _read_body(request: web.Request, limit: int) -> bytes:
     try:
         body = await request.read()
@@ -464,190 +329,9 @@ def _signed_request(request: web.Request, exchange: _Exchange, body: bytes) -> S
     )
 
 
-async def _read_form(request: web.Request, limit: int) -> tuple[PostForm, bytes]:
-    """The form's fields (lower-case names) and file; ``file`` must come last."""
-    if request.content_type != "multipart/form-data":
-        raise OssError("MalformedPOSTRequest")
-    fields: dict[str, str] = {}
-    file: tuple[str, str | None, bytes] | None = None
-    try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if file is not None or not isinstance(part, BodyPartReader):
-                raise OssError(
-                    "MalformedPOSTRequest", "The file form field must be the last field."
-                )
-            name = (part.name or "").lower()
-            if name == "file":
-                content = await _read_part(part, limit)
-                file = (part.filename or "", part.headers.get("Content-Type"), content)
-            elif name in fields or not name:
-                raise OssError(
-                    "MalformedPOSTRequest", f"Form field {name!r} is repeated or unnamed."
-                )
-            else:
-                fields[name] = (await _read_part(part, _MAX_FIELD_BYTES)).decode("utf-8")
-    except (ValueError, AssertionError, UnicodeDecodeError, HttpProcessingError):
-        raise OssError("MalformedPOSTRequest") from None
-    if file is None:
-        raise OssError("InvalidArgument", "Bucket POST must contain a field named 'file'.")
-    return PostForm(fields, file[0], file[1], len(file[2])), file[2]
-
-
-async def _read_part(part: BodyPartReader, limit: int) -> bytes:
-    chunks, size = [], 0
-    while chunk := await part.read_chunk():
-        size += len(chunk)
-        if size > limit:
-            raise OssError("EntityTooLarge")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _post_response(status: str | None, bucket: str, key: str, stored: _Stored) -> web.Response:
-    """``success_action_status``: 200 and 201 (with PostResponse XML); anything else 204."""
-    headers = {"ETag": stored.etag}
-    if status == "200":
-        return web.Response(status=200, headers=headers)
-    if status == "201":
-        nodes = [("Bucket", bucket), ("Location", f"/{bucket}/{quote(key)}"), ("Key", key)]
-        return _xml_response("PostResponse", [*nodes, ("ETag", stored.etag)], 201, headers)
-    return web.Response(status=204, headers=headers)
-
-
-def _parse_complete(body: bytes) -> list[tuple[int, str]]:
-    """The ``<CompleteMultipartUpload>`` part list; no DTDs accepted."""
-    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
-        raise OssError("MalformedXML")
-    try:
-        root = ET.fromstring(body)  # noqa: S314 - DTDs refused above; body size is capped
-    except ET.ParseError:
-        raise OssError("MalformedXML") from None
-    if root.tag != "CompleteMultipartUpload":
-        raise OssError("MalformedXML")
-    listed = []
-    for part in root.findall("Part"):
-        number, etag = part.findtext("PartNumber", ""), part.findtext("ETag", "")
-        if not number.strip().isdigit() or not etag:
-            raise OssError("MalformedXML")
-        listed.append((int(number), etag.strip()))
-    return listed
-
-
-def _chosen_parts(upload: _Upload, listed: list[tuple[int, str]]) -> list[bytes]:
-    """The listed parts' bytes: ascending, present, ETags matching, all but the last ≥ 100 KB."""
-    if not listed:
-        raise OssError("MalformedXML")
-    numbers = [number for number, _ in listed]
-    if numbers != sorted(set(numbers)):
-        raise OssError("InvalidPartOrder")
-    chosen = []
-    for number, etag in listed:
-        stored = upload.parts.get(number)
-        if stored is None or stored[0].strip('"').upper() != etag.strip('"').upper():
-            raise OssError("InvalidPart", details={"PartNumber": str(number)})
-        chosen.append(stored[1])
-    if any(len(part) < _MIN_PART_BYTES for part in chosen[:-1]):
-        raise OssError("EntityTooSmall")
-    return chosen
-
-
-def _list_parts(upload: _Upload, upload_id: str) -> web.Response:
-    nodes: list[_Node] = [("Bucket", upload.bucket), ("Key", upload.key), ("UploadId", upload_id)]
-    nodes += [("MaxParts", "1000"), ("IsTruncated", "false")]
-    for number in sorted(upload.parts):
-        etag, data = upload.parts[number]
-        part = [("PartNumber", str(number)), ("ETag", etag), ("Size", str(len(data)))]
-        nodes.append(("Part", part))
-    return _xml_response("ListPartsResult", nodes)
-
-
-def _part_number(raw: str | None) -> int:
-    if raw is None or not raw.isdigit() or not 1 <= int(raw) <= _MAX_PART_NUMBER:
-        raise OssError(
-            "InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive."
-        )
-    return int(raw)
-
-
-def _metadata(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    return {
-        name.lower(): value for name, value in headers if name.lower().startswith("x-oss-meta-")
-    }
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write through a temporary file; a key whose path clashes with another's is refused."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    except (IsADirectoryError, NotADirectoryError, FileExistsError):
-        temporary.unlink(missing_ok=True)
-        message = "The key clashes with the path of another object (an emulator storage limit)."
-        raise OssError("InvalidObjectName", message) from None
-
-
-def _etag(data: bytes) -> str:
-    return f'"{hashlib.md5(data).hexdigest().upper()}"'  # noqa: S324 - OSS ETags are MD5
-
-
-def _put_headers(stored: _Stored, body: bytes) -> dict[str, str]:
+def _put_headers(stored: StoredObject, body: bytes) -> dict[str, str]:
     md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324
     return {"ETag": stored.etag, "Content-MD5": md5}
-
-
-def _xml(root: str, nodes: Sequence[_Node]) -> bytes:
-    element = ET.Element(root)
-    _fill(element, nodes)
-    text = ET.tostring(element, encoding="unicode")
-    return f'<?xml version="1.0" encoding="UTF-8"?>\n{text}'.encode()
-
-
-def _fill(parent: ET.Element, nodes: Sequence[_Node]) -> None:
-    for tag, value in nodes:
-        child = ET.SubElement(parent, tag)
-        if isinstance(value, str):
-            child.text = value
-        else:
-            _fill(child, value)
-
-
-def _xml_response(
-    root: str,
-    nodes: Sequence[_Node],
-    status: int = 200,
-    headers: Mapping[str, str] | None = None,
-) -> web.Response:
-    return web.Response(
-        body=_xml(root, nodes), status=status, content_type="application/xml", headers=headers
-    )
-
-
-def _error_response(request: web.Request, err: OssError, request_id: str) -> web.Response:
-    """``<Error>`` with Code, Message, RequestId, HostId, details, EC; HEAD: in x-oss-err."""
-    nodes: list[_Node] = [
-        ("Code", err.code),
-        ("Message", err.message),
-        ("RequestId", request_id),
-        ("HostId", request.host),
-    ]
-    nodes += [(k, v if isinstance(v, str) else list(v.items())) for k, v in err.details.items()]
-    headers = {}
-    if err.ec:
-        nodes += [
-            ("EC", err.ec),
-            ("RecommendDoc", f"https://api.aliyun.com/troubleshoot?q={err.ec}"),
-        ]
-        headers["x-oss-ec"] = err.ec
-    body = _xml("Error", nodes)
-    if request.method == "HEAD":
-        headers["x-oss-err"] = base64.b64encode(body).decode()
-        return web.Response(status=err.status, headers=headers)
-    return web.Response(
-        body=body, status=err.status, content_type="application/xml", headers=headers
-    )
 
 
 async def start_oss_emulator(

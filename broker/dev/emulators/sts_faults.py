@@ -10,7 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["StsFaults", "early_fault", "late_fault", "reset_connection"]
+from broker.dev.emulators.sts_errors import CATALOGUE, error_response
+
+__all__ = ["StsFaults", "early_fault", "fault_response", "late_fault"]
 
 
 @dataclass
@@ -99,7 +101,7 @@ def late_fault(faults: StsFaults | None) -> str | None:
     return None
 
 
-def reset_connection(request: web.Request) -> web.StreamResponse:
+def _reset_connection(request: web.Request) -> web.StreamResponse:
     """Drop the TCP connection with a RST and no reply."""
     transport = request.transport
     if transport is not None:
@@ -108,3 +110,18 @@ def reset_connection(request: web.Request) -> web.StreamResponse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
     return web.Response(status=500)
+
+
+def fault_response(request: web.Request, name: str, faults: StsFaults) -> web.StreamResponse:
+    """The answer an early fault gives instead of STS's."""
+    if name == "reset_connection":
+        return _reset_connection(request)
+    if name == "throttle":
+        code = faults.throttle_code
+        status, message = CATALOGUE.get(code, (400, "Request was denied due to flow control."))
+        return error_response(request, status, code, message)
+    if name == "malformed_body":
+        return web.Response(text="<html>upstream proxy error", content_type="application/json")
+    status = faults.error_status or 500
+    code = "ServiceUnavailable" if status == 503 else "InternalError"
+    return error_response(request, status, code, CATALOGUE[code][1])
