@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from broker.auth import ApiKeyAuthenticator, Authenticator, CertificateAuthenticator
-from broker.config import JwtSettings, Settings, api_key_hashes
+from broker.auth import Authenticator, CertificateAuthenticator, api_key_authenticator
+from broker.config import JwtSettings, Settings
 from broker.credentials.cache import CacheKey, CredentialCache, Fetch
 from broker.credentials.redis import SharedStsBudget
 from broker.credentials.resilience import FailureGate, RetryPolicy, with_resilience
@@ -74,7 +74,6 @@ def build_services(
         max_entries=settings.cache.max_entries,
         refresh_fraction=settings.cache.refresh_fraction,
     )
-    groups = {key.id: key.groups for key in settings.auth.api_keys}
     jwt = None
     if settings.auth.jwt is not None:
         jwt = _jwt_verifier(settings.auth.jwt, clock)
@@ -86,9 +85,7 @@ def build_services(
                 for caller in settings.auth.mtls
             }
         )
-    authenticator = Authenticator(
-        ApiKeyAuthenticator(api_key_hashes(settings), groups), jwt, certificates
-    )
+    authenticator = Authenticator(api_key_authenticator(settings), jwt, certificates)
     quota = settings.quotas
     quotas = CallerQuotas(quota.caller_requests_per_second, quota.caller_burst, clock)
     metrics.track_cache(cache)
