@@ -21,7 +21,7 @@ from aiohttp import web
 
 from broker.auth import generate_api_key, hash_api_key
 from broker.config import Settings, load_settings
-from broker.credentials.shared_store import load_encryption_keys
+from broker.credentials.sealing import load_encryption_keys
 from broker.dev.stack import DEV_CALLER, DevStack, dev_stack
 from broker.errors import BrokerError, ConfigError
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context

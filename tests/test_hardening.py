@@ -2,7 +2,7 @@
 
 Through real sockets on 127.0.0.1 (and raw bytes where a client library would
 refuse to send them), plus Hypothesis properties of the pure rules behind the
-HTTP layer: ``check_key``, ``clamp_expiry`` and ``CacheKey.for_request``.
+HTTP layer: ``check_key`` and ``clamp_expiry``.
 
 """
 
@@ -26,9 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.config import load_settings
-from broker.credentials.cache import CacheKey
 from broker.errors import AccessDenied, ConfigError, RequestInvalid
-from broker.models import AssumeRoleRequest
 from broker.policies import Policy, load_policies
 from broker.signing import MAX_EXPIRES_SECONDS
 from broker.uploads import MAX_KEY_BYTES, check_key, clamp_expiry
@@ -903,27 +901,3 @@ def test_clamp_expiry_never_outlives_request_cap_week_or_token(
     assert expiry.seconds == min(asked, cap, math.floor(remaining))
     assert expiry.requested_seconds == min(asked, MAX_EXPIRES_SECONDS)
     assert expiry.clamped == (expiry.seconds < asked)
-
-
-_assume_requests = st.builds(
-    AssumeRoleRequest,
-    role_arn=st.sampled_from(["acs:ram::1:role/a", "acs:ram::1:role/b"]),
-    policy=st.sampled_from(['{"Version":"1"}', '{"Version":"1" }']) | st.text(min_size=1),
-    duration_seconds=st.sampled_from([900, 3600]),
-    role_session_name=st.sampled_from(["alice", "bob"]),
-    external_id=st.sampled_from([None, "x", ""]),
-)
-
-
-@_BOUNDED
-@given(first=_assume_requests, second=_assume_requests)
-def test_cache_keys_are_equal_iff_all_five_fields_are(
-    first: AssumeRoleRequest, second: AssumeRoleRequest
-) -> None:
-    """CacheKey.for_request: equal (and equally hashed) exactly when every field is equal."""
-    fields = ("role_arn", "policy", "duration_seconds", "external_id", "role_session_name")
-    same = all(getattr(first, name) == getattr(second, name) for name in fields)
-    key_a, key_b = CacheKey.for_request(first), CacheKey.for_request(second)
-    assert (key_a == key_b) == same
-    if same:
-        assert hash(key_a) == hash(key_b)
