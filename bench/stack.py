@@ -122,11 +122,17 @@ class Stack:
         argv += ["--get-bytes", str(get_bytes), "--post-bytes", str(post_bytes)]
         return self._start("hello-world", argv).read_line()
 
-    def start_broker(self, name: str, *, workers: int = 1, level: str = "info") -> Broker:
-        """``sts-broker serve --config <temp config> --workers N``, ready to serve."""
+    def start_broker(
+        self, name: str, *, workers: int = 1, level: str = "info", extra_config: str = ""
+    ) -> Broker:
+        """``sts-broker serve --config <temp config> --workers N``, ready to serve.
+
+        ``extra_config`` is YAML appended to the config (top-level sections not set here).
+        """
         port = free_port()
         config = self.workdir / f"{name}.yaml"
-        config.write_text(_config_text(port, self.sts_url, level, self.keys), encoding="utf-8")
+        text = _config_text(port, self.sts_url, level, self.keys) + extra_config
+        config.write_text(text, encoding="utf-8")
         settings = load_settings(config)  # fail here, with the problem, if it is invalid
         argv = [str(STS_BROKER), "serve", "--config", str(config), "--workers", str(workers)]
         log_path = self.workdir / f"{name}.log"

@@ -37,8 +37,10 @@ from broker.names import CALLER_ID_PATTERN, POLICY_NAME_PATTERN, is_caller_id
 from broker.yamldoc import YamlDocument, format_validation_error, load_yaml, unknown_key_problem
 
 __all__ = [
+    "AUDIT_STREAMS",
     "ApiKeyAllowSettings",
     "ApiKeySettings",
+    "AuditSettings",
     "AuthSettings",
     "CacheSettings",
     "CorsSettings",
@@ -402,6 +404,23 @@ class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+AUDIT_STREAMS = ("stdout", "stderr")
+
+
+class AuditSettings(_Section):
+    """Audit records: a JSON line per issuance and per auth refusal; see broker/audit.py.
+
+    ``sink``: ``stdout``, ``stderr`` or a file (relative to this file).  ``mode:
+    required`` refuses an issuance (503) whose record was not written in time.
+    """
+
+    sink: str = Field(default="stdout", min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
+    mode: Literal["best_effort", "required"] = "best_effort"
+    max_buffer_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024, le=256 * 1024 * 1024)
+    write_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    fsync: bool = False
+
+
 class Settings(_Section):
     """The whole validated configuration."""
 
@@ -415,6 +434,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     cors: CorsSettings = CorsSettings()
     logging: LoggingSettings = LoggingSettings()
+    audit: AuditSettings = AuditSettings()
     source: Path | None = Field(default=None, exclude=True)
 
 
@@ -458,6 +478,9 @@ def _with_paths_resolved(settings: Settings, path: Path) -> Settings:
         update["listen"] = settings.listen.model_copy(
             update={"tls": tls.model_copy(update=resolved)}
         )
+    if settings.audit.sink not in AUDIT_STREAMS:
+        sink = str(_relative_to(path, Path(settings.audit.sink)))
+        update["audit"] = settings.audit.model_copy(update={"sink": sink})
     jwt = settings.auth.jwt
     if jwt is not None and jwt.jwks_file is not None:
         jwt = jwt.model_copy(update={"jwks_file": _relative_to(path, jwt.jwks_file)})

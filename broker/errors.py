@@ -12,6 +12,7 @@
       MethodNotAllowed          405 MethodNotAllowed
       RequestTooLarge           413 RequestTooLarge
       TooManyRequests           429 TooManyRequests   + Retry-After (per-caller quota)
+      AuditUnavailable          503 AuditUnavailable  + Retry-After (audit mode required)
       UpstreamError             502 UpstreamError      STS failed
         UpstreamThrottled       503 UpstreamThrottled  + Retry-After
         UpstreamUnavailable     503 UpstreamUnavailable + Retry-After
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "AccessDenied",
+    "AuditUnavailable",
     "AuthenticationFailed",
     "BrokerError",
     "ConfigError",
@@ -151,6 +153,23 @@ class TooManyRequests(BrokerError):
     status = 429
     code = "TooManyRequests"
     fmt = "too many requests; retry later"
+
+    def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(message, **context)
+
+    @property
+    def retry_after_seconds(self) -> int | None:
+        return self.retry_after
+
+
+class AuditUnavailable(BrokerError):
+    """``audit.mode: required`` and the audit record could not be written: nothing is issued."""
+
+    status = 503
+    code = "AuditUnavailable"
+    fmt = "the audit record could not be written, so nothing was issued; retry later"
+    retryable = True
 
     def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
         self.retry_after = max(1, int(retry_after))

@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests, cache, STS calls, reloads, quotas, shared-cache degradation.
+"""Prometheus metrics: requests, cache, STS calls, reloads, quotas, shared cache, audit records.
 
 This is the only module that defines metrics.  Each broker gets its own
 registry (no global state), rendered at ``/metrics`` in the Prometheus text
@@ -111,6 +111,18 @@ class Metrics:
             "broker_shared_cache_degraded",
             "Redis operations that failed or were skipped, so STS or the local budget was used",
             ["operation"],
+            registry=r,
+        )
+        self.audit_records = Counter(
+            "broker_audit_records",
+            "Audit records written, by event (credentials_issued, url_presigned, ...)",
+            ["event"],
+            registry=r,
+        )
+        self.audit_failures = Counter(
+            "broker_audit_failures",
+            "Audit records not written: write_error, buffer_full, timeout or closed",
+            ["reason"],
             registry=r,
         )
 

@@ -93,6 +93,8 @@ class Credentials:
     access_key_secret: str = field(repr=False)
     security_token: str = field(repr=False)
     expiration: datetime
+    sts_request_id: str | None = field(default=None, compare=False)
+    """STS's ``RequestId`` of the AssumeRole call that minted them (not secret; for the audit)."""
     expires_at: float = field(init=False, repr=False, compare=False)
     """Expiration as epoch seconds."""
     _expiration_text: str = field(init=False, repr=False, compare=False)

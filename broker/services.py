@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from broker.audit import Auditor, open_auditor
 from broker.auth import Authenticator, CertificateAuthenticator, api_key_authenticator
 from broker.config import JwtSettings, Settings
 from broker.credentials.cache import CredentialCache
@@ -30,6 +31,7 @@ class Services:
     clock: Clock
     metrics: Metrics
     quotas: CallerQuotas
+    audit: Auditor
     shutting_down: bool = False
 
 
@@ -46,7 +48,8 @@ def build_services(
     ``process_share`` (``1/N`` for one of ``serve --workers N``) is the part of
     the STS call budget this process may spend (``credentials.chain.sts_budget``).
     No network I/O happens here; with ``cache.backend: redis`` the encryption
-    keys are read (``ConfigError`` if they are bad) and Redis is reached on first use.
+    keys are read (``ConfigError`` if they are bad) and Redis is reached on first use;
+    the audit sink is opened (``ConfigError`` if it cannot be).
     """
     metrics = Metrics()
     chain = build_chain(
@@ -56,8 +59,9 @@ def build_services(
     quotas = CallerQuotas(quota.caller_requests_per_second, quota.caller_burst, clock)
     metrics.record_reload(successful=True, at=clock(), policies=len(policies))
     authenticator = _authenticator(settings, clock)
+    audit = open_auditor(settings.audit, metrics, clock)
     return Services(
-        settings, policies, chain.cache, authenticator, chain.sts, clock, metrics, quotas
+        settings, policies, chain.cache, authenticator, chain.sts, clock, metrics, quotas, audit
     )
 
 

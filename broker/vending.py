@@ -7,7 +7,10 @@ first resolves the caller's scope of the policy it names (the same
 ``AccessDenied`` whether or not that policy exists), then asks the credential
 cache for a token.  Signing tokens are asked to cover the lifetime wanted for
 the URL or form; when STS cannot give a fresh one, the still-valid token signs
-and the lifetime is clamped to what it has left (``Expiry.clamped``).
+and the lifetime is clamped to what it has left (``Expiry.clamped``).  Each
+use case writes its audit record (``broker.audit``) before it returns: with
+``audit.mode: required``, one that cannot be written raises ``AuditUnavailable``
+and nothing is handed out.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ from typing import Any
 
 import structlog
 
-from broker import signing
+from broker import audit, signing
 from broker.auth import role_session_name
 from broker.credentials.cache import CacheResult
 from broker.errors import AccessDenied, RequestInvalid, TemplateValueRejected
 from broker.models import AssumeRoleRequest, Credentials, Principal
-from broker.names import POLICY_NAME, POLICY_NAME_RULE
+from broker.names import POLICY_NAME, POLICY_NAME_RULE, format_sts_time
 from broker.policies import Policy, PolicySet, Scope
 from broker.services import Services
 from broker.signing import OssEndpoint
@@ -116,6 +119,7 @@ def usable_scope(policies: PolicySet, principal: Principal, name: str) -> Scope:
     if not POLICY_NAME.fullmatch(name):
         raise RequestInvalid(POLICY_NAME_RULE)
     structlog.contextvars.bind_contextvars(policy=name)
+    audit.note_policy(name)
     allow = principal.allow
     if allow is not None and allow.policies is not None and name not in allow.policies:
         names = ", ".join(sorted(allow.policies))
@@ -162,6 +166,15 @@ async def issue_credentials(
         expires_in=int(creds.expires_at - services.clock()),
         cache=result.source,
     )
+    await services.audit.issued(
+        "credentials_issued",
+        principal,
+        scope,
+        creds,
+        cache=result.source,
+        expiration=creds.expiration_iso(),
+        expires_in=issued.expires_in,
+    )
     _log_issued(issued)
     return issued
 
@@ -189,6 +202,10 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
         query=query,
     )
     signed = signing.presign(signer.credentials, request, signer.signed_at)
+    audited = {"operation": operation, "key": key}
+    await _audit_signed(
+        services, "url_presigned", principal, scope, signer, signed.expiration, audited
+    )
     _log_signed("url_presigned", signer, operation=operation, key=key)
     return SignedUrl(
         signed.url, signed.method, signed.signed_headers, signed.expiration, signer.expiry
@@ -207,6 +224,12 @@ async def sign_post_policy(
     signer = await _signer(services, principal, scope, body.expires_seconds)
     expiration = signer.signed_at + timedelta(seconds=signer.expiry.seconds)
     fields = _post_fields(body.signature_version, signer, policy, form.conditions, expiration)
+    audited = (
+        {"key": body.key} if body.key is not None else {"key_prefix": _key_prefix(body, scope)}
+    )
+    await _audit_signed(
+        services, "post_policy_signed", principal, scope, signer, expiration, audited
+    )
     _log_signed("post_policy_signed", signer, key_condition=form.fields["key"])
     endpoint = oss_endpoint(services.settings.oss, policy)
     return SignedPostPolicy(
@@ -286,6 +309,34 @@ def _post_fields(
         expiration=expiration,
         signing_time=signer.signed_at,
     )
+
+
+async def _audit_signed(
+    services: Services,
+    event: audit.IssuanceEvent,
+    principal: Principal,
+    scope: Scope,
+    signer: _Signer,
+    expiration: datetime,
+    detail: dict[str, str],
+) -> None:
+    """The audit record of a URL or form: its own lifetime, the token that signed it."""
+    await services.audit.issued(
+        event,
+        principal,
+        scope,
+        signer.credentials,
+        cache=signer.result.source,
+        expiration=format_sts_time(expiration),
+        expires_in=signer.expiry.seconds,
+        clamped=signer.expiry.clamped,
+        **detail,
+    )
+
+
+def _key_prefix(body: PostPolicyBody, scope: Scope) -> str:
+    """The key prefix a post policy allows: the caller's, or the narrower one asked for."""
+    return body.key_prefix if body.key_prefix is not None else scope.prefix
 
 
 def _log_issued(issued: IssuedCredentials) -> None:

@@ -160,6 +160,7 @@ class StsClient:
             access_key_secret=creds.access_key_secret,
             security_token=creds.security_token,
             expiration=expiration,
+            sts_request_id=body.request_id if isinstance(body.request_id, str) else None,
         )
 
     async def check_source_credentials(self) -> bool:

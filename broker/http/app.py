@@ -47,6 +47,7 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
         from broker.dev.demo import demo_routes
 
         app.router.add_routes(demo_routes())
+    app.cleanup_ctx.append(_close_audit)
     app.cleanup_ctx.append(_close_cache)
     return app
 
@@ -54,6 +55,11 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
 async def _close_cache(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[SERVICES].cache.close()
+
+
+async def _close_audit(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[SERVICES].audit.close()  # last: after every request has been answered
 
 
 def runner_options(services: Services) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from broker import names
+from broker import audit, names
 from broker.errors import (
     BrokerError,
     MethodNotAllowed,
@@ -89,6 +89,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    audit.begin_request(request_id, request.match_info.route.name, request.remote)
     started = time.perf_counter()
     error: BrokerError | None = None
     try:
@@ -101,6 +102,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         log.exception("request_crashed")
         error = BrokerError()
     if error is not None:
+        if error.status in audit.REFUSAL_STATUSES:
+            request.app[SERVICES].audit.refused(error)
         response = _reply_error(request, error, request_id)
     else:
         response.headers["X-Request-Id"] = request_id

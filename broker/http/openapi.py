@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from broker import __version__
 from broker.errors import (
     AccessDenied,
+    AuditUnavailable,
     AuthenticationFailed,
     BrokerError,
     NotFound,
@@ -48,7 +49,8 @@ _ErrorClasses = tuple[type[BrokerError], ...]
 _CALLER = (RequestInvalid, AuthenticationFailed, TooManyRequests)
 _SCOPED = (*_CALLER, AccessDenied, TemplateValueRejected)
 _STS = (UpstreamError, UpstreamThrottled, UpstreamUnavailable, UpstreamTimeout)
-_RETRY_AFTER = (TooManyRequests, UpstreamThrottled, UpstreamUnavailable)
+_ISSUING = (*_STS, AuditUnavailable)
+_RETRY_AFTER = (TooManyRequests, UpstreamThrottled, UpstreamUnavailable, AuditUnavailable)
 _WHEN: dict[int, str] = {
     400: "Malformed input: parameter, body, or a token given twice.  (A header line over "
     "`listen.max_header_bytes` is refused earlier, by the HTTP parser, with a plain-text 400.)",
@@ -61,7 +63,8 @@ _WHEN: dict[int, str] = {
     413: "The body is over `listen.max_body_bytes`.",
     429: "This caller is over its request quota; `Retry-After` says when to retry.",
     502: "STS refused the call or sent an unusable reply.",
-    503: "STS is throttling or unavailable; `Retry-After` says when to retry.",
+    503: "STS is throttling or unavailable, or (`audit.mode: required`) the audit record "
+    "could not be written, so nothing was issued; `Retry-After` says when to retry.",
     504: "STS did not answer within `sts.timeout_seconds`.",
 }
 
@@ -164,7 +167,7 @@ def _credentials_operation() -> dict[str, Any]:
         ],
         "responses": {
             "200": _ok("Credentials", "Credentials", no_store=True),
-            **_errors((*_SCOPED, *_STS), sts_compatible=True),
+            **_errors((*_SCOPED, *_ISSUING), sts_compatible=True),
             # An unroutable path (an empty name) is answered before any route, so plainly.
             **_errors((NotFound,)),
         },
@@ -180,7 +183,7 @@ def _presign_operation() -> dict[str, Any]:
         "requestBody": _body(PresignBody),
         "responses": {
             "200": _ok("The presigned URL.", "PresignedUrl", no_store=True),
-            **_errors((*_SCOPED, RequestTooLarge, *_STS)),
+            **_errors((*_SCOPED, RequestTooLarge, *_ISSUING)),
         },
     }
 
@@ -194,7 +197,7 @@ def _post_policy_operation() -> dict[str, Any]:
         "requestBody": _body(PostPolicyBody),
         "responses": {
             "200": _ok("Post the fields plus `file` to `host`.", "PostPolicy", no_store=True),
-            **_errors((*_SCOPED, RequestTooLarge, *_STS)),
+            **_errors((*_SCOPED, RequestTooLarge, *_ISSUING)),
         },
     }
 

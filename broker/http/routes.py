@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from broker import vending
+from broker import audit, vending
 from broker.auth import extract_token, quota_key
 from broker.errors import AccessDenied, RequestInvalid, TooManyRequests
 from broker.http.keys import SERVICES
@@ -64,6 +64,7 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
         token = extract_token(request.headers.getall("Authorization", []), request.query)
         principal = await services.authenticator.authenticate(token)
     structlog.contextvars.bind_contextvars(caller=principal.subject)
+    audit.note_caller(principal)
     _check_route(request, principal)
     try:
         services.quotas.check(quota_key(principal))

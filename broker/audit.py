@@ -1,0 +1,425 @@
+"""Audit records: one JSON line per issuance and per authorization refusal, on a sink of its own.
+
+Independent of ``logging.level`` and of the log stream, every credentials reply
+(cache hit or not), presigned URL and post policy, and every 401/403 refusal,
+writes exactly one record to ``audit.sink`` (``stdout``, ``stderr`` or a file).
+A record says who asked (caller, auth method, client address, request id),
+for what (policy, role, bucket, prefix or key, actions, the sha256 of the
+rendered policy) and what was handed out (AccessKeyId, expiry, cache source,
+the RequestId of the AssumeRole call that minted the token).  Never a secret:
+records are built from named fields only, and the log's secret scrub runs
+over every line as well.  The fields: docs/deployment.md, "Audit trail".
+
+Records never make the event loop wait on a write::
+
+    request ─record─▶ this loop iteration's batch ─▶ writer thread ─▶ one write(2) (+ fsync)
+       ▲                                                                │
+       └── audit.mode required: the issuance waits for its batch ◀──────┘ call_soon_threadsafe
+
+``best_effort`` (the default) hands the record over and replies at once; a
+record that cannot be written (full buffer, write error) is counted in
+``broker_audit_failures_total`` and logged.  ``required`` (Vault's stance: no
+record, no issuance) waits until the batch holding the record is written; a
+write error, a full buffer or ``write_timeout_seconds`` without an answer
+refuse the issuance with 503 ``AuditUnavailable`` before any credential is put
+in a reply.  A record that timed out may still reach the sink later: an
+issuance may be on record that was refused in the end, never the reverse.
+Refusals are never held up: they issue nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import select
+import stat
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import structlog
+
+from broker.config import AUDIT_STREAMS, AuditSettings
+from broker.errors import AuditUnavailable, BrokerError, ConfigError
+from broker.logs import scrub_rendered
+from broker.metrics import Metrics
+from broker.models import Clock, Credentials, Principal
+from broker.policies import Scope
+
+__all__ = [
+    "REFUSAL_STATUSES",
+    "AuditContext",
+    "AuditWriter",
+    "Auditor",
+    "IssuanceEvent",
+    "begin_request",
+    "note_caller",
+    "note_policy",
+    "open_auditor",
+]
+
+log = structlog.get_logger("broker.audit")
+
+IssuanceEvent = Literal["credentials_issued", "url_presigned", "post_policy_signed"]
+REFUSAL_STATUSES = frozenset({401, 403})
+"""Replies that are refusals for authorization reasons, and so audited."""
+
+_IDLE_SECONDS = 30.0
+"""The writer thread exits after this long without a record (a new one starts it again)."""
+_STREAM_FDS = {"stdout": 1, "stderr": 2}
+_EVENTS = ("credentials_issued", "url_presigned", "post_policy_signed", "request_refused")
+_REASONS = ("write_error", "buffer_full", "timeout", "closed")
+
+
+@dataclass(slots=True)
+class AuditContext:
+    """Who is asking, from where, through which route: filled in as one request is handled."""
+
+    request_id: str | None = None
+    route: str | None = None
+    client_address: str | None = None
+    principal: Principal | None = None
+    policy: str | None = None
+
+
+_NO_CONTEXT = AuditContext()
+_CONTEXT: ContextVar[AuditContext] = ContextVar("broker_audit_context", default=_NO_CONTEXT)
+
+
+def begin_request(request_id: str, route: str | None, client_address: str | None) -> None:
+    """Start the audit context of a request (the middleware, once per request)."""
+    _CONTEXT.set(AuditContext(request_id, route, client_address))
+
+
+def note_caller(principal: Principal) -> None:
+    """The request's caller, once authenticated (for a refusal's record)."""
+    context = _CONTEXT.get()
+    if context is not _NO_CONTEXT:
+        context.principal = principal
+
+
+def note_policy(name: str) -> None:
+    """The policy the request names (for a refusal's record)."""
+    context = _CONTEXT.get()
+    if context is not _NO_CONTEXT:
+        context.policy = name
+
+
+# --- writing ---
+
+_Entry = tuple[bytes, str | None, asyncio.Future[str | None] | None]
+"""A rendered line, its event (``None``: a flush marker) and who waits for the outcome."""
+_Settle = Callable[[Sequence[_Entry], str | None], None]
+
+
+class AuditWriter:
+    """Lines → a bounded queue → one writer thread → the sink's file descriptor.
+
+    ``submit`` never blocks.  The thread writes everything queued in one
+    ``write(2)`` (a group commit), then hands the batch back to the loop it
+    came from through ``settle`` with ``None`` or the error's name.  The
+    descriptor is in append mode, so several processes may share one file.
+    """
+
+    def __init__(self, fd: int, *, owns_fd: bool, max_buffer_bytes: int, fsync: bool) -> None:
+        self._fd = fd
+        self._owns_fd = owns_fd
+        self._max = max_buffer_bytes
+        self._fsync = fsync and stat.S_ISREG(os.fstat(fd).st_mode)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[tuple[_Settle, list[_Entry]]] = deque()
+        self._buffered = 0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called: nothing more is accepted."""
+        return self._closed
+
+    def submit(self, entries: list[_Entry], settle: _Settle) -> list[_Entry]:
+        """Queue the entries that fit in the buffer, in order; those that did not are returned."""
+        with self._lock:
+            room = 0 if self._closed else self._max - self._buffered
+            size = fitting = 0
+            for line, _, _ in entries:
+                if size + len(line) > room:
+                    break
+                size += len(line)
+                fitting += 1
+            if fitting:
+                self._enqueue(entries[:fitting], size, settle)
+        return entries[fitting:]
+
+    def write_now(self, entries: list[_Entry]) -> str | None:
+        """Write in the calling thread (no running loop, or closed); the error's name or None."""
+        return _write_all(self._fd, b"".join(line for line, _, _ in entries), self._fsync)
+
+    def close(self) -> None:
+        """Stop the thread once its queue is written (call after a flush), then close the sink."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=1.0)  # a wedged write must not hold up shutdown
+        if self._owns_fd and (thread is None or not thread.is_alive()):
+            os.close(self._fd)
+
+    def _enqueue(self, entries: list[_Entry], size: int, settle: _Settle) -> None:
+        self._queue.append((settle, entries))
+        self._buffered += size
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+            self._thread.start()
+        else:
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while batches := self._next_batches():
+            lines = [line for _, entries in batches for line, _, _ in entries]
+            error = _write_all(self._fd, b"".join(lines), self._fsync)
+            with self._lock:
+                self._buffered -= sum(len(line) for line in lines)
+            for settle, entries in batches:
+                settle(entries, error)
+
+    def _next_batches(self) -> list[tuple[_Settle, list[_Entry]]]:
+        """Everything queued; empty (and the thread gone) once idle or closed."""
+        with self._lock:
+            if not self._queue and not self._closed:
+                self._wake.wait(_IDLE_SECONDS)
+            if not self._queue:
+                self._thread = None
+                return []
+            batches = list(self._queue)
+            self._queue.clear()
+            return batches
+
+
+def _write_all(fd: int, data: bytes, fsync: bool) -> str | None:
+    """Write ``data`` whole (and fsync it); the error's name on failure, else ``None``."""
+    view = memoryview(data)
+    try:
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:  # a non-blocking descriptor shared with someone else
+                select.select([], [fd], [], 1.0)
+        if fsync:
+            os.fsync(fd)
+    except OSError as err:
+        return errno.errorcode.get(err.errno or 0, type(err).__name__)
+    return None
+
+
+# --- records ---
+
+
+class Auditor:
+    """Writes the audit records of one broker and counts them; the use cases call it.
+
+    ``issued`` returns once the record is handed over (``best_effort``) or
+    written (``required``, else ``AuditUnavailable``); ``refused`` never waits.
+    """
+
+    def __init__(
+        self, settings: AuditSettings, writer: AuditWriter, metrics: Metrics, clock: Clock
+    ) -> None:
+        self._settings = settings
+        self._required = settings.mode == "required"
+        self._writer = writer
+        self._clock = clock
+        # Every child bound (and so exported, at 0) from the start: dashboards and alerts see them.
+        self._written = {event: metrics.audit_records.labels(event) for event in _EVENTS}
+        self._failed = {reason: metrics.audit_failures.labels(reason) for reason in _REASONS}
+        self._pending: list[_Entry] = []
+        self._pending_loop: asyncio.AbstractEventLoop | None = None
+        self._failing = False
+
+    @property
+    def required(self) -> bool:
+        """Whether an issuance waits for its record (``audit.mode: required``)."""
+        return self._required
+
+    async def issued(
+        self,
+        event: IssuanceEvent,
+        principal: Principal,
+        scope: Scope,
+        token: Credentials,
+        *,
+        cache: str,
+        expiration: str,
+        expires_in: int,
+        **detail: object,
+    ) -> None:
+        """Record one issuance: what ``principal`` got under ``scope`` from ``token``."""
+        record = _issuance(_CONTEXT.get(), event, principal, scope, self._now())
+        record.update(detail)
+        record.update(
+            access_key_id=token.access_key_id,
+            expiration=expiration,
+            expires_in=expires_in,
+            cache=cache,
+            sts_request_id=token.sts_request_id,
+        )
+        line = self._line(record)
+        if self._required:
+            await self._written_within(self._settings.write_timeout_seconds, line, event)
+        else:
+            self._hand(line, event, None)
+
+    def refused(self, err: BrokerError) -> None:
+        """Record a refusal for authorization reasons (401/403) of the current request."""
+        context = _CONTEXT.get()
+        record = _who(context, "refusal", "request_refused", self._now())
+        record.update(status=err.status, error_code=err.code, reason=err.message)
+        self._hand(self._line(record), "request_refused", None)
+
+    async def flushed(self) -> None:
+        """Return once every record handed over so far has been written or has failed (counted)."""
+        with contextlib.suppress(AuditUnavailable):
+            await self._written_within(None, b"", None)
+
+    async def close(self) -> None:
+        """Write what is pending (waiting up to ``write_timeout_seconds``), then close the sink."""
+        with contextlib.suppress(AuditUnavailable):  # counted and logged; shutting down anyway
+            await self._written_within(self._settings.write_timeout_seconds, b"", None)
+        self._writer.close()
+
+    def _now(self) -> str:
+        moment = datetime.fromtimestamp(self._clock(), UTC)
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    @staticmethod
+    def _line(record: dict[str, Any]) -> bytes:
+        text = str(scrub_rendered(None, "audit", orjson.dumps(record).decode()))
+        return (text + "\n").encode()
+
+    async def _written_within(self, seconds: float | None, line: bytes, event: str | None) -> None:
+        """Hand ``line`` over and wait until its batch is written; ``AuditUnavailable`` if not."""
+        waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._hand(line, event, waiter)
+        try:
+            async with asyncio.timeout(seconds):
+                error = await waiter
+        except TimeoutError:
+            self._note_failure("timeout", 1 if event is not None else 0, "timed out")
+            raise AuditUnavailable(reason="timeout") from None
+        if error is not None:
+            raise AuditUnavailable(reason=error)
+
+    def _hand(
+        self, line: bytes, event: str | None, waiter: asyncio.Future[str | None] | None
+    ) -> None:
+        """Add a line to this loop iteration's batch, handed to the writer at its end."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            entries: list[_Entry] = [(line, event, waiter)]
+            self._settle(entries, self._writer.write_now(entries))
+            return
+        if not self._pending or self._pending_loop is not loop:
+            if self._pending:  # left by a loop that closed before handing them over
+                self._pending = [(text, name, None) for text, name, _ in self._pending]
+            self._pending_loop = loop
+            loop.call_soon(self._hand_over, loop)
+        self._pending.append((line, event, waiter))
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        entries, self._pending = self._pending, []
+        if not entries:
+            return
+
+        def settle(done: Sequence[_Entry], error: str | None) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(self._settle, done, error)
+
+        refused = self._writer.submit(entries, settle)
+        if refused:
+            self._settle(refused, "closed" if self._writer.closed else "buffer_full")
+
+    def _settle(self, entries: Sequence[_Entry], error: str | None) -> None:
+        """On the loop: count the outcome, log a change of health, wake whoever waits."""
+        records = [event for _, event, _ in entries if event is not None]
+        if error is None and records:
+            for event, count in Counter(records).items():
+                self._written[event].inc(count)
+            if self._failing:
+                self._failing = False
+                log.warning("audit_write_recovered", sink=self._settings.sink)
+        elif error is not None:
+            reason = error if error in ("buffer_full", "closed") else "write_error"
+            self._note_failure(reason, len(records), error)
+        for _, _, waiter in entries:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(error)
+
+    def _note_failure(self, reason: str, records: int, error: str) -> None:
+        if records:
+            self._failed[reason].inc(records)
+        if not self._failing:
+            self._failing = True
+            log.error("audit_write_failed", sink=self._settings.sink, reason=reason, error=error)
+
+
+def _who(context: AuditContext, kind: str, event: str, now: str) -> dict[str, Any]:
+    """The fields every record has: when, which request, who asked and from where."""
+    principal = context.principal
+    return {
+        "time": now,
+        "type": kind,
+        "event": event,
+        "request_id": context.request_id,
+        "route": context.route,
+        "client_address": context.client_address,
+        "caller": principal.subject if principal is not None else None,
+        "auth_method": principal.auth_method if principal is not None else None,
+        "policy": context.policy,
+    }
+
+
+def _issuance(
+    context: AuditContext, event: str, principal: Principal, scope: Scope, now: str
+) -> dict[str, Any]:
+    policy = scope.policy
+    record = _who(context, "issuance", event, now)
+    record.update(
+        caller=principal.subject,
+        auth_method=principal.auth_method,
+        policy=policy.name,
+        role_arn=policy.role_arn,
+        bucket=policy.bucket,
+        region=policy.region,
+        prefix=scope.prefix,
+        actions=list(policy.actions),
+        policy_digest=scope.digest,
+    )
+    return record
+
+
+def open_auditor(settings: AuditSettings, metrics: Metrics, clock: Clock) -> Auditor:
+    """The auditor writing to ``settings.sink``; ``ConfigError`` if that cannot be opened."""
+    if settings.sink in AUDIT_STREAMS:
+        fd = os.dup(_STREAM_FDS[settings.sink])
+    else:
+        path = Path(settings.sink)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as err:
+            raise ConfigError([f"audit.sink: cannot open {path}: {err.strerror}"]) from err
+    writer = AuditWriter(
+        fd, owns_fd=True, max_buffer_bytes=settings.max_buffer_bytes, fsync=settings.fsync
+    )
+    return Auditor(settings, writer, metrics, clock)

@@ -1,0 +1,418 @@
+"""The audit trail: one record per issuance and per auth refusal, required mode, no secret ever."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import jwt
+import pytest
+import structlog
+from cryptography.hazmat.primitives.asymmetric import rsa
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker import audit
+from broker.audit import AuditWriter, open_auditor
+from broker.config import AuditSettings, load_settings
+from broker.errors import AccessDenied, AuditUnavailable, ConfigError
+from broker.logs import REDACTED, configure_logging
+from broker.metrics import Metrics
+from broker.models import Principal
+from tests.conftest import (
+    CALLERS,
+    SOURCE_SECRET,
+    BrokerFactory,
+    BrokerHarness,
+    FakeClock,
+    write_jwks,
+)
+from tests.wire import POST_POLICY, PRESIGN, post_json
+
+ISSUER = "https://idp.example.com/"
+AUDIENCE = "upload-web"
+CANARY_BEARER = "eyJhbGciOiJSUzI1NiJ9.canary-audit-payload.canary-audit-signature"
+UUID_UPPER = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}$")
+COMMON_FIELDS = {
+    "time",
+    "type",
+    "event",
+    "request_id",
+    "route",
+    "client_address",
+    "caller",
+    "auth_method",
+    "policy",
+}
+ISSUANCE_FIELDS = COMMON_FIELDS | {
+    "role_arn",
+    "bucket",
+    "region",
+    "prefix",
+    "actions",
+    "policy_digest",
+    "access_key_id",
+    "expiration",
+    "expires_in",
+    "cache",
+    "sts_request_id",
+}
+
+
+@pytest.fixture(scope="module")
+def signing_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+async def _audited(
+    make_broker: BrokerFactory, sink: Path | str, mode: str = "best_effort", **audit_extra: Any
+) -> BrokerHarness:
+    return await make_broker(audit={"sink": str(sink), "mode": mode, **audit_extra})
+
+
+async def _records(broker: BrokerHarness, sink: Path) -> list[dict[str, Any]]:
+    """Every record in ``sink`` once all handed over so far are written."""
+    await broker.services.audit.flushed()
+    return [json.loads(line) for line in sink.read_text().splitlines()]
+
+
+async def _metric(broker: BrokerHarness, name: str, **labels: str) -> float:
+    async with broker.client.get("/metrics") as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"{name} {labels} is not exported")
+
+
+async def _issue_all_kinds(broker: BrokerHarness) -> list[Any]:
+    """A miss, a hit, a presigned URL and a post policy; the replies."""
+    replies = []
+    for _ in range(2):
+        status, body = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
+        assert status == 200
+        replies.append(body)
+    for path, payload in (("/v1/presign", PRESIGN), ("/v1/post-policy", POST_POLICY)):
+        status, body = await post_json(broker, path, payload)
+        assert status == 200
+        replies.append(body)
+    return replies
+
+
+async def test_each_issuance_writes_one_record_with_its_fields(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """Miss, hit, presign and post policy: one record each, with who, what and which token."""
+    sink = tmp_path / "audit.jsonl"
+    broker = await _audited(make_broker, sink)
+    replies = await _issue_all_kinds(broker)
+    records = await _records(broker, sink)
+    assert [r["event"] for r in records] == [
+        "credentials_issued",
+        "credentials_issued",
+        "url_presigned",
+        "post_policy_signed",
+    ]
+    assert all(record.keys() >= ISSUANCE_FIELDS for record in records)
+    miss, hit, url, form = records
+    assert (miss["cache"], hit["cache"]) == ("miss", "hit")
+    assert miss["request_id"] == replies[0]["RequestId"]
+    assert miss["access_key_id"] == hit["access_key_id"] == replies[0]["AccessKeyId"]
+    assert miss["expiration"] == replies[0]["Expiration"]
+    assert miss["expires_in"] == replies[0]["ExpiresIn"]
+    assert UUID_UPPER.match(miss["sts_request_id"])
+    assert hit["sts_request_id"] == miss["sts_request_id"]  # the call that minted the token
+    assert miss["caller"] == "alice"
+    assert miss["auth_method"] == "api_key"
+    assert miss["client_address"] == "127.0.0.1"
+    assert miss["route"] == "credentials"
+    assert miss["policy"] == "avatar-upload"
+    assert miss["prefix"] == "avatars/alice/"
+    assert miss["actions"] == ["put"]
+    assert miss["role_arn"] == "acs:ram::1234567890123456:role/oss-avatar-upload"
+    assert re.fullmatch(r"[0-9a-f]{64}", miss["policy_digest"])
+    assert (url["key"], url["operation"]) == ("avatars/alice/me.png", "put_object")
+    assert url["expires_in"] == replies[2]["expires_in"]
+    assert url["expiration"] == replies[2]["expiration"]
+    assert form["key_prefix"] == "avatars/alice/"
+    assert form["clamped"] is False
+    assert all(record["time"].endswith("Z") for record in records)
+
+
+async def test_refusals_for_authorization_reasons_are_recorded(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """401 and 403 write a refusal record (caller when known); other errors write none."""
+    sink = tmp_path / "audit.jsonl"
+    broker = await _audited(make_broker, sink)
+    await broker.get_json("/v1/credentials/avatar-upload", caller=None)  # 401: no token
+    headers = {"Authorization": f"Bearer {CANARY_BEARER}"}
+    await broker.client.get("/v1/credentials/avatar-upload", headers=headers)  # 401
+    await broker.get_json("/v1/credentials/reports-read", caller="alice")  # 403
+    await broker.get_json("/v1/credentials/avatar-upload?min_ttl_seconds=x", caller="alice")  # 400
+    await broker.get_json("/v1/nowhere", caller="alice")  # 404
+    await broker.get_json("/v1/policies", caller="alice")  # 200, issues nothing
+    records = await _records(broker, sink)
+    assert [(r["status"], r["error_code"]) for r in records] == [
+        (401, "AuthenticationFailed"),
+        (401, "AuthenticationFailed"),
+        (403, "AccessDenied"),
+    ]
+    assert all(r.keys() >= COMMON_FIELDS and r["type"] == "refusal" for r in records)
+    unknown, _, denied = records
+    assert (unknown["caller"], unknown["auth_method"], unknown["policy"]) == (None, None, None)
+    assert (denied["caller"], denied["auth_method"]) == ("alice", "api_key")
+    assert denied["policy"] == "reports-read"
+    assert denied["route"] == "credentials"
+    assert await _metric(broker, "broker_audit_records_total", event="request_refused") == 3
+
+
+async def test_jwt_callers_are_recorded_by_subject_and_method(
+    make_broker: BrokerFactory, tmp_path: Path, signing_key: rsa.RSAPrivateKey
+) -> None:
+    """A JWT caller's record names its subject and ``jwt``; the token itself never appears."""
+    sink = tmp_path / "audit.jsonl"
+    jwks = write_jwks(tmp_path / "jwks.json", signing_key.public_key())
+    jwt_settings = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks)}
+    broker = await make_broker(
+        audit={"sink": str(sink)}, auth={"jwt": {**jwt_settings, "groups": ["browser"]}}
+    )
+    now = broker.clock()
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "bob", "iat": now, "exp": now + 300}
+    token = jwt.encode(claims, signing_key, algorithm="RS256", headers={"kid": "k1"})
+    headers = {"Authorization": f"Bearer {token}"}
+    async with broker.client.get("/v1/credentials/avatar-upload", headers=headers) as resp:
+        assert resp.status == 200
+    (record,) = await _records(broker, sink)
+    assert (record["caller"], record["auth_method"]) == ("bob", "jwt")
+    assert record["prefix"] == "avatars/bob/"
+    text = sink.read_text()
+    assert all(part not in text for part in token.split("."))
+
+
+@pytest.mark.parametrize("level", ["debug", "info", "warning", "error"])
+async def test_n_issuances_make_n_records_at_every_log_level(
+    make_broker: BrokerFactory, tmp_path: Path, level: str
+) -> None:
+    """The audit trail does not depend on logging.level: N issuances, exactly N records."""
+    stream = io.StringIO()
+    configure_logging("json", level, stream=stream)
+    try:
+        sink = tmp_path / "audit.jsonl"
+        broker = await _audited(make_broker, sink)
+        issued = 0
+        for caller, policy in [("alice", "avatar-upload"), ("svc-a", "service-uploads")] * 3:
+            status, _ = await broker.get_json(f"/v1/credentials/{policy}", caller=caller)
+            issued += status == 200
+        for _ in range(3):
+            status, _ = await post_json(broker, "/v1/presign", PRESIGN)
+            issued += status == 200
+            status, _ = await post_json(broker, "/v1/post-policy", POST_POLICY)
+            issued += status == 200
+        records = await _records(broker, sink)
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert issued == 12
+    assert len(records) == issued
+    assert all(record["type"] == "issuance" for record in records)
+    total = 0.0
+    for event in ("credentials_issued", "url_presigned", "post_policy_signed"):
+        total += await _metric(broker, "broker_audit_records_total", event=event)
+    assert total == issued
+    logged = "credentials_issued" in stream.getvalue()
+    assert logged is (level in ("debug", "info"))  # the log obeys its level; the audit does not
+
+
+async def test_no_secret_ever_reaches_the_audit_sink(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """Canaries: STS secrets and tokens, API keys, a bearer JWT, URL and form signatures."""
+    sink = tmp_path / "audit.jsonl"
+    broker = await _audited(make_broker, sink)
+    replies = await _issue_all_kinds(broker)
+    key = CALLERS["svc-reports"][0]
+    _, body = await broker.get_json(f"/v1/credentials/reports-read?access_token={key}", caller=None)
+    replies.append(body)
+    await broker.client.get(f"/v1/credentials/reports-read?access_token={CANARY_BEARER}")
+    await broker.client.get("/v1/policies", headers={"Authorization": f"Bearer {CANARY_BEARER}"})
+    await broker.get_json("/v1/credentials/reports-read", caller="alice")  # 403 with a known key
+    records = await _records(broker, sink)
+    assert len(records) == 8  # 5 issuances, 3 refusals
+    text = sink.read_text()
+    url = parse_qs(urlsplit(replies[2]["url"]).query)
+    form = replies[3]["fields"]
+    canaries = [
+        *(reply["AccessKeySecret"] for reply in replies if "AccessKeySecret" in reply),
+        *(reply["SecurityToken"] for reply in replies if "SecurityToken" in reply),
+        url["x-oss-signature"][0],
+        url["x-oss-security-token"][0],
+        form["x-oss-signature"],
+        form["x-oss-security-token"],
+        form["policy"],
+        CANARY_BEARER,
+        *(part for part in CANARY_BEARER.split(".") if len(part) > 8),
+        *(api_key for api_key, _ in CALLERS.values()),
+        SOURCE_SECRET,
+    ]
+    assert len(canaries) > 15
+    for canary in canaries:
+        assert canary not in text
+
+
+async def test_required_mode_with_a_failing_sink_issues_nothing(
+    make_broker: BrokerFactory,
+) -> None:
+    """/dev/full in required mode: 503 AuditUnavailable + Retry-After, no secret in any reply."""
+    broker = await _audited(make_broker, "/dev/full", "required")
+    replies = []
+    for _ in range(2):
+        async with broker.client.get(
+            "/v1/credentials/avatar-upload", headers=broker.auth("alice")
+        ) as resp:
+            replies.append((resp.status, resp.headers.get("Retry-After"), await resp.text()))
+    for path, payload in (("/v1/presign", PRESIGN), ("/v1/post-policy", POST_POLICY)):
+        headers = broker.auth("alice")
+        async with broker.client.post(path, json=payload, headers=headers) as resp:
+            replies.append((resp.status, resp.headers.get("Retry-After"), await resp.text()))
+    for status, retry_after, text in replies:
+        assert (status, retry_after) == (503, "1")
+        assert json.loads(text)["error"]["code"] == "AuditUnavailable"
+        assert "SecurityToken" not in text
+        assert "Secret" not in text
+        assert "signature" not in text
+    assert await _metric(broker, "broker_audit_failures_total", reason="write_error") == 4
+    status, body = await broker.get_json("/v1/credentials/reports-read", caller="alice")
+    assert (status, body["error"]["code"]) == (403, "AccessDenied")  # refusals stay refusals
+
+
+async def test_best_effort_mode_with_a_failing_sink_serves_and_counts(
+    make_broker: BrokerFactory,
+) -> None:
+    """/dev/full in best_effort mode: served, and broker_audit_failures_total rises per record."""
+    broker = await _audited(make_broker, "/dev/full")
+    replies = await _issue_all_kinds(broker)
+    assert all(
+        reply.get("AccessKeySecret") or reply.get("url") or reply.get("fields") for reply in replies
+    )
+    await broker.services.audit.flushed()
+    assert await _metric(broker, "broker_audit_failures_total", reason="write_error") == 4
+    assert await _metric(broker, "broker_audit_records_total", event="credentials_issued") == 0
+
+
+async def test_required_mode_writes_the_record_before_the_reply(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """In required mode a reply's record is already in the file when the reply arrives."""
+    sink = tmp_path / "audit.jsonl"
+    broker = await _audited(make_broker, sink, "required")
+    for expected in range(1, 4):
+        status, body = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
+        assert status == 200
+        lines = sink.read_text().splitlines()  # no flush: the reply waited for the write
+        assert len(lines) == expected
+        assert json.loads(lines[-1])["request_id"] == body["RequestId"]
+
+
+async def test_required_mode_refuses_when_the_sink_is_stuck(
+    make_broker: BrokerFactory,
+) -> None:
+    """A sink that accepts nothing (a full pipe nobody reads): 503 after write_timeout_seconds."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    _until_would_block(lambda: os.write(write_end, b"x" * 65536))
+    os.set_blocking(write_end, True)
+    sink = f"/proc/self/fd/{write_end}"
+    try:
+        broker = await _audited(make_broker, sink, "required", write_timeout_seconds=0.2)
+        status, body = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
+        assert (status, body["error"]["code"]) == (503, "AuditUnavailable")
+        assert "AccessKeySecret" not in body
+        assert await _metric(broker, "broker_audit_failures_total", reason="timeout") == 1
+    finally:
+        os.set_blocking(read_end, False)
+        _until_would_block(lambda: os.read(read_end, 65536))  # so the stuck writer finishes
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _until_would_block(operation: Callable[[], object]) -> None:
+    """Repeat a non-blocking pipe operation until the pipe is full (or empty)."""
+    for _ in range(10_000):  # a pipe holds at most 1 MiB by default
+        try:
+            operation()
+        except BlockingIOError:
+            return
+    raise AssertionError("the pipe never filled or emptied")
+
+
+def test_writer_refuses_what_does_not_fit_in_its_buffer(tmp_path: Path) -> None:
+    """Past max_buffer_bytes, records are refused (and returned), never queued without bound."""
+    fd = os.open(tmp_path / "audit.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    writer = AuditWriter(fd, owns_fd=True, max_buffer_bytes=100, fsync=False)
+    entries = [(b"x" * 40 + b"\n", "credentials_issued", None) for _ in range(4)]
+    settled: list[int] = []
+    refused = writer.submit(entries, lambda done, error: settled.append(len(done)))
+    assert refused == entries[2:]
+    writer.close()
+    assert (tmp_path / "audit.jsonl").read_bytes() == entries[0][0] * 2
+    assert settled == [2]
+    assert writer.submit(entries[:1], lambda done, error: None) == entries[:1]  # closed
+
+
+async def test_scrub_runs_over_every_line(tmp_path: Path, clock: FakeClock) -> None:
+    """A secret fragment that slipped into a field (an error message here) is masked anyway."""
+    sink = tmp_path / "audit.jsonl"
+    auditor = open_auditor(AuditSettings(sink=str(sink)), Metrics(), clock)
+    audit.begin_request("req-12345678", "credentials", "127.0.0.1")
+    audit.note_caller(Principal("alice"))
+    auditor.refused(AccessDenied("denied for access_token=canary-fragment-1234 and Bearer abc.def"))
+    await auditor.close()
+    (record,) = [json.loads(line) for line in sink.read_text().splitlines()]
+    assert "canary-fragment-1234" not in record["reason"]
+    assert REDACTED in record["reason"]
+    assert "abc.def" not in record["reason"]
+    assert record["caller"] == "alice"
+    assert record["request_id"] == "req-12345678"
+
+
+def test_file_sink_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    """audit.sink names a file relative to the config file; stdout and stderr are streams."""
+    config = tmp_path / "broker.yaml"
+    config.write_text("audit:\n  sink: logs/audit.jsonl\n  mode: required\n")
+    settings = load_settings(config)
+    assert settings.audit.sink == str(tmp_path / "logs" / "audit.jsonl")
+    assert settings.audit.mode == "required"
+    config.write_text("audit:\n  sink: stderr\n")
+    assert load_settings(config).audit.sink == "stderr"
+    assert load_settings(config).audit.mode == "best_effort"
+
+
+def test_a_sink_that_cannot_be_opened_is_a_config_error(tmp_path: Path, clock: FakeClock) -> None:
+    """A sink in a missing folder (or a folder itself) stops the start with a clear error."""
+    for sink in (tmp_path / "missing" / "audit.jsonl", tmp_path):
+        with pytest.raises(ConfigError, match=r"audit\.sink: cannot open"):
+            open_auditor(AuditSettings(sink=str(sink)), Metrics(), clock)
+
+
+def test_audit_files_are_created_private(tmp_path: Path, clock: FakeClock) -> None:
+    """A new audit file is readable by the broker's user only (0600)."""
+    sink = tmp_path / "audit.jsonl"
+    auditor = open_auditor(AuditSettings(sink=str(sink)), Metrics(), clock)
+    asyncio.run(auditor.close())
+    assert sink.stat().st_mode & 0o777 == 0o600
+
+
+def test_audit_unavailable_is_a_retryable_503() -> None:
+    """AuditUnavailable: 503, a stable code, Retry-After, and a message without context."""
+    err = AuditUnavailable(reason="ENOSPC")
+    assert (err.status, err.code, err.retry_after_seconds) == (503, "AuditUnavailable", 1)
+    assert "ENOSPC" not in err.message
