@@ -28,6 +28,7 @@ from broker.metrics import Metrics
 from broker.models import Principal
 from tests.conftest import (
     CALLERS,
+    REPO,
     SOURCE_SECRET,
     BrokerFactory,
     BrokerHarness,
@@ -416,3 +417,25 @@ def test_audit_unavailable_is_a_retryable_503() -> None:
     err = AuditUnavailable(reason="ENOSPC")
     assert (err.status, err.code, err.retry_after_seconds) == (503, "AuditUnavailable", 1)
     assert "ENOSPC" not in err.message
+
+
+def test_deployment_guide_lists_every_record_field() -> None:
+    """docs/deployment.md's field table names every field a record can carry."""
+    guide = (REPO / "docs" / "deployment.md").read_text()
+    section = guide.split("## Audit trail", 1)[1].split("\n## ", 1)[0]
+    documented = {
+        name
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for name in re.findall(r"`([a-z_]+)`", line.split(" | ")[0])
+    }
+    extra = {"key", "operation", "key_prefix", "clamped", "status", "error_code", "reason"}
+    assert ISSUANCE_FIELDS | extra <= documented
+
+
+def test_example_config_shows_every_audit_setting() -> None:
+    """config/broker.yaml's audit section sets every key AuditSettings has, to its default."""
+    settings = load_settings(REPO / "config" / "broker.yaml").audit
+    assert settings == AuditSettings()
+    text = (REPO / "config" / "broker.yaml").read_text().split("\naudit:", 1)[1]
+    assert all(f"\n  {name}:" in text for name in AuditSettings.model_fields)
