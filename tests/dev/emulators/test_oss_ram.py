@@ -1,4 +1,4 @@
-"""The OSS emulator's RAM evaluation: Deny over Allow, wildcards, Not*, Conditions."""
+"""The OSS emulator's authorization: resources, Deny over Allow, the condition values it sees."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from broker.dev.emulators.oss_errors import OssError
-from broker.dev.emulators.oss_ram import authorize
+from broker.dev.emulators.oss_ram import authorize, condition_values
 from broker.dev.emulators.sts import IssuedCredentials
 
 ROLE_ARN = "acs:ram::1234567890123456:role/uploader"
@@ -19,11 +19,20 @@ def _token(*statements: dict[str, Any]) -> IssuedCredentials:
     return IssuedCredentials("STS.id", "secret", "token", 0.0, ROLE_ARN, "session", policy)
 
 
-def _allowed(issued: IssuedCredentials, action: str, key: str | None) -> bool:
+NOW = 1_700_000_000.0
+VALUES = condition_values(NOW, "127.0.0.1", secure=False)
+
+
+def _allowed(
+    issued: IssuedCredentials,
+    action: str,
+    key: str | None,
+    values: dict[str, str | None] = VALUES,
+) -> bool:
     """Whether authorize lets it through; a refusal must be OSS's policy AccessDenied."""
     refusal: OssError | None = None
     try:
-        authorize(issued, action, "bucket", key, "cn-hangzhou")
+        authorize(issued, action, "bucket", key, "cn-hangzhou", values)
     except OssError as err:
         refusal = err
     if refusal is not None:
@@ -83,11 +92,44 @@ def test_not_action_and_not_resource_invert_the_match() -> None:
     assert not _allowed(issued, "oss:GetObject", "secret/k")
 
 
-def test_statements_with_conditions_never_allow_and_always_deny() -> None:
-    """A Condition is not evaluated: as Allow it never applies, as Deny it always does."""
-    condition = {"IpAddress": {"acs:SourceIp": "10.0.0.0/8"}}
-    allow = {"Effect": "Allow", "Action": "oss:*", "Resource": "*", "Condition": condition}
-    assert not _allowed(_token(allow), "oss:PutObject", "k")
-    deny = {**allow, "Effect": "Deny"}
-    plain = {"Effect": "Allow", "Action": "oss:*", "Resource": "*"}
-    assert not _allowed(_token(plain, deny), "oss:PutObject", "k")
+def test_list_prefix_condition_allows_only_the_rendered_prefix() -> None:
+    """The broker's list grant (StringLike oss:Prefix) allows ListObjects on that prefix only."""
+    issued = _token(
+        {
+            "Effect": "Allow",
+            "Action": ["oss:ListObjects"],
+            "Resource": ["acs:oss:*:*:bucket"],
+            "Condition": {"StringLike": {"oss:Prefix": ["u/alice/*"]}},
+        }
+    )
+
+    def listing(params: dict[str, str]) -> dict[str, str | None]:
+        return condition_values(NOW, "127.0.0.1", secure=False, list_params=params)
+
+    assert _allowed(issued, "oss:ListObjects", None, listing({"prefix": "u/alice/"}))
+    assert _allowed(issued, "oss:ListObjects", None, listing({"prefix": "u/alice/2024/"}))
+    assert not _allowed(issued, "oss:ListObjects", None, listing({"prefix": "u/bob/"}))
+    assert not _allowed(issued, "oss:ListObjects", None, listing({"prefix": ""}))
+    assert not _allowed(issued, "oss:ListObjects", None, listing({}))
+
+
+def test_denial_names_the_action_and_the_kind_of_deny() -> None:
+    """The AccessDenied detail carries AuthAction and ImplicitDeny/ExplicitDeny."""
+    issued = _token({"Effect": "Deny", "Action": "oss:*", "Resource": "*"})
+    with pytest.raises(OssError) as raised:
+        authorize(issued, "oss:GetObject", "bucket", "k", "cn-hangzhou", VALUES)
+    detail = raised.value.details["AccessDeniedDetail"]
+    assert detail == {"AuthAction": "oss:GetObject", "NoPermissionType": "ExplicitDeny"}
+
+
+def test_condition_values_are_what_the_emulator_observes() -> None:
+    """Peer address, plain HTTP, the clock's time; no VPC; list parameters only when listing."""
+    values = condition_values(NOW, "127.0.0.2", secure=False, list_params={"prefix": "p/"})
+    assert values == {
+        "acs:currenttime": "2023-11-14T22:13:20+00:00",
+        "acs:sourceip": "127.0.0.2",
+        "acs:securetransport": "false",
+        "acs:sourcevpc": None,
+        "oss:prefix": "p/",
+        "oss:delimiter": None,
+    }
