@@ -24,7 +24,7 @@ from aiohttp import web
 
 from broker.auth import generate_api_key, hash_api_key
 from broker.config import Settings, load_settings
-from broker.credentials.shared_store import load_encryption_keys
+from broker.credentials.sealing import load_encryption_keys
 from broker.errors import BrokerError, ConfigError, TemplateValueRejected
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
 from broker.logs import configure_logging
