@@ -134,9 +134,12 @@ def _start_after(params: Mapping[str, str], *, v2: bool) -> str:
     if not token:
         return params.get("start-after", "")
     try:
-        return base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8")
+        name = base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8")
     except (binascii.Error, UnicodeError, ValueError):
-        raise invalid_argument("The continuation token provided is incorrect.") from None
+        name = None
+    if name is None or _token(name) != token:  # only tokens this emulator issued
+        raise invalid_argument("The continuation token provided is incorrect.")
+    return name
 
 
 def _token(name: str) -> str:

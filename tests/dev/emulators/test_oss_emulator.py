@@ -577,3 +577,94 @@ async def test_requests_are_recorded(harness: Harness) -> None:
         None,
     )
     assert (second.operation, second.status, second.error_code) == ("GetObject", 404, "NoSuchKey")
+
+
+async def test_put_stores_standard_headers_and_acl_returned_by_get(harness: Harness) -> None:
+    """PutObject keeps Content-Disposition, Cache-Control and x-oss-object-acl; GET returns them."""
+    key = "user/alice/doc.pdf"
+    async with sdk_client(harness) as client:
+        await client.put_object(
+            oss.PutObjectRequest(
+                bucket=BUCKET,
+                key=key,
+                body=b"%PDF",
+                content_disposition='inline; filename="doc.pdf"',
+                cache_control="max-age=60",
+                acl="private",
+            )
+        )
+        got = await client.get_object(oss.GetObjectRequest(bucket=BUCKET, key=key))
+    assert (got.content_disposition, got.cache_control) == (
+        'inline; filename="doc.pdf"',
+        "max-age=60",
+    )
+    stored = harness.emulator.object_attributes(BUCKET, key)
+    assert stored is not None
+    assert stored.acl == "private"
+
+
+async def test_presigned_get_response_overrides_are_applied_and_signed(harness: Harness) -> None:
+    """response-content-disposition/-type/-cache-control in a V4 URL set headers; edits fail."""
+    key = "user/alice/photo.jpg"
+    async with sdk_client(harness) as client:
+        await client.put_object(oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"jpg"))
+    get = await presign(
+        harness,
+        oss.GetObjectRequest(
+            bucket=BUCKET,
+            key=key,
+            response_content_disposition='attachment; filename="p.jpg"',
+            response_content_type="image/jpeg",
+            response_cache_control="no-store",
+        ),
+    )
+    status, headers, body = await raw("GET", URL(get.url, encoded=True))
+    assert (status, body) == (200, b"jpg")
+    assert headers["Content-Disposition"] == 'attachment; filename="p.jpg"'
+    assert (headers["Content-Type"], headers["Cache-Control"]) == ("image/jpeg", "no-store")
+    tampered = get.url.replace("image%2Fjpeg", "text%2Fhtml")
+    assert tampered != get.url
+    bad_status, _, bad_body = await raw("GET", URL(tampered, encoded=True))
+    assert (bad_status, error_xml(bad_body)["Code"]) == (403, "SignatureDoesNotMatch")
+
+
+async def test_forbid_overwrite_on_complete_multipart_upload(harness: Harness) -> None:
+    """CompleteMultipartUpload with x-oss-forbid-overwrite onto an existing key: 409, kept."""
+    key = "user/alice/once.bin"
+    async with sdk_client(harness) as client:
+        await client.put_object(oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"first"))
+        init = await client.initiate_multipart_upload(
+            oss.InitiateMultipartUploadRequest(bucket=BUCKET, key=key)
+        )
+        part = await client.upload_part(
+            oss.UploadPartRequest(
+                bucket=BUCKET, key=key, upload_id=init.upload_id, part_number=1, body=b"second"
+            )
+        )
+        error = await service_error(
+            client.complete_multipart_upload(
+                oss.CompleteMultipartUploadRequest(
+                    bucket=BUCKET,
+                    key=key,
+                    upload_id=init.upload_id,
+                    forbid_overwrite=True,
+                    complete_multipart_upload=oss.CompleteMultipartUpload(
+                        parts=[oss.UploadPart(part_number=1, etag=part.etag)]
+                    ),
+                )
+            )
+        )
+    assert (error.status_code, error.code) == (409, "FileAlreadyExists")
+    assert harness.emulator.read_object(BUCKET, key) == b"first"
+
+
+async def test_forbid_overwrite_must_be_true_or_false(harness: Harness) -> None:
+    """A signed x-oss-forbid-overwrite: abc is 400 InvalidArgument with EC 0017-00000279."""
+    headers = {"x-oss-forbid-overwrite": "abc"}
+    url, signed = official_sign(harness, "PUT", "user/alice/f", headers, query=False)
+    status, _, body = await raw(
+        "PUT", URL(url, encoded=True), data=b"f", headers=signed, skip_auto_headers=["Content-Type"]
+    )
+    error = error_xml(body)
+    assert (status, error["Code"], error["EC"]) == (400, "InvalidArgument", "0017-00000279")
+    assert harness.emulator.read_object(BUCKET, "user/alice/f") is None

@@ -1,15 +1,20 @@
-"""The OSS emulator's authorization: resources, Deny over Allow, the condition values it sees."""
+"""The OSS emulator's authorization: resources, Deny over Allow, conditions it observes."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
+import alibabacloud_oss_v2 as oss
 import pytest
+from yarl import URL
 
 from broker.dev.emulators.oss_errors import OssError
 from broker.dev.emulators.oss_ram import authorize, condition_values
 from broker.dev.emulators.sts import IssuedCredentials
+from tests.dev.emulators.conftest import BUCKET, Creds, Harness, assume_role, sdk_client
 
 ROLE_ARN = "acs:ram::1234567890123456:role/uploader"
 
@@ -133,3 +138,67 @@ def test_condition_values_are_what_the_emulator_observes() -> None:
         "oss:prefix": "p/",
         "oss:delimiter": None,
     }
+
+
+def _conditional_policy(condition: dict[str, Any]) -> str:
+    statement = {
+        "Effect": "Allow",
+        "Action": ["oss:PutObject", "oss:GetObject"],
+        "Resource": ["acs:oss:*:*:examplebucket/user/alice/*"],
+        "Condition": condition,
+    }
+    return json.dumps({"Version": "1", "Statement": [statement]})
+
+
+async def _put_from(h: Harness, creds: Creds, local_ip: str = "127.0.0.1") -> int:
+    """PUT through a V4-presigned URL, the TCP connection bound to ``local_ip``."""
+    result = await presign_with(h, creds, oss.PutObjectRequest(bucket=BUCKET, key="user/alice/c"))
+    connector = aiohttp.TCPConnector(local_addr=(local_ip, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector, skip_auto_headers=["Content-Type"]) as session,
+        session.put(URL(result.url, encoded=True), data=b"c") as response,
+    ):
+        return response.status
+
+
+async def presign_with(h: Harness, creds: Creds, request: Any) -> oss.PresignResult:
+    async with sdk_client(h, creds=creds) as client:
+        return await client.presign(request, expires=timedelta(seconds=600))
+
+
+async def test_source_ip_condition_binds_the_token_to_an_address(harness: Harness) -> None:
+    """IpAddress on acs:SourceIp 127.0.0.1: allowed from 127.0.0.1, refused from 127.0.0.2."""
+    policy = _conditional_policy({"IpAddress": {"acs:SourceIp": "127.0.0.1/32"}})
+    creds = await assume_role(harness.sts_url, policy)
+    assert await _put_from(harness, creds, "127.0.0.1") == 200
+    assert await _put_from(harness, creds, "127.0.0.2") == 403
+    assert harness.emulator.requests[-1].error_code == "AccessDenied"
+
+
+async def test_current_time_condition_ends_the_token_early(harness: Harness) -> None:
+    """DateLessThan acs:CurrentTime = issue + 120 s: works at 119 s, refused at 121 s."""
+    deadline = datetime.fromtimestamp(harness.clock.now + 120, UTC).isoformat()
+    policy = _conditional_policy({"DateLessThan": {"acs:CurrentTime": deadline}})
+    creds = await assume_role(harness.sts_url, policy)
+    harness.clock.advance(119)
+    assert await _put_from(harness, creds) == 200
+    harness.clock.advance(2)
+    assert await _put_from(harness, creds) == 403
+
+
+@pytest.mark.parametrize(
+    ("condition", "status"),
+    [
+        ({"Bool": {"acs:SecureTransport": "false"}}, 200),
+        ({"Bool": {"acs:SecureTransport": "true"}}, 403),
+        ({"StringEquals": {"acs:SourceVpc": "vpc-example"}}, 403),
+        ({"StringEquals": {"oss:x-oss-forbid-overwrite": "true"}}, 403),
+    ],
+    ids=["plain-http", "https-only", "vpc-only", "unknown-key"],
+)
+async def test_transport_vpc_and_unknown_conditions(
+    harness: Harness, condition: dict[str, Any], status: int
+) -> None:
+    """Plain HTTP is SecureTransport false; no request comes from a VPC; unknown keys deny."""
+    creds = await assume_role(harness.sts_url, _conditional_policy(condition))
+    assert await _put_from(harness, creds) == status
