@@ -75,6 +75,7 @@ EXIT_UNAVAILABLE = 5
 DEFAULT_API_KEY_ENV = "STS_BROKER_API_KEY"
 FORMATS = ("process", "env", "json")
 _MAX_MESSAGE_CHARS = 200
+_MAX_REPLY_BYTES = 1 << 20  # a credentials reply is a few kilobytes
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")  # what a bearer token may hold: visible ASCII
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -304,16 +305,24 @@ def fetch_credentials(request: FetchRequest) -> BrokerReply:
     )
     try:
         with _opener(request.ca_file).open(http_request, timeout=request.timeout_seconds) as reply:
-            body = reply.read()
+            body = _read_bounded(reply)
     except urllib.error.HTTPError as err:
         try:
-            _fail_on_status(err.code, err.read(), request.api_key)
+            _fail_on_status(err.code, _read_bounded(err), request.api_key)
         finally:
             err.close()
     except (OSError, ValueError, http.client.HTTPException) as err:
         # URLError, timeouts, TLS, refused or reset connections, a reply that is not HTTP
         raise FetchFailed(EXIT_UNREACHABLE, _unreachable(request.url, err)) from None
     return _parse_reply(body)
+
+
+def _read_bounded(reply: Any) -> bytes:
+    """The body, or ``FetchFailed`` past ``_MAX_REPLY_BYTES`` (never buffer a runaway reply)."""
+    body: bytes = reply.read(_MAX_REPLY_BYTES + 1)
+    if len(body) > _MAX_REPLY_BYTES:
+        raise FetchFailed(EXIT_FAILURE, f"the reply is larger than {_MAX_REPLY_BYTES} bytes")
+    return body
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

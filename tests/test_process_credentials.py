@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import datetime as dt
 import io
+import ipaddress
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -20,6 +23,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from alibabacloud_credentials.provider.cli_profile import CLIProfileCredentialsProvider
 from alibabacloud_credentials.provider.external import ExternalCredentialsProvider
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from broker.cli import main as cli_main
 from broker.process_credentials import (
@@ -316,6 +323,7 @@ def _hostile_app(key_seen: list[str]) -> web.Application:
         "not-json": (200, "<html>hello</html>"),
         "proxy-502": (502, "<html>Bad Gateway</html>"),
         "echo": (400, json.dumps(echo_error)),
+        "huge": (200, " " * (2 << 20)),
     }
 
     async def handle(request: web.Request) -> web.Response:
@@ -348,6 +356,7 @@ def _hostile_app(key_seen: list[str]) -> web.Application:
         ("not-json", EXIT_FAILURE, "the broker's reply is not JSON"),
         ("proxy-502", EXIT_UNAVAILABLE, "HTTP 502 (not a broker reply)"),
         ("echo", EXIT_USAGE, "bad key [api key]?second line"),
+        ("huge", EXIT_FAILURE, "the reply is larger than 1048576 bytes"),
     ],
 )
 async def test_broken_replies_fail_loudly_and_safely(
@@ -369,6 +378,55 @@ async def test_broken_replies_fail_loudly_and_safely(
     assert "\x1b" not in err
     assert KEY not in err
     assert key_seen == []  # the redirect target never got the key
+
+
+def _self_signed(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 signed by itself: its path (the CA file) and a server context."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(san, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "broker.crt", directory / "broker.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    return cert_path, context
+
+
+async def test_https_verifies_the_broker_against_ca_file(
+    aiohttp_server: ServerFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """https: with --ca-file the reply is printed; without it the unknown CA is refused (exit 4)."""
+    ca_file, context = _self_signed(tmp_path)
+    server = await aiohttp_server(_hostile_app([]), ssl=context)
+    monkeypatch.setenv("STS_BROKER_API_KEY", KEY)
+    url = f"https://127.0.0.1:{server.port}"
+    argv = ["--url", url, "--policy", "hostile-values"]
+    code, out, _ = await _run(*argv, "--ca-file", str(ca_file))
+    assert code == EXIT_OK
+    assert json.loads(out)["access_key_id"] == "STS.k"
+    code, out, err = await _run(*argv)
+    assert (code, out) == (EXIT_UNREACHABLE, "")
+    assert f"TLS with the broker at {url} failed" in err
 
 
 async def test_env_values_are_shell_quoted_against_injection(
