@@ -20,9 +20,10 @@ Rules, each pinned by tests/credentials/test_cache.py:
   pays for it through its ``charge`` (``broker.quotas.CallerStsQuota``), just
   before the fetch starts; a refused charge refuses only that request (with a
   ``min_ttl`` that is only a preference, it is served the cached entry).
-  Requests that join a fetch in flight and background refreshes pay nothing,
-  and a fetch that took no STS budget slot (``budget.count_sts_calls``: the
-  shared cache answered, the gate or the budget refused) is given back.
+  Requests that join a fetch in flight and background refreshes pay nothing;
+  what a shared cache already holds (``_peek``) is taken without paying; and
+  a fetch that took no STS budget slot (``budget.count_sts_calls``: the shared
+  cache answered after all, the gate or the budget refused) is given back.
 * The key is everything that shapes the credentials (role, rendered policy
   digest, duration, external id, session name), so two equal keys always mean
   interchangeable credentials and an edited policy gets a new entry.
@@ -337,32 +338,44 @@ class CredentialCache:
     async def _shared_fetch(
         self, key: CacheKey, request: AssumeRoleRequest, charge: Charge | None
     ) -> Credentials:
-        """Join the fetch in flight for ``key``, or pay through ``charge`` and start one."""
-        if charge is not None:
-            charge = await self._pay(key, charge)
-        # shield: a caller that disconnects must not cancel the call others share.
-        return await asyncio.shield(self._task(key, request, charge))
-
-    async def _pay(self, key: CacheKey, charge: Charge) -> Charge | None:
-        """``charge`` once it paid for a new fetch of ``key``; None if one is in flight.
+        """Join the fetch in flight for ``key``, or start one paid for through ``charge``.
 
         Paying may wait (Redis): meanwhile other requests for ``key`` wait for
-        this one, then join the fetch it starts, or pay in turn if it was refused.
+        the one paying, then use what it found or join the fetch it started,
+        or pay in turn if it was refused.
         """
-        while key not in self._inflight:
+        while charge is not None and key not in self._inflight:
             paying = self._paying.get(key)
-            if paying is not None:
-                await paying.wait()
-                continue
-            paying = self._paying[key] = asyncio.Event()
-            try:
-                await charge.take()
-            finally:
-                del self._paying[key]
-                paying.set()
-            if key not in self._inflight:  # else a background refresh started meanwhile
-                return charge
+            if paying is None:
+                return await self._paid_fetch(key, request, charge)
+            await paying.wait()
+            entry = self._entries.lookup(key)  # the one paying may have found it shared
+            if entry is not None and entry.credentials.expires_at >= request.min_expires_at:
+                return entry.credentials
+        # shield: a caller that disconnects must not cancel the call others share.
+        return await asyncio.shield(self._task(key, request))
+
+    async def _paid_fetch(
+        self, key: CacheKey, request: AssumeRoleRequest, charge: Charge
+    ) -> Credentials:
+        """What the shared cache holds for ``request`` (free), else a fetch paid by ``charge``."""
+        paying = self._paying[key] = asyncio.Event()
+        try:
+            found = await self._peek(request)
+            if found is not None:
+                self._store(key, found)
+                return found
+            await charge.take()
+        finally:
+            del self._paying[key]
+            paying.set()
+        if key in self._inflight:  # a background refresh started meanwhile: join it
             await charge.give_back()
+            return await asyncio.shield(self._inflight[key])
+        return await asyncio.shield(self._task(key, request, charge))
+
+    async def _peek(self, request: AssumeRoleRequest) -> Credentials | None:
+        """Credentials a shared layer already holds for ``request`` (none here), without STS."""
         return None
 
     def _task(
