@@ -13,7 +13,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from broker import audit, vending
 from broker.auth import extract_token, quota_key
-from broker.errors import AccessDenied, RequestInvalid, TooManyRequests
+from broker.errors import AccessDenied, RequestInvalid
 from broker.http.keys import SERVICES
 from broker.http.middleware import REQUEST_ID
 from broker.http.openapi import openapi_document
@@ -66,11 +66,7 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
     structlog.contextvars.bind_contextvars(caller=principal.subject)
     audit.note_caller(principal)
     _check_route(request, principal)
-    try:
-        services.quotas.check(quota_key(principal))
-    except TooManyRequests:
-        services.metrics.quota_rejections.labels("caller").inc()
-        raise
+    services.quotas.check(quota_key(principal))
     return principal
 
 
