@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 #   make run [PORT=9000]   dev mode; installs only what running needs (pip install -e .)
-#   make test              ruff, mypy --strict, pytest; adds the test toolchain (.[test])
+#   make test              ruff, mypy --strict, pytest; adds the test toolchain (.[test], Node clients)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
