@@ -23,8 +23,8 @@ import structlog
 from aiohttp import web
 
 from broker.auth import generate_api_key, hash_api_key
-from broker.config import Settings, load_settings
-from broker.credentials.shared_store import load_encryption_keys
+from broker.config import CacheSettings, Settings, load_settings
+from broker.credentials.sealing import load_encryption_keys
 from broker.errors import BrokerError, ConfigError, TemplateValueRejected
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
 from broker.logs import configure_logging
@@ -154,6 +154,14 @@ def _add_dev(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     _add_path(dev, "--policies-dir", "policies", "DIR", policies_help)
     storage_help = "where the OSS emulator stores uploaded objects (default: %(default)s)"
     _add_path(dev, "--storage-dir", "var/dev-oss", "DIR", storage_help)
+    dev.add_argument(
+        "--token-lifetime",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="dev only: the STS emulator issues tokens living SECONDS (e.g. 120) while the "
+        "broker still requests 900..43200, to watch token rotation in minutes",
+    )
     dev.set_defaults(run=_cmd_dev)
 
 
@@ -257,19 +265,37 @@ def _worker_main(config: Path, workers: int, index: int) -> None:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
+    from broker.dev.stack import check_token_lifetime  # dev mode only
+
+    if args.token_lifetime is not None:
+        try:
+            check_token_lifetime(args.token_lifetime, CacheSettings().refresh_margin_seconds)
+        except ValueError as err:
+            print(f"sts-broker dev: {err}", file=sys.stderr)
+            return EXIT_CONFIG
     policies_dir = args.policies_dir.resolve()
     policies = load_policies(policies_dir)
     configure_logging("console" if sys.stderr.isatty() else "json", "info")
     storage_dir = args.storage_dir.resolve()
     storage_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(_dev(args.port, policies_dir, policies, storage_dir))
+    asyncio.run(_dev(args.port, policies_dir, policies, storage_dir, args.token_lifetime))
     return EXIT_OK
 
 
-async def _dev(port: int, policies_dir: Path, policies: PolicySet, storage_dir: Path) -> None:
+async def _dev(
+    port: int,
+    policies_dir: Path,
+    policies: PolicySet,
+    storage_dir: Path,
+    token_lifetime_seconds: int | None,
+) -> None:
     from broker.dev.stack import dev_stack  # dev mode only: serve never loads broker.dev
 
-    async with dev_stack(policies, policies_dir, storage_dir, port=port) as stack:
+    lifetime = token_lifetime_seconds
+    stack_context = dev_stack(
+        policies, policies_dir, storage_dir, port=port, token_lifetime_seconds=lifetime
+    )
+    async with stack_context as stack:
         await _serve(
             stack.services,
             banner=lambda url: _dev_banner(url, stack),
@@ -290,12 +316,22 @@ def _dev_banner(url: str, stack: DevStack) -> None:
         f"  STS emulator:  {stack.sts_url}\n"
         f"  OSS emulator:  {stack.oss_url}   (objects stored in {stack.storage_dir})\n"
         f"  policies:      {names}\n"
-        f"  dev API key:   {stack.dev_key}   (caller id '{DEV_CALLER}'; new on every start)\n\n"
+        f"  dev API key:   {stack.dev_key}   (caller id '{DEV_CALLER}'; new on every start)\n"
+        f"{_lifetime_line(stack.token_lifetime_seconds)}\n"
         f"  try:\n"
         f"    curl -s -H 'Authorization: Bearer {stack.dev_key}' {url}/v1/credentials/{first}\n\n"
         f"  stop:          Ctrl-C\n",
         file=sys.stderr,
         flush=True,
+    )
+
+
+def _lifetime_line(seconds: int | None) -> str:
+    if seconds is None:
+        return ""
+    return (
+        f"  token lifetime: {seconds} s as issued by the STS emulator (dev only; the broker "
+        "still requests 900..43200 s)\n"
     )
 
 

@@ -17,10 +17,13 @@
         UpstreamUnavailable     503 UpstreamUnavailable + Retry-After
         UpstreamTimeout         504 UpstreamTimeout
 
-Every class carries its status, a stable ``code`` and a message.  Context
-given as keyword arguments stays on the exception (``err.context``) for the
-log; it never reaches the reply unless the message template names it, and
-message templates never name secrets.
+Every class carries its status, a stable ``code``, a message and
+``retryable``: whether another attempt at the same STS call may succeed (true
+for UpstreamThrottled, UpstreamUnavailable and UpstreamTimeout; any instance
+may say otherwise with the ``retryable=`` keyword).  Other keyword arguments
+are context: they stay on the exception (``err.context``) for the log, and
+reach the reply only where the message template names them (or, for
+MethodNotAllowed, as the ``Allow`` header); templates never name secrets.
 """
 
 from __future__ import annotations
@@ -51,10 +54,16 @@ class BrokerError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "InternalError"
     fmt: ClassVar[str] = "internal error"
+    retryable: bool = False
+    """Whether another attempt may succeed; the class default, unless given per instance."""
 
-    def __init__(self, message: str | None = None, /, **context: Any) -> None:
+    def __init__(
+        self, message: str | None = None, /, *, retryable: bool | None = None, **context: Any
+    ) -> None:
         self.message = message if message is not None else self.fmt.format(**context)
         self.context = context
+        if retryable is not None:
+            self.retryable = retryable
         super().__init__(self.message)
 
     @property
@@ -164,6 +173,7 @@ class _RetryableUpstream(UpstreamError):
     """An STS failure worth retrying after ``retry_after`` seconds."""
 
     status = 503
+    retryable = True
 
     def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
         self.retry_after = max(1, int(retry_after))
@@ -194,3 +204,4 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     code = "UpstreamTimeout"
     fmt = "STS did not answer in time"
+    retryable = True

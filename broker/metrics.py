@@ -1,22 +1,25 @@
-"""Prometheus metrics: requests, cache, STS calls, reloads, quota rejections.
+"""Prometheus metrics: requests, cache, STS calls, reloads, quotas, shared-cache degradation.
 
-Each broker gets its own registry (no global state), rendered at ``/metrics``
-in the Prometheus text format.  Labels never carry caller input beyond route
-names and error codes, so cardinality stays bounded and nothing secret leaks.
+This is the only module that defines metrics.  Each broker gets its own
+registry (no global state), rendered at ``/metrics`` in the Prometheus text
+format.  Labels never carry caller input beyond route names, error codes and
+Redis operation names, so cardinality stays bounded and nothing secret leaks.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.credentials.cache import CredentialCache
 from broker.errors import BrokerError
+
+if TYPE_CHECKING:  # the chain imports metrics; metrics only reads the cache at scrape time
+    from broker.credentials.cache import CredentialCache
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -102,6 +105,12 @@ class Metrics:
         self.stale_served = Counter(
             "broker_stale_credentials_served",
             "Credentials served from cache while STS failed to refresh them",
+            registry=r,
+        )
+        self.shared_cache_degraded = Counter(
+            "broker_shared_cache_degraded",
+            "Redis operations that failed or were skipped, so STS or the local budget was used",
+            ["operation"],
             registry=r,
         )
 

@@ -46,8 +46,11 @@ def _config(tmp_path: Path, port: int, sts_url: str, redis_url: str, keys: Path)
         "logging: {format: json}\n"
         "quotas: {caller_requests_per_second: 100000, caller_burst: 1000000,"
         " sts_calls_per_second: 100, sts_burst: 100}\n"
+        # A generous Redis timeout: on a loaded 2-core machine the 900-request cold burst can
+        # delay a reply past the default 0.25 s, and the (correct) fallback to STS would then
+        # make a second AssumeRole.  Killing Redis below fails fast either way.
         f"cache:\n  backend: redis\n  redis: {{url: '{redis_url}', key_prefix: 'fleet:',"
-        f" encryption_keys_file: {keys}}}\n"
+        f" operation_timeout_seconds: 2, encryption_keys_file: {keys}}}\n"
         f"auth:\n  api_keys:\n{callers}",
         encoding="utf-8",
     )

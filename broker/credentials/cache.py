@@ -1,8 +1,13 @@
 """Credential cache: expiry margin, early background refresh, single flight, injected clock.
 
-Rules, each pinned by tests/test_cache.py:
+Rules, each pinned by tests/credentials/test_cache.py:
 
-* An entry is served until ``expiration - refresh_margin_seconds`` and never after.
+* An entry is served until ``expiration - refresh_margin_seconds`` and never
+  after, and it leaves memory then, asked for or not: the entries are a
+  ``cachetools.TLRUCache`` whose time-to-use is that moment on the injected
+  clock, and since a TLRUCache only expires lazily, the cache wakes itself
+  (``loop.call_later``) when the earliest serving window ends and purges.
+  Past ``max_entries`` the least recently used entry is evicted.
 * Concurrent misses for one key share one in-flight AssumeRole (botocore's
   refresh lock, done with a shared task).  A caller that goes away does not
   cancel the shared call.
@@ -21,18 +26,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
+import math
 import random
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, Protocol
 
 import structlog
+from cachetools import Cache, TLRUCache
 
 from broker.errors import BrokerError, UpstreamError
 from broker.models import AssumeRoleRequest, Clock, Credentials, system_clock
 
-__all__ = ["CacheKey", "CacheResult", "CacheStats", "CredentialCache", "Fetch"]
+__all__ = ["CacheKey", "CacheResult", "CacheStats", "CallLater", "CredentialCache", "Fetch"]
 
 log = structlog.get_logger("broker.credentials.cache")
 
@@ -41,6 +48,14 @@ Source = Literal["hit", "miss", "refresh", "stale"]
 
 _JITTER_SHARE = 0.2
 _REFRESH_RETRY_SECONDS = 10.0
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+CallLater = Callable[[float, Callable[[], None]], _Cancellable]
+"""``loop.call_later``'s shape: run a callback after a delay (seconds), cancellable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +113,91 @@ class _Entry:
     refresh_at: float
 
 
+def _serve_until(key: CacheKey, entry: _Entry, now: float) -> float:
+    return entry.serve_until
+
+
+class _Entries(TLRUCache[CacheKey, _Entry]):
+    """Entries that expire when their serving window ends; LRU evictions are counted."""
+
+    def __init__(self, max_entries: int, clock: Clock, stats: CacheStats) -> None:
+        super().__init__(max_entries, ttu=_serve_until, timer=clock)
+        self._stats = stats
+
+    def popitem(self) -> tuple[CacheKey, _Entry]:
+        item = super().popitem()  # only ever the least recently used, unexpired entry
+        self._stats.evictions += 1
+        return item
+
+    def lookup(self, key: CacheKey) -> _Entry | None:
+        """The entry for ``key`` unless its serving window has ended (one reading of the clock)."""
+        try:
+            return self[key]  # ``get`` would read the clock twice: ``in``, then ``[]``
+        except KeyError:
+            return None
+
+    def held(self) -> int:
+        """Entries in memory, expired or not (``len()`` would purge first)."""
+        return Cache.__len__(self)
+
+
+class _Purge:
+    """Wakes the loop when the earliest serving window ends, to drop what has expired.
+
+    A ``TLRUCache`` only expires on access; this makes sure an entry leaves
+    memory on time even if nobody asks for it again.  Wake-ups are whole
+    seconds of the clock, without repeats, so there are never more of them
+    than seconds in the longest token lifetime.
+    """
+
+    def __init__(self, entries: _Entries, clock: Clock, call_later: CallLater | None) -> None:
+        self._entries = entries
+        self._clock = clock
+        self._call_later = call_later
+        self._due: list[int] = []  # a heap
+        self._pending: set[int] = set()
+        self._timer: _Cancellable | None = None
+        self._timer_at: int | None = None
+
+    def schedule(self, at: float) -> None:
+        """Make sure the loop wakes at ``at`` (clock time, rounded up to a whole second)."""
+        second = math.ceil(at)
+        if second not in self._pending:
+            self._pending.add(second)
+            heapq.heappush(self._due, second)
+        if self._timer_at is None or second < self._timer_at:
+            self._arm(second)
+
+    def run(self) -> None:
+        """Drop every expired entry, then wait for the next serving window to end."""
+        self._timer = self._timer_at = None
+        now = self._clock()
+        self._entries.expire(now)
+        while self._due and self._due[0] <= now:
+            self._pending.discard(heapq.heappop(self._due))
+        if self._due:
+            self._arm(self._due[0])
+
+    def cancel(self) -> None:
+        """Stop waking up (on close)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._timer_at = None
+
+    def _arm(self, second: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        call_later = self._call_later or asyncio.get_running_loop().call_later
+        self._timer = call_later(max(0.0, second - self._clock()), self.run)
+        self._timer_at = second
+
+
 class CredentialCache:
-    """Bounded LRU of credentials keyed by ``CacheKey``, filled through ``fetch``."""
+    """Bounded LRU of credentials keyed by ``CacheKey``, filled through ``fetch``.
+
+    ``call_later`` schedules the purge of expired entries; by default the
+    running loop's (tests pass their own to run it at a moment of their choosing).
+    """
 
     def __init__(
         self,
@@ -110,19 +208,21 @@ class CredentialCache:
         max_entries: int = 100_000,
         refresh_fraction: float = 0.5,
         jitter: Callable[[], float] = random.random,
+        call_later: CallLater | None = None,
     ) -> None:
         self._fetch = fetch
         self._clock = clock
         self._margin = refresh_margin_seconds
-        self._max_entries = max_entries
         self._refresh_fraction = refresh_fraction
         self._jitter = jitter
-        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
-        self._inflight: dict[CacheKey, asyncio.Task[Credentials]] = {}
         self.stats = CacheStats()
+        self._entries = _Entries(max_entries, clock, self.stats)
+        self._purge = _Purge(self._entries, clock, call_later)
+        self._inflight: dict[CacheKey, asyncio.Task[Credentials]] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Entries held in memory."""
+        return self._entries.held()
 
     async def get(
         self,
@@ -139,29 +239,13 @@ class CredentialCache:
         """
         key = CacheKey.for_request(request)
         now = self._clock()
-        entry = self._entries.get(key)
-        if entry is not None and now < entry.serve_until:
-            if entry.credentials.expires_at - now >= min_ttl_seconds:
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
-                if now >= entry.refresh_at:
-                    self._refresh_in_background(key, request, entry, now)
-                return CacheResult(entry.credentials, "hit")
-            self.stats.forced_refreshes += 1
-            wanted = replace(request, min_expires_at=now + min_ttl_seconds)
-            try:
-                credentials = await self._shared_fetch(key, wanted)
-            except UpstreamError:
-                # Only while the entry is still servable: the failed fetch took time.
-                if not min_ttl_is_preference or self._clock() >= entry.serve_until:
-                    raise
-                return CacheResult(entry.credentials, "stale")
-            return CacheResult(credentials, "refresh")
-        if entry is not None:
-            del self._entries[key]
-        self.stats.misses += 1
-        wanted = replace(request, min_expires_at=now + max(min_ttl_seconds, self._margin))
-        return CacheResult(await self._shared_fetch(key, wanted), "miss")
+        entry = self._entries.lookup(key)  # None once its serving window has ended
+        if entry is None:
+            return await self._miss(key, request, now, min_ttl_seconds)
+        if entry.credentials.expires_at - now >= min_ttl_seconds:
+            return self._hit(key, request, entry, now)
+        wanted = replace(request, min_expires_at=now + min_ttl_seconds)
+        return await self._refresh(key, wanted, entry, fallback=min_ttl_is_preference)
 
     async def join(self) -> None:
         """Wait until no fetch or background refresh is in flight (for tests and shutdown)."""
@@ -169,13 +253,44 @@ class CredentialCache:
             await asyncio.wait(pending)
 
     async def close(self) -> None:
-        """Cancel in-flight fetches and background refreshes."""
+        """Cancel in-flight fetches, background refreshes and the scheduled purge."""
+        self._purge.cancel()
         tasks = list(self._inflight.values())
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, BrokerError):
                 await task
+
+    def _hit(
+        self, key: CacheKey, request: AssumeRoleRequest, entry: _Entry, now: float
+    ) -> CacheResult:
+        self.stats.hits += 1
+        if now >= entry.refresh_at:
+            self._refresh_in_background(key, request, entry, now)
+        return CacheResult(entry.credentials, "hit")
+
+    async def _refresh(
+        self, key: CacheKey, request: AssumeRoleRequest, entry: _Entry, *, fallback: bool
+    ) -> CacheResult:
+        """Fetch for more validity than ``entry`` has; with ``fallback``, ``entry`` on failure."""
+        self.stats.forced_refreshes += 1
+        try:
+            credentials = await self._shared_fetch(key, request)
+        except UpstreamError:
+            # Only while the entry is still servable: the failed fetch took time.
+            if not fallback or self._clock() >= entry.serve_until:
+                raise
+            return CacheResult(entry.credentials, "stale")
+        return CacheResult(credentials, "refresh")
+
+    async def _miss(
+        self, key: CacheKey, request: AssumeRoleRequest, now: float, min_ttl_seconds: float
+    ) -> CacheResult:
+        self._entries.expire(now)  # an expired entry for this key leaves now, not later
+        self.stats.misses += 1
+        wanted = replace(request, min_expires_at=now + max(min_ttl_seconds, self._margin))
+        return CacheResult(await self._shared_fetch(key, wanted), "miss")
 
     def _shared_fetch(self, key: CacheKey, request: AssumeRoleRequest) -> Awaitable[Credentials]:
         task = self._inflight.get(key)
@@ -206,10 +321,8 @@ class CredentialCache:
         share = self._refresh_fraction * (1.0 - _JITTER_SHARE * self._jitter())
         refresh_at = min(expires_at - lifetime * share, serve_until)
         self._entries[key] = _Entry(credentials, serve_until, refresh_at)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
-            self.stats.evictions += 1
+        if serve_until > now:  # a TLRUCache does not keep what has already expired
+            self._purge.schedule(serve_until)
 
     def _refresh_in_background(
         self, key: CacheKey, request: AssumeRoleRequest, entry: _Entry, now: float

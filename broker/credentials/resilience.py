@@ -1,14 +1,14 @@
 """Retries with full-jitter backoff and a per-key failure gate around the STS fetch.
 
-Which failures are worth another attempt:
+Which failures are worth another attempt (``BrokerError.retryable``):
 
 * ``UpstreamThrottled``, ``UpstreamUnavailable`` and ``UpstreamTimeout`` are
-  transient: retried, and never held against the key.
-* An ``UpstreamError`` with ``context["retryable"] = True`` (a transport
-  failure: connection reset, unreadable reply) is transient too.
-* ``context["retryable"] = False`` forbids a retry whatever the class: the
-  STS call budget marks its own refusals so, since retrying our own load
-  shedding only lengthens the queue.
+  retryable by class: transient, and never held against the key.
+* An ``UpstreamError`` raised with ``retryable=True`` (a transport failure:
+  connection reset, unreadable reply) is transient too.
+* ``retryable=False`` forbids a retry whatever the class: the STS call budget
+  marks its own refusals that way, as retrying our own load shedding would only
+  lengthen the queue.  Such a refusal is still transient (not the key's fault).
 * Everything else (unknown role, policy grammar, signature, AccessDenied) is
   the key's own fault: raised at once, and counted by ``FailureGate``, which
   stops calling STS for that key for a while after repeated failures.
@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import structlog
 
+from broker.credentials.budget import StsBudget
 from broker.errors import (
     BrokerError,
     UpstreamError,
@@ -35,7 +36,6 @@ from broker.errors import (
     UpstreamUnavailable,
 )
 from broker.models import Clock
-from broker.quotas import StsBudget
 
 __all__ = ["FailureGate", "RetryPolicy", "is_retryable", "is_transient", "with_resilience"]
 
@@ -53,14 +53,12 @@ def is_transient(err: BaseException) -> bool:
     """True when ``err`` says nothing about the request itself (STS busy, slow, unreachable)."""
     if not isinstance(err, UpstreamError):
         return False
-    return isinstance(err, _TRANSIENT) or err.context.get("retryable") is True
+    return isinstance(err, _TRANSIENT) or err.retryable
 
 
 def is_retryable(err: BaseException) -> bool:
-    """True when another attempt may succeed: transient, and not marked ``retryable=False``."""
-    if not isinstance(err, UpstreamError):
-        return False
-    return is_transient(err) and err.context.get("retryable") is not False
+    """True when another attempt may succeed: an STS failure whose ``retryable`` is true."""
+    return isinstance(err, UpstreamError) and err.retryable
 
 
 class RetryPolicy:

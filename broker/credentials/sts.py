@@ -1,16 +1,18 @@
 """The only importer of the STS SDK: ``assume_role()`` over real HTTP → ``Credentials``.
 
 SDK errors are translated here, exactly once, into the broker's error tree;
-SDK types never leave this module.
+SDK types never leave this module: the broker's own identity is a
+``SourceCredential``, made by ``default_credential()`` or ``static_credential()``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
-from alibabacloud_credentials.client import Client as CredentialClient
+from alibabacloud_credentials.client import Client as _SdkCredential
 from alibabacloud_credentials.provider import StaticAKCredentialsProvider
 from alibabacloud_sts20150401 import models as sts_models
 from alibabacloud_sts20150401.client import Client as StsSdkClient
@@ -26,10 +28,11 @@ from broker.errors import (
     UpstreamUnavailable,
 )
 from broker.models import AssumeRoleRequest, Clock, Credentials, system_clock
+from broker.names import STS_TIME_FORMAT
 
 __all__ = [
     "THROTTLING_CODES",
-    "CredentialClient",
+    "SourceCredential",
     "StsClient",
     "default_credential",
     "parse_expiration",
@@ -39,11 +42,25 @@ __all__ = [
 log = structlog.get_logger("broker.credentials.sts")
 
 THROTTLING_CODES = frozenset({"Throttling", "Throttling.User", "Throttling.Api"})
-_EXPIRATION_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _SOURCE_CHECK_TTL_SECONDS = 30.0
 
 
-def default_credential() -> CredentialClient:
+class SourceCredential:
+    """The broker's own identity, which signs its AssumeRole calls; opaque outside this module.
+
+    Made by ``default_credential()`` or ``static_credential()``.
+    """
+
+    __slots__ = ("_sdk",)
+
+    def __init__(self, sdk: _SdkCredential) -> None:
+        self._sdk = sdk
+
+    def __repr__(self) -> str:
+        return "SourceCredential(...)"
+
+
+def default_credential() -> SourceCredential:
     """The broker's own identity from the official default chain.
 
     Order (alibabacloud-credentials): ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET
@@ -52,15 +69,15 @@ def default_credential() -> CredentialClient:
     the Alibaba Cloud CLI profile → ~/.alibabacloud/credentials →
     the ECS instance RAM role (metadata service) → ALIBABA_CLOUD_CREDENTIALS_URI.
     """
-    return CredentialClient()
+    return SourceCredential(_SdkCredential())
 
 
-def static_credential(access_key_id: str, access_key_secret: str) -> CredentialClient:
+def static_credential(access_key_id: str, access_key_secret: str) -> SourceCredential:
     """A fixed AccessKey, for dev mode and tests against the emulator."""
     provider = StaticAKCredentialsProvider(
         access_key_id=access_key_id, access_key_secret=access_key_secret
     )
-    return CredentialClient(provider=provider)
+    return SourceCredential(_SdkCredential(provider=provider))
 
 
 class StsClient:
@@ -74,12 +91,13 @@ class StsClient:
         self,
         settings: StsSettings,
         *,
-        credential: CredentialClient | None = None,
+        credential: SourceCredential | None = None,
         clock: Clock = system_clock,
         min_validity_seconds: float = 60.0,
     ) -> None:
         self._settings = settings
-        self._credential = credential if credential is not None else default_credential()
+        source = credential if credential is not None else default_credential()
+        self._credential = source._sdk  # unwrapped here only: SDK types stay in this module
         self._clock = clock
         self._min_validity_seconds = min_validity_seconds
         timeout_ms = int(settings.timeout_seconds * 1000)
@@ -167,7 +185,7 @@ def parse_expiration(value: object) -> datetime:
     if not isinstance(value, str):
         raise UpstreamError("STS reply has no Expiration")
     try:
-        parsed = datetime.strptime(value, _EXPIRATION_FORMAT)
+        parsed = datetime.strptime(value, STS_TIME_FORMAT)
     except ValueError as err:
         raise UpstreamError("STS reply has an unparseable Expiration") from err
     return parsed.replace(tzinfo=UTC)
@@ -177,7 +195,7 @@ def _translate_response_error(err: ResponseException, role_arn: str) -> Upstream
     code = str(getattr(err, "code", "") or "Unknown")
     status = getattr(err, "status_code", None)
     request_id = getattr(err, "request_id", None)
-    context = {"role_arn": role_arn, "sts_code": code, "sts_status": status}
+    context: dict[str, Any] = {"role_arn": role_arn, "sts_code": code, "sts_status": status}
     context["sts_request_id"] = request_id
     if code in THROTTLING_CODES:
         retry_after = getattr(err, "retry_after", None) or 1

@@ -1,11 +1,19 @@
-"""The credential cache against the STS emulator (a real server), with time moved by hand."""
+"""The credential cache against the STS emulator (a real server), with time moved by hand.
+
+The purge of expired entries is scheduled through an injected ``call_later``
+(``Timers``), so a test moves the clock and runs the wake-up the cache asked for.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.config import StsSettings
 from broker.credentials.cache import CacheKey, CredentialCache
@@ -36,15 +44,52 @@ def _request(subject: str = "alice", duration: int = 900) -> AssumeRoleRequest:
     )
 
 
-def _cache(sts: StsHarness, clock: FakeClock, **kwargs: object) -> CredentialCache:
-    client = StsClient(
+def _client(sts: StsHarness, clock: FakeClock) -> StsClient:
+    return StsClient(
         StsSettings(endpoint=sts.url, timeout_seconds=2),
         credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
         clock=clock,
         min_validity_seconds=60,
     )
+
+
+def _cache(sts: StsHarness, clock: FakeClock, **kwargs: object) -> CredentialCache:
     options: dict[str, object] = {"clock": clock, "jitter": lambda: 0.0, **kwargs}
-    return CredentialCache(client.assume_role, **options)  # type: ignore[arg-type]
+    return CredentialCache(_client(sts, clock).assume_role, **options)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Timer:
+    at: float
+    callback: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Timers:
+    """An injected ``call_later``: records each wake-up at clock time; the test runs them."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.timers: list[_Timer] = []
+
+    def __call__(self, delay: float, callback: Callable[[], None]) -> _Timer:
+        timer = _Timer(self.clock() + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    def next_at(self) -> float | None:
+        """When the next live wake-up is due, if any."""
+        return min((timer.at for timer in self.timers if not timer.cancelled), default=None)
+
+    def run_due(self) -> None:
+        """Run every live wake-up whose time has come, as the loop would."""
+        due = [timer for timer in self.timers if not timer.cancelled and timer.at <= self.clock()]
+        for timer in due:
+            self.timers.remove(timer)
+            timer.callback()
 
 
 async def test_concurrent_misses_share_one_sts_call(sts: StsHarness, clock: FakeClock) -> None:
@@ -184,15 +229,90 @@ async def test_caller_cancellation_does_not_cancel_shared_call(
     sts: StsHarness, clock: FakeClock
 ) -> None:
     """A waiter that goes away does not cancel the AssumeRole the others share."""
-    cache = _cache(sts, clock)
-    sts.emulator.faults.delay_seconds = 0.2
+    client = _client(sts, clock)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held_fetch(request: AssumeRoleRequest) -> Credentials:
+        started.set()
+        await release.wait()
+        return await client.assume_role(request)
+
+    cache = CredentialCache(held_fetch, clock=clock, jitter=lambda: 0.0)
     impatient = asyncio.ensure_future(cache.get(_request()))
     patient = asyncio.ensure_future(cache.get(_request()))
-    await asyncio.sleep(0.05)
+    await started.wait()  # both callers are waiting on the one shared fetch
     impatient.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+    release.set()
     result = await patient
     assert result.source == "miss"
     assert sts.emulator.assume_role_calls() == 1
+    assert len(cache) == 1
+
+
+async def test_expired_entries_leave_memory_without_a_request(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """Past expiry - margin, the scheduled purge drops the entry nobody asked for again."""
+    timers = Timers(clock)
+    cache = _cache(sts, clock, call_later=timers)
+    await cache.get(_request())
+    assert timers.next_at() == clock() + 900 - 60  # the end of the serving window
+    clock.advance(900 - 60)
+    assert len(cache) == 1  # a TLRUCache alone would keep it until the next access
+    timers.run_due()
+    assert len(cache) == 0
+    assert timers.next_at() is None
+    assert sts.emulator.assume_role_calls() == 1
+
+
+async def test_purge_wakes_for_the_earliest_serving_window(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """A shorter-lived entry brings the wake-up forward; each purge waits for the next one."""
+    timers = Timers(clock)
+    cache = _cache(sts, clock, call_later=timers)
+    start = clock()
+    await cache.get(_request("long", duration=3600))
+    assert timers.next_at() == start + 3600 - 60
+    await cache.get(_request("short", duration=900))
+    assert timers.next_at() == start + 900 - 60
+    clock.advance(900 - 60)
+    timers.run_due()
+    assert len(cache) == 1
+    assert (await cache.get(_request("long", duration=3600))).source == "hit"
+    assert timers.next_at() == start + 3600 - 60
+    clock.advance(3600 - 900)
+    timers.run_due()
+    assert len(cache) == 0
+
+
+async def test_a_refreshed_entry_outlives_the_old_wake_up(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """The purge at the old entry's end keeps the refreshed entry, then waits for its end."""
+    timers = Timers(clock)
+    cache = _cache(sts, clock, call_later=timers)
+    await cache.get(_request())
+    clock.advance(451)  # past half-life: the next get refreshes in the background
+    await cache.get(_request())
+    await cache.join()
+    refreshed_until = clock() + 900 - 60
+    clock.advance(900 - 60 - 451)
+    timers.run_due()
+    assert len(cache) == 1
+    assert timers.next_at() == refreshed_until
+    assert (await cache.get(_request())).source == "hit"
+
+
+async def test_close_cancels_the_scheduled_purge(sts: StsHarness, clock: FakeClock) -> None:
+    """A closed cache leaves no wake-up behind."""
+    timers = Timers(clock)
+    cache = _cache(sts, clock, call_later=timers)
+    await cache.get(_request())
+    await cache.close()
+    assert timers.next_at() is None
 
 
 def test_key_follows_every_field_that_shapes_credentials() -> None:
@@ -232,12 +352,7 @@ async def test_min_ttl_as_preference_falls_back_when_sts_fails(
 
 async def test_stale_fallback_never_crosses_the_margin(sts: StsHarness, clock: FakeClock) -> None:
     """If the failed refresh took the entry past expiry - margin, the error is raised instead."""
-    client = StsClient(
-        StsSettings(endpoint=sts.url, timeout_seconds=2),
-        credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
-        clock=clock,
-        min_validity_seconds=60,
-    )
+    client = _client(sts, clock)
 
     async def slow_fetch(request: AssumeRoleRequest) -> Credentials:
         clock.advance(30)  # STS took 30 s to fail
@@ -249,3 +364,27 @@ async def test_stale_fallback_never_crosses_the_margin(sts: StsHarness, clock: F
     sts.emulator.faults.error_status = 500
     with pytest.raises(UpstreamError):
         await cache.get(_request(), min_ttl_seconds=800, min_ttl_is_preference=True)
+
+
+_assume_requests = st.builds(
+    AssumeRoleRequest,
+    role_arn=st.sampled_from(["acs:ram::1:role/a", "acs:ram::1:role/b"]),
+    policy=st.sampled_from(['{"Version":"1"}', '{"Version":"1" }']) | st.text(min_size=1),
+    duration_seconds=st.sampled_from([900, 3600]),
+    role_session_name=st.sampled_from(["alice", "bob"]),
+    external_id=st.sampled_from([None, "x", ""]),
+)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(first=_assume_requests, second=_assume_requests)
+def test_cache_keys_are_equal_iff_all_five_fields_are(
+    first: AssumeRoleRequest, second: AssumeRoleRequest
+) -> None:
+    """CacheKey.for_request: equal (and equally hashed) exactly when every field is equal."""
+    fields = ("role_arn", "policy", "duration_seconds", "external_id", "role_session_name")
+    same = all(getattr(first, name) == getattr(second, name) for name in fields)
+    key_a, key_b = CacheKey.for_request(first), CacheKey.for_request(second)
+    assert (key_a == key_b) == same
+    if same:
+        assert hash(key_a) == hash(key_b)

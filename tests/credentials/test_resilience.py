@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from broker.credentials.budget import StsBudget
 from broker.credentials.resilience import FailureGate, RetryPolicy, is_retryable, with_resilience
 from broker.errors import (
     AccessDenied,
@@ -21,7 +22,6 @@ from broker.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from broker.quotas import StsBudget
 from tests.conftest import FakeClock, FakeSleep
 
 START = 1_000_000.0
@@ -130,6 +130,26 @@ async def test_non_retryable_errors_are_raised_at_once(
     assert len(fetch.calls) == 1
     assert sleep.delays == []
     assert not is_retryable(error)
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable"),
+    [
+        (UpstreamThrottled(), True),
+        (UpstreamUnavailable(), True),
+        (UpstreamTimeout(), True),
+        (UpstreamError(ROLE_NOT_FOUND), False),
+        (UpstreamError("STS could not be reached", retryable=True), True),
+        (UpstreamThrottled("STS call budget exhausted", retryable=False), False),
+        (AccessDenied(policy="p"), False),
+        (BrokerError(), False),
+    ],
+)
+def test_retryable_is_an_attribute_with_class_defaults(error: BrokerError, retryable: bool) -> None:
+    """``retryable`` comes from the class (throttled, unavailable, timeout) or the instance."""
+    assert error.retryable is retryable
+    assert "retryable" not in error.context
+    assert is_retryable(error) is (retryable and isinstance(error, UpstreamError))
 
 
 async def test_foreign_exceptions_are_not_retried(clock: FakeClock, sleep: FakeSleep) -> None:

@@ -1,4 +1,4 @@
-"""The shared Redis cache: sealed values, fleet-wide single flight, degradation, shared budget.
+"""The shared Redis cache: sealed values in Redis, fleet-wide single flight, degradation.
 
 Redis is a real ``redis-server`` started per test on a free port, not a fake.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,16 +21,11 @@ from structlog.testing import capture_logs
 
 from broker.cli import main
 from broker.config import StsSettings, load_settings
-from broker.credentials.redis import SharedRedis, SharedStsBudget
-from broker.credentials.shared_store import (
-    EncryptionKeys,
-    SharedCredentialCache,
-    SharedCredentialStore,
-    open_sealed,
-    seal,
-)
+from broker.credentials.redis import SharedRedis
+from broker.credentials.sealing import EncryptionKeys
+from broker.credentials.shared_store import SharedCredentialCache, SharedCredentialStore
 from broker.credentials.sts import StsClient, static_credential
-from broker.errors import ConfigError, UpstreamThrottled
+from broker.errors import ConfigError
 from broker.metrics import Metrics
 from broker.models import AssumeRoleRequest, Credentials
 from broker.policies import load_policies
@@ -46,6 +40,8 @@ from tests.conftest import (
     free_port,
     make_settings,
 )
+from tests.credentials.test_redis import degraded
+from tests.credentials.test_sealing import keys_document, new_key
 
 ROLE = "acs:ram::1234567890123456:role/oss-service-uploads"
 PREFIX = "test-broker:"
@@ -56,15 +52,6 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_server.url)
     yield client
     await client.aclose()
-
-
-def new_key() -> str:
-    """A fresh AES-256 key, base64-encoded."""
-    return base64.b64encode(os.urandom(32)).decode()
-
-
-def keys_document(active: str, **keys: str) -> str:
-    return json.dumps({"active": active, "keys": keys})
 
 
 def request_for(subject: str = "svc-a", duration: int = 3600) -> AssumeRoleRequest:
@@ -113,7 +100,7 @@ async def make_store(
 
     def factory(keys: EncryptionKeys, **options: Any) -> Store:
         metrics = Metrics()
-        redis = SharedRedis(Redis.from_url(redis_server.url), metrics)
+        redis = SharedRedis(Redis.from_url(redis_server.url), metrics.shared_cache_degraded)
         opened.append(redis)
         store = SharedCredentialStore(
             redis, keys, clock=clock, key_prefix=PREFIX, refresh_margin_seconds=60, **options
@@ -165,50 +152,6 @@ def lock_key(services: Services) -> str:
     return services.cache.shared.store.lock_key(request_for())
 
 
-def degraded(metrics: Metrics) -> float:
-    """Every count of ``broker_shared_cache_degraded_total``, all operations."""
-    return sum(
-        sample.value
-        for family in metrics.registry.collect()
-        if family.name == "broker_shared_cache_degraded"
-        for sample in family.samples
-        if sample.name.endswith("_total")
-    )
-
-
-def test_seal_and_open_round_trip() -> None:
-    """A sealed value opens to the same bytes; nonces are fresh; the envelope names the key."""
-    keys = EncryptionKeys.parse(keys_document("k1", k1=new_key()), "test")
-    first = seal(keys, b"plaintext", b"key-a")
-    second = seal(keys, b"plaintext", b"key-a")
-    envelope = json.loads(first)
-    assert envelope["v"] == 1
-    assert envelope["kid"] == "k1"
-    assert len(base64.b64decode(envelope["n"])) == 12
-    assert first != second
-    assert open_sealed(keys, first, b"key-a") == b"plaintext"
-    with pytest.raises(ValueError, match="authentication failed"):
-        open_sealed(keys, first, b"key-b")
-
-
-@pytest.mark.parametrize(
-    ("document", "problem"),
-    [
-        ("{not json", "is not valid JSON"),
-        (keys_document("k2", k1=new_key()), "active: key 'k2' is not in keys"),
-        (keys_document("k1", k1="c2hvcnQ="), "keys.k1: must be 32 bytes"),
-        (keys_document("k1", k1="!!!"), "keys.k1: is not valid base64"),
-        (json.dumps({"active": "k1", "keys": {}}), "keys: "),
-    ],
-)
-def test_bad_key_documents_are_config_errors(document: str, problem: str) -> None:
-    """A bad keys document raises ConfigError naming the key and problem, never key material."""
-    with pytest.raises(ConfigError) as caught:
-        EncryptionKeys.parse(document, "keys.json")
-    assert problem in str(caught.value)
-    assert "c2hvcnQ=" not in str(caught.value)
-
-
 def test_backend_redis_without_keys_is_a_config_error(tmp_path: Path) -> None:
     """cache.backend redis with no encryption keys fails at load, naming the key."""
     config = tmp_path / "broker.yaml"
@@ -218,19 +161,6 @@ def test_backend_redis_without_keys_is_a_config_error(tmp_path: Path) -> None:
     config.write_text("cache:\n  backend: redis\n")
     with pytest.raises(ConfigError, match=r"cache: .*backend redis needs a redis section"):
         load_settings(config)
-
-
-def test_unreadable_keys_file_fails_build_services(sts: StsHarness, tmp_path: Path) -> None:
-    """A missing keys file stops start-up with a ConfigError naming the file."""
-    missing = tmp_path / "nope.json"
-    redis = {"url": "redis://127.0.0.1:1/0", "encryption_keys_file": str(missing)}
-    settings = make_settings(sts.url, cache={"backend": "redis", "redis": redis})
-    with pytest.raises(ConfigError, match=r"nope\.json: cannot read file"):
-        build_services(
-            settings,
-            load_policies(settings.policies_dir),
-            credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
-        )
 
 
 def test_serve_with_a_bad_keys_file_exits_2(
@@ -417,80 +347,6 @@ async def test_unreachable_redis_costs_little(
     assert time.monotonic() - started < 2.0
     assert sts.emulator.assume_role_calls() == 3
     assert degraded(replica.metrics) >= 3
-
-
-async def test_budget_is_shared_across_replicas(
-    redis_server: RedisServer, clock: FakeClock
-) -> None:
-    """Two replicas' budgets draw from one Redis bucket; time refills it; rejections are 503s."""
-    waits: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-
-    connections = [SharedRedis(Redis.from_url(redis_server.url), Metrics()) for _ in range(2)]
-
-    def budget(redis: SharedRedis, max_wait: float) -> SharedStsBudget:
-        return SharedStsBudget(redis, f"{PREFIX}sts-budget", 1.0, 2.0, clock, max_wait, sleep)
-
-    first, second = budget(connections[0], 0.0), budget(connections[1], 1.5)
-    try:
-        await first.acquire()
-        await first.acquire()
-        with pytest.raises(UpstreamThrottled) as caught:
-            await first.acquire()
-        assert caught.value.retry_after_seconds == 1
-        await second.acquire()  # queues for the next token instead
-        assert waits == [1.0]
-        clock.advance(2.0)
-        await first.acquire()
-    finally:
-        for redis in connections:
-            await redis.close()
-
-
-async def test_budget_falls_back_to_the_local_bucket(
-    redis_server: RedisServer, clock: FakeClock
-) -> None:
-    """With Redis gone, acquire uses this process's own bucket and counts the bypass."""
-    metrics = Metrics()
-    redis = SharedRedis(Redis.from_url(redis_server.url), metrics)
-    budget = SharedStsBudget(redis, f"{PREFIX}sts-budget", 1.0, 2.0, clock, 0.0)
-    try:
-        await budget.acquire()
-        redis_server.stop()
-        await budget.acquire()  # the local bucket is still full
-        await budget.acquire()
-        with pytest.raises(UpstreamThrottled):
-            await budget.acquire()
-        assert degraded(metrics) == 3
-    finally:
-        await redis.close()
-
-
-async def test_fallback_bucket_is_only_this_process_share(
-    redis_server: RedisServer, clock: FakeClock
-) -> None:
-    """One of N workers falls back to 1/N of the budget while Redis is down, not all of it."""
-    metrics = Metrics()
-    redis = SharedRedis(Redis.from_url(redis_server.url), metrics)
-    budget = SharedStsBudget(
-        redis,
-        f"{PREFIX}sts-budget",
-        4.0,
-        4.0,
-        clock,
-        0.0,
-        fallback_rate_per_second=1.0,
-        fallback_burst=1.0,
-    )
-    try:
-        redis_server.stop()
-        await budget.acquire()
-        with pytest.raises(UpstreamThrottled):
-            await budget.acquire()  # the fleet allows 4, this worker's share is 1
-    finally:
-        await redis.close()
 
 
 async def test_cold_replica_honours_min_ttl_against_redis(
