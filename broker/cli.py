@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from broker.auth import generate_api_key, hash_api_key
+from broker.checks import allow_warnings, provider_lifetime_warnings, unchecked_group_policies
 from broker.config import CacheSettings, Settings, load_settings
 from broker.credentials.sealing import load_encryption_keys
 from broker.errors import BrokerError, ConfigError, TemplateValueRejected
@@ -417,33 +419,64 @@ def _bound_port(runner: web.AppRunner, default: int) -> int:
     return default
 
 
+@dataclass
+class _CheckReport:
+    """What ``check`` found: problems (exit 2), warnings (exit 0) and files that passed."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)
+
+    def print(self) -> None:
+        for line in self.problems + list(dict.fromkeys(self.warnings)):
+            print(line, file=sys.stderr)
+        for line in self.passed:
+            print(line)
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
-    problems: list[str] = []
-    checked: list[str] = []
-    if args.config is not None:
-        try:
-            settings = load_settings(args.config)
-            policies = load_policies(settings.policies_dir)
-            _check_secrets(settings)
-            checked.append(
-                f"{args.config}: ok ({len(policies)} policies in {settings.policies_dir})"
-            )
-        except ConfigError as err:
-            problems.extend(err.problems)
-    if args.policy_files:
-        try:  # as one set: a name given in two files is refused, naming both
-            policies = load_policy_files(args.policy_files)
-            checked += [f"{policy.source}: ok (policy {policy.name!r})" for policy in policies]
-        except ConfigError as err:
-            problems.extend(err.problems)
     if not args.policy_files and args.config is None:
         print("nothing to check: give --config and/or policy files", file=sys.stderr)
         return EXIT_CONFIG
-    for line in problems:
-        print(line, file=sys.stderr)
-    for line in checked:
-        print(line)
-    return EXIT_CONFIG if problems else EXIT_OK
+    report = _CheckReport()
+    settings = _check_config(args.config, report) if args.config is not None else None
+    if args.policy_files:
+        try:  # as one set: a name given in two files is refused, naming both
+            policies = load_policy_files(args.policy_files)
+        except ConfigError as err:
+            report.problems.extend(err.problems)
+        else:
+            report.passed += [f"{p.source}: ok (policy {p.name!r})" for p in policies]
+            report.warnings += provider_lifetime_warnings(policies, settings)
+            if settings is None:
+                report.warnings += _unchecked_groups_note(policies)
+    report.print()
+    return EXIT_CONFIG if report.problems else EXIT_OK
+
+
+def _check_config(config: Path, report: _CheckReport) -> Settings | None:
+    """Validate ``config`` and its policies_dir; warn about what will not work well."""
+    try:
+        settings = load_settings(config)
+        policies = load_policies(settings.policies_dir)
+        _check_secrets(settings)
+    except ConfigError as err:
+        report.problems.extend(err.problems)
+        return None
+    report.passed.append(f"{config}: ok ({len(policies)} policies in {settings.policies_dir})")
+    report.warnings += provider_lifetime_warnings(policies, settings)
+    report.warnings += allow_warnings(policies, settings)
+    return settings
+
+
+def _unchecked_groups_note(policies: PolicySet) -> list[str]:
+    names = unchecked_group_policies(policies)
+    if not names:
+        return []
+    return [
+        f"note: {', '.join(names)}: credential-provider lifetimes not checked for group:NAME "
+        f"callers (give --config: it says which API keys are in a group)"
+    ]
 
 
 def _cmd_render(args: argparse.Namespace) -> int:

@@ -284,7 +284,7 @@ async def test_serve_uses_the_default_chain_reloads_and_stops(
         headers = {"Authorization": "Bearer k-svc-a"}
         async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
             assert resp.status == 200
-            assert (await resp.json())["Prefix"] == "services/svc-a/"
+            assert (await resp.json())["Oss"]["Prefix"] == "services/svc-a/"
         assert emulator.calls[0].access_key_id == "LTAI-chain-test"
         (policies / "broken.yaml").write_text("name: [\n")
         proc.send_signal(signal.SIGHUP)
@@ -312,7 +312,7 @@ async def test_dev_mode_prints_a_working_key_and_curl() -> None:
         async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
             assert resp.status == 200
             body = await resp.json()
-        assert body["Prefix"] == "services/dev/"
+        assert body["Oss"]["Prefix"] == "services/dev/"
         assert body["AccessKeyId"].startswith("STS.")
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
