@@ -51,24 +51,27 @@ def _access_denied(call: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def test_put_get_head_delete_inside_the_prefix(dev: DevServer, version: str) -> None:
-    """oss2 puts, gets, heads and deletes an object under the caller's prefix."""
+    """oss2 puts, gets, heads (HeadObject, GetObjectMeta) and deletes under the caller's prefix."""
     bucket, prefix = _bucket(dev, version)
     key = f"{prefix}oss2-{version}/object.txt"
     assert bucket.put_object(key, b"hello from oss2").status == 200
     assert bucket.get_object(key).read() == b"hello from oss2"
     assert bucket.head_object(key).content_length == len(b"hello from oss2")
+    assert bucket.object_exists(key)  # GetObjectMeta: HEAD ?objectMeta
     assert bucket.delete_object(key).status == 204
     assert _refused(bucket.head_object, key).status == 404
+    assert not bucket.object_exists(key)
 
 
 def test_put_get_head_delete_outside_the_prefix_are_refused(dev: DevServer, version: str) -> None:
-    """Outside the prefix the emulator refuses put, get, delete (AccessDenied) and head (403)."""
+    """Outside the prefix put, get, delete are AccessDenied; head and object meta are 403."""
     bucket, _ = _bucket(dev, version)
     key = f"{OUTSIDE}oss2-{version}.txt"
     _access_denied(bucket.put_object, key, b"x")
     _access_denied(bucket.get_object, key)
     _access_denied(bucket.delete_object, key)
     assert _refused(bucket.head_object, key).status == 403  # HEAD: OSS sends no error body
+    assert _refused(bucket.get_object_meta, key).status == 403
 
 
 def test_list_objects_v1_and_v2_inside_the_prefix(dev: DevServer, version: str) -> None:

@@ -63,13 +63,14 @@ def sdk(dev: DevServer) -> tuple[oss.Client, str, str]:
 
 
 def test_put_get_head_delete_inside_the_prefix(sdk: tuple[oss.Client, str, str]) -> None:
-    """PutObject, GetObject, HeadObject and DeleteObject under the caller's prefix succeed."""
+    """PutObject, GetObject, HeadObject, GetObjectMeta, DeleteObject under the prefix succeed."""
     client, bucket, prefix = sdk
     key = f"{prefix}oss-v2/object.txt"
     put = client.put_object(oss.PutObjectRequest(bucket=bucket, key=key, body=b"v2"))
     assert put.status_code == 200
     assert client.get_object(oss.GetObjectRequest(bucket=bucket, key=key)).body.read() == b"v2"
     assert client.head_object(oss.HeadObjectRequest(bucket=bucket, key=key)).content_length == 2
+    assert client.is_object_exist(bucket, key)  # GetObjectMeta: HEAD ?objectMeta
     deleted = client.delete_object(oss.DeleteObjectRequest(bucket=bucket, key=key))
     assert deleted.status_code == 204
     assert not client.is_object_exist(bucket, key)
@@ -78,7 +79,7 @@ def test_put_get_head_delete_inside_the_prefix(sdk: tuple[oss.Client, str, str])
 def test_put_get_head_delete_outside_the_prefix_are_refused(
     sdk: tuple[oss.Client, str, str],
 ) -> None:
-    """Outside the prefix PutObject, GetObject, HeadObject and DeleteObject are AccessDenied."""
+    """Outside the prefix Put/Get/Head/DeleteObject and GetObjectMeta are AccessDenied."""
     client, bucket, _ = sdk
     key = f"{OUTSIDE}oss-v2.txt"
     assert_access_denied(
@@ -86,6 +87,9 @@ def test_put_get_head_delete_outside_the_prefix_are_refused(
     )
     assert_access_denied(lambda: client.get_object(oss.GetObjectRequest(bucket=bucket, key=key)))
     assert_access_denied(lambda: client.head_object(oss.HeadObjectRequest(bucket=bucket, key=key)))
+    assert_access_denied(
+        lambda: client.get_object_meta(oss.GetObjectMetaRequest(bucket=bucket, key=key))
+    )
     assert_access_denied(
         lambda: client.delete_object(oss.DeleteObjectRequest(bucket=bucket, key=key))
     )
