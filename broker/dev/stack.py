@@ -83,12 +83,7 @@ async def dev_stack(
     ``token_lifetime_seconds`` shortens the tokens the STS emulator issues.
     """
     source_secret = secrets.token_urlsafe(24)
-    sts = StsEmulator(
-        access_keys={_SOURCE_KEY_ID: source_secret},
-        clock=clock,
-        role_max_duration_seconds={policy.role_arn: 43200 for policy in policies},
-        issued_lifetime_seconds=token_lifetime_seconds,
-    )
+    sts = _sts_emulator(policies, source_secret, clock, token_lifetime_seconds)
     buckets = {policy.bucket for policy in policies}
     oss = OssEmulator(sts=sts, storage_dir=storage_dir, clock=clock, buckets=buckets)
     sts_runner, sts_url = await start_sts_emulator(sts)
@@ -107,6 +102,18 @@ async def dev_stack(
     finally:
         await oss_runner.cleanup()
         await sts_runner.cleanup()
+
+
+def _sts_emulator(
+    policies: PolicySet, source_secret: str, clock: Clock, issued_lifetime_seconds: int | None
+) -> StsEmulator:
+    """An STS emulator accepting the broker's random source key, roles allowed up to 12 h."""
+    return StsEmulator(
+        access_keys={_SOURCE_KEY_ID: source_secret},
+        clock=clock,
+        role_max_duration_seconds={policy.role_arn: 43200 for policy in policies},
+        issued_lifetime_seconds=issued_lifetime_seconds,
+    )
 
 
 def _dev_settings(

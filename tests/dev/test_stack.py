@@ -127,3 +127,16 @@ def test_lifetimes_just_inside_the_bounds_are_accepted() -> None:
     """61 and 43200 seconds are accepted with the default 60 s margin."""
     check_token_lifetime(61, 60)
     check_token_lifetime(43200, 60)
+
+
+async def test_presigned_urls_are_clamped_to_a_short_token(stack120: ShortLived) -> None:
+    """A 600 s presign with 120 s tokens is clamped to the token; each such presign refetches."""
+    headers = {"Authorization": f"Bearer {stack120.dev.dev_key}"}
+    body = {"policy": POLICY, "key": "services/dev/a.bin", "expires_seconds": 600}
+    replies = []
+    for _ in range(2):
+        async with stack120.client.post("/v1/presign", json=body, headers=headers) as response:
+            assert response.status == 200, await response.text()
+            replies.append(await response.json())
+    assert [(r["clamped"], r["expires_in"]) for r in replies] == [(True, 120), (True, 120)]
+    assert stack120.dev.sts.assume_role_calls() == 2

@@ -87,26 +87,11 @@ class ObjectStore:
         etag: str | None = None,
     ) -> StoredObject:
         """Store ``data`` with the type, standard headers, metadata and ACL found in ``headers``."""
-        content_type = _header(headers, "content-type") or DEFAULT_TYPE
-        metadata = metadata_of(headers.items())
-        kept = {name: _header(headers, name) for name in STORED_HEADERS}
-        standard = {name: value for name, value in kept.items() if value}
-        for value in (content_type, *metadata.values(), *standard.values()):
-            _check_header_value(value)
-        acl = _header(headers, "x-oss-object-acl") or "default"
-        if acl not in _ACLS:
-            raise OssError("InvalidArgument", "The x-oss-object-acl value is not valid.")
+        content_type, standard, metadata, acl = _attributes(headers)
         _write_atomically(self._path(bucket, key), data)
-        stored = StoredObject(
-            etag or etag_of(data),
-            content_type,
-            metadata,
-            self._clock(),
-            len(data),
-            object_type,
-            standard,
-            acl,
-        )
+        etag = etag or etag_of(data)
+        attributes = (content_type, metadata, self._clock(), len(data), object_type, standard, acl)
+        stored = StoredObject(etag, *attributes)
         self._objects[(bucket, key)] = stored
         return stored
 
@@ -156,6 +141,22 @@ def metadata_of(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {
         name.lower(): value for name, value in headers if name.lower().startswith("x-oss-meta-")
     }
+
+
+def _attributes(
+    headers: Mapping[str, str],
+) -> tuple[str, dict[str, str], dict[str, str], str]:
+    """Content-Type, stored standard headers, ``x-oss-meta-*`` and ACL, each checked."""
+    content_type = _header(headers, "content-type") or DEFAULT_TYPE
+    metadata = metadata_of(headers.items())
+    kept = {name: _header(headers, name) for name in STORED_HEADERS}
+    standard = {name: value for name, value in kept.items() if value}
+    for value in (content_type, *metadata.values(), *standard.values()):
+        _check_header_value(value)
+    acl = _header(headers, "x-oss-object-acl") or "default"
+    if acl not in _ACLS:
+        raise OssError("InvalidArgument", "The x-oss-object-acl value is not valid.")
+    return content_type, standard, metadata, acl
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
