@@ -37,7 +37,6 @@ from broker.names import CALLER_ID_PATTERN, POLICY_NAME_PATTERN, is_caller_id
 from broker.yamldoc import YamlDocument, format_validation_error, load_yaml, unknown_key_problem
 
 __all__ = [
-    "API_ROUTES",
     "ApiKeyAllowSettings",
     "ApiKeySettings",
     "AuthSettings",
@@ -268,7 +267,6 @@ class CacheSettings(_Section):
 
 ApiRoute = Literal["credentials", "presign", "post_policy", "policies"]
 """The routes an API key can be restricted to, by their names in ``broker.http.app``."""
-API_ROUTES: tuple[ApiRoute, ...] = ("credentials", "presign", "post_policy", "policies")
 
 _PolicyName = Annotated[StrictStr, Field(pattern=f"^{POLICY_NAME_PATTERN}$")]
 

@@ -109,8 +109,11 @@ def _document() -> dict[str, Any]:
                     "type": "apiKey",
                     "in": "query",
                     "name": "access_token",
-                    "description": "For clients that cannot set headers; never logged.  Giving "
-                    "it together with an `Authorization` header, or twice, is a 400.",
+                    "description": "For clients that cannot set headers (the credentials-URI "
+                    "providers); never logged by the broker, but alibabacloud-credentials puts the "
+                    "whole URL in its error messages: give such a client a key restricted with "
+                    "`auth.api_keys[].allow`.  Giving it together with an `Authorization` header, "
+                    "or twice, is a 400.",
                 },
             },
         },

@@ -44,7 +44,7 @@ _ROUTE_TITLES = {
     "post_policy": "POST /v1/post-policy",
     "policies": "GET /v1/policies",
 }
-"""What ``auth.api_keys[].allow.routes`` may name (``broker.config.API_ROUTES``), for messages."""
+"""What ``auth.api_keys[].allow.routes`` may name (``broker.config.ApiRoute``), for messages."""
 
 _JSON = {"Content-Type": "application/json"}
 _JSON_NO_STORE = {**_JSON, "Cache-Control": "no-store", "Pragma": "no-cache"}

@@ -6,11 +6,12 @@ import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
 from broker.auth import hash_api_key
+from broker.config import ApiRoute
 from tests.conftest import CALLERS, POLICIES_DIR, BrokerFactory, BrokerHarness
 
 EXPECTED_ALICE_AVATAR_POLICY = (
@@ -442,3 +443,13 @@ async def test_policy_restricted_key_sees_and_signs_only_its_policies(
         broker, "POST", "/v1/presign", {**presign, "policy": "reports-read"}
     )
     assert status == 403
+
+
+def test_allow_routes_name_every_api_route(broker: BrokerHarness) -> None:
+    """allow.routes' vocabulary is exactly the names of app.py's /v1 routes."""
+    app_routes = {
+        route.name
+        for route in broker.client.app.router.routes()
+        if route.resource is not None and route.resource.canonical.startswith("/v1/")
+    }
+    assert set(get_args(ApiRoute)) == app_routes
