@@ -146,7 +146,7 @@ class RequestTooLarge(BrokerError):
 
 
 class TooManyRequests(BrokerError):
-    """This caller exceeded its request rate; retry after ``retry_after`` seconds."""
+    """This caller is over a per-caller quota (STS calls caused, or requests); retry later."""
 
     status = 429
     code = "TooManyRequests"

@@ -100,7 +100,10 @@ class Metrics:
         )
         self.policies = Gauge("broker_policies_loaded", "Policies in force", registry=r)
         self.quota_rejections = Counter(
-            "broker_quota_rejections", "Requests refused by a quota", ["quota"], registry=r
+            "broker_quota_rejections",
+            "Requests refused by a quota: caller_sts, caller_requests or sts_budget",
+            ["kind"],
+            registry=r,
         )
         self.stale_served = Counter(
             "broker_stale_credentials_served",

@@ -59,7 +59,8 @@ _WHEN: dict[int, str] = {
     "(`auth.api_keys[].allow`) was used for a route or policy it does not allow.",
     404: "The path does not name a route (e.g. an empty policy name).",
     413: "The body is over `listen.max_body_bytes`.",
-    429: "This caller is over its request quota; `Retry-After` says when to retry.",
+    429: "This caller has caused more STS calls than its share (`quotas.caller_sts_*`), or "
+    "is over the request-rate quota (off by default); `Retry-After` says when to retry.",
     502: "STS refused the call or sent an unusable reply.",
     503: "STS is throttling or unavailable; `Retry-After` says when to retry.",
     504: "STS did not answer within `sts.timeout_seconds`.",

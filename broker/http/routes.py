@@ -13,7 +13,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from broker import vending
 from broker.auth import extract_token, quota_key
-from broker.errors import AccessDenied, RequestInvalid, TooManyRequests
+from broker.errors import AccessDenied, RequestInvalid
 from broker.http.keys import SERVICES
 from broker.http.middleware import REQUEST_ID
 from broker.http.openapi import openapi_document
@@ -65,11 +65,7 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
         principal = await services.authenticator.authenticate(token)
     structlog.contextvars.bind_contextvars(caller=principal.subject)
     _check_route(request, principal)
-    try:
-        services.quotas.check(quota_key(principal))
-    except TooManyRequests:
-        services.metrics.quota_rejections.labels("caller").inc()
-        raise
+    services.quotas.check(quota_key(principal))
     return principal
 
 
