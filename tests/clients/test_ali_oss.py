@@ -102,6 +102,20 @@ def test_signed_urls_inside_and_outside(dev: DevServer, run_node: NodeRunner, v4
     assert _denied(outside), outside
 
 
+def test_broker_presigned_urls_from_node_fetch(dev: DevServer, run_node: NodeRunner) -> None:
+    """Node's fetch sends the broker's presigned PUT and GET; the broker refuses keys outside."""
+    key = f"clients/{dev.caller}/node-presigned.bin"
+    steps = [
+        {"op": "presign", "key": key, "method": "PUT", "size": 512},
+        {"op": "presign", "key": key, "method": "GET"},
+        {"op": "head", "key": key},
+        {"op": "presign", "key": f"{OUTSIDE}presigned.bin", "method": "PUT"},
+    ]
+    put, get, head, outside = run_node(steps)
+    assert (put["status"], get["status"], head["size"]) == (200, 200, 512), (put, get, head)
+    assert (outside["by"], outside["status"], outside["code"]) == ("broker", 403, "AccessDenied")
+
+
 def test_refresh_sts_token_returning_the_broker_reply_unchanged(
     dev: DevServer, run_node: NodeRunner
 ) -> None:

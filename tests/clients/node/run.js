@@ -60,11 +60,16 @@ async function brokerPost(scenario, path, body) {
   return { status: response.status, body: await response.json() };
 }
 
+// The reply's Oss object, as docs/api.md tells ali-oss users to read it: AddressStyle `path`
+// is sldEnable, except for an IP-address endpoint, which ali-oss addresses by the Host header.
 function ossOptions(location, client) {
+  const ipEndpoint = /^[\d.]+$|^\[/.test(new URL(location.Endpoint).hostname);
   return {
     region: `oss-${location.Region}`,
     endpoint: loopbackUrl(location.Endpoint),
     bucket: location.Bucket,
+    sldEnable: location.AddressStyle === 'path' && !ipEndpoint,
+    cname: location.AddressStyle === 'cname',
     authorizationV4: Boolean(client.v4),
     refreshSTSTokenInterval: client.refreshIntervalMs ?? 300000,
   };
