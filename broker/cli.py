@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
+from broker import process_credentials
 from broker.auth import generate_api_key, hash_api_key
 from broker.checks import allow_warnings, provider_lifetime_warnings, unchecked_group_policies
 from broker.config import CacheSettings, Settings, load_settings
@@ -107,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_render(sub)
     _add_hash_key(sub)
+    _add_credentials(sub)
     return parser
 
 
@@ -203,6 +205,13 @@ def _add_hash_key(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     hash_key = _add_command(sub, "hash-key", "make a key_sha256 for the config")
     hash_key.add_argument("--key", help="an existing key (default: read stdin, or make a new one)")
     hash_key.set_defaults(run=_cmd_hash_key)
+
+
+def _add_credentials(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    summary = "fetch credentials from a running broker, printed for the aliyun CLI, env or SDKs"
+    credentials = _add_command(sub, "credentials", summary)
+    process_credentials.add_arguments(credentials)  # options live beside their use
+    credentials.set_defaults(run=_cmd_credentials)
 
 
 def _check_secrets(settings: Settings) -> None:
@@ -511,6 +520,10 @@ def _cmd_hash_key(args: argparse.Namespace) -> int:
         print(f"key:        {key}   (give this to the caller; it is not stored)")
     print(f"key_sha256: {hash_api_key(key)}")
     return EXIT_OK
+
+
+def _cmd_credentials(args: argparse.Namespace) -> int:
+    return process_credentials.run(args, os.environ)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,7 @@ from broker.oidc import JwksSource, JwtVerifier
 from broker.policies import PolicySet
 from broker.quotas import CallerQuotas, CallerStsQuota, FleetBuckets
 
-__all__ = ["Services", "build_services", "caller_sts_quota"]
+__all__ = ["Services", "build_services", "caller_request_quota", "caller_sts_quota"]
 
 
 @dataclass(slots=True)
@@ -57,26 +57,28 @@ def build_services(
     chain = build_chain(
         settings, metrics, credential=credential, clock=clock, process_share=process_share
     )
-    quota = settings.quotas
-    quotas = CallerQuotas(
-        quota.caller_requests_per_second,
-        quota.caller_burst,
-        clock,
-        on_reject=metrics.quota_rejections.labels(kind="caller_requests").inc,
-    )
-    sts_quota = caller_sts_quota(settings, metrics, chain, clock, process_share)
     metrics.record_reload(successful=True, at=clock(), policies=len(policies))
-    authenticator = _authenticator(settings, clock)
     return Services(
         settings,
         policies,
         chain.cache,
-        authenticator,
+        _authenticator(settings, clock),
         chain.sts,
         clock,
         metrics,
-        quotas,
-        sts_quota,
+        quotas=caller_request_quota(settings, metrics, clock),
+        sts_quota=caller_sts_quota(settings, metrics, chain, clock, process_share),
+    )
+
+
+def caller_request_quota(settings: Settings, metrics: Metrics, clock: Clock) -> CallerQuotas:
+    """The request-rate quota per caller (per process; off unless configured)."""
+    quota = settings.quotas
+    return CallerQuotas(
+        quota.caller_requests_per_second,
+        quota.caller_burst,
+        clock,
+        on_reject=metrics.quota_rejections.labels(kind="caller_requests").inc,
     )
 
 

@@ -403,12 +403,9 @@ class CredentialCache:
         calls = count_sts_calls()  # in this task's own context
         try:
             credentials = await self._fetch(request)
-        except BrokerError:
-            if charge is not None and calls.count == 0:
+        finally:
+            if charge is not None and calls.count == 0:  # no STS call was made
                 await charge.give_back()
-            raise
-        if charge is not None and calls.count == 0:
-            await charge.give_back()  # the shared cache answered: no STS call
         self._store(key, credentials)
         return credentials
 
