@@ -444,7 +444,8 @@ _ADDRESS_STYLE = {
     "type": "string",
     "enum": ["virtual", "path", "cname"],
     "description": "How to address the bucket: `virtual` (bucket in the host name), `path` "
-    "(bucket in the path; alibabacloud-oss-v2 `use_path_style`, ali-oss `sldEnable`) or `cname` "
+    "(bucket in the path; alibabacloud-oss-v2 `use_path_style`, ali-oss `sldEnable` except for an "
+    "IP-address endpoint) or `cname` "
     "(the endpoint serves the bucket; oss-v2 `use_cname`, ali-oss `cname`).",
 }
 

@@ -160,8 +160,8 @@ def _oss_location(endpoint: OssEndpoint, scope: Scope) -> dict[str, str]:
     an http:// emulator.  ``AddressStyle`` is alibabacloud-oss-v2's word
     (``AddressStyle`` in alibabacloud_oss_v2/_client.py): ``virtual``
     (bucket in the host), ``path`` (oss-v2 ``use_path_style``, oss2
-    ``is_path_style``, ali-oss ``sldEnable``) or ``cname`` (``use_cname``,
-    ``is_cname``, ``cname``).
+    ``is_path_style``, ali-oss ``sldEnable`` unless the endpoint is an IP
+    address: see docs/api.md) or ``cname`` (``use_cname``, ``is_cname``, ``cname``).
     """
     return {
         "Bucket": scope.policy.bucket,
