@@ -36,6 +36,7 @@ import os
 import select
 import stat
 import threading
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -131,7 +132,8 @@ class AuditWriter:
 
     def __init__(self, fd: int, *, owns_fd: bool, max_buffer_bytes: int, fsync: bool) -> None:
         self._fd = fd
-        self._owns_fd = owns_fd
+        # Closes the descriptor once: at close(), or when the writer is dropped unclosed.
+        self._release = weakref.finalize(self, os.close, fd) if owns_fd else None
         self._max = max_buffer_bytes
         self._fsync = fsync and stat.S_ISREG(os.fstat(fd).st_mode)
         self._lock = threading.Lock()
@@ -172,8 +174,8 @@ class AuditWriter:
             thread = self._thread
         if thread is not None:
             thread.join(timeout=1.0)  # a wedged write must not hold up shutdown
-        if self._owns_fd and (thread is None or not thread.is_alive()):
-            os.close(self._fd)
+        if self._release is not None and (thread is None or not thread.is_alive()):
+            self._release()
 
     def _enqueue(self, entries: list[_Entry], size: int, settle: _Settle) -> None:
         self._queue.append((settle, entries))

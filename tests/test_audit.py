@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -439,3 +440,13 @@ def test_example_config_shows_every_audit_setting() -> None:
     assert settings == AuditSettings()
     text = (REPO / "config" / "broker.yaml").read_text().split("\naudit:", 1)[1]
     assert all(f"\n  {name}:" in text for name in AuditSettings.model_fields)
+
+
+def test_a_dropped_auditor_closes_its_sink(tmp_path: Path, clock: FakeClock) -> None:
+    """An auditor never closed (tests, a start-up that failed later) leaks no descriptor."""
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        open_auditor(AuditSettings(sink=str(tmp_path / "audit.jsonl")), Metrics(), clock)
+        open_auditor(AuditSettings(sink="stdout"), Metrics(), clock)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before
