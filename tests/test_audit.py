@@ -9,11 +9,14 @@ import json
 import logging
 import os
 import re
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import jwt
 import pytest
 import structlog
@@ -22,18 +25,22 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker import audit
 from broker.audit import AuditWriter, open_auditor
+from broker.auth import hash_api_key
 from broker.config import AuditSettings, load_settings
+from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 from broker.errors import AccessDenied, AuditUnavailable, ConfigError
 from broker.logs import REDACTED, configure_logging
 from broker.metrics import Metrics
 from broker.models import Principal
 from tests.conftest import (
     CALLERS,
+    POLICIES_DIR,
     REPO,
     SOURCE_SECRET,
     BrokerFactory,
     BrokerHarness,
     FakeClock,
+    free_port,
     write_jwks,
 )
 from tests.wire import POST_POLICY, PRESIGN, post_json
@@ -450,3 +457,76 @@ def test_a_dropped_auditor_closes_its_sink(tmp_path: Path, clock: FakeClock) -> 
         open_auditor(AuditSettings(sink="stdout"), Metrics(), clock)
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+async def test_serve_with_two_workers_writes_one_whole_line_per_issuance(tmp_path: Path) -> None:
+    """sts-broker serve --workers 2, one audit file: N issuances from both, N whole lines."""
+    emulator = StsEmulator(access_keys={"LTAI-audit-test": "audit-source-secret"})
+    runner, sts_url = await start_sts_emulator(emulator)
+    try:
+        request_ids = await _serve_and_issue(tmp_path, sts_url, 20)
+    finally:
+        await runner.cleanup()
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    issued = [record for record in records if record["type"] == "issuance"]
+    assert sorted(record["request_id"] for record in issued) == sorted(request_ids)
+    assert [record["status"] for record in records if record["type"] == "refusal"] == [401]
+    misses = [record for record in issued if record["cache"] == "miss"]
+    assert len(misses) == emulator.assume_role_calls() == 2  # a worker: its own cache, one miss
+    assert len({record["sts_request_id"] for record in misses}) == 2
+
+
+async def _serve_and_issue(tmp_path: Path, sts_url: str, count: int) -> list[str]:
+    """Run ``serve --workers 2`` (audit file, required) for ``count`` issuances and a 401."""
+    port = free_port()
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+        f"sts: {{endpoint: '{sts_url}', timeout_seconds: 5}}\n"
+        f"policies_dir: {POLICIES_DIR}\n"
+        "logging: {format: json, level: info}\n"
+        "audit: {sink: audit.jsonl, mode: required}\n"
+        f"auth:\n  api_keys:\n    - id: svc-a\n      key_sha256: {hash_api_key('k-svc-a')}\n"
+        "      groups: [internal]\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ALIBABA_CLOUD")}
+    env.update(
+        ALIBABA_CLOUD_ACCESS_KEY_ID="LTAI-audit-test",
+        ALIBABA_CLOUD_ACCESS_KEY_SECRET="audit-source-secret",
+        ALIBABA_CLOUD_ECS_METADATA_DISABLED="true",
+    )
+    argv = [str(Path(sys.executable).parent / "sts-broker"), "serve", "--config", str(config)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, "--workers", "2", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(30):
+            for _ in range(2):  # both workers listen
+                while b'"broker_started"' not in await proc.stderr.readline():
+                    pass
+        request_ids = await _issue_over_http(port, count)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return request_ids
+
+
+async def _issue_over_http(port: int, count: int) -> list[str]:
+    """``count`` credentials requests (new connections, so both workers answer) and one 401."""
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        request_ids = []
+        headers = {"Authorization": "Bearer k-svc-a", "Connection": "close"}
+        for _ in range(count):
+            url = f"{base}/v1/credentials/service-uploads"
+            async with session.get(url, headers=headers) as resp:
+                assert resp.status == 200
+                request_ids.append(resp.headers["X-Request-Id"])
+        async with session.get(url, headers={"Connection": "close"}) as resp:
+            assert resp.status == 401
+    return request_ids
