@@ -62,6 +62,7 @@ __all__ = [
     "Auditor",
     "IssuanceEvent",
     "begin_request",
+    "check_sink",
     "note_caller",
     "note_policy",
     "open_auditor",
@@ -408,6 +409,27 @@ def _issuance(
         policy_digest=scope.digest,
     )
     return record
+
+
+def check_sink(settings: AuditSettings) -> None:
+    """``ConfigError`` if ``settings.sink`` could not be opened for appending (creates nothing).
+
+    For ``sts-broker check`` and before ``serve --workers N`` starts its workers.
+    """
+    if settings.sink in AUDIT_STREAMS:
+        return
+    path = Path(settings.sink)
+    problem = None
+    if path.is_dir():
+        problem = "it is a folder"
+    elif path.exists():
+        problem = None if os.access(path, os.W_OK) else "it is not writable"
+    elif not path.parent.is_dir():
+        problem = f"the folder {path.parent} does not exist"
+    elif not os.access(path.parent, os.W_OK | os.X_OK):
+        problem = f"it cannot be created in {path.parent}"
+    if problem is not None:
+        raise ConfigError([f"audit.sink: cannot open {path}: {problem}"])
 
 
 def open_auditor(settings: AuditSettings, metrics: Metrics, clock: Clock) -> Auditor:

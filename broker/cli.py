@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from broker import process_credentials
+from broker.audit import check_sink
 from broker.auth import generate_api_key, hash_api_key
 from broker.checks import allow_warnings, provider_lifetime_warnings, unchecked_group_policies
 from broker.config import CacheSettings, Settings, load_settings
@@ -215,7 +216,8 @@ def _add_credentials(sub: _Subparsers[argparse.ArgumentParser]) -> None:
 
 
 def _check_secrets(settings: Settings) -> None:
-    """Files and variables read only at start (the shared cache's keys): fail with exit 2."""
+    """Files and variables read only at start (the shared cache's keys, the audit sink): exit 2."""
+    check_sink(settings.audit)
     if settings.cache.backend == "redis" and settings.cache.redis is not None:
         config_dir = settings.source.parent if settings.source is not None else None
         load_encryption_keys(settings.cache.redis, config_dir=config_dir)

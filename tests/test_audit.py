@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import audit
-from broker.audit import AuditWriter, open_auditor
+from broker.audit import AuditWriter, check_sink, open_auditor
 from broker.auth import hash_api_key
+from broker.cli import main
 from broker.config import AuditSettings, load_settings
 from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 from broker.errors import AccessDenied, AuditUnavailable, ConfigError
@@ -530,3 +531,26 @@ async def _issue_over_http(port: int, count: int) -> list[str]:
         async with session.get(url, headers={"Connection": "close"}) as resp:
             assert resp.status == 401
     return request_ids
+
+
+@pytest.mark.parametrize("command", [["check"], ["serve", "--workers", "2"]])
+def test_an_unusable_sink_stops_check_and_serve_with_exit_2(
+    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check, and serve before it starts workers, name an audit sink that cannot be opened."""
+    config = tmp_path / "broker.yaml"
+    config.write_text(f"policies_dir: {POLICIES_DIR}\naudit: {{sink: missing/audit.jsonl}}\n")
+    assert main([command[0], "--config", str(config), *command[1:]]) == 2
+    sink = tmp_path / "missing" / "audit.jsonl"
+    assert f"audit.sink: cannot open {sink}: the folder" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_check_creates_no_audit_file(tmp_path: Path) -> None:
+    """sts-broker check accepts a sink that can be created, without creating it."""
+    config = tmp_path / "broker.yaml"
+    config.write_text(f"policies_dir: {POLICIES_DIR}\naudit: {{sink: audit.jsonl}}\n")
+    assert main(["check", "--config", str(config)]) == 0
+    assert not (tmp_path / "audit.jsonl").exists()
+    with pytest.raises(ConfigError, match="it is a folder"):
+        check_sink(AuditSettings(sink=str(tmp_path)))
