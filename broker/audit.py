@@ -128,13 +128,14 @@ class AuditWriter:
     ``submit`` never blocks.  The thread writes everything queued in one
     ``write(2)`` (a group commit), then hands the batch back to the loop it
     came from through ``settle`` with ``None`` or the error's name.  The
-    descriptor is in append mode, so several processes may share one file.
+    descriptor is in append mode, so several processes may share one file;
+    ``replace_fd`` switches to a new one between two writes (log rotation).
     """
 
     def __init__(self, fd: int, *, owns_fd: bool, max_buffer_bytes: int, fsync: bool) -> None:
-        self._fd = fd
-        # Closes the descriptor once: at close(), or when the writer is dropped unclosed.
-        self._release = weakref.finalize(self, os.close, fd) if owns_fd else None
+        self._fds = [fd]  # the current descriptor, then one that replaces it
+        # Closes them once: at close(), or when the writer is dropped unclosed.
+        self._release = weakref.finalize(self, _close_all, self._fds) if owns_fd else None
         self._max = max_buffer_bytes
         self._fsync = fsync and stat.S_ISREG(os.fstat(fd).st_mode)
         self._lock = threading.Lock()
@@ -165,12 +166,26 @@ class AuditWriter:
 
     def write_now(self, entries: list[_Entry]) -> str | None:
         """Write in the calling thread (no running loop, or closed); the error's name or None."""
-        return _write_all(self._fd, b"".join(line for line, _, _ in entries), self._fsync)
+        return _write_all(self._fds[0], b"".join(line for line, _, _ in entries), self._fsync)
+
+    def replace_fd(self, fd: int) -> None:
+        """Write to ``fd`` from the next batch on and close the current descriptor then."""
+        with self._lock:
+            if self._closed:
+                os.close(fd)
+                return
+            if len(self._fds) > 1:  # replaced twice before a write: the newer one wins
+                os.close(self._fds.pop())
+            self._fds.append(fd)
+            if self._thread is None:  # no write can be in progress
+                self._swap()
 
     def close(self) -> None:
         """Stop the thread once its queue is written (call after a flush), then close the sink."""
         with self._lock:
             self._closed = True
+            if self._thread is None:
+                self._swap()
             self._wake.notify()
             thread = self._thread
         if thread is not None:
@@ -187,10 +202,15 @@ class AuditWriter:
         else:
             self._wake.notify()
 
+    def _swap(self) -> None:
+        """Under the lock, between writes: the replacing descriptor becomes the current one."""
+        if len(self._fds) > 1:
+            os.close(self._fds.pop(0))
+
     def _run(self) -> None:
         while batches := self._next_batches():
             lines = [line for _, entries in batches for line, _, _ in entries]
-            error = _write_all(self._fd, b"".join(lines), self._fsync)
+            error = _write_all(self._fds[0], b"".join(lines), self._fsync)
             with self._lock:
                 self._buffered -= sum(len(line) for line in lines)
             for settle, entries in batches:
@@ -201,12 +221,19 @@ class AuditWriter:
         with self._lock:
             if not self._queue and not self._closed:
                 self._wake.wait(_IDLE_SECONDS)
+            self._swap()
             if not self._queue:
                 self._thread = None
                 return []
             batches = list(self._queue)
             self._queue.clear()
             return batches
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
 
 
 def _write_all(fd: int, data: bytes, fsync: bool) -> str | None:
@@ -293,6 +320,21 @@ class Auditor:
         """Return once every record handed over so far has been written or has failed (counted)."""
         with contextlib.suppress(AuditUnavailable):
             await self._written_within(None, b"", None)
+
+    def reopen(self) -> None:
+        """Open the sink's file anew (after log rotation moved it); streams stay as they are.
+
+        Called on SIGHUP.  If the file cannot be opened, records keep going to the old one.
+        """
+        if self._settings.sink in AUDIT_STREAMS:
+            return
+        try:
+            fd = _open_file(Path(self._settings.sink))
+        except ConfigError as err:
+            log.error("audit_reopen_failed", problem=err.problems[0])
+            return
+        self._writer.replace_fd(fd)
+        log.info("audit_sink_reopened", sink=self._settings.sink)
 
     async def close(self) -> None:
         """Write what is pending (waiting up to ``write_timeout_seconds``), then close the sink."""
@@ -437,13 +479,17 @@ def open_auditor(settings: AuditSettings, metrics: Metrics, clock: Clock) -> Aud
     if settings.sink in AUDIT_STREAMS:
         fd = os.dup(_STREAM_FDS[settings.sink])
     else:
-        path = Path(settings.sink)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o600)
-        except OSError as err:
-            raise ConfigError([f"audit.sink: cannot open {path}: {err.strerror}"]) from err
+        fd = _open_file(Path(settings.sink))
     writer = AuditWriter(
         fd, owns_fd=True, max_buffer_bytes=settings.max_buffer_bytes, fsync=settings.fsync
     )
     return Auditor(settings, writer, metrics, clock)
+
+
+def _open_file(path: Path) -> int:
+    """``path`` opened for appending (created 0600); ``ConfigError`` if it cannot be."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as err:
+        raise ConfigError([f"audit.sink: cannot open {path}: {err.strerror}"]) from err

@@ -356,7 +356,7 @@ async def _serve(
     demo: bool = False,
     reuse_port: bool = False,
 ) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads policies.
+    """Run until SIGTERM/SIGINT; SIGHUP reloads policies and reopens the audit file.
 
     On SIGTERM: readiness turns false at once, the listener closes after
     ``shutdown_delay_seconds`` (time for load balancers to notice), in-flight
@@ -384,13 +384,19 @@ async def _serve(
 
 
 async def _wait_for_stop(services: Services) -> None:
-    """Return on SIGTERM or SIGINT; meanwhile SIGHUP reloads policies."""
+    """Return on SIGTERM or SIGINT; meanwhile SIGHUP reloads policies, reopens the audit file."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload_policies(services))
+    loop.add_signal_handler(signal.SIGHUP, lambda: _hang_up(services))
     await stop.wait()
+
+
+def _hang_up(services: Services) -> None:
+    """SIGHUP: reload the policies, and reopen the audit file (after log rotation)."""
+    reload_policies(services)
+    services.audit.reopen()
 
 
 async def _start(

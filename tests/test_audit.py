@@ -460,25 +460,35 @@ def test_a_dropped_auditor_closes_its_sink(tmp_path: Path, clock: FakeClock) -> 
     assert len(os.listdir("/proc/self/fd")) <= before
 
 
-async def test_serve_with_two_workers_writes_one_whole_line_per_issuance(tmp_path: Path) -> None:
-    """sts-broker serve --workers 2, one audit file: N issuances from both, N whole lines."""
+async def test_serve_with_two_workers_shares_one_file_and_reopens_it_on_sighup(
+    tmp_path: Path,
+) -> None:
+    """serve --workers 2: one whole line per issuance from both; SIGHUP reopens after rotation."""
     emulator = StsEmulator(access_keys={"LTAI-audit-test": "audit-source-secret"})
     runner, sts_url = await start_sts_emulator(emulator)
     try:
-        request_ids = await _serve_and_issue(tmp_path, sts_url, 20)
+        before, after = await _serve_rotate_and_issue(tmp_path, sts_url, 10)
     finally:
         await runner.cleanup()
-    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
-    issued = [record for record in records if record["type"] == "issuance"]
-    assert sorted(record["request_id"] for record in issued) == sorted(request_ids)
-    assert [record["status"] for record in records if record["type"] == "refusal"] == [401]
-    misses = [record for record in issued if record["cache"] == "miss"]
+    rotated = _lines(tmp_path / "audit.jsonl.1")
+    current = _lines(tmp_path / "audit.jsonl")
+    assert sorted(record["request_id"] for record in rotated) == sorted(before)
+    issued = [record for record in current if record["type"] == "issuance"]
+    assert sorted(record["request_id"] for record in issued) == sorted(after)
+    assert [record["status"] for record in current if record["type"] == "refusal"] == [401]
+    misses = [record for record in rotated if record["cache"] == "miss"]
     assert len(misses) == emulator.assume_role_calls() == 2  # a worker: its own cache, one miss
     assert len({record["sts_request_id"] for record in misses}) == 2
 
 
-async def _serve_and_issue(tmp_path: Path, sts_url: str, count: int) -> list[str]:
-    """Run ``serve --workers 2`` (audit file, required) for ``count`` issuances and a 401."""
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def _serve_rotate_and_issue(
+    tmp_path: Path, sts_url: str, count: int
+) -> tuple[list[str], list[str]]:
+    """serve --workers 2 (audit file, required): issuances, rotation, SIGHUP, issuances."""
     port = free_port()
     config = tmp_path / "broker.yaml"
     config.write_text(
@@ -502,11 +512,12 @@ async def _serve_and_issue(tmp_path: Path, sts_url: str, count: int) -> list[str
     )
     try:
         assert proc.stderr is not None
-        async with asyncio.timeout(30):
-            for _ in range(2):  # both workers listen
-                while b'"broker_started"' not in await proc.stderr.readline():
-                    pass
-        request_ids = await _issue_over_http(port, count)
+        await _logged_twice(proc.stderr, b'"broker_started"')  # both workers listen
+        before = await _issue_over_http(port, count)
+        (tmp_path / "audit.jsonl").rename(tmp_path / "audit.jsonl.1")  # what logrotate does
+        proc.send_signal(signal.SIGHUP)
+        await _logged_twice(proc.stderr, b'"audit_sink_reopened"')
+        after = await _issue_over_http(port, count, refused=True)
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await proc.wait() == 0
@@ -514,23 +525,50 @@ async def _serve_and_issue(tmp_path: Path, sts_url: str, count: int) -> list[str
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    return request_ids
+    return before, after
 
 
-async def _issue_over_http(port: int, count: int) -> list[str]:
-    """``count`` credentials requests (new connections, so both workers answer) and one 401."""
-    base = f"http://127.0.0.1:{port}"
+async def _logged_twice(stderr: asyncio.StreamReader, event: bytes) -> None:
+    async with asyncio.timeout(30):
+        for _ in range(2):
+            while event not in await stderr.readline():
+                pass
+
+
+async def _issue_over_http(port: int, count: int, *, refused: bool = False) -> list[str]:
+    """``count`` credentials requests (new connections, so both workers answer), then a 401."""
+    url = f"http://127.0.0.1:{port}/v1/credentials/service-uploads"
+    request_ids = []
     async with aiohttp.ClientSession() as session:
-        request_ids = []
         headers = {"Authorization": "Bearer k-svc-a", "Connection": "close"}
         for _ in range(count):
-            url = f"{base}/v1/credentials/service-uploads"
             async with session.get(url, headers=headers) as resp:
                 assert resp.status == 200
                 request_ids.append(resp.headers["X-Request-Id"])
-        async with session.get(url, headers={"Connection": "close"}) as resp:
-            assert resp.status == 401
+        if refused:
+            async with session.get(url, headers={"Connection": "close"}) as resp:
+                assert resp.status == 401
     return request_ids
+
+
+def test_reopen_follows_a_rotated_file(tmp_path: Path, clock: FakeClock) -> None:
+    """After the file is moved away, reopen() sends later records to a new file at the path."""
+    sink = tmp_path / "audit.jsonl"
+    auditor = open_auditor(AuditSettings(sink=str(sink)), Metrics(), clock)
+
+    async def scenario() -> None:
+        audit.begin_request("req-before-1", "credentials", "127.0.0.1")
+        auditor.refused(AccessDenied(policy="reports-read"))
+        await auditor.flushed()
+        sink.rename(tmp_path / "audit.jsonl.1")
+        auditor.reopen()
+        audit.begin_request("req-after-01", "credentials", "127.0.0.1")
+        auditor.refused(AccessDenied(policy="reports-read"))
+        await auditor.close()
+
+    asyncio.run(scenario())
+    assert [r["request_id"] for r in _lines(tmp_path / "audit.jsonl.1")] == ["req-before-1"]
+    assert [r["request_id"] for r in _lines(sink)] == ["req-after-01"]
 
 
 @pytest.mark.parametrize("command", [["check"], ["serve", "--workers", "2"]])
