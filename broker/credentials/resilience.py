@@ -77,9 +77,9 @@ class RetryPolicy:
     ``run(attempt)`` calls ``attempt(timeout_seconds)``: the attempt must end
     within that many seconds, ``min(attempt_timeout_seconds, time left)``.
     Before retry ``n`` (0-based) it sleeps ``random() * min(max_delay, base * 2**n)``,
-    or, after a throttled answer, its ``retry_after_seconds`` if that is longer.  It never sleeps
-    past the deadline, nor starts an attempt with less than
-    ``min_attempt_seconds`` left: the last error is raised instead.
+    or, after a throttled answer, its ``retry_after_seconds`` if that is
+    longer.  It never sleeps past the deadline, nor starts an attempt with
+    less than ``min_attempt_seconds`` left: the last error is raised instead.
     """
 
     def __init__(

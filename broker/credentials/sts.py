@@ -307,12 +307,15 @@ def _translate_response_error(err: ResponseException, role_arn: str) -> Upstream
 
     alibabacloud_tea_openapi 0.4.6 ``client.py`` ``do_request_async`` (the
     ACS3 path AssumeRole takes), lines 1891-1936: an ``x-acs-retry-after``
-    header makes a ``ThrottlingException`` (its ``retry_after`` in milliseconds:
-    darabonba ``core.py`` ``get_backoff_time`` hands it to ``sleep(millisecond)``);
-    otherwise 400 ≤ status < 500 is a ``ClientException`` and status ≥ 500 a
-    ``ServerException``.  STS sends its ``Throttling*`` codes with HTTP 400,
-    hence a ``ClientException`` without that header, and its documents call them
-    "retry later" (RAM/STS FAQ, API request limits): they are matched by prefix.
+    header makes a ``ThrottlingException``, whose ``retry_after`` is in
+    milliseconds (``utils.py`` ``get_throttling_time_left``; darabonba 1.0.9
+    ``core.py`` ``get_backoff_time``, lines 606-619, hands it to
+    ``sleep(millisecond)``, line 626); otherwise 400 ≤ status < 500 is a
+    ``ClientException`` and status ≥ 500 a ``ServerException``.  STS sends its
+    flow-control codes (``Throttling``, ``Throttling.User``, ``Throttling.Api``:
+    RAM/STS FAQ "Are there API request limits for STS?") with HTTP 400, so
+    without that header they arrive as ``ClientException``: they are matched
+    by prefix, which also covers codes not listed there (``Throttling.Tenant``).
     """
     code = str(getattr(err, "code", "") or "Unknown")
     status = getattr(err, "status_code", None)

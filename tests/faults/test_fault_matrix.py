@@ -192,6 +192,9 @@ async def test_a_hung_sts_is_answered_504_by_the_deadline(
     assert all(timeout <= 0.4 for timeout in timeouts)
     assert sum(timeouts) <= 1.0
     assert 2 <= calls <= len(timeouts)
+    metrics = await broker.metrics()
+    assert f'broker_sts_calls_total{{outcome="UpstreamTimeout"}} {len(timeouts)}.0' in metrics
+    assert 'outcome="success"' not in metrics
     await _assert_no_500(broker)
 
 
