@@ -110,21 +110,23 @@ class StsEmulator:
         access_keys: Mapping[str, str],
         clock: Clock = system_clock,
         lifetime_seconds: int | None = None,
-        issued_lifetime_seconds: int | None = None,
         role_max_duration_seconds: Mapping[str, int] | None = None,
         max_request_skew_seconds: float = 900.0,
         account_id: str = "1234567890123456",
+        issued_lifetime_seconds: int | None = None,
     ) -> None:
         self._access_keys = dict(access_keys)
         self._clock = clock
         self._lifetime_seconds = lifetime_seconds
-        self._issued_lifetime_seconds = issued_lifetime_seconds
         self._role_max = dict(role_max_duration_seconds or {})
         for role, seconds in self._role_max.items():
             if not DEFAULT_DURATION_SECONDS <= seconds <= MAX_DURATION_SECONDS:
                 raise ValueError(f"role {role!r}: max duration must be 3600..43200 seconds")
         self._max_skew_seconds = max_request_skew_seconds
         self._account_id = account_id
+        # Dev only (sts-broker dev --token-lifetime): tokens live this long, whatever
+        # DurationSeconds asked for; requests are still validated against 900..43200.
+        self._issued_lifetime_seconds = issued_lifetime_seconds
         self._nonces: dict[str, float] = {}
         self._by_token: dict[str, IssuedCredentials] = {}
         self.faults = StsFaults()
