@@ -7,13 +7,16 @@ JWKS, reload...):
   127.0.0.1 in this process, faults scripted over its admin endpoint
   (``script``, ``clear``), counts read from ``/__emulator__/calls``.
   ``make_fault_sts(**emulator_options)`` makes one with other options.
-* ``start_broker`` → a factory: ``await start_broker(sts, sts={...}, cache={...})``
+* ``start_broker`` → a factory: ``await start_broker(sts_url, sts={...}, cache={...})``
   writes a config (sections merged over ``base_config``) and the probe
   policies (``PROBE_POLICIES``) to a temporary directory, runs
   ``sts-broker serve`` with the broker's identity in the environment (the
   default credential chain), waits for ``broker_started`` and returns a
   ``BrokerProcess``.  Its stderr is read all the time (a pipe nobody reads
-  would block the broker) and kept as ``log_lines`` / ``log_events()``.
+  would block the broker) and kept as ``log_lines`` / ``log_events()``;
+  ``read_log=False`` stops reading after ``broker_started`` (a blocked log
+  sink), ``extra_args`` are added to ``serve`` (``--workers 2``), ``extra_env``
+  to its environment.
 * ``Reply`` is what a caller saw; ``check_reply`` asserts the matrix's
   invariants on it (no 500; a 503/504 carries Retry-After, a 502 does not;
   a 200 is not expired, by the local clock nor by STS's own).
@@ -30,7 +33,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -248,14 +251,16 @@ def broker_env() -> dict[str, str]:
 
 
 async def _read_stderr(
-    stream: asyncio.StreamReader, lines: list[str], started: asyncio.Event
+    stream: asyncio.StreamReader, lines: list[str], started: asyncio.Event, *, keep: bool = True
 ) -> None:
-    """Keep the pipe drained for the process's whole life; note ``broker_started``."""
+    """Keep the pipe drained (unless not ``keep``: then only until ``broker_started``)."""
     while line := await stream.readline():
         text = line.decode("utf-8", "replace").rstrip("\n")
         lines.append(text)
         if '"broker_started"' in text:
             started.set()
+            if not keep:
+                return
     started.set()  # the process ended: let the waiter look
 
 
@@ -293,7 +298,14 @@ async def start_broker(tmp_path: Path) -> AsyncIterator[StartBroker]:
     brokers: list[BrokerProcess] = []
     readers: list[asyncio.Task[None]] = []
 
-    async def start(sts_url: str, **changes: Any) -> BrokerProcess:
+    async def start(
+        sts_url: str,
+        *,
+        read_log: bool = True,
+        extra_args: Sequence[str] = (),
+        extra_env: Mapping[str, str] | None = None,
+        **changes: Any,
+    ) -> BrokerProcess:
         port = free_port()
         home = tmp_path / f"broker-{len(brokers)}"
         policies = write_probe_policies(home / "policies")
@@ -302,8 +314,8 @@ async def start_broker(tmp_path: Path) -> AsyncIterator[StartBroker]:
         config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         proc = await asyncio.create_subprocess_exec(
             STS_BROKER,
-            *("serve", "--config", str(config_path)),
-            env=broker_env(),
+            *("serve", "--config", str(config_path), *extra_args),
+            env={**broker_env(), **(extra_env or {})},
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             limit=1 << 20,  # long log lines (hostile requests) must not stop the reader
@@ -312,7 +324,8 @@ async def start_broker(tmp_path: Path) -> AsyncIterator[StartBroker]:
         brokers.append(broker)
         started = asyncio.Event()
         assert proc.stderr is not None
-        readers.append(asyncio.create_task(_read_stderr(proc.stderr, broker.log_lines, started)))
+        reader = _read_stderr(proc.stderr, broker.log_lines, started, keep=read_log)
+        readers.append(asyncio.create_task(reader))
         async with asyncio.timeout(30):
             await started.wait()
         if proc.returncode is not None or not broker.log_events("broker_started"):
