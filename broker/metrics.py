@@ -8,6 +8,7 @@ Redis operation names, so cardinality stays bounded and nothing secret leaks.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
@@ -152,6 +153,9 @@ class Metrics:
                 return await fetch(request)
             except BrokerError as err:
                 outcome = err.code
+                raise
+            except asyncio.CancelledError:  # cut short by the retry deadline: no answer came
+                outcome = "UpstreamTimeout"
                 raise
             finally:
                 self.sts_calls.labels(outcome).inc()

@@ -136,6 +136,7 @@ def resilient(settings: Settings, fetch: Fetch, budget: StsBudget, clock: Clock)
         base_delay_seconds=sts.retry.base_delay_seconds,
         max_delay_seconds=sts.retry.max_delay_seconds,
         deadline_seconds=sts.retry.deadline_seconds,
+        attempt_timeout_seconds=sts.timeout_seconds,
     )
     gate = FailureGate(
         threshold=sts.failure_gate.threshold,

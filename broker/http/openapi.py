@@ -50,7 +50,13 @@ _CALLER = (RequestInvalid, AuthenticationFailed, TooManyRequests)
 _SCOPED = (*_CALLER, AccessDenied, TemplateValueRejected)
 _STS = (UpstreamError, UpstreamThrottled, UpstreamUnavailable, UpstreamTimeout)
 _ISSUING = (*_STS, AuditUnavailable)
-_RETRY_AFTER = (TooManyRequests, UpstreamThrottled, UpstreamUnavailable, AuditUnavailable)
+_RETRY_AFTER = (
+    TooManyRequests,
+    UpstreamThrottled,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    AuditUnavailable,
+)
 _WHEN: dict[int, str] = {
     400: "Malformed input: parameter, body, or a token given twice.  (A header line over "
     "`listen.max_header_bytes` is refused earlier, by the HTTP parser, with a plain-text 400.)",
@@ -63,10 +69,13 @@ _WHEN: dict[int, str] = {
     413: "The body is over `listen.max_body_bytes`.",
     429: "This caller has caused more STS calls than its share (`quotas.caller_sts_*`), or "
     "is over the request-rate quota (off by default); `Retry-After` says when to retry.",
-    502: "STS refused the call or sent an unusable reply.",
-    503: "STS is throttling or unavailable, or (`audit.mode: required`) the audit record "
-    "could not be written, so nothing was issued; `Retry-After` says when to retry.",
-    504: "STS did not answer within `sts.timeout_seconds`.",
+    502: "STS refused the call (a 4xx answer) or sent credentials the broker refuses (no or "
+    "unparseable `Expiration`, already expired, or further out than asked for).  Not retried.",
+    503: "STS is throttling, answering 5xx, unreachable or sent no usable reply, and retries "
+    "within `sts.retry.deadline_seconds` did not help; or (`audit.mode: required`) the audit "
+    "record could not be written, so nothing was issued.  `Retry-After` says when to retry.",
+    504: "STS did not answer within `sts.timeout_seconds` (the last attempt cut to what was left "
+    "of `sts.retry.deadline_seconds`); `Retry-After` says when to retry.",
 }
 
 
@@ -223,7 +232,9 @@ def _healthz_operation() -> dict[str, Any]:
 def _readyz_operation() -> dict[str, Any]:
     return _public(
         "readiness",
-        "Policies loaded, source credentials available, not shutting down.",
+        "Policies loaded, source credentials available, not shutting down.  `sts` reports "
+        "STS's state as the latest AssumeRole attempts saw it (`degraded` while they fail): "
+        "informational, never a reason to be unready.",
         {"200": _ok("Ready.", "Readiness"), "503": _ok("Not ready.", "Readiness")},
     )
 
@@ -430,6 +441,11 @@ def _response_schemas() -> dict[str, Any]:
                 "required": ["policies_loaded", "source_credentials", "accepting_requests"],
                 "additionalProperties": {"type": "boolean"},
             },
+            sts=_object(
+                state={"type": "string", "enum": ["unknown", "ok", "degraded"]},
+                consecutive_failures={"type": "integer", "minimum": 0},
+                cached_credentials={"type": "integer", "minimum": 0},
+            ),
         ),
     }
 

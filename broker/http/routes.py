@@ -242,7 +242,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: policies loaded, source credentials available, not shutting down."""
+    """``GET /readyz``: policies loaded, source credentials available, not shutting down.
+
+    STS's own state is reported (``sts``), never required: an STS outage hits
+    every replica alike, and a ready one still serves its cached credentials
+    and answers the rest with 503 + Retry-After (docs/api.md).
+    """
     services = request.app[SERVICES]
     checks = {
         "policies_loaded": len(services.policies) > 0,
@@ -250,8 +255,15 @@ async def readyz(request: web.Request) -> web.Response:
         "accepting_requests": not services.shutting_down,
     }
     ready = all(checks.values())
+    health = services.sts.health
+    sts = {
+        "state": health.state,
+        "consecutive_failures": health.consecutive_failures,
+        "cached_credentials": len(services.cache),
+    }
     return _json(
-        {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+        {"status": "ready" if ready else "not_ready", "checks": checks, "sts": sts},
+        200 if ready else 503,
     )
 
 
