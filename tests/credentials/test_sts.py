@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
+from aiohttp import web
+from aiohttp.typedefs import Handler
 from alibabacloud_tea_openapi.exceptions import ThrottlingException
 
 from broker.config import StsSettings
@@ -15,6 +18,7 @@ from broker.credentials.sts import (
     parse_expiration,
     static_credential,
 )
+from broker.dev.emulators import serve_app
 from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 from broker.errors import UpstreamError, UpstreamThrottled, UpstreamTimeout, UpstreamUnavailable
 from broker.models import AssumeRoleRequest
@@ -293,3 +297,29 @@ def test_source_credential_is_opaque_and_masked() -> None:
     text = repr(static_credential(SOURCE_KEY_ID, SOURCE_SECRET))
     assert SOURCE_KEY_ID not in text
     assert SOURCE_SECRET not in text
+
+
+async def test_credentials_carry_the_request_id_sts_sent(clock: FakeClock) -> None:
+    """Credentials.sts_request_id is the RequestId of STS's reply (for the audit trail)."""
+    emulator = StsEmulator(access_keys={SOURCE_KEY_ID: SOURCE_SECRET}, clock=clock)
+    app = emulator.make_app()
+    sent: list[str] = []
+
+    @web.middleware
+    async def read_reply(request: web.Request, handler: Handler) -> web.StreamResponse:
+        reply = await handler(request)
+        if isinstance(reply, web.Response) and isinstance(reply.body, bytes):
+            sent.append(json.loads(reply.body)["RequestId"])
+        return reply
+
+    app.middlewares.append(read_reply)
+    runner, url = await serve_app(app)
+    try:
+        harness = StsHarness(emulator, url)
+        first = await _client(harness, clock).assume_role(_request())
+        second = await _client(harness, clock).assume_role(_request())
+    finally:
+        await runner.cleanup()
+    assert [first.sts_request_id, second.sts_request_id] == sent
+    assert len(set(sent)) == 2
+    assert first == replace(first, sts_request_id="other")  # not part of what the token is
