@@ -185,10 +185,15 @@ async def test_refusals_for_authorization_reasons_are_recorded(
     assert await _metric(broker, "broker_audit_records_total", event="request_refused") == 3
 
 
+# Entra ID (Azure AD) subjects look like this: 43 characters of base64url, often no - or _.
+OPAQUE_SUBJECT = "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ"
+
+
+@pytest.mark.parametrize("subject", ["bob", OPAQUE_SUBJECT])
 async def test_jwt_callers_are_recorded_by_subject_and_method(
-    make_broker: BrokerFactory, tmp_path: Path, signing_key: rsa.RSAPrivateKey
+    make_broker: BrokerFactory, tmp_path: Path, signing_key: rsa.RSAPrivateKey, subject: str
 ) -> None:
-    """A JWT caller's record names its subject and ``jwt``; the token itself never appears."""
+    """A JWT caller's record names its subject, even an opaque one, and jwt; never the token."""
     sink = tmp_path / "audit.jsonl"
     jwks = write_jwks(tmp_path / "jwks.json", signing_key.public_key())
     jwt_settings = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks)}
@@ -196,16 +201,32 @@ async def test_jwt_callers_are_recorded_by_subject_and_method(
         audit={"sink": str(sink)}, auth={"jwt": {**jwt_settings, "groups": ["browser"]}}
     )
     now = broker.clock()
-    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "bob", "iat": now, "exp": now + 300}
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": subject, "iat": now, "exp": now + 300}
     token = jwt.encode(claims, signing_key, algorithm="RS256", headers={"kid": "k1"})
     headers = {"Authorization": f"Bearer {token}"}
     async with broker.client.get("/v1/credentials/avatar-upload", headers=headers) as resp:
         assert resp.status == 200
     (record,) = await _records(broker, sink)
-    assert (record["caller"], record["auth_method"]) == ("bob", "jwt")
-    assert record["prefix"] == "avatars/bob/"
+    assert (record["caller"], record["auth_method"]) == (subject, "jwt")
+    assert record["prefix"] == f"avatars/{subject}/"
     text = sink.read_text()
     assert all(part not in text for part in token.split("."))
+
+
+async def test_identifiers_that_look_random_are_recorded_intact(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """An object key named by a random id and a client's own request id survive the scrub."""
+    sink = tmp_path / "audit.jsonl"
+    broker = await _audited(make_broker, sink)
+    key = "avatars/alice/Q3x9TmZpR2vL8wYbN4cK7sD1fH6jG5aEw.png"
+    request_id = "Zk8Qw2Lm5Np7Rt9Vx3By6Cd1Fg4Hj0KsTu"
+    body = json.dumps({**PRESIGN, "key": key}).encode()
+    headers = {**broker.auth("alice"), "X-Request-Id": request_id}
+    async with broker.client.post("/v1/presign", data=body, headers=headers) as resp:
+        assert resp.status == 200
+    (record,) = await _records(broker, sink)
+    assert (record["key"], record["request_id"]) == (key, request_id)
 
 
 @pytest.mark.parametrize("level", ["debug", "info", "warning", "error"])
