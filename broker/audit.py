@@ -10,7 +10,7 @@ the RequestId of the AssumeRole call that minted the token).  Never a secret:
 records are built from named fields only, and the log's secret scrub runs
 over every line as well.  The fields: docs/deployment.md, "Audit trail".
 
-Records never make the event loop wait on a write::
+Records never make the event loop wait on a write (``broker.audit_writer``)::
 
     request ─record─▶ this loop iteration's batch ─▶ writer thread ─▶ one write(2) (+ fsync)
        ▲                                                                │
@@ -31,14 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
-import select
-import stat
-import threading
-import weakref
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +43,7 @@ from typing import Any, Literal
 import orjson
 import structlog
 
+from broker.audit_writer import AuditWriter, Entry, open_file
 from broker.config import AUDIT_STREAMS, AuditSettings
 from broker.errors import AuditUnavailable, BrokerError, ConfigError
 from broker.logs import scrub_rendered
@@ -58,7 +54,6 @@ from broker.policies import Scope
 __all__ = [
     "REFUSAL_STATUSES",
     "AuditContext",
-    "AuditWriter",
     "Auditor",
     "IssuanceEvent",
     "begin_request",
@@ -74,8 +69,6 @@ IssuanceEvent = Literal["credentials_issued", "url_presigned", "post_policy_sign
 REFUSAL_STATUSES = frozenset({401, 403})
 """Replies that are refusals for authorization reasons, and so audited."""
 
-_IDLE_SECONDS = 30.0
-"""The writer thread exits after this long without a record (a new one starts it again)."""
 _STREAM_FDS = {"stdout": 1, "stderr": 2}
 _EVENTS = ("credentials_issued", "url_presigned", "post_policy_signed", "request_refused")
 _REASONS = ("write_error", "buffer_full", "timeout", "closed")
@@ -115,146 +108,6 @@ def note_policy(name: str) -> None:
         context.policy = name
 
 
-# --- writing ---
-
-_Entry = tuple[bytes, str | None, asyncio.Future[str | None] | None]
-"""A rendered line, its event (``None``: a flush marker) and who waits for the outcome."""
-_Settle = Callable[[Sequence[_Entry], str | None], None]
-
-
-class AuditWriter:
-    """Lines → a bounded queue → one writer thread → the sink's file descriptor.
-
-    ``submit`` never blocks.  The thread writes everything queued in one
-    ``write(2)`` (a group commit), then hands the batch back to the loop it
-    came from through ``settle`` with ``None`` or the error's name.  The
-    descriptor is in append mode, so several processes may share one file;
-    ``replace_fd`` switches to a new one between two writes (log rotation).
-    """
-
-    def __init__(self, fd: int, *, owns_fd: bool, max_buffer_bytes: int, fsync: bool) -> None:
-        self._fds = [fd]  # the current descriptor, then one that replaces it
-        # Closes them once: at close(), or when the writer is dropped unclosed.
-        self._release = weakref.finalize(self, _close_all, self._fds) if owns_fd else None
-        self._max = max_buffer_bytes
-        self._fsync = fsync and stat.S_ISREG(os.fstat(fd).st_mode)
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._queue: deque[tuple[_Settle, list[_Entry]]] = deque()
-        self._buffered = 0
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``close`` was called: nothing more is accepted."""
-        return self._closed
-
-    def submit(self, entries: list[_Entry], settle: _Settle) -> list[_Entry]:
-        """Queue the entries that fit in the buffer, in order; those that did not are returned."""
-        with self._lock:
-            room = 0 if self._closed else self._max - self._buffered
-            size = fitting = 0
-            for line, _, _ in entries:
-                if size + len(line) > room:
-                    break
-                size += len(line)
-                fitting += 1
-            if fitting:
-                self._enqueue(entries[:fitting], size, settle)
-        return entries[fitting:]
-
-    def write_now(self, entries: list[_Entry]) -> str | None:
-        """Write in the calling thread (no running loop, or closed); the error's name or None."""
-        return _write_all(self._fds[0], b"".join(line for line, _, _ in entries), self._fsync)
-
-    def replace_fd(self, fd: int) -> None:
-        """Write to ``fd`` from the next batch on and close the current descriptor then."""
-        with self._lock:
-            if self._closed:
-                os.close(fd)
-                return
-            if len(self._fds) > 1:  # replaced twice before a write: the newer one wins
-                os.close(self._fds.pop())
-            self._fds.append(fd)
-            if self._thread is None:  # no write can be in progress
-                self._swap()
-
-    def close(self) -> None:
-        """Stop the thread once its queue is written (call after a flush), then close the sink."""
-        with self._lock:
-            self._closed = True
-            if self._thread is None:
-                self._swap()
-            self._wake.notify()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout=1.0)  # a wedged write must not hold up shutdown
-        if self._release is not None and (thread is None or not thread.is_alive()):
-            self._release()
-
-    def _enqueue(self, entries: list[_Entry], size: int, settle: _Settle) -> None:
-        self._queue.append((settle, entries))
-        self._buffered += size
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-            self._thread.start()
-        else:
-            self._wake.notify()
-
-    def _swap(self) -> None:
-        """Under the lock, between writes: the replacing descriptor becomes the current one."""
-        if len(self._fds) > 1:
-            os.close(self._fds.pop(0))
-
-    def _run(self) -> None:
-        while batches := self._next_batches():
-            lines = [line for _, entries in batches for line, _, _ in entries]
-            error = _write_all(self._fds[0], b"".join(lines), self._fsync)
-            with self._lock:
-                self._buffered -= sum(len(line) for line in lines)
-            for settle, entries in batches:
-                settle(entries, error)
-
-    def _next_batches(self) -> list[tuple[_Settle, list[_Entry]]]:
-        """Everything queued; empty (and the thread gone) once idle or closed."""
-        with self._lock:
-            if not self._queue and not self._closed:
-                self._wake.wait(_IDLE_SECONDS)
-            self._swap()
-            if not self._queue:
-                self._thread = None
-                return []
-            batches = list(self._queue)
-            self._queue.clear()
-            return batches
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-    fds.clear()
-
-
-def _write_all(fd: int, data: bytes, fsync: bool) -> str | None:
-    """Write ``data`` whole (and fsync it); the error's name on failure, else ``None``."""
-    view = memoryview(data)
-    try:
-        while view:
-            try:
-                view = view[os.write(fd, view) :]
-            except BlockingIOError:  # a non-blocking descriptor shared with someone else
-                select.select([], [fd], [], 1.0)
-        if fsync:
-            os.fsync(fd)
-    except OSError as err:
-        return errno.errorcode.get(err.errno or 0, type(err).__name__)
-    return None
-
-
-# --- records ---
-
-
 class Auditor:
     """Writes the audit records of one broker and counts them; the use cases call it.
 
@@ -272,7 +125,7 @@ class Auditor:
         # Every child bound (and so exported, at 0) from the start: dashboards and alerts see them.
         self._written = {event: metrics.audit_records.labels(event) for event in _EVENTS}
         self._failed = {reason: metrics.audit_failures.labels(reason) for reason in _REASONS}
-        self._pending: list[_Entry] = []
+        self._pending: list[Entry] = []
         self._pending_loop: asyncio.AbstractEventLoop | None = None
         self._failing = False
 
@@ -329,7 +182,7 @@ class Auditor:
         if self._settings.sink in AUDIT_STREAMS:
             return
         try:
-            fd = _open_file(Path(self._settings.sink))
+            fd = open_file(Path(self._settings.sink))
         except ConfigError as err:
             log.error("audit_reopen_failed", problem=err.problems[0])
             return
@@ -371,7 +224,7 @@ class Auditor:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            entries: list[_Entry] = [(line, event, waiter)]
+            entries: list[Entry] = [(line, event, waiter)]
             self._settle(entries, self._writer.write_now(entries))
             return
         if not self._pending or self._pending_loop is not loop:
@@ -386,7 +239,7 @@ class Auditor:
         if not entries:
             return
 
-        def settle(done: Sequence[_Entry], error: str | None) -> None:
+        def settle(done: Sequence[Entry], error: str | None) -> None:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 loop.call_soon_threadsafe(self._settle, done, error)
 
@@ -394,7 +247,7 @@ class Auditor:
         if refused:
             self._settle(refused, "closed" if self._writer.closed else "buffer_full")
 
-    def _settle(self, entries: Sequence[_Entry], error: str | None) -> None:
+    def _settle(self, entries: Sequence[Entry], error: str | None) -> None:
         """On the loop: count the outcome, log a change of health, wake whoever waits."""
         records = [event for _, event, _ in entries if event is not None]
         if error is None and records:
@@ -479,17 +332,8 @@ def open_auditor(settings: AuditSettings, metrics: Metrics, clock: Clock) -> Aud
     if settings.sink in AUDIT_STREAMS:
         fd = os.dup(_STREAM_FDS[settings.sink])
     else:
-        fd = _open_file(Path(settings.sink))
+        fd = open_file(Path(settings.sink))
     writer = AuditWriter(
         fd, owns_fd=True, max_buffer_bytes=settings.max_buffer_bytes, fsync=settings.fsync
     )
     return Auditor(settings, writer, metrics, clock)
-
-
-def _open_file(path: Path) -> int:
-    """``path`` opened for appending (created 0600); ``ConfigError`` if it cannot be."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-    try:
-        return os.open(path, flags, 0o600)
-    except OSError as err:
-        raise ConfigError([f"audit.sink: cannot open {path}: {err.strerror}"]) from err

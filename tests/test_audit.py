@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import audit
-from broker.audit import AuditWriter, check_sink, open_auditor
+from broker.audit import check_sink, open_auditor
 from broker.auth import hash_api_key
 from broker.cli import main
 from broker.config import AuditSettings, load_settings
@@ -383,20 +383,6 @@ def _until_would_block(operation: Callable[[], object]) -> None:
         except BlockingIOError:
             return
     raise AssertionError("the pipe never filled or emptied")
-
-
-def test_writer_refuses_what_does_not_fit_in_its_buffer(tmp_path: Path) -> None:
-    """Past max_buffer_bytes, records are refused (and returned), never queued without bound."""
-    fd = os.open(tmp_path / "audit.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    writer = AuditWriter(fd, owns_fd=True, max_buffer_bytes=100, fsync=False)
-    entries = [(b"x" * 40 + b"\n", "credentials_issued", None) for _ in range(4)]
-    settled: list[int] = []
-    refused = writer.submit(entries, lambda done, error: settled.append(len(done)))
-    assert refused == entries[2:]
-    writer.close()
-    assert (tmp_path / "audit.jsonl").read_bytes() == entries[0][0] * 2
-    assert settled == [2]
-    assert writer.submit(entries[:1], lambda done, error: None) == entries[:1]  # closed
 
 
 async def test_scrub_runs_over_every_line(tmp_path: Path, clock: FakeClock) -> None:
