@@ -98,12 +98,18 @@ class TlsSettings(_Section):
 
 
 class ListenSettings(_Section):
-    """Where the broker listens and how much it reads from one request."""
+    """Where the broker listens, how much it reads from one request and how long it waits.
+
+    The timeouts reap slow or idle clients (see broker/http/connections.py).
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_header_bytes: int = Field(default=8190, ge=1024, le=65536)
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    keepalive_timeout_seconds: float = Field(default=75.0, gt=0, le=3600)
     shutdown_delay_seconds: float = Field(default=0.0, ge=0, le=60)
     shutdown_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     tls: TlsSettings | None = None
@@ -356,10 +362,16 @@ class CorsSettings(_Section):
 
 
 class LoggingSettings(_Section):
-    """Log format (``auto`` = console on a TTY, JSON otherwise) and level."""
+    """Log format (``auto`` = console on a TTY, JSON otherwise), level, and the write buffer.
+
+    Lines wait in a buffer of at most ``max_buffer_bytes`` for a writer thread;
+    while stderr is blocked or slow, lines past it are dropped and counted
+    (``broker_log_lines_dropped_total``) rather than stopping the broker.
+    """
 
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    max_buffer_bytes: int = Field(default=1024 * 1024, ge=16 * 1024, le=256 * 1024 * 1024)
 
 
 class Settings(_Section):
