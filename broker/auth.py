@@ -6,7 +6,9 @@ headers (the official SDKs' credentials-URI provider) may send
 
 API keys are held only as sha256 digests; a presented key is hashed and
 compared with ``hmac.compare_digest`` against every configured digest, so the
-time taken does not depend on which key (if any) matched.
+time taken does not depend on which key (if any) matched.  A key configured
+with ``allow`` yields a ``Principal`` carrying that ``Allowance``; the routes
+and the use cases refuse what it does not allow.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from broker.config import ApiKeyAllowSettings, Settings, api_key_hashes
 from broker.errors import AuthenticationFailed, RequestInvalid
-from broker.models import Principal
+from broker.models import Allowance, Principal
 from broker.oidc import MAX_TOKEN_CHARS, JwtVerifier, looks_like_jwt
 
 _CONFIGURED_CALLERS = frozenset({"api_key", "mtls"})
@@ -29,6 +32,8 @@ __all__ = [
     "ApiKeyAuthenticator",
     "Authenticator",
     "CertificateAuthenticator",
+    "allowance",
+    "api_key_authenticator",
     "extract_token",
     "generate_api_key",
     "hash_api_key",
@@ -93,12 +98,22 @@ class _Caller:
 class ApiKeyAuthenticator:
     """Maps an API key to its caller, comparing sha256 digests in constant time."""
 
-    def __init__(self, keys: Mapping[str, str], groups: Mapping[str, tuple[str, ...]]) -> None:
-        """``keys`` is ``{caller id: key sha256 hex}``, ``groups`` ``{caller id: groups}``."""
+    def __init__(
+        self,
+        keys: Mapping[str, str],
+        groups: Mapping[str, tuple[str, ...]],
+        allow: Mapping[str, Allowance] | None = None,
+    ) -> None:
+        """``keys`` is ``{caller id: key sha256 hex}``, ``groups`` and ``allow`` by caller id."""
+        allow = allow or {}
         self._callers = tuple(
             _Caller(
                 digest=bytes.fromhex(digest),
-                principal=Principal(subject=caller_id, groups=tuple(groups.get(caller_id, ()))),
+                principal=Principal(
+                    subject=caller_id,
+                    groups=tuple(groups.get(caller_id, ())),
+                    allow=allow.get(caller_id),
+                ),
             )
             for caller_id, digest in keys.items()
         )
@@ -111,6 +126,27 @@ class ApiKeyAuthenticator:
             if hmac.compare_digest(caller.digest, presented):
                 found = caller.principal
         return found
+
+
+def allowance(settings: ApiKeyAllowSettings | None) -> Allowance | None:
+    """The ``allow`` section of one API key as its caller carries it (``None``: unrestricted)."""
+    if settings is None:
+        return None
+    routes = None if settings.routes is None else frozenset(settings.routes)
+    policies = None if settings.policies is None else frozenset(settings.policies)
+    return Allowance(routes=routes, policies=policies)
+
+
+def api_key_authenticator(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> ApiKeyAuthenticator:
+    """The API keys of ``settings.auth``, with their groups and restrictions."""
+    keys = settings.auth.api_keys
+    return ApiKeyAuthenticator(
+        api_key_hashes(settings, environ),
+        {key.id: key.groups for key in keys},
+        {key.id: limit for key in keys if (limit := allowance(key.allow)) is not None},
+    )
 
 
 class CertificateAuthenticator:

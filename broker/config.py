@@ -33,10 +33,11 @@ from pydantic import (
 )
 
 from broker.errors import ConfigError
-from broker.names import CALLER_ID_PATTERN, is_caller_id
+from broker.names import CALLER_ID_PATTERN, POLICY_NAME_PATTERN, is_caller_id
 from broker.yamldoc import YamlDocument, format_validation_error, load_yaml, unknown_key_problem
 
 __all__ = [
+    "ApiKeyAllowSettings",
     "ApiKeySettings",
     "AuthSettings",
     "CacheSettings",
@@ -270,13 +271,52 @@ class CacheSettings(_Section):
         return self
 
 
+ApiRoute = Literal["credentials", "presign", "post_policy", "policies"]
+"""The routes an API key can be restricted to, by their names in ``broker.http.app``."""
+
+_PolicyName = Annotated[StrictStr, Field(pattern=f"^{POLICY_NAME_PATTERN}$")]
+
+
+def _unique_entries(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if values is not None:
+        if not values:
+            raise ValueError("list at least one entry, or leave the key out (no restriction)")
+        for index, value in enumerate(values):
+            if value in values[:index]:
+                raise ValueError(f"{value!r} is listed twice")
+    return values
+
+
+class ApiKeyAllowSettings(_Section):
+    """A restricted key: only these routes, only these policies (either left out: no limit).
+
+    Meant for keys that sit in a URL (``ALIBABA_CLOUD_CREDENTIALS_URI``):
+    ``{routes: [credentials], policies: [service-uploads]}`` lets a leaked key
+    fetch only the scoped token it was made for.  Anything else is 403 AccessDenied.
+    """
+
+    routes: Annotated[tuple[ApiRoute, ...] | None, AfterValidator(_unique_entries)] = None
+    policies: Annotated[tuple[_PolicyName, ...] | None, AfterValidator(_unique_entries)] = None
+
+    @model_validator(mode="after")
+    def _restricts_something(self) -> ApiKeyAllowSettings:
+        if self.routes is None and self.policies is None:
+            raise ValueError("give routes and/or policies (or leave allow out: no restriction)")
+        return self
+
+
 class ApiKeySettings(_Section):
-    """One internal caller: its id (``${subject}``), the sha256 of its key, its groups."""
+    """One internal caller: its id (``${subject}``), the sha256 of its key, its groups.
+
+    ``allow`` restricts what the key may reach (unset: every route, every
+    policy whose ``callers`` name it).
+    """
 
     id: Identifier
     key_sha256: str | None = None
     key_sha256_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
     groups: tuple[Identifier, ...] = ()
+    allow: ApiKeyAllowSettings | None = None
 
     @field_validator("key_sha256")
     @classmethod

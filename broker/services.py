@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.auth import ApiKeyAuthenticator, Authenticator, CertificateAuthenticator
-from broker.config import JwtSettings, Settings, api_key_hashes
+from broker.auth import Authenticator, CertificateAuthenticator, api_key_authenticator
+from broker.config import JwtSettings, Settings
 from broker.credentials.cache import CredentialCache
 from broker.credentials.chain import build_chain
 from broker.credentials.sts import SourceCredential, StsClient
@@ -63,7 +63,6 @@ def build_services(
 
 def _authenticator(settings: Settings, clock: Clock) -> Authenticator:
     """API keys, and JWT and mTLS when configured."""
-    groups = {key.id: key.groups for key in settings.auth.api_keys}
     jwt = None
     if settings.auth.jwt is not None:
         jwt = _jwt_verifier(settings.auth.jwt, clock)
@@ -75,7 +74,7 @@ def _authenticator(settings: Settings, clock: Clock) -> Authenticator:
                 for caller in settings.auth.mtls
             }
         )
-    return Authenticator(ApiKeyAuthenticator(api_key_hashes(settings), groups), jwt, certificates)
+    return Authenticator(api_key_authenticator(settings), jwt, certificates)
 
 
 def _jwt_verifier(settings: JwtSettings, clock: Clock) -> JwtVerifier:

@@ -18,14 +18,17 @@ from broker.auth import (
     ApiKeyAuthenticator,
     Authenticator,
     CertificateAuthenticator,
+    allowance,
+    api_key_authenticator,
     extract_token,
     generate_api_key,
     hash_api_key,
     quota_key,
     role_session_name,
 )
+from broker.config import ApiKeyAllowSettings, Settings
 from broker.errors import AuthenticationFailed, RequestInvalid
-from broker.models import Principal
+from broker.models import Allowance, Principal
 from broker.names import CALLER_ID_PATTERN, is_caller_id
 from broker.oidc import MAX_TOKEN_CHARS
 from tests.conftest import BrokerHarness
@@ -140,6 +143,44 @@ def test_every_configured_digest_is_compared() -> None:
     principal = authenticator.authenticate("shared")
     assert principal is not None
     assert principal.subject == "second"
+
+
+def test_restricted_key_carries_its_allowance() -> None:
+    """A key configured with allow yields a caller carrying it; other keys carry none."""
+    allow = Allowance(routes=frozenset({"credentials"}), policies=frozenset({"service-uploads"}))
+    authenticator = ApiKeyAuthenticator(_KEYS, _GROUPS, {"svc-a": allow})
+    restricted = authenticator.authenticate("key-of-svc-a")
+    assert restricted == Principal("svc-a", ("internal",), allow=allow)
+    assert restricted.allow is not None
+    assert restricted.allow.allows_route("credentials")
+    assert not restricted.allow.allows_route("presign")
+    assert not restricted.allow.allows_policy("reports-read")
+    other = authenticator.authenticate("key-of-svc-b")
+    assert other is not None
+    assert other.allow is None
+
+
+def test_allowance_leaves_out_what_is_not_restricted() -> None:
+    """allow with only policies restricts policies and leaves every route open."""
+    settings = ApiKeyAllowSettings.model_validate({"policies": ["service-uploads"]})
+    allow = allowance(settings)
+    assert allow == Allowance(routes=None, policies=frozenset({"service-uploads"}))
+    assert allow.allows_route("post_policy")
+    assert allowance(None) is None
+
+
+def test_api_key_authenticator_reads_ids_groups_and_allow_from_settings() -> None:
+    """Every configured key authenticates as its id, with its groups and restriction."""
+    keys = [
+        {"id": "svc-a", "key_sha256": hash_api_key("ka"), "groups": ["internal"]},
+        {"id": "svc-p", "key_sha256": hash_api_key("kp"), "allow": {"routes": ["credentials"]}},
+    ]
+    settings = Settings.model_validate({"auth": {"api_keys": keys}})
+    authenticator = api_key_authenticator(settings, environ={})
+    assert authenticator.authenticate("ka") == Principal("svc-a", ("internal",))
+    assert authenticator.authenticate("kp") == Principal(
+        "svc-p", (), allow=Allowance(routes=frozenset({"credentials"}))
+    )
 
 
 async def test_authenticator_uses_api_keys_when_no_jwt_is_configured() -> None:

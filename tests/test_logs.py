@@ -64,7 +64,7 @@ async def _full_cycle(broker: BrokerHarness) -> list[str]:
     seen += [body["AccessKeySecret"], body["SecurityToken"]]
     await broker.client.get("/v1/policies", headers={"Authorization": f"Bearer {CANARY_BEARER}"})
     await broker.client.get(f"/v1/credentials/reports-read?access_token={CANARY_BEARER}")
-    broker.clock.advance(2000)  # every cached token is past its margin: the next one calls STS
+    broker.clock.advance(4000)  # every cached token is past its margin: the next one calls STS
     broker.sts.emulator.faults.update({"error_status": 500, "remaining": 1})
     await broker.client.get("/v1/credentials/reports-read", headers=broker.auth("svc-reports"))
     return seen

@@ -54,8 +54,9 @@ _WHEN: dict[int, str] = {
     "`listen.max_header_bytes` is refused earlier, by the HTTP parser, with a plain-text 400.)",
     401: "No token, an unknown key or invalid JWT, or a scheme other than Bearer.",
     403: "The policy does not exist or may not be used by this caller (the same reply either "
-    "way), the key or content type is outside what it allows, or a value of the caller's "
-    "identity cannot be rendered safely into the prefix.",
+    "way), the key or content type is outside what it allows, a value of the caller's "
+    "identity cannot be rendered safely into the prefix, or a restricted API key "
+    "(`auth.api_keys[].allow`) was used for a route or policy it does not allow.",
     404: "The path does not name a route (e.g. an empty policy name).",
     413: "The body is over `listen.max_body_bytes`.",
     429: "This caller is over its request quota; `Retry-After` says when to retry.",
@@ -108,8 +109,11 @@ def _document() -> dict[str, Any]:
                     "type": "apiKey",
                     "in": "query",
                     "name": "access_token",
-                    "description": "For clients that cannot set headers; never logged.  Giving "
-                    "it together with an `Authorization` header, or twice, is a 400.",
+                    "description": "For clients that cannot set headers (the credentials-URI "
+                    "providers); never logged by the broker, but alibabacloud-credentials puts the "
+                    "whole URL in its error messages: give such a client a key restricted with "
+                    "`auth.api_keys[].allow`.  Giving it together with an `Authorization` header, "
+                    "or twice, is a 400.",
                 },
             },
         },
@@ -134,7 +138,8 @@ def _credentials_operation() -> dict[str, Any]:
         "operationId": "getCredentials",
         "summary": "Scoped STS credentials for this policy and caller.",
         "description": "Compatible with the STS `AssumeRole` reply, the credentials-URI provider "
-        "and the OSS mobile SDKs' auth-server format; errors also carry `StatusCode`, "
+        "and the OSS mobile SDKs' auth-server format, and safe to return unchanged from ali-oss's "
+        "`refreshSTSToken`; the OSS location is under `Oss`.  Errors also carry `StatusCode`, "
         "`ErrorCode`, `ErrorMessage` and `Code`.",
         "security": _SECURED,
         "parameters": [
@@ -202,7 +207,7 @@ def _policies_operation() -> dict[str, Any]:
         "parameters": [_request_id_parameter()],
         "responses": {
             "200": _ok("The usable policies.", "PolicyList"),
-            **_errors((*_CALLER, TemplateValueRejected)),
+            **_errors((*_CALLER, AccessDenied, TemplateValueRejected)),
         },
     }
 
@@ -389,10 +394,7 @@ def _response_schemas() -> dict[str, Any]:
             **secrets,
             ExpiresIn={"type": "integer", "minimum": 0},
             Credentials=_object(**secrets),
-            Bucket=string,
-            Region=string,
-            Endpoint=string,
-            Prefix=string,
+            Oss=_oss_location(),
         ),
         "PresignedUrl": _object(
             url={"type": "string", "format": "uri"},
@@ -428,6 +430,38 @@ def _response_schemas() -> dict[str, Any]:
     }
 
 
+_ENDPOINT_URL = {
+    "type": "string",
+    "pattern": "^https?://[^/?#@]+$",
+    "description": "The OSS endpoint with its scheme, e.g. `https://oss-cn-hangzhou.aliyuncs.com` "
+    "(`http://127.0.0.1:PORT` in dev mode): usable as given.",
+}
+_ADDRESS_STYLE = {
+    "type": "string",
+    "enum": ["virtual", "path", "cname"],
+    "description": "How to address the bucket: `virtual` (bucket in the host name), `path` "
+    "(bucket in the path; alibabacloud-oss-v2 `use_path_style`, ali-oss `sldEnable`) or `cname` "
+    "(the endpoint serves the bucket; oss-v2 `use_cname`, ali-oss `cname`).",
+}
+
+
+def _oss_location() -> dict[str, Any]:
+    string = {"type": "string"}
+    location = _object(
+        Bucket=string,
+        Region=string,
+        Endpoint=_ENDPOINT_URL,
+        Prefix=string,
+        AddressStyle=_ADDRESS_STYLE,
+    )
+    location["description"] = (
+        "Where the credentials may be used.  Breaking change: these fields were at the top "
+        "level before; they moved so that the reply is safe to return unchanged from ali-oss's "
+        "`refreshSTSToken`, which merges every top-level key into its client options."
+    )
+    return location
+
+
 def _policy_description() -> dict[str, Any]:
     actions = Policy.model_json_schema()["properties"]["actions"]
     string = {"type": "string"}
@@ -436,7 +470,8 @@ def _policy_description() -> dict[str, Any]:
         description=string,
         bucket=string,
         region=string,
-        endpoint=string,
+        endpoint=_ENDPOINT_URL,
+        address_style=_ADDRESS_STYLE,
         prefix=string,
         actions=actions,
         duration_seconds={"type": "integer", "minimum": 900, "maximum": 43200},

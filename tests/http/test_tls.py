@@ -173,7 +173,7 @@ async def test_client_certificate_identifies_the_caller(
     _, url = await _tls_broker(aiohttp_client, sts, clock, pki, required=False)
     status, body = await _get(url, _client_context(pki, pki.client_cert, pki.client_key))
     assert status == 200
-    assert body["Prefix"] == "services/svc-cert/"
+    assert body["Oss"]["Prefix"] == "services/svc-cert/"
     assert sts.emulator.calls[0].params["RoleSessionName"] == "svc-cert"
 
 

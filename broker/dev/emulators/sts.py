@@ -91,6 +91,7 @@ class StsEmulator:
         role_max_duration_seconds: Mapping[str, int] | None = None,
         max_request_skew_seconds: float = 900.0,
         account_id: str = "1234567890123456",
+        issued_lifetime_seconds: int | None = None,
     ) -> None:
         self._access_keys = dict(access_keys)
         self._clock = clock
@@ -101,6 +102,9 @@ class StsEmulator:
                 raise ValueError(f"role {role!r}: max duration must be 3600..43200 seconds")
         self._max_skew_seconds = max_request_skew_seconds
         self._account_id = account_id
+        # Dev only (sts-broker dev --token-lifetime): tokens live this long, whatever
+        # DurationSeconds asked for; requests are still validated against 900..43200.
+        self._issued_lifetime_seconds = issued_lifetime_seconds
         self._nonces: dict[str, float] = {}
         self._by_token: dict[str, IssuedCredentials] = {}
         self.faults = StsFaults()
@@ -208,6 +212,8 @@ class StsEmulator:
         lifetime = grant.duration_seconds
         if self._lifetime_seconds is not None:
             lifetime = min(lifetime, self._lifetime_seconds)
+        if self._issued_lifetime_seconds is not None:
+            lifetime = self._issued_lifetime_seconds
         expires_at = float(now - 60 if expired else now + lifetime)
         return IssuedCredentials(
             access_key_id="STS." + _random_text(24),
