@@ -60,6 +60,9 @@ __all__ = [
 
 _HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+_DNS_NAME = (
+    r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 def _no_double_dot(value: str) -> str:
@@ -361,11 +364,33 @@ class JwtSettings(_Section):
 
 
 class MtlsCallerSettings(_Section):
-    """A caller identified by the common name of its verified client certificate."""
+    """A caller identified by one name of its verified client certificate.
+
+    Exactly one of ``uri`` (a SAN URI such as a SPIFFE ID), ``dns`` (a SAN DNS
+    name) or ``common_name``; which one a certificate is matched by is the rule
+    of ``broker.auth.CertificateAuthenticator``.
+    """
 
     id: Identifier
-    common_name: str = Field(min_length=1, max_length=64)
+    uri: str | None = Field(default=None, max_length=2048, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
+    dns: str | None = Field(default=None, max_length=253, pattern=_DNS_NAME)
+    common_name: str | None = Field(default=None, min_length=1, max_length=64)
     groups: tuple[Identifier, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_name(self) -> MtlsCallerSettings:
+        if [self.uri, self.dns, self.common_name].count(None) != 2:
+            raise ValueError("give exactly one of uri, dns or common_name")
+        return self
+
+    @property
+    def certificate_name(self) -> tuple[str, str]:
+        """``(field, name)`` identifying this caller; DNS names in lower case."""
+        if self.uri is not None:
+            return "uri", self.uri
+        if self.dns is not None:
+            return "dns", self.dns.lower()
+        return "common_name", self.common_name or ""
 
 
 class AuthSettings(_Section):
@@ -383,6 +408,14 @@ class AuthSettings(_Section):
             if key.id in seen:
                 raise ValueError(f"api key id {key.id!r} is listed twice")
             seen.add(key.id)
+        return value
+
+    @field_validator("mtls")
+    @classmethod
+    def _unique_names(cls, value: tuple[MtlsCallerSettings, ...]) -> tuple[MtlsCallerSettings, ...]:
+        names = [caller.certificate_name for caller in value]
+        for name in {name for name in names if names.count(name) > 1}:
+            raise ValueError(f"{name[0]} {name[1]!r} identifies more than one caller")
         return value
 
 
