@@ -29,6 +29,7 @@ import re
 import select
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO
@@ -303,11 +304,12 @@ class LogSink:
 
         Lines still queued after that (the stream is blocked) are lost.
         """
+        deadline = time.monotonic() + timeout
         self.flush(timeout)
         with self._lock:
             self._closing = True
             self._has_lines.notify()
-        self._thread.join(timeout)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def _count_dropped(self, lines: int) -> None:
         _COUNTS.dropped += lines

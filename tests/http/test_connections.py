@@ -275,10 +275,13 @@ async def test_client_hanging_up_mid_body_is_a_499_not_a_500(
     broker: BrokerHarness, production_log: ProductionLog, hang_up: HangUp
 ) -> None:
     """Content-Length larger than what is sent, then the client leaves: 499, no crash, no 500."""
-    _, writer = await _connect(broker)
+    reader, writer = await _connect(broker)
     auth = b"Authorization: Bearer " + CALLERS["alice"][0].encode()
-    head = b"POST /v1/presign HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\nContent-Length: 1000\r\n\r\n"
-    writer.write(head % auth + b'{"policy":')
+    head = b"POST /v1/presign HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\nContent-Length: 1000\r\n"
+    writer.write(head % auth + b"Expect: 100-continue\r\n\r\n")
+    async with asyncio.timeout(WAIT_SECONDS):  # the broker is handling the request now
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 Continue")
+    writer.write(b'{"policy":')
     await writer.drain()
     await hang_up(writer)
     await _until(
