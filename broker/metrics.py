@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker import logs
+from broker import log_writer
 from broker.errors import BrokerError
 
 if TYPE_CHECKING:  # the chain imports metrics; metrics only reads the cache at scrape time
@@ -68,12 +68,12 @@ class _LogCollector(Collector):
         yield CounterMetricFamily(
             "broker_log_lines_dropped",
             "Log lines dropped because the log stream (stderr) was blocked or too slow",
-            value=logs.lines_dropped(),
+            value=log_writer.lines_dropped(),
         )
         yield GaugeMetricFamily(
             "broker_log_buffer_bytes",
             "Log output waiting for the writer thread",
-            value=logs.buffered_bytes(),
+            value=log_writer.buffered_bytes(),
         )
 
     def describe(self) -> Iterator[Metric]:
