@@ -41,7 +41,8 @@ __all__ = ["BrokerRunner", "runner_options", "ssl_context"]
 log = structlog.get_logger("broker.http")
 
 _PARSE_ERROR = "the request line or headers are malformed or too large"
-_UNPARSED_ROUTE = "unparsed"
+_UNPARSED_ROUTE = "unparsed"  # the route label of requests the parser refused
+_UNHANDLED_ROUTE = "unhandled"  # ... and of errors that escaped the middleware
 _MAX_LINGER_SECONDS = 10.0
 
 
@@ -83,13 +84,20 @@ class _ConnectionPolicy:
     metrics: Metrics
 
     def reaped(self, reason: str) -> None:
+        """A connection closed because its client was too slow."""
         self.metrics.connections_reaped.labels(reason).inc()
         log.info("connection_reaped", reason=reason)
 
     def refused(self, status: int, exc: BaseException | None, request_id: str) -> None:
+        """A request head aiohttp could not parse: counted, logged without its bytes."""
         self.metrics.requests.labels(_UNPARSED_ROUTE, str(status)).inc()
         reason = type(exc).__name__ if exc is not None else None
         log.info("request_refused", status=status, reason=reason, request_id=request_id)
+
+    def crashed(self, status: int, exc: BaseException | None, request_id: str) -> None:
+        """An error outside the middleware (a bug): counted and logged with its traceback."""
+        self.metrics.requests.labels(_UNHANDLED_ROUTE, str(status)).inc()
+        log.error("request_crashed", status=status, request_id=request_id, **_exception_fields(exc))
 
 
 class _BrokerRequestHandler(RequestHandler):
@@ -154,8 +162,7 @@ class _BrokerRequestHandler(RequestHandler):
         """One JSON error for a request aiohttp could not parse or handle; nothing of it logged."""
         request_id = new_request_id()
         if status >= 500:
-            fields = _exception_fields(exc)
-            log.error("request_crashed", status=status, request_id=request_id, **fields)
+            self._policy.crashed(status, exc, request_id)
         else:
             self._policy.refused(status, exc, request_id)
         if request.writer.output_size > 0:  # as aiohttp: a reply has begun, the connection is lost
