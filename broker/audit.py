@@ -7,8 +7,11 @@ A record says who asked (caller, auth method, client address, request id),
 for what (policy, role, bucket, prefix or key, actions, the sha256 of the
 rendered policy) and what was handed out (AccessKeyId, expiry, cache source,
 the RequestId of the AssumeRole call that minted the token).  Never a secret:
-records are built from named fields only, and the log's secret scrub runs
-over every line as well.  The fields: docs/deployment.md, "Audit trail".
+records are built from named fields only, and the log's scrub of named
+secrets (``access_token=``, signatures, ``Bearer``...) runs over every line as
+well; not its shape masking, which would hide the opaque identifiers a record
+must keep (JWT subjects, object keys).  The fields: docs/deployment.md,
+"Audit trail".
 
 Records never make the event loop wait on a write (``broker.audit_writer``)::
 
@@ -46,7 +49,7 @@ import structlog
 from broker.audit_writer import AuditWriter, Entry, open_file
 from broker.config import AUDIT_STREAMS, AuditSettings
 from broker.errors import AuditUnavailable, BrokerError, ConfigError
-from broker.logs import scrub_rendered
+from broker.logs import scrub_named
 from broker.metrics import Metrics
 from broker.models import Clock, Credentials, Principal
 from broker.policies import Scope
@@ -201,8 +204,7 @@ class Auditor:
 
     @staticmethod
     def _line(record: dict[str, Any]) -> bytes:
-        text = str(scrub_rendered(None, "audit", orjson.dumps(record).decode()))
-        return (text + "\n").encode()
+        return (scrub_named(orjson.dumps(record).decode()) + "\n").encode()
 
     async def _written_within(self, seconds: float | None, line: bytes, event: str | None) -> None:
         """Hand ``line`` over and wait until its batch is written; ``AuditUnavailable`` if not."""

@@ -232,10 +232,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.workers > 1:
         return _run_workers(args.config, args.workers)
-    configure_logging(settings.logging.format, settings.logging.level, batched=True)
+    _configure_daemon_logging(settings)
     port_hint = f"listen.port in {args.config}"
     asyncio.run(_serve(build_services(settings, policies), port_hint=port_hint))
     return EXIT_OK
+
+
+def _configure_daemon_logging(settings: Settings) -> None:
+    """Logging through a bounded, non-blocking sink: a stalled stderr never stops the loop."""
+    options = settings.logging
+    configure_logging(
+        options.format,
+        options.level,
+        background=True,
+        cache_loggers=True,
+        max_buffer_bytes=options.max_buffer_bytes,
+    )
 
 
 def _run_workers(config: Path, workers: int) -> int:
@@ -266,7 +278,7 @@ def _run_workers(config: Path, workers: int) -> int:
 
 def _worker_main(config: Path, workers: int, index: int) -> None:
     settings = load_settings(config)
-    configure_logging(settings.logging.format, settings.logging.level, batched=True)
+    _configure_daemon_logging(settings)
     structlog.contextvars.bind_contextvars(worker=index)
     policies = load_policies(settings.policies_dir)
     services = build_services(settings, policies, process_share=1 / workers)
@@ -289,7 +301,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"sts-broker dev: {err}", file=sys.stderr)
             return EXIT_CONFIG
-    configure_logging("console" if sys.stderr.isatty() else "json", "info")
+    fmt = "console" if sys.stderr.isatty() else "json"
+    configure_logging(fmt, "info", background=True, cache_loggers=True)
     storage_dir = args.storage_dir.resolve()
     storage_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(_dev(args.port, policies_dir, policies, storage_dir, args.token_lifetime))

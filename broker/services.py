@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.audit import Auditor, open_auditor
-from broker.auth import Authenticator, CertificateAuthenticator, api_key_authenticator
+from broker.auth import Authenticator, api_key_authenticator, certificate_authenticator
 from broker.config import JwtSettings, Settings
 from broker.credentials.budget import RedisTokenBuckets
 from broker.credentials.cache import CredentialCache
 from broker.credentials.chain import CredentialChain, build_chain
 from broker.credentials.sts import SourceCredential, StsClient
 from broker.metrics import Metrics
-from broker.models import Clock, Principal, system_clock
+from broker.models import Clock, system_clock
 from broker.oidc import JwksSource, JwtVerifier
 from broker.policies import PolicySet
 from broker.quotas import CallerQuotas, CallerStsQuota, FleetBuckets
@@ -115,14 +115,7 @@ def _authenticator(settings: Settings, clock: Clock) -> Authenticator:
     jwt = None
     if settings.auth.jwt is not None:
         jwt = _jwt_verifier(settings.auth.jwt, clock)
-    certificates = None
-    if settings.auth.mtls:
-        certificates = CertificateAuthenticator(
-            {
-                caller.common_name: Principal(caller.id, caller.groups, auth_method="mtls")
-                for caller in settings.auth.mtls
-            }
-        )
+    certificates = certificate_authenticator(settings)
     return Authenticator(api_key_authenticator(settings), jwt, certificates)
 
 

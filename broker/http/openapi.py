@@ -58,8 +58,9 @@ _RETRY_AFTER = (
     AuditUnavailable,
 )
 _WHEN: dict[int, str] = {
-    400: "Malformed input: parameter, body, or a token given twice.  (A header line over "
-    "`listen.max_header_bytes` is refused earlier, by the HTTP parser, with a plain-text 400.)",
+    400: "Malformed input: parameter, body, or a token given twice.  (A request head the HTTP "
+    "parser refuses, such as a header line over `listen.max_header_bytes` or one with a "
+    "control byte, gets this 400 too, before any handler runs.)",
     401: "No token, an unknown key or invalid JWT, or a scheme other than Bearer.",
     403: "The policy does not exist or may not be used by this caller (the same reply either "
     "way), the key or content type is outside what it allows, a value of the caller's "
