@@ -367,4 +367,4 @@ async def test_sts_refusing_the_token_is_a_non_retryable_upstream_error(
     with pytest.raises(UpstreamError) as caught:
         await _client(sts, clock).fetch(_federated(clock, idp, aud="another-app"))
     assert caught.value.retryable is False
-    assert caught.value.context["sts_code"] == "AuthenticationFail.OIDCToken.AudienceMismatch"
+    assert caught.value.context["sts_code"] == "AuthenticationFail.OIDCToken.AudienceNotMatch"

@@ -10,9 +10,14 @@ query string.  The token is checked as the AssumeRoleWithOIDC API reference
 describes (alibabacloud.com/help/en/ram/developer-reference/api-sts-2015-04-01-assumerolewithoidc):
 signature against the provider's JWKS, ``iss`` equal to the provider's issuer
 URL, ``aud`` among its client ids, ``exp`` in the future; the role must trust
-the provider.  Error codes (``OIDC_ERRORS``) follow that reference's error
-table as far as it was available while writing this; they are the emulator's
-best reading, NOT verified against a live STS.
+the provider.  Error codes (``OIDC_ERRORS``): the token and provider failures
+use the codes and 401 status of STS's published error table
+(https://help.aliyun.com/zh/ram/developer-reference/api-sts-2015-04-01-errorcodes:
+``AuthenticationFail.OIDCToken.Invalid``, ``.Expired``, ``.AudienceNotMatch``,
+``.InvalidSignature``, and ``AuthenticationFail.NoPermission`` "No such OIDC
+Provider registered."); ``.IssuerNotMatch`` is named by analogy (that table's
+excerpt did not show it), and the ``Missing*``/``InvalidParameter`` 400s follow
+STS's usual parameter errors.  None of it is verified against a live STS.
 """
 
 from __future__ import annotations
@@ -33,21 +38,19 @@ OIDC_ERRORS: Final[Mapping[str, tuple[int, str]]] = {
     "MissingOIDCProviderArn": (400, "OIDCProviderArn is mandatory for this action."),
     "MissingOIDCToken": (400, "OIDCToken is mandatory for this action."),
     "InvalidParameter.OIDCProviderArn": (400, "The parameter OIDCProviderArn is wrongly formed."),
-    "EntityNotExist.OIDCProvider": (404, "The specified OIDC provider does not exist."),
-    "AuthenticationFail.OIDCToken.Invalid": (400, "The OIDC token is invalid."),
-    "AuthenticationFail.OIDCToken.Expired": (400, "The OIDC token has expired."),
-    "AuthenticationFail.OIDCToken.IssuerMismatch": (
-        400,
-        "The issuer of the OIDC token does not match the OIDC provider.",
+    "AuthenticationFail.OIDCToken.Invalid": (
+        401,
+        "The Jwt content is invalid that cannot be recognized.",
     ),
-    "AuthenticationFail.OIDCToken.AudienceMismatch": (
-        400,
-        "The audience of the OIDC token is not a client id of the OIDC provider.",
+    "AuthenticationFail.OIDCToken.InvalidSignature": (
+        401,
+        "OIDC token validate failed: invalid signature.",
     ),
-    "AuthenticationFail.NoPermission": (
-        403,
-        "The role does not trust the OIDC provider (check the role's trust policy).",
-    ),
+    "AuthenticationFail.OIDCToken.Expired": (401, "This JsonWebToken is expired."),
+    "AuthenticationFail.OIDCToken.IssuerNotMatch": (401, "Invalid issuer."),
+    "AuthenticationFail.OIDCToken.AudienceNotMatch": (401, "Invalid audience."),
+    "AuthenticationFail.NoPermission": (401, "There is no permission"),
+    "AuthenticationFail.NoPermission.Provider": (401, "No such OIDC Provider registered."),
 }
 
 _PROVIDER_ARN = re.compile(r"acs:ram::(?P<account>\d+):oidc-provider/[A-Za-z0-9.\-]{1,128}")
@@ -106,7 +109,7 @@ def verify_oidc_request(
         raise _error("InvalidParameter.OIDCProviderArn")
     provider = providers.get(arn)
     if provider is None or match["account"] != account_id:
-        raise _error("EntityNotExist.OIDCProvider")
+        raise _error("AuthenticationFail.NoPermission.Provider")
     verified = _verify_token(token, provider, now)
     role = params.get("RoleArn", "")
     if provider.roles and role not in provider.roles:
@@ -117,20 +120,21 @@ def verify_oidc_request(
 def _error(code: str) -> StsError:
     status, message = OIDC_ERRORS[code]
     err = StsError("InternalError", message)
-    err.status, err.code = status, code
+    # Two messages share one published code: the ``.Provider`` entry is its "no such provider".
+    err.status, err.code = status, code.removesuffix(".Provider")
     return err
 
 
 def _verify_token(token: str, provider: OidcProvider, now: float) -> VerifiedToken:
     claims = _decode(token, provider)
     if claims.get("iss") != provider.issuer:
-        raise _error("AuthenticationFail.OIDCToken.IssuerMismatch")
+        raise _error("AuthenticationFail.OIDCToken.IssuerNotMatch")
     audiences = claims.get("aud")
     audience_list = [audiences] if isinstance(audiences, str) else audiences
     if not isinstance(audience_list, list) or not any(
         aud in provider.client_ids for aud in audience_list
     ):
-        raise _error("AuthenticationFail.OIDCToken.AudienceMismatch")
+        raise _error("AuthenticationFail.OIDCToken.AudienceNotMatch")
     expires, subject = claims.get("exp"), claims.get("sub")
     if not isinstance(expires, int | float) or not isinstance(subject, str) or not subject:
         raise _error("AuthenticationFail.OIDCToken.Invalid")
@@ -161,6 +165,8 @@ def _decode(token: str, provider: OidcProvider) -> dict[str, Any]:
         claims: dict[str, Any] = jwt.decode(
             token, keys[0], algorithms=[alg], options=_DECODE_OPTIONS
         )
+    except jwt.InvalidSignatureError:
+        raise _error("AuthenticationFail.OIDCToken.InvalidSignature") from None
     except jwt.PyJWTError:
         raise _error("AuthenticationFail.OIDCToken.Invalid") from None
     return claims

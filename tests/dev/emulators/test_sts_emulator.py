@@ -708,8 +708,8 @@ async def test_assume_role_with_oidc_issues_credentials_for_a_good_token(
     ("change", "code"),
     [
         ({"exp": int(FIXED_NOW) - 1}, "AuthenticationFail.OIDCToken.Expired"),
-        ({"aud": "someone-else"}, "AuthenticationFail.OIDCToken.AudienceMismatch"),
-        ({"iss": "https://evil.example.test"}, "AuthenticationFail.OIDCToken.IssuerMismatch"),
+        ({"aud": "someone-else"}, "AuthenticationFail.OIDCToken.AudienceNotMatch"),
+        ({"iss": "https://evil.example.test"}, "AuthenticationFail.OIDCToken.IssuerNotMatch"),
         ({"sub": None}, "AuthenticationFail.OIDCToken.Invalid"),
     ],
 )
@@ -721,19 +721,23 @@ async def test_bad_oidc_token_claims_get_sts_error_codes(
     with pytest.raises(ClientException) as caught:
         await assume_role_with_oidc(url, idp.token(FIXED_NOW, **change))
     assert caught.value.code == code
-    assert caught.value.status_code == 400
+    assert caught.value.status_code == 401
     assert emulator.issued == {}
 
 
 async def test_token_signed_by_an_unpublished_key_is_invalid(
     oidc_url: tuple[StsEmulator, str], idp: IdentityProvider
 ) -> None:
-    """A token not signed by a key of the provider's JWKS: AuthenticationFail.OIDCToken.Invalid."""
+    """A token signed by another key: .InvalidSignature; one that is no JWT at all: .Invalid."""
     _, url = oidc_url
-    for token in (idp.token(FIXED_NOW, key=other_key()), "not-a-jwt"):
+    cases = [
+        (idp.token(FIXED_NOW, key=other_key()), "AuthenticationFail.OIDCToken.InvalidSignature"),
+        ("not-a-jwt", "AuthenticationFail.OIDCToken.Invalid"),
+    ]
+    for token, code in cases:
         with pytest.raises(ClientException) as caught:
             await assume_role_with_oidc(url, token)
-        assert caught.value.code == "AuthenticationFail.OIDCToken.Invalid"
+        assert (caught.value.status_code, caught.value.code) == (401, code)
 
 
 @pytest.mark.parametrize(
@@ -741,12 +745,12 @@ async def test_token_signed_by_an_unpublished_key_is_invalid(
     [
         (
             {"oidcprovider_arn": "acs:ram::1234567890123456:oidc-provider/nope"},
-            404,
-            "EntityNotExist.OIDCProvider",
+            401,
+            "AuthenticationFail.NoPermission",
         ),
         ({"oidcprovider_arn": "arn:aws:iam::1:oidc"}, 400, "InvalidParameter.OIDCProviderArn"),
         ({"oidcprovider_arn": None}, 400, "MissingOIDCProviderArn"),
-        ({"role_arn": LONG_ROLE_ARN}, 403, "AuthenticationFail.NoPermission"),
+        ({"role_arn": LONG_ROLE_ARN}, 401, "AuthenticationFail.NoPermission"),
         ({"duration_seconds": 60}, 400, "InvalidParameter.DurationSeconds"),
     ],
 )
