@@ -16,7 +16,15 @@ from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from broker.errors import ConfigError, TemplateValueRejected
@@ -193,6 +201,8 @@ class Policy(pydantic.BaseModel):
     external_id: _ExternalId | None = None
     endpoint: _Endpoint | None = None
     callback_urls: _CallbackUrls = ()
+    forbid_overwrite: StrictBool = False
+    """Uploads by presigned URL or post policy must send ``x-oss-forbid-overwrite: true``."""
     source: SkipJsonSchema[str] = Field(default="", exclude=True)
     """The file this policy came from; set by the loader, never read from the file."""
 
