@@ -103,7 +103,9 @@ OPERATIONS: dict[str, OperationSpec] = {
     "get_object": OperationSpec("GET", "get", frozenset(RESPONSE_OVERRIDES)),
     "head_object": OperationSpec("HEAD", "get"),
     "delete_object": OperationSpec("DELETE", "delete"),
-    # OSS checks x-oss-forbid-overwrite at Initiate and again at Complete (both API pages).
+    # x-oss-forbid-overwrite is checked at Initiate (alibabacloud-oss-v2's
+    # InitiateMultipartUploadRequest.forbid_overwrite) and again at Complete
+    # (https://help.aliyun.com/en/oss/user-guide/0042-00000214): sign it on both.
     "initiate_multipart": OperationSpec(
         "POST", "multipart", _CONTENT_FIELDS, uploads_content=True, writes_object=True
     ),

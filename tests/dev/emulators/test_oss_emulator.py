@@ -663,7 +663,7 @@ async def test_forbid_overwrite_on_complete_multipart_upload(harness: Harness) -
                 )
             )
         )
-    assert (error.status_code, error.code) == (409, "FileAlreadyExists")
+    assert (error.status_code, error.code, error.ec) == (409, "FileAlreadyExists", "0042-00000214")
     assert harness.emulator.read_object(BUCKET, key) == b"first"
 
 
