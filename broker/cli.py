@@ -276,16 +276,17 @@ def _worker_main(config: Path, workers: int, index: int) -> None:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from broker.dev.stack import check_token_lifetime  # dev mode only
+    from broker.dev.stack import check_token_lifetime, shortest_duration  # dev mode only
 
+    policies_dir = args.policies_dir.resolve()
+    policies = load_policies(policies_dir)
     if args.token_lifetime is not None:
+        margin = CacheSettings().refresh_margin_seconds
         try:
-            check_token_lifetime(args.token_lifetime, CacheSettings().refresh_margin_seconds)
+            check_token_lifetime(args.token_lifetime, margin, shortest_duration(policies))
         except ValueError as err:
             print(f"sts-broker dev: {err}", file=sys.stderr)
             return EXIT_CONFIG
-    policies_dir = args.policies_dir.resolve()
-    policies = load_policies(policies_dir)
     configure_logging("console" if sys.stderr.isatty() else "json", "info")
     storage_dir = args.storage_dir.resolve()
     storage_dir.mkdir(parents=True, exist_ok=True)

@@ -194,10 +194,20 @@ class OssSettings(_Section):
 
 
 class QuotaSettings(_Section):
-    """Per-caller request rate, and the AssumeRole budget of this process."""
+    """The AssumeRole budget, each caller's share of the STS calls, an optional request rate.
 
-    caller_requests_per_second: float = Field(default=50.0, gt=0, le=100_000)
-    caller_burst: float = Field(default=100.0, ge=1, le=1_000_000)
+    ``caller_sts_*`` counts the STS calls a caller causes (misses and
+    ``min_ttl_seconds`` refreshes that start a fetch; ``broker.quotas``); the
+    default, 240 a minute (4/s), is a fifth of the default 20/s budget, so no
+    one caller can take more than a fifth of it, and a burst of 10 (half the
+    budget's burst) lets a caller start up cold with up to 10 scopes at once.
+    ``caller_requests_*`` counts every request; null or 0 (the default) is off.
+    """
+
+    caller_requests_per_second: float | None = Field(default=None, ge=0, le=100_000)
+    caller_burst: float | None = Field(default=None, ge=1, le=1_000_000)
+    caller_sts_calls_per_minute: float | None = Field(default=240.0, ge=0, le=6_000)
+    caller_sts_burst: float = Field(default=10.0, ge=1, le=100)
     sts_calls_per_second: float = Field(default=20.0, gt=0, le=100)
     sts_burst: float = Field(default=20.0, ge=1, le=100)
     sts_max_wait_seconds: float = Field(default=2.0, ge=0, le=30)

@@ -8,6 +8,7 @@ Redis operation names, so cardinality stays bounded and nothing secret leaks.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
@@ -100,7 +101,10 @@ class Metrics:
         )
         self.policies = Gauge("broker_policies_loaded", "Policies in force", registry=r)
         self.quota_rejections = Counter(
-            "broker_quota_rejections", "Requests refused by a quota", ["quota"], registry=r
+            "broker_quota_rejections",
+            "Requests refused by a quota: caller_sts, caller_requests or sts_budget",
+            ["kind"],
+            registry=r,
         )
         self.stale_served = Counter(
             "broker_stale_credentials_served",
@@ -137,6 +141,9 @@ class Metrics:
                 return await fetch(request)
             except BrokerError as err:
                 outcome = err.code
+                raise
+            except asyncio.CancelledError:  # cut short by the retry deadline: no answer came
+                outcome = "UpstreamTimeout"
                 raise
             finally:
                 self.sts_calls.labels(outcome).inc()

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from broker import signing
-from broker.auth import role_session_name
+from broker.auth import quota_key, role_session_name
 from broker.credentials.cache import CacheResult
 from broker.errors import AccessDenied, RequestInvalid, TemplateValueRejected
 from broker.models import AssumeRoleRequest, Credentials, Principal
@@ -248,7 +248,10 @@ async def _credentials(
         external_id=policy.external_id,
     )
     result = await services.cache.get(
-        assume, min_ttl_seconds=min_ttl, min_ttl_is_preference=min_ttl_is_preference
+        assume,
+        min_ttl_seconds=min_ttl,
+        min_ttl_is_preference=min_ttl_is_preference,
+        charge=services.sts_quota.charge(quota_key(principal)),
     )
     if result.source == "stale":
         services.metrics.stale_served.inc()
