@@ -16,7 +16,15 @@ from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from broker.errors import ConfigError, TemplateValueRejected
@@ -204,6 +212,8 @@ class Policy(pydantic.BaseModel):
     """``oidc``: JWT callers' own tokens go to STS AssumeRoleWithOIDC (others are refused)."""
     oidc_provider_arn: _OidcProviderArn | None = None
     """The RAM OIDC provider that ``federation: oidc`` names in AssumeRoleWithOIDC."""
+    forbid_overwrite: StrictBool = False
+    """Uploads by presigned URL or post policy must send ``x-oss-forbid-overwrite: true``."""
     source: SkipJsonSchema[str] = Field(default="", exclude=True)
     """The file this policy came from; set by the loader, never read from the file."""
 

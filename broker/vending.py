@@ -31,6 +31,7 @@ from broker.policies import Policy, PolicySet, Scope
 from broker.services import Services
 from broker.signing import OssEndpoint
 from broker.uploads import (
+    ADDITIONAL_HEADERS,
     OPERATIONS,
     Expiry,
     PostPolicyBody,
@@ -40,8 +41,8 @@ from broker.uploads import (
     oss_endpoint,
     post_policy_conditions,
     presign_headers,
+    presign_query,
     resolve_operation,
-    sub_resources,
     wanted_validity,
 )
 
@@ -168,7 +169,11 @@ async def issue_credentials(
 
 
 async def presign_url(services: Services, principal: Principal, body: PresignBody) -> SignedUrl:
-    """A V4 presigned URL for one operation on one key under the caller's prefix."""
+    """A V4 presigned URL for one operation on one key under the caller's prefix.
+
+    The policy's upload guards and a GET's ``response-*`` overrides are signed
+    (``broker.uploads``): the URL's user can change none of them.
+    """
     scope = usable_scope(services.policies, principal, body.policy)
     policy = scope.policy
     operation = resolve_operation(body.method, body.operation)
@@ -177,7 +182,7 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
         raise AccessDenied(f"policy {policy.name} does not allow {operation}")
     key = check_key(body.key, scope.prefix)
     headers = presign_headers(body, policy, operation)
-    query = sub_resources(operation, body)
+    query = presign_query(body, policy, operation)
     signer = await _signer(services, principal, scope, body.expires_seconds)
     request = signing.PresignInput(
         method=spec.method,
@@ -188,6 +193,7 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
         expires_seconds=signer.expiry.seconds,
         headers=headers,
         query=query,
+        additional_headers=ADDITIONAL_HEADERS,
     )
     signed = signing.presign(signer.credentials, request, signer.signed_at)
     _log_signed("url_presigned", signer, operation=operation, key=key)

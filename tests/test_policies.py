@@ -205,6 +205,7 @@ BAD_FILES = [
     ("duplicate_content_type.yaml", 11, "content_types", "listed twice"),
     ("max_bytes_range.yaml", 11, "max_object_bytes", "allowed: 1..5368709120"),
     ("bad_external_id.yaml", 11, "external_id", "2-1224 of"),
+    ("string_forbid_overwrite.yaml", 11, "forbid_overwrite", "valid boolean"),
 ]
 
 
