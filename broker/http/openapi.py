@@ -500,4 +500,5 @@ def _policy_description() -> dict[str, Any]:
         max_url_expires_seconds={"type": "integer", "minimum": 1, "maximum": MAX_EXPIRES_SECONDS},
         content_types={"type": "array", "items": string},
         max_object_bytes={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
+        forbid_overwrite={"type": "boolean"},
     )
