@@ -299,6 +299,7 @@ def _issuance(
         auth_method=principal.auth_method,
         policy=policy.name,
         role_arn=policy.role_arn,
+        federation=policy.federation,
         bucket=policy.bucket,
         region=policy.region,
         prefix=scope.prefix,

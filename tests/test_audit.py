@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -32,7 +33,8 @@ from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 from broker.errors import AccessDenied, AuditUnavailable, ConfigError
 from broker.logs import REDACTED, configure_logging
 from broker.metrics import Metrics
-from broker.models import Principal
+from broker.models import Credentials, Principal
+from broker.policies import load_policies
 from tests.conftest import (
     CALLERS,
     POLICIES_DIR,
@@ -44,6 +46,7 @@ from tests.conftest import (
     free_port,
     write_jwks,
 )
+from tests.oidc_tokens import PROVIDER_ARN
 from tests.wire import POST_POLICY, PRESIGN, post_json
 
 ISSUER = "https://idp.example.com/"
@@ -63,6 +66,7 @@ COMMON_FIELDS = {
 }
 ISSUANCE_FIELDS = COMMON_FIELDS | {
     "role_arn",
+    "federation",
     "bucket",
     "region",
     "prefix",
@@ -148,6 +152,7 @@ async def test_each_issuance_writes_one_record_with_its_fields(
     assert miss["prefix"] == "avatars/alice/"
     assert miss["actions"] == ["put"]
     assert miss["role_arn"] == "acs:ram::1234567890123456:role/oss-avatar-upload"
+    assert miss["federation"] == "none"
     assert re.fullmatch(r"[0-9a-f]{64}", miss["policy_digest"])
     assert (url["key"], url["operation"]) == ("avatars/alice/me.png", "put_object")
     assert url["expires_in"] == replies[2]["expires_in"]
@@ -599,3 +604,33 @@ def test_check_creates_no_audit_file(tmp_path: Path) -> None:
     assert not (tmp_path / "audit.jsonl").exists()
     with pytest.raises(ConfigError, match="it is a folder"):
         check_sink(AuditSettings(sink=str(tmp_path)))
+
+
+async def test_federated_issuance_says_so(tmp_path: Path, clock: FakeClock) -> None:
+    """A token minted by AssumeRoleWithOIDC (federation: oidc) is recorded as such."""
+    policies_dir = tmp_path / "policies"
+    policies_dir.mkdir()
+    (policies_dir / "my-files.yaml").write_text(
+        "name: my-files\nrole_arn: acs:ram::1234567890123456:role/oss-avatar-upload\n"
+        'bucket: examplebucket\nregion: cn-hangzhou\nprefix: "users/${subject}/"\n'
+        "actions: [put]\nduration_seconds: 900\nmax_url_expires_seconds: 600\n"
+        'callers: ["group:browser"]\n'
+        f"federation: oidc\noidc_provider_arn: {PROVIDER_ARN}\n"
+    )
+    principal = Principal("alice", ("browser",), auth_method="jwt")
+    scope = load_policies(policies_dir).scope("my-files", principal)
+    assert scope is not None
+    sink = tmp_path / "audit.jsonl"
+    auditor = open_auditor(AuditSettings(sink=str(sink), mode="required"), Metrics(), clock)
+    token = Credentials("STS.federated0001", "s" * 30, "CAIS" + "t" * 40, datetime.now(UTC))
+    await auditor.issued(
+        "credentials_issued", principal, scope, token, cache="miss", expiration="-", expires_in=1
+    )
+    await auditor.close()
+    (record,) = _lines(sink)
+    assert (record["federation"], record["auth_method"], record["caller"]) == (
+        "oidc",
+        "jwt",
+        "alice",
+    )
+    assert "s" * 30 not in sink.read_text()
