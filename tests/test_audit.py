@@ -393,6 +393,7 @@ def _until_would_block(operation: Callable[[], object]) -> None:
 async def test_scrub_runs_over_every_line(tmp_path: Path, clock: FakeClock) -> None:
     """A secret fragment that slipped into a field (an error message here) is masked anyway."""
     sink = tmp_path / "audit.jsonl"
+    clock.now = 1_700_000_000.25
     auditor = open_auditor(AuditSettings(sink=str(sink)), Metrics(), clock)
     audit.begin_request("req-12345678", "credentials", "127.0.0.1")
     audit.note_caller(Principal("alice"))
@@ -404,6 +405,7 @@ async def test_scrub_runs_over_every_line(tmp_path: Path, clock: FakeClock) -> N
     assert "abc.def" not in record["reason"]
     assert record["caller"] == "alice"
     assert record["request_id"] == "req-12345678"
+    assert record["time"] == "2023-11-14T22:13:20.250Z"  # the injected clock, in milliseconds
 
 
 def test_file_sink_is_relative_to_the_config_file(tmp_path: Path) -> None:
