@@ -190,6 +190,25 @@ async def test_refusals_for_authorization_reasons_are_recorded(
     assert await _metric(broker, "broker_audit_records_total", event="request_refused") == 3
 
 
+async def test_a_refused_cors_preflight_is_recorded(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """A preflight from an origin not allowed (403 CorsRejected) leaves a refusal record."""
+    sink = tmp_path / "audit.jsonl"
+    broker = await make_broker(
+        audit={"sink": str(sink)}, cors={"allow_origins": ["https://app.example.com"]}
+    )
+    headers = {"Origin": "https://app.example.com.evil", "Access-Control-Request-Method": "GET"}
+    async with broker.client.options("/v1/credentials/avatar-upload", headers=headers) as resp:
+        assert resp.status == 403
+    (record,) = await _records(broker, sink)
+    assert (record["type"], record["error_code"], record["caller"]) == (
+        "refusal",
+        "CorsRejected",
+        None,
+    )
+
+
 # Entra ID (Azure AD) subjects look like this: 43 characters of base64url, often no - or _.
 OPAQUE_SUBJECT = "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ"
 
