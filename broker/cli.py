@@ -40,7 +40,7 @@ from broker.policies import (
     render_policy,
     render_prefix,
 )
-from broker.reload import reload_policies, watch_policies
+from broker.reload import reload, watch_policies
 from broker.services import Services, build_services
 from broker.templates import VALUE_RULE
 
@@ -382,12 +382,12 @@ async def _serve(
 
 
 async def _wait_for_stop(services: Services) -> None:
-    """Return on SIGTERM or SIGINT; meanwhile SIGHUP reloads policies."""
+    """Return on SIGTERM or SIGINT; meanwhile SIGHUP reloads policies and the auth section."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload_policies(services))
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(services))
     await stop.wait()
 
 

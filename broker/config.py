@@ -51,6 +51,7 @@ __all__ = [
     "QuotaSettings",
     "RedisSettings",
     "RetrySettings",
+    "RevokedSettings",
     "Settings",
     "StsSettings",
     "TlsSettings",
@@ -291,6 +292,13 @@ def _unique_entries(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
     return values
 
 
+def _unique_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    for index, value in enumerate(values):
+        if value in values[:index]:
+            raise ValueError(f"{value!r} is listed twice")
+    return values
+
+
 class ApiKeyAllowSettings(_Section):
     """A restricted key: only these routes, only these policies (either left out: no limit).
 
@@ -372,12 +380,27 @@ class MtlsCallerSettings(_Section):
     groups: tuple[Identifier, ...] = ()
 
 
+_Subject = Annotated[StrictStr, Field(min_length=1, max_length=1024)]
+
+
+class RevokedSettings(_Section):
+    """The deny list: refused at once (401, as an unknown key), their cached credentials purged.
+
+    ``callers`` are configured ids (API keys and mTLS callers), ``subjects``
+    are JWT subjects.  Reloaded with the policies (SIGHUP, watch).
+    """
+
+    callers: Annotated[tuple[Identifier, ...], AfterValidator(_unique_list)] = ()
+    subjects: Annotated[tuple[_Subject, ...], AfterValidator(_unique_list)] = ()
+
+
 class AuthSettings(_Section):
-    """Who may call the broker."""
+    """Who may call the broker, and who may not any more (``revoked``)."""
 
     api_keys: tuple[ApiKeySettings, ...] = ()
     jwt: JwtSettings | None = None
     mtls: tuple[MtlsCallerSettings, ...] = ()
+    revoked: RevokedSettings = RevokedSettings()
 
     @field_validator("api_keys")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.reload import reload_policies, watch_policies
-from tests.conftest import POLICIES_DIR, BrokerFactory, BrokerHarness
+from broker.auth import hash_api_key
+from broker.reload import reload, reload_policies, watch_policies
+from tests.conftest import CALLERS, POLICIES_DIR, BrokerFactory, BrokerHarness
 
 
 @pytest.fixture
@@ -153,3 +155,84 @@ def _avatar_prefix(broker: BrokerHarness) -> str:
     policy = broker.services.policies.get("avatar-upload")
     assert policy is not None
     return policy.prefix
+
+
+def _write_auth(path: Path, revoked: dict[str, list[str]] | None = None, drop: str = "") -> None:
+    """A configuration file holding the harness's API keys (minus ``drop``) and a deny list."""
+    keys = [
+        {"id": caller, "key_sha256": hash_api_key(key), "groups": list(groups)}
+        for caller, (key, groups) in CALLERS.items()
+        if caller != drop
+    ]
+    auth: dict[str, object] = {"api_keys": keys}
+    if revoked is not None:
+        auth["revoked"] = revoked
+    path.write_text(json.dumps({"auth": auth}))  # JSON is YAML
+
+
+@pytest.fixture
+def config_file(broker: BrokerHarness, tmp_path: Path) -> Path:
+    path = tmp_path / "broker.yaml"
+    _write_auth(path)
+    services = broker.services
+    services.settings = services.settings.model_copy(update={"source": path})
+    return path
+
+
+async def test_revoked_caller_is_refused_and_purged_at_once(
+    broker: BrokerHarness, config_file: Path
+) -> None:
+    """A reload revoking a caller: its next request is 401, its entries gone, others served."""
+    assert (await broker.get_json("/v1/credentials/avatar-upload", caller="alice"))[0] == 200
+    assert (await broker.get_json("/v1/credentials/service-uploads", caller="svc-a"))[0] == 200
+    _write_auth(config_file, revoked={"callers": ["alice"]})
+    assert reload(broker.services) is True
+    status, body = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
+    assert (status, body["error"]["code"]) == (401, "AuthenticationFailed")
+    assert broker.services.cache.entries(frozenset({"alice"})) == []
+    assert len(broker.services.cache.entries(frozenset({"svc-a"}))) == 1
+    assert (await broker.get_json("/v1/credentials/service-uploads", caller="svc-a"))[0] == 200
+
+
+async def test_removed_key_is_refused_like_a_revoked_one_and_purged(
+    broker: BrokerHarness, config_file: Path
+) -> None:
+    """A key taken out of the file: the same 401 as revoked, and its cached entries purged."""
+    assert (await broker.get_json("/v1/credentials/avatar-upload", caller="alice"))[0] == 200
+    _write_auth(config_file, drop="alice")
+    assert reload(broker.services) is True
+    status, body = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
+    assert (status, body["error"]["code"]) == (401, "AuthenticationFailed")
+    assert broker.services.cache.entries(frozenset({"alice"})) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["auth: [unclosed\n", "auth:\n  revoked:\n    callers: ['bad id!']\n", "auth:\n  nope: 1\n"],
+    ids=["yaml-syntax", "bad-caller-id", "unknown-key"],
+)
+async def test_broken_auth_section_keeps_the_previous_one(
+    broker: BrokerHarness, config_file: Path, text: str
+) -> None:
+    """A broken auth section is reported (gauge 0) and the previous keys and deny list stay."""
+    _write_auth(config_file, revoked={"callers": ["nobody"]})
+    assert reload(broker.services) is True
+    before = broker.services.authenticator
+    config_file.write_text(text)
+    assert reload(broker.services) is False
+    assert broker.services.authenticator is before
+    assert _reload_gauge(broker) == 0
+    assert (await broker.get_json("/v1/credentials/avatar-upload", caller="alice"))[0] == 200
+    assert (await broker.get_json("/v1/policies", caller="nobody"))[0] == 401
+
+
+async def test_unrevoking_in_the_file_admits_the_caller_again(
+    broker: BrokerHarness, config_file: Path
+) -> None:
+    """Taking a caller off the deny list and reloading lets it in again."""
+    _write_auth(config_file, revoked={"callers": ["alice"]})
+    assert reload(broker.services) is True
+    assert (await broker.get_json("/v1/credentials/avatar-upload", caller="alice"))[0] == 401
+    _write_auth(config_file, revoked={"callers": []})
+    assert reload(broker.services) is True
+    assert (await broker.get_json("/v1/credentials/avatar-upload", caller="alice"))[0] == 200

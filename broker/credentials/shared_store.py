@@ -24,6 +24,10 @@ Rules, each pinned by tests/credentials/test_shared_store.py:
   bounded by ``operation_timeout_seconds``) means calling STS directly,
   counted in ``broker_shared_cache_degraded_total`` and logged as
   ``shared_cache_degraded`` at most every 30 s (``broker.credentials.redis.SharedRedis``).
+* Each value key is also listed in its caller's set, ``key_prefix`` +
+  ``caller:`` + the ``RoleSessionName`` (living as long as its longest
+  value), so ``purge`` deletes a revoked caller's values fleet-wide and
+  ``held`` shows them (never their secrets).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import structlog
@@ -50,7 +55,7 @@ from broker.credentials.redis import SharedCacheUnavailable, SharedRedis
 from broker.credentials.sealing import EncryptionKeys, open_sealed, seal
 from broker.models import AssumeRoleRequest, Clock, Credentials
 
-__all__ = ["SharedCache", "SharedCredentialCache", "SharedCredentialStore"]
+__all__ = ["SharedCache", "SharedCredentialCache", "SharedCredentialStore", "SharedEntry"]
 
 log = structlog.get_logger("broker.credentials.shared_store")
 
@@ -65,6 +70,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+async def _delete(keys: list[str], client: Redis) -> int:
+    return int(await client.delete(*keys))
+
+
+async def _get_value(key: str, client: Redis) -> bytes | None:
+    value = await client.get(key)
+    return value if value is None or isinstance(value, bytes) else str(value).encode()
+
+
+async def _members(key: str, client: Redis) -> set[bytes]:
+    members = await client.smembers(key)
+    return {m if isinstance(m, bytes) else m.encode() for m in members}
 
 
 def _dump_credentials(credentials: Credentials) -> bytes:
@@ -90,6 +109,15 @@ def _load_credentials(data: bytes) -> Credentials:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedEntry:
+    """One value Redis holds for a caller, as the admin channel shows it (no secret)."""
+
+    value_key: str
+    access_key_id: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class _Slot:
     """The Redis keys of one ``CacheKey`` (by the sha256 of its fields) and what we last gave."""
 
@@ -98,6 +126,7 @@ class _Slot:
     lock_key: str
     newer_than: float | None  # expires_at of what this process last handed out for the key
     min_expires_at: float = 0.0  # what the caller needs (min_ttl_seconds)
+    caller_key: str = ""  # the set of this caller's value keys
 
 
 class SharedCredentialStore:
@@ -170,7 +199,39 @@ class SharedCredentialStore:
             f"{self._prefix}lock:{digest}",
             self._handed_out.get(digest),
             request.min_expires_at,
+            self._caller_key(request.role_session_name),
         )
+
+    def _caller_key(self, role_session_name: str) -> str:
+        return f"{self._prefix}caller:{role_session_name}"
+
+    async def purge(self, session_names: frozenset[str]) -> int:
+        """Delete these callers' values and sets; how many values.  Redis errors raise."""
+        purged = 0
+        for name in sorted(session_names):
+            members = await self._members(name)
+            keys = [self._caller_key(name), *members]
+            deleted: int = await self._redis.run("purge", partial(_delete, keys))
+            purged += max(0, deleted - 1)
+        return purged
+
+    async def held(self, session_names: frozenset[str]) -> list[SharedEntry]:
+        """The values Redis holds for these callers, opened only to show AccessKeyId and expiry."""
+        found = []
+        for name in sorted(session_names):
+            for value_key in sorted(await self._members(name)):
+                blob: bytes | None = await self._redis.run("held", partial(_get_value, value_key))
+                opened = None if blob is None else self._open(_Slot("", value_key, "", None), blob)
+                if opened is not None:
+                    found.append(SharedEntry(value_key, opened.access_key_id, opened.expires_at))
+        return found
+
+    async def _members(self, role_session_name: str) -> list[str]:
+        """The value keys listed in a caller's set."""
+        members: set[bytes] = await self._redis.run(
+            "members", partial(_members, self._caller_key(role_session_name))
+        )
+        return [member.decode() for member in members]
 
     async def _get(self, fetch: Fetch, request: AssumeRoleRequest) -> Credentials:
         slot = self._slot(request)
@@ -248,7 +309,16 @@ class SharedCredentialStore:
             return  # already inside the margin: never stored
         blob = seal(self._keys, _dump_credentials(credentials), slot.value_key.encode())
         with contextlib.suppress(SharedCacheUnavailable):
-            await self._redis.run("write", lambda r: r.set(slot.value_key, blob, px=ttl_ms))
+            await self._redis.run("write", lambda r: self._set(r, slot, blob, ttl_ms))
+
+    async def _set(self, client: Redis, slot: _Slot, blob: bytes, ttl_ms: int) -> None:
+        """The value, and its key in its caller's set (which lives as long as its longest value)."""
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.set(slot.value_key, blob, px=ttl_ms)
+            pipe.sadd(slot.caller_key, slot.value_key)
+            pipe.pexpire(slot.caller_key, ttl_ms, nx=True)
+            pipe.pexpire(slot.caller_key, ttl_ms, gt=True)
+            await pipe.execute()
 
     async def _unlock(self, slot: _Slot, token: str) -> None:
         with contextlib.suppress(SharedCacheUnavailable):

@@ -257,7 +257,7 @@ async def test_values_in_redis_hold_no_plaintext_secrets(
         await services.cache.get(request_for(subject))
     keys = [key async for key in redis_client.scan_iter(f"{PREFIX}*")]
     blob = b"".join([await redis_client.dump(key) for key in keys])
-    assert len(keys) == 4  # three values and the STS budget's bucket
+    assert len(keys) == 7  # three values, their callers' sets and the STS budget's bucket
     assert len(sts.emulator.issued) == 3
     for issued in sts.emulator.issued.values():
         for secret in (issued.access_key_id, issued.access_key_secret, issued.security_token):
