@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from broker import process_credentials
+from broker.admin_cli import add_admin_commands
 from broker.auth import generate_api_key, hash_api_key
 from broker.checks import allow_warnings, provider_lifetime_warnings, unchecked_group_policies
 from broker.config import CacheSettings, Settings, load_settings
@@ -109,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_render(sub)
     _add_hash_key(sub)
     _add_credentials(sub)
+    add_admin_commands(sub, "config/broker.yaml")
     return parser
 
 

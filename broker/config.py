@@ -37,6 +37,7 @@ from broker.names import CALLER_ID_PATTERN, POLICY_NAME_PATTERN, is_caller_id
 from broker.yamldoc import YamlDocument, format_validation_error, load_yaml, unknown_key_problem
 
 __all__ = [
+    "AdminSettings",
     "ApiKeyAllowSettings",
     "ApiKeySettings",
     "AuthSettings",
@@ -413,6 +414,17 @@ class AuthSettings(_Section):
         return value
 
 
+class AdminSettings(_Section):
+    """The local admin channel (`sts-broker cached`, `revoke`); off unless `socket_dir` is set.
+
+    Each broker process listens on ``socket_dir/broker-PID.sock`` (mode 0600,
+    in a directory made 0700), so every one of ``serve --workers N`` is reached.
+    Only the broker's own user (and root) can connect; the peer's uid is checked too.
+    """
+
+    socket_dir: Path | None = None
+
+
 class CorsSettings(_Section):
     """Browser origins allowed to call the API."""
 
@@ -446,6 +458,7 @@ class Settings(_Section):
     policies_dir: Path = Path("../policies")
     watch_policies: bool = False
     auth: AuthSettings = AuthSettings()
+    admin: AdminSettings = AdminSettings()
     cors: CorsSettings = CorsSettings()
     logging: LoggingSettings = LoggingSettings()
     source: Path | None = Field(default=None, exclude=True)
@@ -491,6 +504,9 @@ def _with_paths_resolved(settings: Settings, path: Path) -> Settings:
         update["listen"] = settings.listen.model_copy(
             update={"tls": tls.model_copy(update=resolved)}
         )
+    if settings.admin.socket_dir is not None:
+        socket_dir = _relative_to(path, settings.admin.socket_dir)
+        update["admin"] = settings.admin.model_copy(update={"socket_dir": socket_dir})
     jwt = settings.auth.jwt
     if jwt is not None and jwt.jwks_file is not None:
         jwt = jwt.model_copy(update={"jwks_file": _relative_to(path, jwt.jwks_file)})

@@ -135,6 +135,7 @@ async def _listen(
 ) -> None:
     async with shared.redis.client.pubsub(ignore_subscribe_messages=True) as pubsub:
         await pubsub.subscribe(_channel(shared))
+        log.info("revocation_listener_subscribed", channel=_channel(shared))
         if ready is not None:
             ready.set()
         while True:

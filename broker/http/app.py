@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from broker.admin import admin_channel
 from broker.config import TlsSettings
 from broker.errors import RequestInvalid
 from broker.http import routes
@@ -48,7 +49,14 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
 
         app.router.add_routes(demo_routes())
     app.cleanup_ctx.append(_close_cache)
+    app.cleanup_ctx.append(_admin_channel)
     return app
+
+
+async def _admin_channel(app: web.Application) -> AsyncIterator[None]:
+    """The revocation listener (Redis) and the local admin socket (``admin.socket_dir``)."""
+    async for _ in admin_channel(app[SERVICES]):
+        yield
 
 
 async def _close_cache(app: web.Application) -> AsyncIterator[None]:
