@@ -16,8 +16,9 @@ from redis.asyncio import Redis
 
 from broker.admin import socket_path
 from broker.admin_cli import ask_all
+from broker.auth import hash_api_key
 from broker.dev.emulators.sts import StsEmulator
-from tests.conftest import BrokerFactory, BrokerHarness, RedisServer
+from tests.conftest import POLICIES_DIR, BrokerFactory, BrokerHarness, RedisServer
 from tests.credentials.test_shared_store import keys_document, new_key
 from tests.test_fleet import (
     ACCESS_KEY_ID,
@@ -191,3 +192,45 @@ async def test_cli_without_admin_socket_exits_2(tmp_path: Path) -> None:
     code, message = await _cli("revoke", "--config", str(config), "--caller", "svc-1")
     assert code == 2
     assert "admin.socket_dir" in message
+
+
+async def test_revoke_reaches_every_worker_of_one_process_group(
+    tmp_path: Path, emulator: tuple[StsEmulator, str]
+) -> None:
+    """`serve --workers 2`: `revoke` reaches both workers; svc-1 refused, svc-2 served."""
+    port, socket_dir = _free_port(), tmp_path / "admin"
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+        f"sts: {{endpoint: '{emulator[1]}', timeout_seconds: 5}}\n"
+        f"policies_dir: {POLICIES_DIR}\nlogging: {{format: json}}\n"
+        f"admin: {{socket_dir: {socket_dir}}}\nauth:\n  api_keys:\n"
+        + "".join(
+            f"    - {{id: svc-{i}, key_sha256: {hash_api_key(f'k-{i}')}, groups: [internal]}}\n"
+            for i in (1, 2)
+        )
+    )
+    log = tmp_path / "broker.log"
+    with log.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            STS_BROKER,
+            "serve",
+            "--workers",
+            "2",
+            "--config",
+            str(config),
+            env=_environment(),
+            stderr=sink,
+        )
+    broker = Broker(proc, port, log)
+    try:
+        await _logged(broker, "admin_socket_listening", count=2)
+        code, replies = await _cli("revoke", "--config", str(config), "--caller", "svc-1")
+        assert code == 0
+        assert len(replies) == 2  # one reply per worker
+        async with aiohttp.ClientSession() as session:
+            for _ in range(4):  # whichever worker the kernel hands the connection to
+                assert (await _get(session, broker, 1))[0] == 401
+                assert (await _get(session, broker, 2))[0] == 200
+    finally:
+        await broker.stop()
