@@ -232,10 +232,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.workers > 1:
         return _run_workers(args.config, args.workers)
-    configure_logging(settings.logging.format, settings.logging.level, batched=True)
+    _configure_daemon_logging(settings)
     port_hint = f"listen.port in {args.config}"
     asyncio.run(_serve(build_services(settings, policies), port_hint=port_hint))
     return EXIT_OK
+
+
+def _configure_daemon_logging(settings: Settings) -> None:
+    """Logging through a bounded, non-blocking sink: a stalled stderr never stops the loop."""
+    options = settings.logging
+    configure_logging(
+        options.format,
+        options.level,
+        background=True,
+        cache_loggers=True,
+        max_buffer_bytes=options.max_buffer_bytes,
+    )
 
 
 def _run_workers(config: Path, workers: int) -> int:
@@ -266,7 +278,7 @@ def _run_workers(config: Path, workers: int) -> int:
 
 def _worker_main(config: Path, workers: int, index: int) -> None:
     settings = load_settings(config)
-    configure_logging(settings.logging.format, settings.logging.level, batched=True)
+    _configure_daemon_logging(settings)
     structlog.contextvars.bind_contextvars(worker=index)
     policies = load_policies(settings.policies_dir)
     services = build_services(settings, policies, process_share=1 / workers)
@@ -278,17 +290,19 @@ def _worker_main(config: Path, workers: int, index: int) -> None:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from broker.dev.stack import check_token_lifetime  # dev mode only
+    from broker.dev.stack import check_token_lifetime, shortest_duration  # dev mode only
 
+    policies_dir = args.policies_dir.resolve()
+    policies = load_policies(policies_dir)
     if args.token_lifetime is not None:
+        margin = CacheSettings().refresh_margin_seconds
         try:
-            check_token_lifetime(args.token_lifetime, CacheSettings().refresh_margin_seconds)
+            check_token_lifetime(args.token_lifetime, margin, shortest_duration(policies))
         except ValueError as err:
             print(f"sts-broker dev: {err}", file=sys.stderr)
             return EXIT_CONFIG
-    policies_dir = args.policies_dir.resolve()
-    policies = load_policies(policies_dir)
-    configure_logging("console" if sys.stderr.isatty() else "json", "info")
+    fmt = "console" if sys.stderr.isatty() else "json"
+    configure_logging(fmt, "info", background=True, cache_loggers=True)
     storage_dir = args.storage_dir.resolve()
     storage_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(_dev(args.port, policies_dir, policies, storage_dir, args.token_lifetime))

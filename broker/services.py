@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from broker.auth import (
     Authenticator,
-    CertificateAuthenticator,
     Revocations,
     api_key_authenticator,
+    certificate_authenticator,
 )
 from broker.config import JwtSettings, Settings
 from broker.credentials.budget import RedisTokenBuckets
@@ -17,7 +17,7 @@ from broker.credentials.cache import CredentialCache
 from broker.credentials.chain import CredentialChain, build_chain
 from broker.credentials.sts import SourceCredential, StsClient
 from broker.metrics import Metrics
-from broker.models import Clock, Principal, system_clock
+from broker.models import Clock, system_clock
 from broker.oidc import JwksSource, JwtVerifier
 from broker.policies import PolicySet
 from broker.quotas import CallerQuotas, CallerStsQuota, FleetBuckets
@@ -128,14 +128,7 @@ def build_authenticator(
     jwt = None
     if settings.auth.jwt is not None:
         jwt = _jwt_verifier(settings.auth.jwt, clock)
-    certificates = None
-    if settings.auth.mtls:
-        certificates = CertificateAuthenticator(
-            {
-                caller.common_name: Principal(caller.id, caller.groups, auth_method="mtls")
-                for caller in settings.auth.mtls
-            }
-        )
+    certificates = certificate_authenticator(settings)
     revoked = Revocations.from_settings(settings.auth.revoked) | (
         revoked_at_runtime or Revocations()
     )

@@ -133,6 +133,30 @@ def make_settings(sts_url: str, policies_dir: Path = POLICIES_DIR, **overrides: 
 
 BrokerFactory = Callable[..., Awaitable[BrokerHarness]]
 
+GUARDED_POLICY = """\
+name: guarded-uploads
+description: Services add CSV files of up to 1000 bytes and never replace one.
+role_arn: acs:ram::1234567890123456:role/oss-service-uploads
+bucket: examplebucket
+region: cn-hangzhou
+prefix: "guarded/${subject}/"
+actions: [put, multipart, get, delete]
+duration_seconds: 3600
+max_url_expires_seconds: 600
+content_types: [text/csv]
+max_object_bytes: 1000
+forbid_overwrite: true
+callers: ["group:internal"]
+"""
+
+
+def write_guarded_policies(directory: Path) -> Path:
+    """``guarded-uploads`` (forbid_overwrite, 1000 bytes) and ``free-uploads`` (neither)."""
+    (directory / "guarded-uploads.yaml").write_text(GUARDED_POLICY)
+    free = GUARDED_POLICY.replace("guarded", "free").replace("forbid_overwrite: true\n", "")
+    (directory / "free-uploads.yaml").write_text(free.replace("max_object_bytes: 1000\n", ""))
+    return directory
+
 
 async def start_test_server(services: Services, **options: Any) -> TestServer:
     """The broker on 127.0.0.1 with the production runner options (no access log, limits).

@@ -100,6 +100,8 @@ class CacheKey:
     duration_seconds: int
     external_id: str | None
     role_session_name: str
+    federation: str | None = None
+    """Who the credentials belong to when they come from the caller's own token."""
 
     @classmethod
     def for_request(cls, request: AssumeRoleRequest) -> CacheKey:
@@ -110,6 +112,7 @@ class CacheKey:
             duration_seconds=request.duration_seconds,
             external_id=request.external_id,
             role_session_name=request.role_session_name,
+            federation=request.federation,
         )
 
 

@@ -60,7 +60,7 @@ def build_chain(
     margin = settings.cache.refresh_margin_seconds
     sts = StsClient(settings.sts, credential=credential, clock=clock, min_validity_seconds=margin)
     budget = sts_budget(settings, metrics, clock, shared, process_share)
-    fetch = resilient(settings, metrics.instrument_sts(sts.assume_role), budget, clock)
+    fetch = resilient(settings, metrics.instrument_sts(sts.fetch), budget, clock)
     cache = _cache(settings, fetch, clock, shared)
     metrics.track_cache(cache)
     return CredentialChain(cache, sts, shared)
@@ -136,6 +136,7 @@ def resilient(settings: Settings, fetch: Fetch, budget: StsBudget, clock: Clock)
         base_delay_seconds=sts.retry.base_delay_seconds,
         max_delay_seconds=sts.retry.max_delay_seconds,
         deadline_seconds=sts.retry.deadline_seconds,
+        attempt_timeout_seconds=sts.timeout_seconds,
     )
     gate = FailureGate(
         threshold=sts.failure_gate.threshold,

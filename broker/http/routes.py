@@ -159,8 +159,8 @@ def _oss_location(endpoint: OssEndpoint, scope: Scope) -> dict[str, str]:
     an http:// emulator.  ``AddressStyle`` is alibabacloud-oss-v2's word
     (``AddressStyle`` in alibabacloud_oss_v2/_client.py): ``virtual``
     (bucket in the host), ``path`` (oss-v2 ``use_path_style``, oss2
-    ``is_path_style``, ali-oss ``sldEnable``) or ``cname`` (``use_cname``,
-    ``is_cname``, ``cname``).
+    ``is_path_style``, ali-oss ``sldEnable`` unless the endpoint is an IP
+    address: see docs/api.md) or ``cname`` (``use_cname``, ``is_cname``, ``cname``).
     """
     return {
         "Bucket": scope.policy.bucket,
@@ -232,6 +232,7 @@ def _describe(services: Services, scope: Scope) -> dict[str, Any]:
         "max_url_expires_seconds": policy.max_url_expires_seconds,
         "content_types": list(policy.content_types),
         "max_object_bytes": policy.max_object_bytes,
+        "forbid_overwrite": policy.forbid_overwrite,
     }
 
 
@@ -241,7 +242,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: policies loaded, source credentials available, not shutting down."""
+    """``GET /readyz``: policies loaded, source credentials available, not shutting down.
+
+    STS's own state is reported (``sts``), never required: an STS outage hits
+    every replica alike, and a ready one still serves its cached credentials
+    and answers the rest with 503 + Retry-After (docs/api.md).
+    """
     services = request.app[SERVICES]
     checks = {
         "policies_loaded": len(services.policies) > 0,
@@ -249,8 +255,15 @@ async def readyz(request: web.Request) -> web.Response:
         "accepting_requests": not services.shutting_down,
     }
     ready = all(checks.values())
+    health = services.sts.health
+    sts = {
+        "state": health.state,
+        "consecutive_failures": health.consecutive_failures,
+        "cached_credentials": len(services.cache),
+    }
     return _json(
-        {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+        {"status": "ready" if ready else "not_ready", "checks": checks, "sts": sts},
+        200 if ready else 503,
     )
 
 

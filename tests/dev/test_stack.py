@@ -133,6 +133,7 @@ async def test_presigned_urls_are_clamped_to_a_short_token(stack120: ShortLived)
     """A 600 s presign with 120 s tokens is clamped to the token; each such presign refetches."""
     headers = {"Authorization": f"Bearer {stack120.dev.dev_key}"}
     body = {"policy": POLICY, "key": "services/dev/a.bin", "expires_seconds": 600}
+    body["content_length"] = 1  # service-uploads limits object sizes
     replies = []
     for _ in range(2):
         async with stack120.client.post("/v1/presign", json=body, headers=headers) as response:
@@ -140,3 +141,10 @@ async def test_presigned_urls_are_clamped_to_a_short_token(stack120: ShortLived)
             replies.append(await response.json())
     assert [(r["clamped"], r["expires_in"]) for r in replies] == [(True, 120), (True, 120)]
     assert stack120.dev.sts.assume_role_calls() == 2
+
+
+def test_a_lifetime_longer_than_the_shortest_policy_is_refused() -> None:
+    """Longer than the shortest policy's duration_seconds: refused (STS never gives more)."""
+    with pytest.raises(ValueError, match="at most 900"):
+        check_token_lifetime(901, 60, 900)
+    check_token_lifetime(900, 60, 900)

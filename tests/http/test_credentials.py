@@ -206,11 +206,12 @@ async def test_caller_outside_callers_is_denied(broker: BrokerHarness) -> None:
         ({"throttle": True}, 503, "UpstreamThrottled", True),
         ({"throttle": True, "throttle_code": "Throttling.User"}, 503, "UpstreamThrottled", True),
         ({"throttle": True, "throttle_code": "Throttling"}, 503, "UpstreamThrottled", True),
-        ({"error_status": 500}, 502, "UpstreamError", False),
+        ({"error_status": 500}, 503, "UpstreamUnavailable", True),
         ({"error_status": 503}, 503, "UpstreamUnavailable", True),
-        ({"delay_seconds": 3.0}, 504, "UpstreamTimeout", False),
-        ({"reset_connection": True}, 502, "UpstreamError", False),
-        ({"malformed_body": True}, 502, "UpstreamError", False),
+        ({"delay_seconds": 3.0}, 504, "UpstreamTimeout", True),
+        ({"reset_connection": True}, 503, "UpstreamUnavailable", True),
+        ({"malformed_body": True}, 503, "UpstreamUnavailable", True),
+        ({"always": "error:NoPermission"}, 502, "UpstreamError", False),
         ({"omit_credentials": True}, 502, "UpstreamError", False),
         ({"omit_expiration": True}, 502, "UpstreamError", False),
         ({"expired_credentials": True}, 502, "UpstreamError", False),
@@ -437,6 +438,7 @@ async def test_policy_restricted_key_sees_and_signs_only_its_policies(
     assert status == 200
     assert [entry["name"] for entry in listed["policies"]] == ["service-uploads"]
     presign = {"policy": "service-uploads", "key": "services/svc-provider/x", "method": "PUT"}
+    presign["content_length"] = 1  # service-uploads limits object sizes
     status, _ = await _as_provider(broker, "POST", "/v1/presign", presign)
     assert status == 200
     status, _ = await _as_provider(
