@@ -295,7 +295,9 @@ def test_certificate_callers_come_from_each_configured_name() -> None:
     )
     authenticator = certificate_authenticator(settings)
     assert authenticator is not None
-    by_dns = authenticator.authenticate(_peercert(sans=(("DNS", "reports.internal.example.com"),)))
+    by_dns = authenticator.authenticate(
+        _peercert(sans=(("DNS", "reports.internal.example.com"),))
+    )
     assert by_dns is not None
     assert (by_dns.subject, by_dns.auth_method) == ("svc-dns", "mtls")
     by_uri = authenticator.authenticate(_peercert(sans=(("URI", _SPIFFE_ID),)))

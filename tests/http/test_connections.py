@@ -160,7 +160,9 @@ async def test_refused_head_is_logged_by_status_and_class_with_its_request_id(
     reply = await _read_until_closed(reader)
     await _close(writer)
     request_id = reply.split(b"X-Request-Id: ", 1)[1].split(b"\r\n", 1)[0].decode()
-    line = next(line for line in production_log.text().splitlines() if "request_refused" in line)
+    line = next(
+        line for line in production_log.text().splitlines() if "request_refused" in line
+    )
     assert f'"request_id":"{request_id}"' in line
     assert '"reason":"BadHttpMessage"' in line
     assert '"status":400' in line
