@@ -12,15 +12,18 @@
       MethodNotAllowed          405 MethodNotAllowed
       RequestTooLarge           413 RequestTooLarge
       TooManyRequests           429 TooManyRequests   + Retry-After (per-caller quota)
+      IdentityProviderUnavailable
+                                503 IdentityProviderUnavailable + Retry-After  JWKS not loadable
       UpstreamError             502 UpstreamError      STS failed
         UpstreamThrottled       503 UpstreamThrottled  + Retry-After
         UpstreamUnavailable     503 UpstreamUnavailable + Retry-After
         UpstreamTimeout         504 UpstreamTimeout
 
 Every class carries its status, a stable ``code``, a message and
-``retryable``: whether another attempt at the same STS call may succeed (true
-for UpstreamThrottled, UpstreamUnavailable and UpstreamTimeout; any instance
-may say otherwise with the ``retryable=`` keyword).  Other keyword arguments
+``retryable``: whether another attempt may succeed (true for
+IdentityProviderUnavailable, UpstreamThrottled, UpstreamUnavailable and
+UpstreamTimeout; any instance may say otherwise with the ``retryable=``
+keyword).  Other keyword arguments
 are context: they stay on the exception (``err.context``) for the log, and
 reach the reply only where the message template names them (or, for
 MethodNotAllowed, as the ``Allow`` header); templates never name secrets.
@@ -35,6 +38,7 @@ __all__ = [
     "AuthenticationFailed",
     "BrokerError",
     "ConfigError",
+    "IdentityProviderUnavailable",
     "MethodNotAllowed",
     "NotFound",
     "RequestInvalid",
@@ -151,6 +155,27 @@ class TooManyRequests(BrokerError):
     status = 429
     code = "TooManyRequests"
     fmt = "too many requests; retry later"
+
+    def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(message, **context)
+
+    @property
+    def retry_after_seconds(self) -> int | None:
+        return self.retry_after
+
+
+class IdentityProviderUnavailable(BrokerError):
+    """The identity provider's keys (JWKS) cannot be loaded: the caller did nothing wrong.
+
+    A JWT cannot be checked without them, so this is a 503 with ``Retry-After``
+    (when the broker will try the provider again), never a 401.
+    """
+
+    status = 503
+    code = "IdentityProviderUnavailable"
+    fmt = "the identity provider's signing keys cannot be loaded; retry later"
+    retryable = True
 
     def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
         self.retry_after = max(1, int(retry_after))

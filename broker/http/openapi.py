@@ -21,6 +21,7 @@ from broker.errors import (
     AccessDenied,
     AuthenticationFailed,
     BrokerError,
+    IdentityProviderUnavailable,
     NotFound,
     RequestInvalid,
     RequestTooLarge,
@@ -45,10 +46,15 @@ _REQUEST_ID = f"^{REQUEST_ID_PATTERN}$"
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}, {"accessToken": []}]
 
 _ErrorClasses = tuple[type[BrokerError], ...]
-_CALLER = (RequestInvalid, AuthenticationFailed, TooManyRequests)
+_CALLER = (RequestInvalid, AuthenticationFailed, TooManyRequests, IdentityProviderUnavailable)
 _SCOPED = (*_CALLER, AccessDenied, TemplateValueRejected)
 _STS = (UpstreamError, UpstreamThrottled, UpstreamUnavailable, UpstreamTimeout)
-_RETRY_AFTER = (TooManyRequests, UpstreamThrottled, UpstreamUnavailable)
+_RETRY_AFTER = (
+    TooManyRequests,
+    UpstreamThrottled,
+    UpstreamUnavailable,
+    IdentityProviderUnavailable,
+)
 _WHEN: dict[int, str] = {
     400: "Malformed input: parameter, body, or a token given twice.  (A header line over "
     "`listen.max_header_bytes` is refused earlier, by the HTTP parser, with a plain-text 400.)",
@@ -60,7 +66,8 @@ _WHEN: dict[int, str] = {
     413: "The body is over `listen.max_body_bytes`.",
     429: "This caller is over its request quota; `Retry-After` says when to retry.",
     502: "STS refused the call or sent an unusable reply.",
-    503: "STS is throttling or unavailable; `Retry-After` says when to retry.",
+    503: "STS is throttling or unavailable, or (for JWT callers) the identity provider's keys "
+    "cannot be loaded; `Retry-After` says when to retry.",
     504: "STS did not answer within `sts.timeout_seconds`.",
 }
 
