@@ -16,14 +16,17 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 
+from broker import process_credentials
 from broker.auth import generate_api_key, hash_api_key
-from broker.config import Settings, load_settings
+from broker.checks import allow_warnings, provider_lifetime_warnings, unchecked_group_policies
+from broker.config import CacheSettings, Settings, load_settings
 from broker.credentials.sealing import load_encryption_keys
 from broker.errors import BrokerError, ConfigError, TemplateValueRejected
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
@@ -105,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_render(sub)
     _add_hash_key(sub)
+    _add_credentials(sub)
     return parser
 
 
@@ -154,6 +158,14 @@ def _add_dev(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     _add_path(dev, "--policies-dir", "policies", "DIR", policies_help)
     storage_help = "where the OSS emulator stores uploaded objects (default: %(default)s)"
     _add_path(dev, "--storage-dir", "var/dev-oss", "DIR", storage_help)
+    dev.add_argument(
+        "--token-lifetime",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="dev only: the STS emulator issues tokens living SECONDS (e.g. 120) while the "
+        "broker still requests 900..43200, to watch token rotation in minutes",
+    )
     dev.set_defaults(run=_cmd_dev)
 
 
@@ -195,6 +207,13 @@ def _add_hash_key(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     hash_key.set_defaults(run=_cmd_hash_key)
 
 
+def _add_credentials(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    summary = "fetch credentials from a running broker, printed for the aliyun CLI, env or SDKs"
+    credentials = _add_command(sub, "credentials", summary)
+    process_credentials.add_arguments(credentials)  # options live beside their use
+    credentials.set_defaults(run=_cmd_credentials)
+
+
 def _check_secrets(settings: Settings) -> None:
     """Files and variables read only at start (the shared cache's keys): fail with exit 2."""
     if settings.cache.backend == "redis" and settings.cache.redis is not None:
@@ -211,10 +230,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.workers > 1:
         return _run_workers(args.config, args.workers)
-    configure_logging(settings.logging.format, settings.logging.level, batched=True)
+    _configure_daemon_logging(settings)
     port_hint = f"listen.port in {args.config}"
     asyncio.run(_serve(build_services(settings, policies), port_hint=port_hint))
     return EXIT_OK
+
+
+def _configure_daemon_logging(settings: Settings) -> None:
+    """Logging through a bounded, non-blocking sink: a stalled stderr never stops the loop."""
+    options = settings.logging
+    configure_logging(
+        options.format,
+        options.level,
+        background=True,
+        cache_loggers=True,
+        max_buffer_bytes=options.max_buffer_bytes,
+    )
 
 
 def _run_workers(config: Path, workers: int) -> int:
@@ -245,7 +276,7 @@ def _run_workers(config: Path, workers: int) -> int:
 
 def _worker_main(config: Path, workers: int, index: int) -> None:
     settings = load_settings(config)
-    configure_logging(settings.logging.format, settings.logging.level, batched=True)
+    _configure_daemon_logging(settings)
     structlog.contextvars.bind_contextvars(worker=index)
     policies = load_policies(settings.policies_dir)
     services = build_services(settings, policies, process_share=1 / workers)
@@ -257,19 +288,39 @@ def _worker_main(config: Path, workers: int, index: int) -> None:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
+    from broker.dev.stack import check_token_lifetime, shortest_duration  # dev mode only
+
     policies_dir = args.policies_dir.resolve()
     policies = load_policies(policies_dir)
-    configure_logging("console" if sys.stderr.isatty() else "json", "info")
+    if args.token_lifetime is not None:
+        margin = CacheSettings().refresh_margin_seconds
+        try:
+            check_token_lifetime(args.token_lifetime, margin, shortest_duration(policies))
+        except ValueError as err:
+            print(f"sts-broker dev: {err}", file=sys.stderr)
+            return EXIT_CONFIG
+    fmt = "console" if sys.stderr.isatty() else "json"
+    configure_logging(fmt, "info", background=True, cache_loggers=True)
     storage_dir = args.storage_dir.resolve()
     storage_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(_dev(args.port, policies_dir, policies, storage_dir))
+    asyncio.run(_dev(args.port, policies_dir, policies, storage_dir, args.token_lifetime))
     return EXIT_OK
 
 
-async def _dev(port: int, policies_dir: Path, policies: PolicySet, storage_dir: Path) -> None:
+async def _dev(
+    port: int,
+    policies_dir: Path,
+    policies: PolicySet,
+    storage_dir: Path,
+    token_lifetime_seconds: int | None,
+) -> None:
     from broker.dev.stack import dev_stack  # dev mode only: serve never loads broker.dev
 
-    async with dev_stack(policies, policies_dir, storage_dir, port=port) as stack:
+    lifetime = token_lifetime_seconds
+    stack_context = dev_stack(
+        policies, policies_dir, storage_dir, port=port, token_lifetime_seconds=lifetime
+    )
+    async with stack_context as stack:
         await _serve(
             stack.services,
             banner=lambda url: _dev_banner(url, stack),
@@ -290,12 +341,22 @@ def _dev_banner(url: str, stack: DevStack) -> None:
         f"  STS emulator:  {stack.sts_url}\n"
         f"  OSS emulator:  {stack.oss_url}   (objects stored in {stack.storage_dir})\n"
         f"  policies:      {names}\n"
-        f"  dev API key:   {stack.dev_key}   (caller id '{DEV_CALLER}'; new on every start)\n\n"
+        f"  dev API key:   {stack.dev_key}   (caller id '{DEV_CALLER}'; new on every start)\n"
+        f"{_lifetime_line(stack.token_lifetime_seconds)}\n"
         f"  try:\n"
         f"    curl -s -H 'Authorization: Bearer {stack.dev_key}' {url}/v1/credentials/{first}\n\n"
         f"  stop:          Ctrl-C\n",
         file=sys.stderr,
         flush=True,
+    )
+
+
+def _lifetime_line(seconds: int | None) -> str:
+    if seconds is None:
+        return ""
+    return (
+        f"  token lifetime: {seconds} s as issued by the STS emulator (dev only; the broker "
+        "still requests 900..43200 s)\n"
     )
 
 
@@ -382,33 +443,64 @@ def _bound_port(runner: web.AppRunner, default: int) -> int:
     return default
 
 
+@dataclass
+class _CheckReport:
+    """What ``check`` found: problems (exit 2), warnings (exit 0) and files that passed."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)
+
+    def print(self) -> None:
+        for line in self.problems + list(dict.fromkeys(self.warnings)):
+            print(line, file=sys.stderr)
+        for line in self.passed:
+            print(line)
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
-    problems: list[str] = []
-    checked: list[str] = []
-    if args.config is not None:
-        try:
-            settings = load_settings(args.config)
-            policies = load_policies(settings.policies_dir)
-            _check_secrets(settings)
-            checked.append(
-                f"{args.config}: ok ({len(policies)} policies in {settings.policies_dir})"
-            )
-        except ConfigError as err:
-            problems.extend(err.problems)
-    if args.policy_files:
-        try:  # as one set: a name given in two files is refused, naming both
-            policies = load_policy_files(args.policy_files)
-            checked += [f"{policy.source}: ok (policy {policy.name!r})" for policy in policies]
-        except ConfigError as err:
-            problems.extend(err.problems)
     if not args.policy_files and args.config is None:
         print("nothing to check: give --config and/or policy files", file=sys.stderr)
         return EXIT_CONFIG
-    for line in problems:
-        print(line, file=sys.stderr)
-    for line in checked:
-        print(line)
-    return EXIT_CONFIG if problems else EXIT_OK
+    report = _CheckReport()
+    settings = _check_config(args.config, report) if args.config is not None else None
+    if args.policy_files:
+        try:  # as one set: a name given in two files is refused, naming both
+            policies = load_policy_files(args.policy_files)
+        except ConfigError as err:
+            report.problems.extend(err.problems)
+        else:
+            report.passed += [f"{p.source}: ok (policy {p.name!r})" for p in policies]
+            report.warnings += provider_lifetime_warnings(policies, settings)
+            if settings is None:
+                report.warnings += _unchecked_groups_note(policies)
+    report.print()
+    return EXIT_CONFIG if report.problems else EXIT_OK
+
+
+def _check_config(config: Path, report: _CheckReport) -> Settings | None:
+    """Validate ``config`` and its policies_dir; warn about what will not work well."""
+    try:
+        settings = load_settings(config)
+        policies = load_policies(settings.policies_dir)
+        _check_secrets(settings)
+    except ConfigError as err:
+        report.problems.extend(err.problems)
+        return None
+    report.passed.append(f"{config}: ok ({len(policies)} policies in {settings.policies_dir})")
+    report.warnings += provider_lifetime_warnings(policies, settings)
+    report.warnings += allow_warnings(policies, settings)
+    return settings
+
+
+def _unchecked_groups_note(policies: PolicySet) -> list[str]:
+    names = unchecked_group_policies(policies)
+    if not names:
+        return []
+    return [
+        f"note: {', '.join(names)}: credential-provider lifetimes not checked for group:NAME "
+        f"callers (give --config: it says which API keys are in a group)"
+    ]
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
@@ -443,6 +535,10 @@ def _cmd_hash_key(args: argparse.Namespace) -> int:
         print(f"key:        {key}   (give this to the caller; it is not stored)")
     print(f"key_sha256: {hash_api_key(key)}")
     return EXIT_OK
+
+
+def _cmd_credentials(args: argparse.Namespace) -> int:
+    return process_credentials.run(args, os.environ)
 
 
 if __name__ == "__main__":  # pragma: no cover

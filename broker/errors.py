@@ -14,16 +14,19 @@
       TooManyRequests           429 TooManyRequests   + Retry-After (per-caller quota)
       IdentityProviderUnavailable
                                 503 IdentityProviderUnavailable + Retry-After  JWKS not loadable
-      UpstreamError             502 UpstreamError      STS failed
-        UpstreamThrottled       503 UpstreamThrottled  + Retry-After
-        UpstreamUnavailable     503 UpstreamUnavailable + Retry-After
-        UpstreamTimeout         504 UpstreamTimeout
+      UpstreamError             502 UpstreamError      STS said no (4xx), or unusable credentials
+        UpstreamThrottled       503 UpstreamThrottled  + Retry-After: a Throttling* code
+        UpstreamUnavailable     503 UpstreamUnavailable + Retry-After: 5xx, unreachable, no reply
+        UpstreamTimeout         504 UpstreamTimeout    + Retry-After: no answer in time
 
 Every class carries its status, a stable ``code``, a message and
 ``retryable``: whether another attempt may succeed (true for
 IdentityProviderUnavailable, UpstreamThrottled, UpstreamUnavailable and
 UpstreamTimeout; any instance may say otherwise with the ``retryable=``
-keyword).  Other keyword arguments
+keyword).  The retryable classes are the ones a client should simply try
+again later, so their replies carry ``Retry-After``: 503 when STS or the
+identity provider is busy or down, 504 when STS did not answer within the
+deadline (RFC 9110 allows ``Retry-After`` on any reply).  Other keyword arguments
 are context: they stay on the exception (``err.context``) for the log, and
 reach the reply only where the message template names them (or, for
 MethodNotAllowed, as the ``Allow`` header); templates never name secrets.
@@ -150,7 +153,7 @@ class RequestTooLarge(BrokerError):
 
 
 class TooManyRequests(BrokerError):
-    """This caller exceeded its request rate; retry after ``retry_after`` seconds."""
+    """This caller is over a per-caller quota (STS calls caused, or requests); retry later."""
 
     status = 429
     code = "TooManyRequests"
@@ -187,7 +190,7 @@ class IdentityProviderUnavailable(BrokerError):
 
 
 class UpstreamError(BrokerError):
-    """STS failed in a way the caller cannot fix."""
+    """STS refused the call (a 4xx answer) or answered with something unusable; not retried."""
 
     status = 502
     code = "UpstreamError"
@@ -195,7 +198,7 @@ class UpstreamError(BrokerError):
 
 
 class _RetryableUpstream(UpstreamError):
-    """An STS failure worth retrying after ``retry_after`` seconds."""
+    """An STS failure worth retrying after ``retry_after`` seconds (sent as ``Retry-After``)."""
 
     status = 503
     retryable = True
@@ -217,16 +220,15 @@ class UpstreamThrottled(_RetryableUpstream):
 
 
 class UpstreamUnavailable(_RetryableUpstream):
-    """STS answered 503 or is otherwise temporarily unavailable."""
+    """STS answered 5xx, could not be reached, or sent no usable reply (reset, garbage, HTML)."""
 
     code = "UpstreamUnavailable"
     fmt = "STS is temporarily unavailable; retry later"
 
 
-class UpstreamTimeout(UpstreamError):
-    """STS did not answer within the per-attempt timeout."""
+class UpstreamTimeout(_RetryableUpstream):
+    """STS did not answer within the attempt's timeout (``sts.timeout_seconds``, or less)."""
 
     status = 504
     code = "UpstreamTimeout"
-    fmt = "STS did not answer in time"
-    retryable = True
+    fmt = "STS did not answer in time; retry later"

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from broker.names import format_sts_time
 
 __all__ = [
+    "Allowance",
     "AssumeRoleRequest",
     "Clock",
     "Credentials",
@@ -31,19 +32,39 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
+class Allowance:
+    """What a restricted API key may reach (``auth.api_keys[].allow``); ``None``: no limit there."""
+
+    routes: frozenset[str] | None = None
+    """Route names (``credentials``, ``presign``, ``post_policy``, ``policies``)."""
+    policies: frozenset[str] | None = None
+    """Policy names."""
+
+    def allows_route(self, route: str) -> bool:
+        """Whether the key may call the route named ``route``."""
+        return self.routes is None or route in self.routes
+
+    def allows_policy(self, policy: str) -> bool:
+        """Whether the key may name policy ``policy``."""
+        return self.policies is None or policy in self.policies
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated caller.
 
     ``subject`` becomes ``${subject}`` in policy templates, ``groups`` feed
     ``group:NAME`` caller rules and ``${group}``, ``claims`` feed
     ``${claim:NAME}``.  Every value here has passed the safe-value check
-    before it can reach a rendered policy.
+    before it can reach a rendered policy.  ``allow`` narrows what a
+    restricted API key may reach; ``None`` means no restriction.
     """
 
     subject: str
     groups: tuple[str, ...] = ()
     auth_method: str = "api_key"
     claims: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    allow: Allowance | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from broker import signing
-from broker.auth import role_session_name
+from broker.auth import quota_key, role_session_name
 from broker.credentials.cache import CacheResult
 from broker.errors import AccessDenied, RequestInvalid, TemplateValueRejected
 from broker.models import AssumeRoleRequest, Credentials, Principal
@@ -108,10 +108,18 @@ class _Signer:
 
 
 def usable_scope(policies: PolicySet, principal: Principal, name: str) -> Scope:
-    """The caller's scope of policy ``name``: the same 403 whether or not the policy exists."""
+    """The caller's scope of policy ``name``: the same 403 whether or not the policy exists.
+
+    A restricted API key naming a policy outside its ``allow.policies`` gets a
+    403 saying so (the list is the key's own configuration, not a secret).
+    """
     if not POLICY_NAME.fullmatch(name):
         raise RequestInvalid(POLICY_NAME_RULE)
     structlog.contextvars.bind_contextvars(policy=name)
+    allow = principal.allow
+    if allow is not None and allow.policies is not None and name not in allow.policies:
+        names = ", ".join(sorted(allow.policies))
+        raise AccessDenied(f"this API key may only be used for the policies: {names}")
     scope = policies.scope(name, principal)
     if scope is None:
         raise AccessDenied(policy=name)
@@ -122,6 +130,8 @@ def usable_scopes(policies: PolicySet, principal: Principal) -> list[Scope]:
     """Every policy this caller may use, rendered; those its identity cannot render are left out."""
     usable = []
     for policy in policies:
+        if principal.allow is not None and not principal.allow.allows_policy(policy.name):
+            continue
         try:
             scope = policies.scope(policy.name, principal)
         except TemplateValueRejected:
@@ -232,7 +242,10 @@ async def _credentials(
         external_id=policy.external_id,
     )
     result = await services.cache.get(
-        assume, min_ttl_seconds=min_ttl, min_ttl_is_preference=min_ttl_is_preference
+        assume,
+        min_ttl_seconds=min_ttl,
+        min_ttl_is_preference=min_ttl_is_preference,
+        charge=services.sts_quota.charge(quota_key(principal)),
     )
     if result.source == "stale":
         services.metrics.stale_served.inc()

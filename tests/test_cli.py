@@ -284,7 +284,7 @@ async def test_serve_uses_the_default_chain_reloads_and_stops(
         headers = {"Authorization": "Bearer k-svc-a"}
         async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
             assert resp.status == 200
-            assert (await resp.json())["Prefix"] == "services/svc-a/"
+            assert (await resp.json())["Oss"]["Prefix"] == "services/svc-a/"
         assert emulator.calls[0].access_key_id == "LTAI-chain-test"
         (policies / "broken.yaml").write_text("name: [\n")
         proc.send_signal(signal.SIGHUP)
@@ -312,7 +312,7 @@ async def test_dev_mode_prints_a_working_key_and_curl() -> None:
         async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
             assert resp.status == 200
             body = await resp.json()
-        assert body["Prefix"] == "services/dev/"
+        assert body["Oss"]["Prefix"] == "services/dev/"
         assert body["AccessKeyId"].startswith("STS.")
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
@@ -438,6 +438,33 @@ async def test_dev_on_a_taken_port_says_so_in_one_line(taken_port: int) -> None:
     assert f"port {taken_port} on 127.0.0.1 is already in use" in lines[0]
     assert "--port N" in lines[0]
     assert "make run PORT=N" in lines[0]
+
+
+async def test_dev_token_lifetime_outside_its_bounds_is_one_line_exit_2() -> None:
+    """dev --token-lifetime 30 (inside the 60 s cache margin): one line saying why, exit 2."""
+    code, lines = await _failure("dev", "--port", "0", "--token-lifetime", "30")
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert "--token-lifetime must be more than the broker's 60 s refresh margin" in lines[0]
+
+
+async def test_dev_token_lifetime_is_in_the_banner_and_the_tokens() -> None:
+    """dev --token-lifetime 120: the banner says so; vended tokens expire within 120 s."""
+    port = _free_port()
+    args = ("dev", "--port", str(port), "--token-lifetime", "120")
+    async with _sts_broker(*args, cwd=REPO) as proc:
+        assert proc.stderr is not None
+        key = (await _wait_for_line(proc.stderr, r"dev API key:")).split(":", 1)[1].split()[0]
+        await _wait_for_line(proc.stderr, r"token lifetime: 120 s as issued by the STS emulator")
+        url = f"http://127.0.0.1:{port}/v1/credentials/service-uploads"
+        headers = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+            assert resp.status == 200
+            body = await resp.json()
+        assert 60 < body["ExpiresIn"] <= 120
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
 
 
 async def test_serve_on_a_taken_port_says_so_in_one_line(

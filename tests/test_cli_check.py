@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker.cli import main
-from tests.conftest import POLICIES_DIR
+from tests.conftest import POLICIES_DIR, REPO
 
 _DUPLICATES = Path(__file__).resolve().parent / "data" / "policies_bad" / "duplicate"
 
@@ -80,3 +80,93 @@ def test_render_says_which_group_is_missing(
     assert "give a --group the policy's callers list" in err
     assert main([*args, "--group", "browser"]) == 0
     assert "teams/browser/" in capsys.readouterr().out
+
+
+# --- warnings: valid files that will not work well (exit 0) ---
+
+_HEX = "0" * 64
+
+
+def test_shipped_config_and_policies_check_without_a_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """config/broker.yaml and the example policies pass with nothing on stderr."""
+    assert main(["check", "--config", str(REPO / "config" / "broker.yaml")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def _short_policy_dir(tmp_path: Path, callers: str) -> Path:
+    """A policies dir holding avatar-upload (900 s) with ``callers`` instead of browsers."""
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    source = (POLICIES_DIR / "avatar-upload.yaml").read_text()
+    (folder / "avatar-upload.yaml").write_text(
+        source.replace('callers: ["group:browser"]', f"callers: {callers}")
+    )
+    return folder
+
+
+def test_short_policy_for_an_api_key_warns_and_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 900 s policy an API key may fetch: file:line: warning: saying what to choose; exit 0."""
+    path = _short_policy_dir(tmp_path, "[svc-up]") / "avatar-upload.yaml"
+    assert main(["check", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: ok (policy 'avatar-upload')\n"
+    [warning] = captured.err.splitlines()
+    assert warning.startswith(f"{path}:{_line_of(path, 'duration_seconds:')}: warning: ")
+    assert "choose duration_seconds: 3600 or more" in warning
+
+
+def _config(tmp_path: Path, policies: Path, allow: str = "") -> Path:
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        f"policies_dir: {policies}\nauth:\n  api_keys:\n    - id: svc-up\n"
+        f"      key_sha256: '{_HEX}'\n      groups: [internal]\n{allow}"
+    )
+    return config
+
+
+@pytest.mark.parametrize(
+    ("allow", "warned"),
+    [
+        ("", True),
+        ("      allow: {routes: [credentials]}\n", True),
+        ("      allow: {routes: [presign, post_policy]}\n", False),
+    ],
+)
+def test_config_resolves_group_callers_and_allow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], allow: str, warned: bool
+) -> None:
+    """With --config, a group holding an API key counts, unless its allow has no credentials."""
+    policies = _short_policy_dir(tmp_path, '["group:internal"]')
+    config = _config(tmp_path, policies, allow)
+    path = policies / "avatar-upload.yaml"
+    assert main(["check", "--config", str(config), str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: duration_seconds: 900") == (1 if warned else 0), err
+
+
+def test_without_config_group_callers_get_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    """Checking the examples alone says the browser group's lifetime was not checked."""
+    assert main(["check", *map(str, sorted(POLICIES_DIR.glob("*.yaml")))]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err
+    assert err.startswith("note: avatar-upload: credential-provider lifetimes not checked")
+
+
+def test_allow_naming_a_missing_policy_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An allow.policies entry no policy answers to is a warning at its config line; exit 0."""
+    config = _config(tmp_path, POLICIES_DIR, "      allow: {policies: [servce-uploads]}\n")
+    assert main(["check", "--config", str(config)]) == 0
+    assert f"{config}:7: warning: auth.api_keys.0.allow.policies.0: no policy named " in (
+        capsys.readouterr().err
+    )
+
+
+def _line_of(path: Path, start: str) -> int:
+    lines = path.read_text().splitlines()
+    return 1 + next(index for index, line in enumerate(lines) if line.startswith(start))

@@ -237,3 +237,69 @@ def test_api_key_id_with_double_dot_is_refused_at_config_load(tmp_path: Path) ->
     config.write_text(json.dumps({"auth": {"api_keys": [{"id": "a..b", "key_sha256": _HEX}]}}))
     with pytest.raises(ConfigError):
         load_settings(config)
+
+
+# --- restricted keys: auth.api_keys[].allow ---
+
+_ALLOW_KEY = f"auth:\n  api_keys:\n    - id: svc\n      key_sha256: '{_HEX}'\n      allow:\n"
+
+
+def test_allow_restricts_routes_and_policies(tmp_path: Path) -> None:
+    """allow: {routes, policies} loads as given; a key without allow has none."""
+    text = _ALLOW_KEY + "        routes: [credentials]\n        policies: [service-uploads]\n"
+    text += f"    - id: other\n      key_sha256: '{_HEX}'\n"
+    settings = load_settings(_write(tmp_path, text), environ={})
+    restricted, other = settings.auth.api_keys
+    assert restricted.allow is not None
+    assert (restricted.allow.routes, restricted.allow.policies) == (
+        ("credentials",),
+        ("service-uploads",),
+    )
+    assert other.allow is None
+
+
+@pytest.mark.parametrize(
+    ("allow", "line", "key", "fragment"),
+    [
+        ("        routes: [credential]\n", 6, "allow.routes.0", "'credentials', 'presign'"),
+        ("        routes: []\n", 6, "allow.routes", "leave the key out"),
+        ("        routes: [presign, presign]\n", 6, "allow.routes", "listed twice"),
+        ("        policies: [Bad_Name]\n", 6, "allow.policies.0", "pattern"),
+        ("        {}\n", 5, "allow", "give routes and/or policies"),
+        ("        route: [credentials]\n", 6, "allow.route", "did you mean routes"),
+    ],
+)
+def test_bad_allow_is_named_with_its_line(
+    tmp_path: Path, allow: str, line: int, key: str, fragment: str
+) -> None:
+    """A misspelt route, an empty or repeated list, a bad policy name: file:line: key: problem."""
+    path = _write(tmp_path, _ALLOW_KEY + allow)
+    [problem] = _problems(path)
+    assert problem.startswith(f"{path}:{line}: auth.api_keys.0.{key}: "), problem
+    assert fragment in problem
+
+
+# --- auth.mtls: one certificate name per caller ---
+
+_ONE_NAME = "exactly one of uri, dns or common_name"
+
+
+@pytest.mark.parametrize(
+    ("entries", "problem"),
+    [
+        ("[{id: a}]", _ONE_NAME),
+        ("[{id: a, uri: 'spiffe://x/a', common_name: a}]", _ONE_NAME),
+        ("[{id: a, dns: '*.example.com'}]", "should match pattern"),
+        ("[{id: a, uri: 'not a uri'}]", "should match pattern"),
+        ("[{id: a, dns: A.example.com}, {id: b, dns: a.EXAMPLE.com}]", "identifies more than one"),
+    ],
+    ids=["no-name", "two-names", "wildcard-dns", "bad-uri", "same-dns-twice"],
+)
+def test_mtls_callers_name_exactly_one_certificate_name(
+    tmp_path: Path, entries: str, problem: str
+) -> None:
+    """Each auth.mtls entry names one uri, dns or common_name, no wildcard, none shared."""
+    problems = _problems(_write(tmp_path, f"auth:\n  mtls: {entries}\n"))
+    assert len(problems) == 1
+    assert problem in problems[0]
+    assert "auth.mtls" in problems[0]

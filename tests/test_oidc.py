@@ -860,4 +860,4 @@ async def test_safe_jwt_claim_renders_its_own_prefix(jwt_broker: BrokerHarness, 
     status, reply = await send(
         jwt_broker, "GET", "/v1/credentials/team-uploads", caller=None, headers=headers
     )
-    assert (status, reply["Prefix"]) == (200, "teams/blue/")
+    assert (status, reply["Oss"]["Prefix"]) == (200, "teams/blue/")

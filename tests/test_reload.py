@@ -78,7 +78,7 @@ async def test_edit_takes_effect_on_next_request(broker: BrokerHarness, policies
     path.write_text(path.read_text().replace("avatars/${subject}/", "faces/${subject}/"))
     assert await reload_policies(broker.services) is True
     _, second = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
-    assert (first["Prefix"], second["Prefix"]) == ("avatars/alice/", "faces/alice/")
+    assert (first["Oss"]["Prefix"], second["Oss"]["Prefix"]) == ("avatars/alice/", "faces/alice/")
     assert second["AccessKeyId"] != first["AccessKeyId"]
     assert "faces/alice/" in broker.sts.emulator.calls[-1].params["Policy"]
 
@@ -110,7 +110,7 @@ async def test_kubernetes_symlink_swap(make_broker: BrokerFactory, tmp_path: Pat
     _configmap(root, "2026_11_21_v2", edited)
     assert await reload_policies(broker.services) is True
     _, body = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
-    assert body["Prefix"] == "pics/alice/"
+    assert body["Oss"]["Prefix"] == "pics/alice/"
 
 
 @contextlib.asynccontextmanager

@@ -473,3 +473,17 @@ async def test_oss_takes_the_form_as_given_and_honours_forbid_overwrite(oss: _Os
     status, text = await oss.upload(form, form["fields"])
     assert status == 409, text
     assert "FileAlreadyExists" in text
+
+
+async def test_oss_gets_exactly_the_callback_the_policy_allows(oss: _Oss) -> None:
+    """A requested, allowlisted callback reaches OSS as signed (the emulator records, not calls)."""
+    callback = {"url": _CALLBACK_URL, "body": "object=${object}"}
+    form = await oss.form(key="avatars/alice/face.png", callback=callback)
+    status, text = await oss.upload(form, form["fields"])
+    assert status == 203, text  # OSS's answer when the callback does not succeed
+    [recorded] = oss.dev.oss.callbacks
+    assert (recorded.key, recorded.callback["callbackUrl"]) == (
+        "avatars/alice/face.png",
+        _CALLBACK_URL,
+    )
+    assert recorded.callback["callbackBody"] == "object=${object}"

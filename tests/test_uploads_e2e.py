@@ -66,11 +66,12 @@ def _sdk(stack: Stack, creds: dict[str, Any], secret: str | None = None) -> Asyn
     provider = oss.credentials.StaticCredentialsProvider(
         creds["AccessKeyId"], secret or creds["AccessKeySecret"], creds["SecurityToken"]
     )
+    location = creds["Oss"]  # used as given: the endpoint carries its http:// scheme
     config = oss.config.Config(
-        region=creds["Region"],
-        endpoint=stack.dev.oss_url,
+        region=location["Region"],
+        endpoint=location["Endpoint"],
         credentials_provider=provider,
-        use_path_style=True,
+        use_path_style=location["AddressStyle"] == "path",
     )
     return AsyncClient(config)
 
@@ -83,15 +84,19 @@ async def test_official_sdk_with_vended_credentials_puts_and_gets(stack: Stack) 
         creds = await resp.json()
     client = _sdk(stack, creds)
     try:
-        key = creds["Prefix"] + "report.csv"
+        key = creds["Oss"]["Prefix"] + "report.csv"
         await client.put_object(
-            oss.PutObjectRequest(bucket=creds["Bucket"], key=key, body=b"a,b\n1,2\n")
+            oss.PutObjectRequest(bucket=creds["Oss"]["Bucket"], key=key, body=b"a,b\n1,2\n")
         )
-        result = await client.get_object(oss.GetObjectRequest(bucket=creds["Bucket"], key=key))
+        result = await client.get_object(
+            oss.GetObjectRequest(bucket=creds["Oss"]["Bucket"], key=key)
+        )
         assert await result.body.read() == b"a,b\n1,2\n"
         with pytest.raises(oss.exceptions.OperationError) as outside:
             await client.put_object(
-                oss.PutObjectRequest(bucket=creds["Bucket"], key="services/svc-b/x", body=b"x")
+                oss.PutObjectRequest(
+                    bucket=creds["Oss"]["Bucket"], key="services/svc-b/x", body=b"x"
+                )
             )
         assert "AccessDenied" in str(outside.value)
     finally:
@@ -111,7 +116,9 @@ async def test_tampered_secret_gets_signature_does_not_match(stack: Stack) -> No
     try:
         with pytest.raises(oss.exceptions.OperationError) as err:
             await client.put_object(
-                oss.PutObjectRequest(bucket=creds["Bucket"], key=creds["Prefix"] + "x", body=b"x")
+                oss.PutObjectRequest(
+                    bucket=creds["Oss"]["Bucket"], key=creds["Oss"]["Prefix"] + "x", body=b"x"
+                )
             )
         assert "SignatureDoesNotMatch" in str(err.value)
     finally:

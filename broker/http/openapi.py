@@ -53,22 +53,29 @@ _RETRY_AFTER = (
     TooManyRequests,
     UpstreamThrottled,
     UpstreamUnavailable,
+    UpstreamTimeout,
     IdentityProviderUnavailable,
 )
 _WHEN: dict[int, str] = {
-    400: "Malformed input: parameter, body, or a token given twice.  (A header line over "
-    "`listen.max_header_bytes` is refused earlier, by the HTTP parser, with a plain-text 400.)",
+    400: "Malformed input: parameter, body, or a token given twice.  (A request head the HTTP "
+    "parser refuses, such as a header line over `listen.max_header_bytes` or one with a "
+    "control byte, gets this 400 too, before any handler runs.)",
     401: "No token, an unknown key or invalid JWT, or a scheme other than Bearer.",
     403: "The policy does not exist or may not be used by this caller (the same reply either "
-    "way), the key or content type is outside what it allows, or a value of the caller's "
-    "identity cannot be rendered safely into the prefix.",
+    "way), the key or content type is outside what it allows, a value of the caller's "
+    "identity cannot be rendered safely into the prefix, or a restricted API key "
+    "(`auth.api_keys[].allow`) was used for a route or policy it does not allow.",
     404: "The path does not name a route (e.g. an empty policy name).",
     413: "The body is over `listen.max_body_bytes`.",
-    429: "This caller is over its request quota; `Retry-After` says when to retry.",
-    502: "STS refused the call or sent an unusable reply.",
-    503: "STS is throttling or unavailable, or (for JWT callers) the identity provider's keys "
-    "cannot be loaded; `Retry-After` says when to retry.",
-    504: "STS did not answer within `sts.timeout_seconds`.",
+    429: "This caller has caused more STS calls than its share (`quotas.caller_sts_*`), or "
+    "is over the request-rate quota (off by default); `Retry-After` says when to retry.",
+    502: "STS refused the call (a 4xx answer) or sent credentials the broker refuses (no or "
+    "unparseable `Expiration`, already expired, or further out than asked for).  Not retried.",
+    503: "STS is throttling, answering 5xx, unreachable or sent no usable reply, and retries "
+    "within `sts.retry.deadline_seconds` did not help; or (JWT callers) the identity "
+    "provider's keys cannot be loaded.  `Retry-After` says when to retry.",
+    504: "STS did not answer within `sts.timeout_seconds` (the last attempt cut to what was left "
+    "of `sts.retry.deadline_seconds`); `Retry-After` says when to retry.",
 }
 
 
@@ -115,8 +122,11 @@ def _document() -> dict[str, Any]:
                     "type": "apiKey",
                     "in": "query",
                     "name": "access_token",
-                    "description": "For clients that cannot set headers; never logged.  Giving "
-                    "it together with an `Authorization` header, or twice, is a 400.",
+                    "description": "For clients that cannot set headers (the credentials-URI "
+                    "providers); never logged by the broker, but alibabacloud-credentials puts the "
+                    "whole URL in its error messages: give such a client a key restricted with "
+                    "`auth.api_keys[].allow`.  Giving it together with an `Authorization` header, "
+                    "or twice, is a 400.",
                 },
             },
         },
@@ -141,7 +151,8 @@ def _credentials_operation() -> dict[str, Any]:
         "operationId": "getCredentials",
         "summary": "Scoped STS credentials for this policy and caller.",
         "description": "Compatible with the STS `AssumeRole` reply, the credentials-URI provider "
-        "and the OSS mobile SDKs' auth-server format; errors also carry `StatusCode`, "
+        "and the OSS mobile SDKs' auth-server format, and safe to return unchanged from ali-oss's "
+        "`refreshSTSToken`; the OSS location is under `Oss`.  Errors also carry `StatusCode`, "
         "`ErrorCode`, `ErrorMessage` and `Code`.",
         "security": _SECURED,
         "parameters": [
@@ -209,7 +220,7 @@ def _policies_operation() -> dict[str, Any]:
         "parameters": [_request_id_parameter()],
         "responses": {
             "200": _ok("The usable policies.", "PolicyList"),
-            **_errors((*_CALLER, TemplateValueRejected)),
+            **_errors((*_CALLER, AccessDenied, TemplateValueRejected)),
         },
     }
 
@@ -221,7 +232,9 @@ def _healthz_operation() -> dict[str, Any]:
 def _readyz_operation() -> dict[str, Any]:
     return _public(
         "readiness",
-        "Policies loaded, source credentials available, not shutting down.",
+        "Policies loaded, source credentials available, not shutting down.  `sts` reports "
+        "STS's state as the latest AssumeRole attempts saw it (`degraded` while they fail): "
+        "informational, never a reason to be unready.",
         {"200": _ok("Ready.", "Readiness"), "503": _ok("Not ready.", "Readiness")},
     )
 
@@ -396,10 +409,7 @@ def _response_schemas() -> dict[str, Any]:
             **secrets,
             ExpiresIn={"type": "integer", "minimum": 0},
             Credentials=_object(**secrets),
-            Bucket=string,
-            Region=string,
-            Endpoint=string,
-            Prefix=string,
+            Oss=_oss_location(),
         ),
         "PresignedUrl": _object(
             url={"type": "string", "format": "uri"},
@@ -431,8 +441,46 @@ def _response_schemas() -> dict[str, Any]:
                 "required": ["policies_loaded", "source_credentials", "accepting_requests"],
                 "additionalProperties": {"type": "boolean"},
             },
+            sts=_object(
+                state={"type": "string", "enum": ["unknown", "ok", "degraded"]},
+                consecutive_failures={"type": "integer", "minimum": 0},
+                cached_credentials={"type": "integer", "minimum": 0},
+            ),
         ),
     }
+
+
+_ENDPOINT_URL = {
+    "type": "string",
+    "pattern": "^https?://[^/?#@]+$",
+    "description": "The OSS endpoint with its scheme, e.g. `https://oss-cn-hangzhou.aliyuncs.com` "
+    "(`http://127.0.0.1:PORT` in dev mode): usable as given.",
+}
+_ADDRESS_STYLE = {
+    "type": "string",
+    "enum": ["virtual", "path", "cname"],
+    "description": "How to address the bucket: `virtual` (bucket in the host name), `path` "
+    "(bucket in the path; alibabacloud-oss-v2 `use_path_style`, ali-oss `sldEnable` except for an "
+    "IP-address endpoint) or `cname` "
+    "(the endpoint serves the bucket; oss-v2 `use_cname`, ali-oss `cname`).",
+}
+
+
+def _oss_location() -> dict[str, Any]:
+    string = {"type": "string"}
+    location = _object(
+        Bucket=string,
+        Region=string,
+        Endpoint=_ENDPOINT_URL,
+        Prefix=string,
+        AddressStyle=_ADDRESS_STYLE,
+    )
+    location["description"] = (
+        "Where the credentials may be used.  Breaking change: these fields were at the top "
+        "level before; they moved so that the reply is safe to return unchanged from ali-oss's "
+        "`refreshSTSToken`, which merges every top-level key into its client options."
+    )
+    return location
 
 
 def _policy_description() -> dict[str, Any]:
@@ -443,7 +491,8 @@ def _policy_description() -> dict[str, Any]:
         description=string,
         bucket=string,
         region=string,
-        endpoint=string,
+        endpoint=_ENDPOINT_URL,
+        address_style=_ADDRESS_STYLE,
         prefix=string,
         actions=actions,
         duration_seconds={"type": "integer", "minimum": 900, "maximum": 43200},

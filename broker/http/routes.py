@@ -13,7 +13,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from broker import vending
 from broker.auth import extract_token, quota_key
-from broker.errors import RequestInvalid, TooManyRequests
+from broker.errors import AccessDenied, RequestInvalid
 from broker.http.keys import SERVICES
 from broker.http.middleware import REQUEST_ID
 from broker.http.openapi import openapi_document
@@ -22,6 +22,7 @@ from broker.models import Principal
 from broker.names import format_sts_time
 from broker.policies import Scope
 from broker.services import Services
+from broker.signing import OssEndpoint
 from broker.uploads import Expiry, PostPolicyBody, PresignBody, oss_endpoint
 
 __all__ = [
@@ -36,6 +37,14 @@ __all__ = [
 ]
 
 _Body = TypeVar("_Body", bound=pydantic.BaseModel)
+
+_ROUTE_TITLES = {
+    "credentials": "GET /v1/credentials/{policy}",
+    "presign": "POST /v1/presign",
+    "post_policy": "POST /v1/post-policy",
+    "policies": "GET /v1/policies",
+}
+"""What ``auth.api_keys[].allow.routes`` may name (``broker.config.ApiRoute``), for messages."""
 
 _JSON = {"Content-Type": "application/json"}
 _JSON_NO_STORE = {**_JSON, "Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -55,12 +64,18 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
         token = extract_token(request.headers.getall("Authorization", []), request.query)
         principal = await services.authenticator.authenticate(token)
     structlog.contextvars.bind_contextvars(caller=principal.subject)
-    try:
-        services.quotas.check(quota_key(principal))
-    except TooManyRequests:
-        services.metrics.quota_rejections.labels("caller").inc()
-        raise
+    _check_route(request, principal)
+    services.quotas.check(quota_key(principal))
     return principal
+
+
+def _check_route(request: web.Request, principal: Principal) -> None:
+    """A restricted API key may call only the routes its ``allow.routes`` lists."""
+    allow = principal.allow
+    route = request.match_info.route.name or ""
+    if allow is not None and allow.routes is not None and route not in allow.routes:
+        allowed = ", ".join(_ROUTE_TITLES[name] for name in sorted(allow.routes))
+        raise AccessDenied(f"this API key may only be used for {allowed}")
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -109,28 +124,50 @@ async def get_credentials(request: web.Request) -> web.Response:
 
 
 def _credentials_reply(issued: vending.IssuedCredentials, request_id: str) -> dict[str, Any]:
-    """STS's shape, the credentials-URI provider's and the OSS mobile SDKs' at once."""
-    creds, policy = issued.credentials, issued.scope.policy
-    expiration = creds.expiration_iso()
+    """STS's shape, the credentials-URI provider's and the OSS mobile SDKs' at once.
+
+    Safe to hand unchanged to ali-oss's ``refreshSTSToken``: ali-oss lower-cases
+    the first letter of every top-level key and ``Object.assign``s them all into
+    its client options (ali-oss 6.23.0 lib/common/utils/setSTSToken.js,
+    formatObjKey.js), so no top-level key may name one of its options except
+    the credentials themselves; the OSS location sits under ``Oss``
+    (tests/http/test_credentials.py lists ali-oss's option names).
+    """
+    creds = issued.credentials
+    secrets = {
+        "AccessKeyId": creds.access_key_id,
+        "AccessKeySecret": creds.access_key_secret,
+        "SecurityToken": creds.security_token,
+        "Expiration": creds.expiration_iso(),
+    }
     return {
         "Code": "Success",
         "StatusCode": 200,
         "RequestId": request_id,
-        "AccessKeyId": creds.access_key_id,
-        "AccessKeySecret": creds.access_key_secret,
-        "SecurityToken": creds.security_token,
-        "Expiration": expiration,
+        **secrets,
         "ExpiresIn": issued.expires_in,
-        "Credentials": {
-            "AccessKeyId": creds.access_key_id,
-            "AccessKeySecret": creds.access_key_secret,
-            "SecurityToken": creds.security_token,
-            "Expiration": expiration,
-        },
-        "Bucket": policy.bucket,
-        "Region": policy.region,
-        "Endpoint": issued.endpoint.host,
-        "Prefix": issued.scope.prefix,
+        "Credentials": secrets,
+        "Oss": _oss_location(issued.endpoint, issued.scope),
+    }
+
+
+def _oss_location(endpoint: OssEndpoint, scope: Scope) -> dict[str, str]:
+    """Where the credentials may be used, as a client configures itself.
+
+    ``Endpoint`` carries its scheme: alibabacloud-oss-v2 reads a bare host as
+    HTTPS (alibabacloud_oss_v2/endpoints.py ``add_scheme``), which fails against
+    an http:// emulator.  ``AddressStyle`` is alibabacloud-oss-v2's word
+    (``AddressStyle`` in alibabacloud_oss_v2/_client.py): ``virtual``
+    (bucket in the host), ``path`` (oss-v2 ``use_path_style``, oss2
+    ``is_path_style``, ali-oss ``sldEnable`` unless the endpoint is an IP
+    address: see docs/api.md) or ``cname`` (``use_cname``, ``is_cname``, ``cname``).
+    """
+    return {
+        "Bucket": scope.policy.bucket,
+        "Region": scope.policy.region,
+        "Endpoint": endpoint.url,
+        "Prefix": scope.prefix,
+        "AddressStyle": endpoint.address_style,
     }
 
 
@@ -181,12 +218,14 @@ async def list_policies(request: web.Request) -> web.Response:
 
 def _describe(services: Services, scope: Scope) -> dict[str, Any]:
     policy = scope.policy
+    endpoint = oss_endpoint(services.settings.oss, policy)
     return {
         "name": policy.name,
         "description": policy.description,
         "bucket": policy.bucket,
         "region": policy.region,
-        "endpoint": oss_endpoint(services.settings.oss, policy).host,
+        "endpoint": endpoint.url,
+        "address_style": endpoint.address_style,
         "prefix": scope.prefix,
         "actions": list(policy.actions),
         "duration_seconds": policy.duration_seconds,
@@ -202,7 +241,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: policies loaded, source credentials available, not shutting down."""
+    """``GET /readyz``: policies loaded, source credentials available, not shutting down.
+
+    STS's own state is reported (``sts``), never required: an STS outage hits
+    every replica alike, and a ready one still serves its cached credentials
+    and answers the rest with 503 + Retry-After (docs/api.md).
+    """
     services = request.app[SERVICES]
     checks = {
         "policies_loaded": len(services.policies) > 0,
@@ -210,8 +254,15 @@ async def readyz(request: web.Request) -> web.Response:
         "accepting_requests": not services.shutting_down,
     }
     ready = all(checks.values())
+    health = services.sts.health
+    sts = {
+        "state": health.state,
+        "consecutive_failures": health.consecutive_failures,
+        "cached_credentials": len(services.cache),
+    }
     return _json(
-        {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+        {"status": "ready" if ready else "not_ready", "checks": checks, "sts": sts},
+        200 if ready else 503,
     )
 
 

@@ -34,6 +34,16 @@ class OssEndpoint:
         if not self.host or any(c in self.host for c in "/?#@ \t\r\n"):
             raise ValueError(f"endpoint host must be a bare host[:port], not {self.host!r}")
 
+    @property
+    def url(self) -> str:
+        """``scheme://host[:port]``, usable as given (oss-v2 reads a bare host as HTTPS)."""
+        return f"{self.scheme}://{self.host}"
+
+    @property
+    def address_style(self) -> Addressing:
+        """The addressing URLs really use: ``path`` for an IP-address host, as in the SDK."""
+        return "path" if _is_ip(self.host) else self.addressing
+
 
 def bucket_url(endpoint: OssEndpoint, bucket: str) -> str:
     """The bucket's base URL (no trailing slash), e.g. where a PostObject form is sent."""

@@ -6,11 +6,12 @@ import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
 from broker.auth import hash_api_key
+from broker.config import ApiRoute
 from tests.conftest import CALLERS, POLICIES_DIR, BrokerFactory, BrokerHarness
 
 EXPECTED_ALICE_AVATAR_POLICY = (
@@ -37,10 +38,14 @@ async def test_body_matches_all_three_client_formats(broker: BrokerHarness) -> N
     expiration = datetime.strptime(body["Expiration"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     assert expiration.timestamp() == issued.expires_at
     assert body["ExpiresIn"] == 900
-    assert body["Bucket"] == "examplebucket"
-    assert body["Region"] == "cn-hangzhou"
-    assert body["Endpoint"] == "oss-cn-hangzhou.aliyuncs.com"
-    assert body["Prefix"] == "avatars/alice/"
+    assert body["Oss"] == {
+        "Bucket": "examplebucket",
+        "Region": "cn-hangzhou",
+        "Endpoint": "https://oss-cn-hangzhou.aliyuncs.com",
+        "Prefix": "avatars/alice/",
+        "AddressStyle": "virtual",
+    }
+    assert not {"Bucket", "Region", "Endpoint", "Prefix"} & body.keys()
 
 
 async def test_policy_sent_to_sts_is_exactly_the_expected_document(broker: BrokerHarness) -> None:
@@ -94,7 +99,7 @@ async def test_fifty_subjects_fifty_sts_calls(make_broker: BrokerFactory) -> Non
         headers = {"Authorization": f"Bearer {key}"}
         async with broker.client.get("/v1/credentials/avatar-upload", headers=headers) as resp:
             assert resp.status == 200
-            return str((await resp.json())["Prefix"])
+            return str((await resp.json())["Oss"]["Prefix"])
 
     prefixes = await asyncio.gather(*(fetch(key) for key in keys.values() for _ in range(5)))
     assert broker.sts.emulator.assume_role_calls() == 50
@@ -174,7 +179,7 @@ async def test_access_token_query_parameter(broker: BrokerHarness) -> None:
         f"/v1/credentials/avatar-upload?access_token={key}", caller=None
     )
     assert status == 200
-    assert body["Prefix"] == "avatars/alice/"
+    assert body["Oss"]["Prefix"] == "avatars/alice/"
 
 
 @pytest.mark.parametrize(
@@ -201,11 +206,12 @@ async def test_caller_outside_callers_is_denied(broker: BrokerHarness) -> None:
         ({"throttle": True}, 503, "UpstreamThrottled", True),
         ({"throttle": True, "throttle_code": "Throttling.User"}, 503, "UpstreamThrottled", True),
         ({"throttle": True, "throttle_code": "Throttling"}, 503, "UpstreamThrottled", True),
-        ({"error_status": 500}, 502, "UpstreamError", False),
+        ({"error_status": 500}, 503, "UpstreamUnavailable", True),
         ({"error_status": 503}, 503, "UpstreamUnavailable", True),
-        ({"delay_seconds": 3.0}, 504, "UpstreamTimeout", False),
-        ({"reset_connection": True}, 502, "UpstreamError", False),
-        ({"malformed_body": True}, 502, "UpstreamError", False),
+        ({"delay_seconds": 3.0}, 504, "UpstreamTimeout", True),
+        ({"reset_connection": True}, 503, "UpstreamUnavailable", True),
+        ({"malformed_body": True}, 503, "UpstreamUnavailable", True),
+        ({"always": "error:NoPermission"}, 502, "UpstreamError", False),
         ({"omit_credentials": True}, 502, "UpstreamError", False),
         ({"omit_expiration": True}, 502, "UpstreamError", False),
         ({"expired_credentials": True}, 502, "UpstreamError", False),
@@ -229,7 +235,7 @@ async def test_sts_faults_map_to_gateway_errors_and_recover(
     assert len(broker.services.cache) == 0
     ok, recovered = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
     assert ok == 200
-    assert recovered["Prefix"] == "avatars/alice/"
+    assert recovered["Oss"]["Prefix"] == "avatars/alice/"
 
 
 async def test_wrong_source_secret_is_a_gateway_error(make_broker: BrokerFactory) -> None:
@@ -259,3 +265,192 @@ async def test_oversized_header_is_refused(broker: BrokerHarness) -> None:
     async with broker.client.get("/v1/credentials/avatar-upload", headers=headers) as resp:
         assert resp.status == 400
     assert broker.sts.emulator.calls == []
+
+
+# Every option name ali-oss 6.23.0 reads from its client options (``this.options``):
+# the constructor options of its README ("oss(options)"), the defaults of
+# lib/common/client/initOptions.js, and each ``this.options.NAME`` / ``options.NAME``
+# read in lib/client.js, lib/browser/client.js and lib/common/**.  ``refreshSTSToken``'s
+# result is first-letter-lower-cased (lib/common/utils/formatObjKey.js), ``securityToken``
+# is copied to ``stsToken``, and every key is ``Object.assign``-ed into these options
+# (lib/common/utils/setSTSToken.js).  tests/clients drives ali-oss itself with the reply.
+ALI_OSS_OPTIONS = frozenset(
+    {
+        # README "oss(options)"
+        *("accessKeyId", "accessKeySecret", "stsToken", "refreshSTSToken"),
+        *("refreshSTSTokenInterval", "bucket", "endpoint", "region", "internal", "secure"),
+        *("timeout", "cname", "isRequestPay", "useFetch", "enableProxy", "proxy", "retryMax"),
+        *("maxSockets", "authorizationV4", "cloudBoxId"),
+        # lib/common/client/initOptions.js defaults
+        *("sldEnable", "headerEncoding", "inited"),
+        # read from this.options / options in lib/
+        *("urllib", "amendTimeSkewed", "cancelFlag", "agent", "httpsAgent"),
+        *("requestErrorRetryHandle", "imageHost", "ctx", "cluster", "headers"),
+        *("heartbeatInterval", "ignoreStatusFile", "masterOnly", "schedule"),
+    }
+)
+
+
+def _as_ali_oss_merges_it(reply: dict[str, Any]) -> set[str]:
+    """The option names ali-oss's setSTSToken assigns from ``reply``."""
+    keys = {key[:1].lower() + key[1:] for key in reply}
+    return keys | {"stsToken"} if "securityToken" in keys else keys
+
+
+async def test_reply_is_safe_to_return_from_ali_oss_refresh_sts_token(
+    broker: BrokerHarness,
+) -> None:
+    """Merged into ali-oss's options, the reply sets its credentials and no other option."""
+    status, body = await broker.get_json("/v1/credentials/service-uploads", caller="svc-a")
+    assert status == 200
+    merged = _as_ali_oss_merges_it(body)
+    assert merged & ALI_OSS_OPTIONS == {"accessKeyId", "accessKeySecret", "stsToken"}
+    assert "oss" in merged  # the location travels nested, where no option is named
+
+
+async def test_endpoint_is_a_https_url_in_production(make_broker: BrokerFactory) -> None:
+    """With no oss override, Endpoint is the policy's endpoint as an https:// URL."""
+    broker = await make_broker()
+    _, body = await broker.get_json("/v1/credentials/service-uploads", caller="svc-a")
+    assert body["Oss"]["Endpoint"] == "https://oss-cn-hangzhou.aliyuncs.com"
+    assert body["Oss"]["AddressStyle"] == "virtual"
+    _, listed = await broker.get_json("/v1/policies", caller="svc-a")
+    (entry,) = [p for p in listed["policies"] if p["name"] == "service-uploads"]
+    assert (entry["endpoint"], entry["address_style"]) == (
+        "https://oss-cn-hangzhou.aliyuncs.com",
+        "virtual",
+    )
+
+
+@pytest.mark.parametrize(
+    ("oss", "endpoint", "style"),
+    [
+        (
+            {"endpoint": "http://127.0.0.1:9100", "addressing": "path"},
+            "http://127.0.0.1:9100",
+            "path",
+        ),
+        # An IP-address host is always path-style, as in the SDKs (endpoints.is_ip).
+        ({"endpoint": "http://127.0.0.1:9100"}, "http://127.0.0.1:9100", "path"),
+        (
+            {"endpoint": "cdn.example.com", "addressing": "cname"},
+            "https://cdn.example.com",
+            "cname",
+        ),
+    ],
+)
+async def test_endpoint_keeps_its_scheme_and_addressing(
+    make_broker: BrokerFactory, oss: dict[str, str], endpoint: str, style: str
+) -> None:
+    """Dev-mode-like (http, emulator) and CDN endpoints come out as URLs with their style."""
+    broker = await make_broker(oss=oss)
+    _, body = await broker.get_json("/v1/credentials/service-uploads", caller="svc-a")
+    assert (body["Oss"]["Endpoint"], body["Oss"]["AddressStyle"]) == (endpoint, style)
+
+
+async def test_bare_policy_endpoint_becomes_https_url(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """A policy's bare endpoint host is handed out as https://host."""
+    source = (POLICIES_DIR / "service-uploads.yaml").read_text()
+    (tmp_path / "p.yaml").write_text(source + "endpoint: oss-cn-hangzhou-internal.aliyuncs.com\n")
+    broker = await make_broker(policies_dir=tmp_path)
+    _, body = await broker.get_json("/v1/credentials/service-uploads", caller="svc-a")
+    assert body["Oss"]["Endpoint"] == "https://oss-cn-hangzhou-internal.aliyuncs.com"
+
+
+PROVIDER_KEY = "canary-apikey-provider-0c4d"
+
+
+async def _restricted_broker(make_broker: BrokerFactory, allow: dict[str, Any]) -> BrokerHarness:
+    keys = [
+        {"id": caller, "key_sha256": hash_api_key(key), "groups": list(groups)}
+        for caller, (key, groups) in CALLERS.items()
+    ]
+    restricted = {"id": "svc-provider", "key_sha256": hash_api_key(PROVIDER_KEY)}
+    keys.append({**restricted, "groups": ["internal"], "allow": allow})
+    return await make_broker(auth={"api_keys": keys})
+
+
+async def _as_provider(
+    broker: BrokerHarness, method: str, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {PROVIDER_KEY}"}
+    async with broker.client.request(method, path, headers=headers, json=body) as resp:
+        return resp.status, await resp.json()
+
+
+CREDENTIALS_ONLY = {"routes": ["credentials"], "policies": ["service-uploads"]}
+
+
+async def test_restricted_key_fetches_its_policy(make_broker: BrokerFactory) -> None:
+    """A key allowed credentials for service-uploads gets them (also via ?access_token=)."""
+    broker = await _restricted_broker(make_broker, CREDENTIALS_ONLY)
+    status, body = await _as_provider(broker, "GET", "/v1/credentials/service-uploads")
+    assert (status, body["Oss"]["Prefix"]) == (200, "services/svc-provider/")
+    path = f"/v1/credentials/service-uploads?access_token={PROVIDER_KEY}"
+    status, _ = await broker.get_json(path, caller=None)
+    assert status == 200
+
+
+async def test_restricted_key_is_refused_other_policies(make_broker: BrokerFactory) -> None:
+    """The key's groups allow reports-read, but its allow.policies does not: 403, no STS call."""
+    broker = await _restricted_broker(make_broker, CREDENTIALS_ONLY)
+    status, body = await _as_provider(broker, "GET", "/v1/credentials/reports-read")
+    assert (status, body["error"]["code"], body["ErrorCode"]) == (
+        403,
+        "AccessDenied",
+        "AccessDenied",
+    )
+    assert body["error"]["message"] == (
+        "this API key may only be used for the policies: service-uploads"
+    )
+    assert broker.sts.emulator.calls == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/v1/presign", {"policy": "service-uploads", "key": "services/svc-provider/x"}),
+        ("POST", "/v1/post-policy", {"policy": "service-uploads"}),
+        ("GET", "/v1/policies", None),
+    ],
+)
+async def test_restricted_key_is_refused_other_routes(
+    make_broker: BrokerFactory, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    """A credentials-only key gets 403 AccessDenied on every other route, naming what it may do."""
+    broker = await _restricted_broker(make_broker, CREDENTIALS_ONLY)
+    status, reply = await _as_provider(broker, method, path, body)
+    assert (status, reply["error"]["code"]) == (403, "AccessDenied")
+    assert reply["error"]["message"] == (
+        "this API key may only be used for GET /v1/credentials/{policy}"
+    )
+    assert broker.sts.emulator.calls == []
+
+
+async def test_policy_restricted_key_sees_and_signs_only_its_policies(
+    make_broker: BrokerFactory,
+) -> None:
+    """A key restricted by policy only lists and presigns for those policies, every route open."""
+    broker = await _restricted_broker(make_broker, {"policies": ["service-uploads"]})
+    status, listed = await _as_provider(broker, "GET", "/v1/policies")
+    assert status == 200
+    assert [entry["name"] for entry in listed["policies"]] == ["service-uploads"]
+    presign = {"policy": "service-uploads", "key": "services/svc-provider/x", "method": "PUT"}
+    status, _ = await _as_provider(broker, "POST", "/v1/presign", presign)
+    assert status == 200
+    status, _ = await _as_provider(
+        broker, "POST", "/v1/presign", {**presign, "policy": "reports-read"}
+    )
+    assert status == 403
+
+
+def test_allow_routes_name_every_api_route(broker: BrokerHarness) -> None:
+    """allow.routes' vocabulary is exactly the names of app.py's /v1 routes."""
+    app_routes = {
+        route.name
+        for route in broker.client.app.router.routes()
+        if route.resource is not None and route.resource.canonical.startswith("/v1/")
+    }
+    assert set(get_args(ApiRoute)) == app_routes

@@ -61,7 +61,7 @@ async def test_jwt_caller_gets_its_own_prefix(
     headers = {"Authorization": f"Bearer {token}"}
     async with broker.client.get("/v1/credentials/avatar-upload", headers=headers) as resp:
         assert resp.status == 200
-        assert (await resp.json())["Prefix"] == "avatars/bob/"
+        assert (await resp.json())["Oss"]["Prefix"] == "avatars/bob/"
     assert broker.sts.emulator.calls[0].params["RoleSessionName"] == "u.bob"
 
 

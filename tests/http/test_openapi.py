@@ -16,6 +16,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from schemathesis import checks
 from schemathesis.generation import GenerationMode
@@ -145,6 +146,35 @@ def test_credentials_parameters_and_errors() -> None:
     }
     assert error_403["properties"]["Code"]["enum"] == ["AccessDenied", "TemplateValueRejected"]
     assert "Retry-After" in operation["responses"]["503"]["headers"]
+
+
+def test_credentials_reply_holds_the_oss_location_under_oss() -> None:
+    """The documented reply nests the OSS location under Oss, and nowhere else."""
+    schema = openapi_document()["components"]["schemas"]["Credentials"]
+    assert not {"Bucket", "Region", "Endpoint", "Prefix"} & set(schema["properties"])
+    oss = schema["properties"]["Oss"]
+    assert oss["required"] == ["Bucket", "Region", "Endpoint", "Prefix", "AddressStyle"]
+    assert oss["additionalProperties"] is False
+    assert oss["properties"]["AddressStyle"]["enum"] == ["virtual", "path", "cname"]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "valid"),
+    [
+        ("https://oss-cn-hangzhou.aliyuncs.com", True),
+        ("http://127.0.0.1:9100", True),
+        ("oss-cn-hangzhou.aliyuncs.com", False),
+        ("127.0.0.1:9100", False),
+        ("https://oss-cn-hangzhou.aliyuncs.com/bucket", False),
+    ],
+)
+def test_documented_endpoints_carry_their_scheme(endpoint: str, valid: bool) -> None:
+    """Credentials' Oss.Endpoint and /v1/policies' endpoint must be URLs with a scheme."""
+    schemas = openapi_document()["components"]["schemas"]
+    credentials = schemas["Credentials"]["properties"]["Oss"]["properties"]["Endpoint"]
+    listed = schemas["PolicyList"]["properties"]["policies"]["items"]["properties"]["endpoint"]
+    for schema in (credentials, listed):
+        assert Draft202012Validator(schema).is_valid(endpoint) is valid
 
 
 def test_every_request_error_code_is_documented() -> None:

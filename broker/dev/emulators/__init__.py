@@ -5,9 +5,11 @@ Both run as real aiohttp servers on 127.0.0.1 (``serve_app``):
 - ``sts``: the STS emulator (AssumeRole); ``sts_signature`` checks ACS3-HMAC-SHA256,
   ``sts_params`` STS's parameter limits, ``sts_errors`` its error answers,
   ``sts_faults`` the faults tests inject.
-- ``oss``: the OSS emulator; ``oss_signature`` checks V4 header and URL signatures,
-  ``oss_post`` PostObject forms, ``oss_ram`` the token's inline RAM policy;
-  ``oss_store`` keeps objects on disk, ``oss_multipart`` multipart uploads;
+- ``oss``: the OSS emulator; ``oss_request`` reads the target and the API,
+  ``oss_auth`` dispatches to ``oss_signature`` (V4) and ``oss_signature_v1`` (V1),
+  ``oss_post`` checks PostObject forms, ``oss_ram`` authorizes with ``ram`` (RAM
+  policy evaluation with conditions); ``oss_store`` keeps objects on disk,
+  ``oss_list`` lists them, ``oss_multipart`` holds multipart uploads;
   ``oss_errors`` and ``oss_xml`` are OSS's error codes and XML bodies.
 """
 

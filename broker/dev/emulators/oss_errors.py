@@ -1,17 +1,22 @@
 """The OSS emulator's errors: OSS's codes, HTTP statuses and messages, extra elements, ECs.
 
 Codes, messages and ECs come from the OSS docs: "Troubleshoot signature errors"
-(SignatureDoesNotMatch and its StringToSign/CanonicalRequest elements), the EC
+(SignatureDoesNotMatch and its StringToSign/CanonicalRequest elements; V1 EC
+0002-00000040, https://help.aliyun.com/knowledge_detail/108790.html), the EC
 pages 0002-00000069 (AccessDenied "Request has expired.", Expires/ServerTime),
 0002-00000007 (SecurityTokenExpired), 0002-00000002/4 (InvalidAccessKeyId),
-0002-00000201 (V4 mismatch), 0002-00000209/210 (AdditionalHeaders),
-0002-00000235 (x-oss-date ahead), 0003-00000301 ("Access denied by
-authorizer's policy."), the PostObject error table (MalformedPOSTRequest,
-InvalidPolicyDocument, "Invalid according to Policy: Policy expired." /
-"...Policy Condition failed: [...]") and OSS's error-code list.  Guessed, not
-documented: InvalidArgument for malformed signature parameters, the
-credential-region check as AccessDenied, "Extra input fields" (S3's wording).
-``oss_xml.error_response`` writes them as OSS's ``<Error>`` XML.
+0002-00000201 (V4 mismatch), 0002-00000705 (PostObject V1 mismatch),
+0002-00000209/210 (AdditionalHeaders), 0002-00000235 (x-oss-date ahead),
+0003-00000301 ("Access denied by authorizer's policy."), 0017-00000279 and
+0006-00000117 (x-oss-forbid-overwrite neither true nor false), 0006-00000226
+(a field a PostObject condition names is missing), the PostObject error table
+(MalformedPOSTRequest, InvalidPolicyDocument, "Invalid according to Policy:
+Policy expired." / "...Policy Condition failed: [...]"), the callback pages
+(203 CallbackFailed, the object stored) and OSS's error-code list
+(NotImplemented, 501).  Guessed, not documented: InvalidArgument for malformed
+signature parameters, the credential-region check as AccessDenied, the V1
+"requires a valid Date" message.  ``oss_xml.error_response`` writes them as
+OSS's ``<Error>`` XML.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ _CATALOGUE: Final[Mapping[str, tuple[int, str]]] = {
                         "Access-Control-Request-Method or Access-Control-Requet-Headers are not "
                         "whitelisted by the resource's CORS spec."),
     "BadDigest": (400, "The Content-MD5 you specified did not match what we received."),
+    "CallbackFailed": (203, "Error status : -1. The OSS emulator does not call callback servers."),
     "EntityTooLarge": (400, "Your proposed upload exceeds the maximum allowed size."),
     "EntityTooSmall": (400, "Your proposed upload is smaller than the minimum allowed size."),
     "FileAlreadyExists": (409, "The object you specified already exists and can not be "
@@ -47,7 +53,6 @@ _CATALOGUE: Final[Mapping[str, tuple[int, str]]] = {
                              "multipart/form-data."),
     "MalformedXML": (400, "The XML you provided was not well-formed or did not validate against "
                      "our published schema."),
-    "MethodNotAllowed": (405, "The specified method is not allowed against this resource."),
     "NoSuchBucket": (404, "The specified bucket does not exist."),
     "NoSuchKey": (404, "The specified key does not exist."),
     "NoSuchUpload": (404, "The specified upload does not exist. The upload ID may be invalid, or "

@@ -1,6 +1,7 @@
 """Multipart uploads in the OSS emulator: Initiate, UploadPart, ListParts, Complete, Abort.
 
-As OSS documents them: part numbers 1..10,000; Complete lists parts in
+As OSS documents them: part numbers 1..10,000; Initiate keeps the object's
+Content-Type, stored headers, ACL and metadata; Complete lists parts in
 ascending order with their ETags (or ``x-oss-complete-all: yes`` takes every
 part), all but the last at least 100 KB; the object's ETag is the MD5 of the
 parts' MD5s, then ``-<parts>``.
@@ -19,7 +20,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from broker.dev.emulators.oss_errors import OssError
-from broker.dev.emulators.oss_store import DEFAULT_TYPE, ObjectStore, etag_of, metadata_of
+from broker.dev.emulators.oss_store import STORED_HEADERS, ObjectStore, etag_of, metadata_of
 from broker.dev.emulators.oss_xml import Node, xml_response
 
 __all__ = ["MultipartUploads", "PartTarget"]
@@ -42,8 +43,7 @@ class PartTarget:
 class _Upload:
     bucket: str
     key: str
-    content_type: str
-    metadata: Mapping[str, str]
+    headers: Mapping[str, str]
     parts: dict[int, tuple[str, bytes]] = field(default_factory=dict)
 
 
@@ -76,9 +76,10 @@ class MultipartUploads:
     def _initiate(self, request: web.Request, target: PartTarget) -> web.Response:
         self._store.check_overwrite(request.headers, target.bucket, target.key)
         upload_id = uuid.uuid4().hex.upper()
-        content_type = request.headers.get("Content-Type") or DEFAULT_TYPE
-        meta = metadata_of(request.headers.items())
-        self._uploads[upload_id] = _Upload(target.bucket, target.key, content_type, meta)
+        kept = ("Content-Type", "x-oss-object-acl", *STORED_HEADERS)
+        headers = {name: request.headers[name] for name in kept if name in request.headers}
+        headers.update(metadata_of(request.headers.items()))
+        self._uploads[upload_id] = _Upload(target.bucket, target.key, headers)
         nodes = [("Bucket", target.bucket), ("Key", target.key), ("UploadId", upload_id)]
         return xml_response("InitiateMultipartUploadResult", nodes)
 
@@ -99,8 +100,8 @@ class MultipartUploads:
         self._store.check_overwrite(request.headers, upload.bucket, upload.key)
         digest = hashlib.md5(b"".join(hashlib.md5(part).digest() for part in chosen))  # noqa: S324
         etag = f'"{digest.hexdigest().upper()}-{len(chosen)}"'
-        headers = {"Content-Type": upload.content_type, **upload.metadata}
-        self._store.put(upload.bucket, upload.key, b"".join(chosen), headers, "Multipart", etag)
+        data = b"".join(chosen)
+        self._store.put(upload.bucket, upload.key, data, upload.headers, "Multipart", etag)
         del self._uploads[upload_id]
         location = f"http://{request.host}/{upload.bucket}/{quote(upload.key)}"
         nodes = [("Location", location), ("Bucket", upload.bucket), ("Key", upload.key)]

@@ -5,6 +5,17 @@ signs the base64 policy with the V4 signing key (hex), V1 with HMAC-SHA1 of
 the secret (base64); the policy's ``expiration`` and every condition
 (``eq``, ``starts-with``, ``in``, ``not-in``, ``content-length-range``) are
 enforced; ``file`` must be the form's last field.
+
+Form fields the policy does not name are accepted, as OSS accepts them: the
+valid request on https://help.aliyun.com/en/oss/user-guide/0006-00000201
+carries ``success_action_status``, ``Content-Disposition`` and ``x-oss-meta-*``
+fields its policy's conditions never mention (so does the one on
+https://help.aliyun.com/en/oss/user-guide/0006-00000117).  A field that a
+condition NAMES must be present: https://help.aliyun.com/en/oss/user-guide/0006-00000226.
+The fields OSS understands are applied (``post_headers``, ``post_response``):
+Content-Type and the other stored headers, ``x-oss-meta-*``,
+``x-oss-object-acl``, ``x-oss-forbid-overwrite``, ``success_action_status``,
+``success_action_redirect`` and ``callback`` (``parse_callback``).
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -35,14 +46,20 @@ from broker.dev.emulators.oss_signature import (
     resolve,
     signing_key,
 )
+from broker.dev.emulators.oss_store import DEFAULT_TYPE
 from broker.dev.emulators.oss_xml import xml_response
 from broker.dev.emulators.sts import IssuedCredentials
 
-__all__ = ["PostForm", "authenticate_post", "post_response", "read_form"]
+__all__ = [
+    "PostForm",
+    "authenticate_post",
+    "parse_callback",
+    "post_headers",
+    "post_response",
+    "read_form",
+]
 
 _MAX_FIELD_BYTES: Final = 64 * 1024
-_V1_EXEMPT: Final = frozenset({"file", "policy", "signature", "ossaccesskeyid"})
-_V4_EXEMPT: Final = frozenset({"file", "policy", "x-oss-signature"})
 _V4_REQUIRED: Final = ("x-oss-signature-version", "x-oss-credential", "x-oss-date")
 
 
@@ -101,9 +118,7 @@ async def _read_part(part: BodyPartReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def authenticate_post(
-    form: PostForm, bucket: str, verifier: Verifier, *, strict_fields: bool
-) -> IssuedCredentials:
+def authenticate_post(form: PostForm, bucket: str, verifier: Verifier) -> IssuedCredentials:
     """Check a PostObject form's signature, then its policy; the caller's credentials."""
     fields = form.fields
     if "policy" not in fields:
@@ -112,22 +127,18 @@ def authenticate_post(
         )
     if "x-oss-signature-version" in fields:
         issued = _post_v4(fields, verifier)
-        exempt = _V4_EXEMPT
     elif "ossaccesskeyid" in fields or "signature" in fields:
         issued = _post_v1(fields, verifier)
-        exempt = _V1_EXEMPT | {"x-oss-security-token"}
     else:
         raise OssError("AccessDenied")
     conditions = _policy_conditions(fields["policy"], verifier.clock())
     if "x-oss-signature-version" in fields:
         _require_v4_conditions(conditions)
-    values = {**fields, "bucket": bucket, "content-type": form.content_type}
-    covered = {_check_condition(condition, values, form.size) for condition in conditions}
-    if strict_fields:
-        extra = sorted(set(fields) - exempt - covered)
-        if extra:
-            message = f"Invalid according to Policy: Extra input fields: {', '.join(extra)}"
-            raise OssError("AccessDenied", message)
+    values = {**fields, "bucket": bucket}
+    if form.content_type:
+        values["content-type"] = form.content_type
+    for condition in conditions:
+        _check_condition(condition, values, form.size)
     return issued
 
 
@@ -161,7 +172,7 @@ def _post_v1(fields: Mapping[str, str], verifier: Verifier) -> IssuedCredentials
     expected = base64.b64encode(digest.digest()).decode()
     if not hmac.compare_digest(expected, provided):
         details = mismatch_details(access_key_id, provided, policy)
-        raise OssError("SignatureDoesNotMatch", ec="0002-00000040", details=details)
+        raise OssError("SignatureDoesNotMatch", ec="0002-00000705", details=details)
     return issued
 
 
@@ -206,8 +217,8 @@ def _condition_field(condition: object) -> str | None:
     return None
 
 
-def _check_condition(condition: object, values: Mapping[str, str], size: int) -> str:
-    """Enforce one condition; the form field it covers."""
+def _check_condition(condition: object, values: Mapping[str, str], size: int) -> None:
+    """Enforce one condition; the form field it names must be present."""
     if isinstance(condition, dict):
         if len(condition) != 1:
             raise invalid_policy(
@@ -221,16 +232,17 @@ def _check_condition(condition: object, values: Mapping[str, str], size: int) ->
     operator, subject, operand = condition
     if operator == "content-length-range":
         _check_length(subject, operand, size)
-        return "content-length"
-    if not isinstance(subject, str) or not subject.startswith("$"):
+        return
+    if not isinstance(subject, str):
         raise invalid_policy(f"Invalid Condition: {condition!r}.")
-    name = subject[1:].lower()
-    if not _condition_holds(operator, values.get(name, ""), operand):
+    # "$name" as documented; OSS's own EC page 0006-00000226 also writes the bare name.
+    name = subject.removeprefix("$").lower()
+    value = values.get(name)
+    if value is None or not _condition_holds(operator, value, operand):
         failed = json.dumps(condition)
-        raise OssError(
-            "AccessDenied", f"Invalid according to Policy: Policy Condition failed: {failed}"
-        )
-    return name
+        ec = "0006-00000226" if value is None else ""
+        message = f"Invalid according to Policy: Policy Condition failed: {failed}"
+        raise OssError("AccessDenied", message, ec=ec)
 
 
 def _condition_holds(operator: object, value: str, operand: object) -> bool:
@@ -255,12 +267,63 @@ def _check_length(low: object, high: object, size: int) -> None:
         raise OssError("EntityTooLarge")
 
 
-def post_response(status: str | None, bucket: str, key: str, etag: str) -> web.Response:
-    """``success_action_status``: 200 and 201 (with PostResponse XML); anything else 204."""
+def post_headers(form: PostForm) -> dict[str, str]:
+    """What OSS stores from the form: Content-Type (else the file part's), headers, meta, ACL."""
+    return {**form.fields, "content-type": form.content_type or DEFAULT_TYPE}
+
+
+def parse_callback(fields: Mapping[str, str]) -> dict[str, Any] | None:
+    """Check the fields applied after the upload; the ``callback`` field's JSON, or None.
+
+    ``success_action_redirect`` must be an http(s) URL; ``callback`` base64 JSON
+    with ``callbackUrl`` and ``callbackBody``.  Checked before anything is stored.
+
+    An EMPTY field is taken as absent.  OSS documents neither case; S3, whose
+    POST form OSS follows, "acts as if the field is not present" when it cannot
+    interpret the redirect URL
+    (https://docs.aws.amazon.com/AmazonS3/latest/API/RESTObjectPOST.html).  The
+    broker pins both fields to "" in a form that may carry none
+    (``broker.uploads.pinned_post_fields``): this is the assumption it rests on
+    (were OSS to refuse an empty field, such uploads would fail, not gain a callback).
+    """
+    redirect = fields.get("success_action_redirect")
+    if redirect and not _http_url(redirect):
+        raise invalid_argument("success_action_redirect must be an http(s) URL.")
+    raw = fields.get("callback")
+    if not raw:
+        return None
+    try:
+        parsed = json.loads(base64.b64decode(raw, validate=True).decode("utf-8"))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise invalid_argument("The callback configuration is not base64-encoded JSON.") from None
+    if not isinstance(parsed, dict) or not parsed.get("callbackUrl"):
+        raise invalid_argument("The callback configuration needs callbackUrl and callbackBody.")
+    if "callbackBody" not in parsed:
+        raise invalid_argument("The callback configuration needs callbackUrl and callbackBody.")
+    return parsed
+
+
+def post_response(fields: Mapping[str, str], bucket: str, key: str, etag: str) -> web.Response:
+    """``success_action_redirect`` (303), else ``success_action_status``: 200, 201 or 204.
+
+    201 carries the PostResponse XML; any other or no status answers 204.
+    """
     headers = {"ETag": etag}
+    redirect = fields.get("success_action_redirect")
+    if redirect:
+        query = urlencode({"bucket": bucket, "key": key, "etag": etag})
+        separator = "&" if "?" in redirect else "?"
+        headers["Location"] = f"{redirect}{separator}{query}"
+        return web.Response(status=303, headers=headers)
+    status = fields.get("success_action_status")
     if status == "200":
         return web.Response(status=200, headers=headers)
     if status == "201":
         nodes = [("Bucket", bucket), ("Location", f"/{bucket}/{quote(key)}"), ("Key", key)]
         return xml_response("PostResponse", [*nodes, ("ETag", etag)], 201, headers)
     return web.Response(status=204, headers=headers)
+
+
+def _http_url(text: str) -> bool:
+    printable = text.isascii() and text.isprintable() and " " not in text
+    return printable and text.startswith(("http://", "https://"))

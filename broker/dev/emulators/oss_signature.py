@@ -1,4 +1,4 @@
-"""How the OSS emulator decides who signed a request: V4 signatures and STS security tokens.
+"""How the OSS emulator checks V4 signatures and STS security tokens (``oss_auth`` dispatches).
 
 Written from the OSS documentation and the official SDK's signer
 (``alibabacloud_oss_v2/signer/v4.py``), never from ``broker/signing.py``: the
@@ -37,7 +37,8 @@ __all__ = [
     "Credential",
     "SignedRequest",
     "Verifier",
-    "authenticate",
+    "authenticate_v4_header",
+    "authenticate_v4_query",
     "check_window",
     "mismatch_details",
     "parse_credential",
@@ -91,20 +92,10 @@ class Credential:
         return f"{self.date}/{self.region}/{self.product}/{_TERMINATOR}"
 
 
-def authenticate(request: SignedRequest, verifier: Verifier) -> IssuedCredentials:
-    """Check a V4 ``Authorization`` header or V4 query signature; the caller's credentials."""
-    query = dict(request.query)
-    if "x-oss-signature" in query or "x-oss-signature-version" in query:
-        return _authenticate_query(request, query, verifier)
-    authorization = request.headers.get("authorization")
-    if authorization is None:
-        raise OssError("AccessDenied")
-    return _authenticate_header(request, authorization, verifier)
-
-
-def _authenticate_query(
+def authenticate_v4_query(
     request: SignedRequest, query: Mapping[str, str], verifier: Verifier
 ) -> IssuedCredentials:
+    """Check a V4 query signature (``x-oss-signature``); the caller's credentials."""
     if query.get("x-oss-signature-version") != ALGORITHM:
         raise invalid_argument("Unsupported x-oss-signature-version.")
     names = ("x-oss-credential", "x-oss-date", "x-oss-expires", "x-oss-signature")
@@ -127,9 +118,10 @@ def _authenticate_query(
     return issued
 
 
-def _authenticate_header(
+def authenticate_v4_header(
     request: SignedRequest, authorization: str, verifier: Verifier
 ) -> IssuedCredentials:
+    """Check an ``OSS4-HMAC-SHA256`` Authorization header; the caller's credentials."""
     algorithm, _, rest = authorization.strip().partition(" ")
     if algorithm != ALGORITHM:
         raise invalid_argument("Authorization: only OSS4-HMAC-SHA256 is supported.")

@@ -1,8 +1,11 @@
 """The OSS emulator's objects: bytes on disk in ``storage_dir/<bucket>/<key>``, the rest in memory.
 
-Content-Type, ``x-oss-meta-*``, ETag and times stay in memory; a key whose
-path would leave its bucket's directory, or clash with another key's path
-(``a`` and ``a/b``), is refused with ``InvalidObjectName``.
+Content-Type, the other standard headers OSS stores with an object
+(Cache-Control, Content-Disposition, Content-Encoding, Content-Language,
+Expires: "PutObject" and "PostObject" pages), ``x-oss-meta-*``, the object ACL
+(``x-oss-object-acl``), ETag and times stay in memory; a key whose path would
+leave its bucket's directory, or clash with another key's path (``a`` and
+``a/b``), is refused with ``InvalidObjectName``.
 """
 
 from __future__ import annotations
@@ -11,16 +14,32 @@ import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from broker.dev.emulators.oss_errors import OssError
 from broker.models import Clock
 
-__all__ = ["DEFAULT_TYPE", "ObjectStore", "StoredObject", "etag_of", "metadata_of"]
+__all__ = [
+    "DEFAULT_TYPE",
+    "STORED_HEADERS",
+    "ObjectStore",
+    "StoredObject",
+    "etag_of",
+    "metadata_of",
+]
 
 DEFAULT_TYPE: Final = "application/octet-stream"
+STORED_HEADERS: Final = (
+    "Cache-Control",
+    "Content-Disposition",
+    "Content-Encoding",
+    "Content-Language",
+    "Expires",
+)
+"""Standard headers stored with an object and returned by GetObject/HeadObject."""
+_ACLS: Final = frozenset({"default", "private", "public-read", "public-read-write"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +52,8 @@ class StoredObject:
     last_modified: float
     size: int
     object_type: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    acl: str = "default"
 
 
 class ObjectStore:
@@ -47,6 +68,11 @@ class ObjectStore:
         """An object's attributes, or None."""
         return self._objects.get((bucket, key))
 
+    def list(self, bucket: str) -> list[tuple[str, StoredObject]]:
+        """Every object of ``bucket`` as (key, attributes), in key order."""
+        found = [(key, obj) for (name, key), obj in self._objects.items() if name == bucket]
+        return sorted(found, key=lambda item: item[0])
+
     def read(self, bucket: str, key: str) -> bytes:
         """A stored object's bytes."""
         return self._path(bucket, key).read_bytes()
@@ -60,17 +86,12 @@ class ObjectStore:
         object_type: str,
         etag: str | None = None,
     ) -> StoredObject:
-        """Store ``data`` with the Content-Type and ``x-oss-meta-*`` found in ``headers``."""
-        content_type = next(
-            (v for k, v in headers.items() if k.lower() == "content-type"), DEFAULT_TYPE
-        )
-        metadata = metadata_of(headers.items())
-        for value in (content_type, *metadata.values()):
-            _check_header_value(value)
+        """Store ``data`` with the type, standard headers, metadata and ACL found in ``headers``."""
+        content_type, standard, metadata, acl = _attributes(headers)
         _write_atomically(self._path(bucket, key), data)
-        stored = StoredObject(
-            etag or etag_of(data), content_type, metadata, self._clock(), len(data), object_type
-        )
+        etag = etag or etag_of(data)
+        attributes = (content_type, metadata, self._clock(), len(data), object_type, standard, acl)
+        stored = StoredObject(etag, *attributes)
         self._objects[(bucket, key)] = stored
         return stored
 
@@ -86,10 +107,19 @@ class ObjectStore:
                 break
             parent.rmdir()
 
-    def check_overwrite(self, headers: Mapping[str, str], bucket: str, key: str) -> None:
-        """``x-oss-forbid-overwrite: true`` on an existing key is ``FileAlreadyExists``."""
-        forbid = next((v for k, v in headers.items() if k.lower() == "x-oss-forbid-overwrite"), "")
-        if forbid.lower() == "true" and (bucket, key) in self._objects:
+    def check_overwrite(
+        self, headers: Mapping[str, str], bucket: str, key: str, invalid_ec: str = "0017-00000279"
+    ) -> None:
+        """``x-oss-forbid-overwrite: true`` on an existing key is ``FileAlreadyExists``.
+
+        Only ``true`` and ``false`` are valid (EC 0017-00000279 for the header,
+        0006-00000117 for the PostObject form field).
+        """
+        forbid = (_header(headers, "x-oss-forbid-overwrite") or "false").lower()
+        if forbid not in {"true", "false"}:
+            message = "x-oss-forbid-overwrite must be true or false."
+            raise OssError("InvalidArgument", message, ec=invalid_ec)
+        if forbid == "true" and (bucket, key) in self._objects:
             raise OssError("FileAlreadyExists", ec="0026-00000003")
 
     def _path(self, bucket: str, key: str) -> Path:
@@ -113,10 +143,32 @@ def metadata_of(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     }
 
 
+def _attributes(
+    headers: Mapping[str, str],
+) -> tuple[str, dict[str, str], dict[str, str], str]:
+    """Content-Type, stored standard headers, ``x-oss-meta-*`` and ACL, each checked."""
+    content_type = _header(headers, "content-type") or DEFAULT_TYPE
+    metadata = metadata_of(headers.items())
+    kept = {name: _header(headers, name) for name in STORED_HEADERS}
+    standard = {name: value for name, value in kept.items() if value}
+    for value in (content_type, *metadata.values(), *standard.values()):
+        _check_header_value(value)
+    acl = _header(headers, "x-oss-object-acl") or "default"
+    if acl not in _ACLS:
+        raise OssError("InvalidArgument", "The x-oss-object-acl value is not valid.")
+    return content_type, standard, metadata, acl
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header (or form field) by case-insensitive name."""
+    lowered = name.lower()
+    return next((value for key, value in headers.items() if key.lower() == lowered), None)
+
+
 def _check_header_value(value: str) -> None:
     if not value.isascii() or not value.isprintable():
         raise OssError(
-            "InvalidArgument", "Content-Type and x-oss-meta-* values must be printable ASCII."
+            "InvalidArgument", "Stored header and x-oss-meta-* values must be printable ASCII."
         )
 
 

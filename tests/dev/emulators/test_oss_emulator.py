@@ -1,166 +1,34 @@
-"""The OSS emulator over real sockets: the official OSS SDK, aiohttp and hand-built forms."""
+"""The OSS emulator over real sockets: objects, multipart, V4 URLs, CORS, errors, the record."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import os
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-from xml.etree import ElementTree
 
-import aiohttp
 import alibabacloud_oss_v2 as oss
-import alibabacloud_oss_v2.aio as oss_aio
 import pytest
-from aiohttp import web
 from alibabacloud_oss_v2.signer import SignerV4
 from alibabacloud_oss_v2.types import Credentials as OssCredentials
 from alibabacloud_oss_v2.types import HttpRequest, SigningContext
-from alibabacloud_sts20150401 import models as sts_models
-from alibabacloud_sts20150401.client import Client as StsSdkClient
-from alibabacloud_tea_openapi.utils_models import Config as StsConfig
-from multidict import CIMultiDict
 from yarl import URL
 
-from broker.dev.emulators.oss import OssEmulator, start_oss_emulator
-from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
+from broker.dev.emulators.sts import StsEmulator
 from tests.conftest import FakeClock
-
-SOURCE_KEY_ID = "LTAI5tOssEmulatorSource"
-SOURCE_SECRET = "oss-emulator-source-secret-4c1d"
-ROLE_ARN = "acs:ram::1234567890123456:role/oss-avatar-upload"
-BUCKET = "examplebucket"
-REGION = "cn-hangzhou"
-ALICE_POLICY = json.dumps(
-    {
-        "Version": "1",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Action": [
-                    "oss:PutObject",
-                    "oss:GetObject",
-                    "oss:DeleteObject",
-                    "oss:AbortMultipartUpload",
-                    "oss:ListParts",
-                ],
-                "Resource": ["acs:oss:*:*:examplebucket/user/alice/*"],
-            },
-            {
-                "Effect": "Deny",
-                "Action": "oss:*",
-                "Resource": "acs:oss:*:*:examplebucket/user/alice/private/*",
-            },
-        ],
-    }
+from tests.dev.emulators.conftest import (
+    BUCKET,
+    REGION,
+    SOURCE_KEY_ID,
+    SOURCE_SECRET,
+    Creds,
+    Harness,
+    assume_role,
+    error_xml,
+    presign,
+    raw,
+    sdk_client,
+    service_error,
+    start_oss,
 )
-
-
-@dataclass(frozen=True)
-class Creds:
-    access_key_id: str
-    access_key_secret: str
-    security_token: str
-
-
-@dataclass
-class Harness:
-    emulator: OssEmulator
-    sts: StsEmulator
-    url: str
-    sts_url: str
-    clock: FakeClock
-    creds: Creds
-    storage_dir: Path
-
-
-async def assume_role(sts_url: str, policy: str = ALICE_POLICY) -> Creds:
-    """STS credentials from the STS emulator, through the official STS SDK."""
-    config = StsConfig(
-        endpoint=sts_url.removeprefix("http://"),
-        protocol="http",
-        region_id=REGION,
-        access_key_id=SOURCE_KEY_ID,
-        access_key_secret=SOURCE_SECRET,
-    )
-    request = sts_models.AssumeRoleRequest(
-        role_arn=ROLE_ARN, role_session_name="alice", duration_seconds=3600, policy=policy
-    )
-    response = await StsSdkClient(config).assume_role_async(request)
-    credentials = response.body.credentials
-    return Creds(
-        credentials.access_key_id, credentials.access_key_secret, credentials.security_token
-    )
-
-
-async def start_oss(
-    sts: StsEmulator, clock: FakeClock, tmp_path: Path, **kwargs: Any
-) -> tuple[OssEmulator, web.AppRunner, str]:
-    """An OSS emulator on a free port, storing under tmp_path/oss."""
-    emulator = OssEmulator(sts=sts, storage_dir=tmp_path / "oss", clock=clock, **kwargs)
-    runner, url = await start_oss_emulator(emulator)
-    return emulator, runner, url
-
-
-@pytest.fixture
-async def harness(clock: FakeClock, tmp_path: Path) -> AsyncIterator[Harness]:
-    sts = StsEmulator(access_keys={SOURCE_KEY_ID: SOURCE_SECRET}, clock=clock)
-    sts_runner, sts_url = await start_sts_emulator(sts)
-    emulator, runner, url = await start_oss(sts, clock, tmp_path)
-    creds = await assume_role(sts_url)
-    yield Harness(emulator, sts, url, sts_url, clock, creds, tmp_path / "oss")
-    await runner.cleanup()
-    await sts_runner.cleanup()
-
-
-def sdk_client(
-    h: Harness, *, creds: Creds | None = None, secret: str | None = None, virtual_host: bool = False
-) -> oss_aio.AsyncClient:
-    """The official async OSS client: path style on the emulator's IP, or virtual-host via proxy."""
-    c = creds or h.creds
-    provider = oss.credentials.StaticCredentialsProvider(
-        c.access_key_id, secret or c.access_key_secret, c.security_token
-    )
-    if virtual_host:
-        config = oss.config.Config(
-            region=REGION,
-            endpoint=f"http://oss-{REGION}.aliyuncs.com",
-            credentials_provider=provider,
-            proxy_host=h.url,
-        )
-    else:
-        config = oss.config.Config(
-            region=REGION, endpoint=h.url, credentials_provider=provider, use_path_style=True
-        )
-    config.retry_max_attempts = 1
-    return oss_aio.AsyncClient(config)
-
-
-async def service_error(call: Awaitable[Any]) -> oss.exceptions.ServiceError:
-    with pytest.raises(oss.exceptions.OperationError) as info:
-        await call
-    error = info.value.unwrap()
-    assert isinstance(error, oss.exceptions.ServiceError)
-    return error
-
-
-def error_xml(body: bytes) -> dict[str, str]:
-    assert body.startswith(b'<?xml version="1.0" encoding="UTF-8"?>')
-    root = ElementTree.fromstring(body)  # noqa: S314 - the emulator's own reply
-    assert root.tag == "Error"
-    return {child.tag: child.text or "" for child in root}
-
-
-async def raw(method: str, url: str | URL, **kwargs: Any) -> tuple[int, CIMultiDict[str], bytes]:
-    """One plain HTTP request; status, headers (case-insensitive) and body."""
-    async with aiohttp.ClientSession() as session, session.request(method, url, **kwargs) as resp:
-        return resp.status, CIMultiDict(resp.headers), await resp.read()
 
 
 @pytest.mark.parametrize("key", ["user/alice/hello.txt", "user/alice/sp ace+plus=ü~%.txt"])
@@ -311,6 +179,17 @@ async def test_delete_then_get_is_no_such_key(harness: Harness) -> None:
     assert not (harness.storage_dir / BUCKET / "user").exists()
 
 
+async def test_get_object_meta_answers_size_and_etag_or_no_such_key(harness: Harness) -> None:
+    """GetObjectMeta (HEAD ?objectMeta, the SDKs' exists check) gives size and ETag, or 404."""
+    key = "user/alice/meta.txt"
+    async with sdk_client(harness) as client:
+        put = await client.put_object(oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"12345"))
+        meta = await client.get_object_meta(oss.GetObjectMetaRequest(bucket=BUCKET, key=key))
+        assert await client.is_object_exist(BUCKET, key)
+        assert not await client.is_object_exist(BUCKET, "user/alice/none.txt")
+    assert (meta.content_length, meta.etag) == (5, put.etag)
+
+
 async def test_multipart_three_parts_assembled_byte_exactly(harness: Harness) -> None:
     """Three parts uploaded through the SDK are assembled in part order, byte for byte."""
     key = "user/alice/big.bin"
@@ -406,11 +285,6 @@ async def test_multipart_abort_forgets_the_upload(harness: Harness) -> None:
         "AbortMultipartUpload",
         "UploadPart",
     ]
-
-
-async def presign(h: Harness, request: Any, seconds: int = 300) -> oss.PresignResult:
-    async with sdk_client(h) as client:
-        return await client.presign(request, expires=timedelta(seconds=seconds))
 
 
 async def test_presigned_put_and_get_urls_work_with_plain_http(harness: Harness) -> None:
@@ -516,225 +390,6 @@ async def test_additional_headers_are_signed(harness: Harness, query: bool) -> N
     assert (bad_status, error_xml(body)["Code"]) == (403, "SignatureDoesNotMatch")
     assert ok_status == 200
     assert harness.emulator.read_object(BUCKET, key) == b"c"
-
-
-def stamp_of(clock: FakeClock) -> str:
-    return datetime.fromtimestamp(clock.now, UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
-def encode_policy(clock: FakeClock, conditions: list[Any], lifetime_seconds: int = 600) -> str:
-    expiration = datetime.fromtimestamp(clock.now + lifetime_seconds, UTC)
-    document = {
-        "expiration": expiration.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
-        "conditions": conditions,
-    }
-    return base64.b64encode(json.dumps(document).encode()).decode()
-
-
-BASE_CONDITIONS: list[Any] = [
-    ["starts-with", "$key", "user/alice/"],
-    ["content-length-range", 1, 1024],
-    ["eq", "$content-type", "text/plain"],
-    ["eq", "$success_action_status", "201"],
-]
-
-
-def post_v4_fields(
-    h: Harness, conditions: list[Any] = BASE_CONDITIONS, *, include_required: bool = True
-) -> dict[str, str]:
-    """A V4 PostObject form, built from the "POST V4 signature" document's algorithm."""
-    stamp = stamp_of(h.clock)
-    credential = f"{h.creds.access_key_id}/{stamp[:8]}/{REGION}/oss/aliyun_v4_request"
-    required = [
-        {"bucket": BUCKET},
-        {"x-oss-signature-version": "OSS4-HMAC-SHA256"},
-        {"x-oss-credential": credential},
-        {"x-oss-date": stamp},
-        {"x-oss-security-token": h.creds.security_token},
-    ]
-    encoded = encode_policy(h.clock, (required if include_required else []) + conditions)
-    key = ("aliyun_v4" + h.creds.access_key_secret).encode()
-    for part in (stamp[:8], REGION, "oss", "aliyun_v4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    return {
-        "key": "user/alice/form.txt",
-        "Content-Type": "text/plain",
-        "success_action_status": "201",
-        "policy": encoded,
-        "x-oss-signature-version": "OSS4-HMAC-SHA256",
-        "x-oss-credential": credential,
-        "x-oss-date": stamp,
-        "x-oss-security-token": h.creds.security_token,
-        "x-oss-signature": hmac.new(key, encoded.encode(), hashlib.sha256).hexdigest(),
-    }
-
-
-def post_v1_fields(h: Harness, conditions: list[Any] = BASE_CONDITIONS) -> dict[str, str]:
-    """A V1 PostObject form: Signature = base64(HMAC-SHA1(secret, base64 policy))."""
-    encoded = encode_policy(h.clock, [{"bucket": BUCKET}, *conditions])
-    digest = hmac.new(h.creds.access_key_secret.encode(), encoded.encode(), hashlib.sha1).digest()
-    return {
-        "key": "user/alice/form-v1.txt",
-        "Content-Type": "text/plain",
-        "success_action_status": "201",
-        "OSSAccessKeyId": h.creds.access_key_id,
-        "policy": encoded,
-        "Signature": base64.b64encode(digest).decode(),
-        "x-oss-security-token": h.creds.security_token,
-    }
-
-
-async def post_form(
-    h: Harness, fields: dict[str, str], content: bytes = b"form body", *, file_last: bool = True
-) -> tuple[int, CIMultiDict[str], bytes]:
-    form = aiohttp.FormData()
-    if not file_last:
-        form.add_field("file", content, filename="a.txt", content_type="text/plain")
-    for name, value in fields.items():
-        form.add_field(name, value)
-    if file_last:
-        form.add_field("file", content, filename="a.txt", content_type="text/plain")
-    return await raw("POST", f"{h.url}/{BUCKET}/", data=form)
-
-
-async def test_post_object_v4_form_is_accepted(harness: Harness) -> None:
-    """A V4-signed PostObject form within its policy stores the file; 201 with PostResponse."""
-    status, headers, body = await post_form(harness, post_v4_fields(harness))
-    assert status == 201, body
-    root = ElementTree.fromstring(body)  # noqa: S314 - the emulator's own reply
-    assert (root.tag, root.findtext("Key")) == ("PostResponse", "user/alice/form.txt")
-    assert root.findtext("ETag") == headers["ETag"]
-    assert harness.emulator.read_object(BUCKET, "user/alice/form.txt") == b"form body"
-
-
-async def test_post_object_v1_form_is_accepted(harness: Harness) -> None:
-    """A V1-signed (OSSAccessKeyId, Signature) PostObject form within its policy is stored."""
-    conditions = [c for c in BASE_CONDITIONS if "$success_action_status" not in c]
-    fields = post_v1_fields(harness, [*conditions, ["eq", "$success_action_status", "204"]])
-    fields["success_action_status"] = "204"
-    status, _, body = await post_form(harness, fields)
-    assert status == 204, body
-    assert harness.emulator.read_object(BUCKET, "user/alice/form-v1.txt") == b"form body"
-
-
-@pytest.mark.parametrize(
-    ("mutate", "content", "status", "code", "message_part"),
-    [
-        (
-            lambda f: f | {"key": "user/bob/form.txt"},
-            b"x",
-            403,
-            "AccessDenied",
-            '["starts-with", "$key", "user/alice/"]',
-        ),
-        (lambda f: f, b"x" * 1025, 400, "EntityTooLarge", ""),
-        (lambda f: f, b"", 400, "EntityTooSmall", ""),
-        (lambda f: f | {"Content-Type": "text/html"}, b"x", 403, "AccessDenied", '"$content-type"'),
-        (
-            lambda f: f | {"success_action_status": "200"},
-            b"x",
-            403,
-            "AccessDenied",
-            "success_action_status",
-        ),
-        (
-            lambda f: f | {"x-oss-meta-extra": "1"},
-            b"x",
-            403,
-            "AccessDenied",
-            "Extra input fields: x-oss-meta-extra",
-        ),
-        (lambda f: f | {"x-oss-signature": "0" * 64}, b"x", 403, "SignatureDoesNotMatch", ""),
-        (
-            lambda f: {k: v for k, v in f.items() if k != "key"},
-            b"x",
-            400,
-            "InvalidArgument",
-            "'key'",
-        ),
-        (
-            lambda f: {k: v for k, v in f.items() if k != "x-oss-security-token"},
-            b"x",
-            403,
-            "InvalidAccessKeyId",
-            "",
-        ),
-    ],
-    ids=[
-        "key-prefix",
-        "too-large",
-        "too-small",
-        "content-type",
-        "status",
-        "extra-field",
-        "signature",
-        "no-key",
-        "no-token",
-    ],
-)
-async def test_post_object_v4_violations_are_rejected(
-    harness: Harness, mutate: Any, content: bytes, status: int, code: str, message_part: str
-) -> None:
-    """Each violated PostObject V4 condition or signature rule is refused; nothing is stored."""
-    got_status, _, body = await post_form(harness, mutate(post_v4_fields(harness)), content)
-    fields = error_xml(body)
-    assert (got_status, fields["Code"]) == (status, code), fields
-    assert message_part in fields["Message"]
-    assert not list(harness.storage_dir.rglob("*.txt"))
-
-
-async def test_post_object_expired_policy_is_rejected(harness: Harness) -> None:
-    """A PostObject policy past its expiration gets 403 "...Policy: Policy expired."."""
-    fields = post_v4_fields(harness)
-    harness.clock.advance(601)
-    status, _, body = await post_form(harness, fields)
-    assert (status, error_xml(body)["Message"]) == (
-        403,
-        "Invalid according to Policy: Policy expired.",
-    )
-
-
-async def test_post_object_file_must_be_last(harness: Harness) -> None:
-    """A form field after the file part is refused as a malformed POST."""
-    status, _, body = await post_form(harness, post_v4_fields(harness), file_last=False)
-    assert (status, error_xml(body)["Code"]) == (400, "MalformedPOSTRequest")
-
-
-@pytest.mark.parametrize(
-    ("changes", "content", "code"),
-    [
-        ({"key": "elsewhere/form.txt"}, b"x", "AccessDenied"),
-        ({"Content-Type": "image/png"}, b"x", "AccessDenied"),
-        ({}, b"x" * 2048, "EntityTooLarge"),
-        ({"Signature": base64.b64encode(b"x" * 20).decode()}, b"x", "SignatureDoesNotMatch"),
-    ],
-    ids=["key-prefix", "content-type", "too-large", "signature"],
-)
-async def test_post_object_v1_violations_are_rejected(
-    harness: Harness, changes: dict[str, str], content: bytes, code: str
-) -> None:
-    """The V1 form's signature and policy conditions are enforced like V4's."""
-    status, _, body = await post_form(harness, post_v1_fields(harness) | changes, content)
-    assert (status // 100, error_xml(body)["Code"]) == (4, code)
-    assert not list(harness.storage_dir.rglob("*.txt"))
-
-
-async def test_post_object_v4_policy_must_name_the_signature_fields(harness: Harness) -> None:
-    """A V4 policy without x-oss-signature-version/credential/date conditions is refused."""
-    fields = post_v4_fields(harness, include_required=False)
-    status, _, body = await post_form(harness, fields)
-    assert (status, error_xml(body)["Code"]) == (400, "InvalidPolicyDocument")
-
-
-async def test_post_object_inside_form_policy_but_outside_sts_policy_is_denied(
-    harness: Harness,
-) -> None:
-    """A key the form policy allows but the token's RAM policy does not gets AccessDenied."""
-    conditions = [["starts-with", "$key", "user/"], *BASE_CONDITIONS[1:]]
-    fields = post_v4_fields(harness, conditions) | {"key": "user/bob/form.txt"}
-    status, _, body = await post_form(harness, fields)
-    fields_xml = error_xml(body)
-    assert (status, fields_xml["Message"]) == (403, "Access denied by authorizer's policy.")
 
 
 async def test_cors_preflight_from_allowed_origin(harness: Harness) -> None:
@@ -844,8 +499,8 @@ async def test_path_traversal_keys_are_refused(harness: Harness, path: str) -> N
             400,
             "MalformedPOSTRequest",
         ),
-        ("PUT", "/examplebucket/k?acl", {}, 501, "NotImplemented"),
-        ("PUT", "/examplebucket/", {}, 405, "MethodNotAllowed"),
+        ("GET", "/examplebucket/?list-type=3", {}, 400, "InvalidArgument"),
+        ("GET", "/examplebucket/k", {"Authorization": "Bearer abc"}, 400, "InvalidArgument"),
         ("GET", "/examplebucket/%FF%FE", {}, 400, "InvalidArgument"),
         ("PUT", "/examplebucket/k", {"Content-MD5": "not base64!"}, 400, "InvalidDigest"),
     ],
@@ -861,6 +516,50 @@ async def test_malformed_requests_get_xml_errors(
     assert (got_status, fields["Code"]) == (status, code), fields
     assert got_headers["x-oss-request-id"] == fields["RequestId"]
     assert harness.emulator.requests[-1].status == status
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [
+        ("PUT", "/examplebucket/k?acl", {}),
+        ("PUT", "/examplebucket/", {}),
+        ("DELETE", "/examplebucket/", {}),
+        ("GET", "/", {}),
+        ("GET", "/examplebucket/?uploads", {}),
+        ("GET", "/examplebucket/k?versionId=1", {}),
+        ("GET", "/examplebucket/k?x-oss-process=image/resize,w_10", {}),
+        ("POST", "/examplebucket/k?append&position=0", {}),
+        ("POST", "/examplebucket/?delete", {}),
+        ("POST", "/examplebucket/k", {}),
+        ("PATCH", "/examplebucket/k", {}),
+        ("GET", "/examplebucket/k", {"Authorization": "OSS2 AccessKeyId:a,Signature:b"}),
+    ],
+    ids=[
+        "put-acl",
+        "put-bucket",
+        "delete-bucket",
+        "list-buckets",
+        "list-uploads",
+        "version",
+        "image-process",
+        "append",
+        "delete-multiple",
+        "post-to-key",
+        "patch",
+        "signature-v2",
+    ],
+)
+async def test_unsupported_operations_are_not_implemented(
+    harness: Harness, method: str, path: str, headers: dict[str, str]
+) -> None:
+    """An API or feature the emulator lacks is OSS's 501 NotImplemented XML error, never 405."""
+    status, got_headers, body = await raw(
+        method, URL(f"{harness.url}{path}", encoded=True), headers=headers, data=b"x"
+    )
+    fields = error_xml(body)
+    assert (status, fields["Code"]) == (501, "NotImplemented"), fields
+    assert {"Message", "RequestId", "HostId"} <= fields.keys()
+    assert got_headers["x-oss-request-id"] == fields["RequestId"]
 
 
 async def test_requests_are_recorded(harness: Harness) -> None:
@@ -889,3 +588,94 @@ async def test_requests_are_recorded(harness: Harness) -> None:
         None,
     )
     assert (second.operation, second.status, second.error_code) == ("GetObject", 404, "NoSuchKey")
+
+
+async def test_put_stores_standard_headers_and_acl_returned_by_get(harness: Harness) -> None:
+    """PutObject keeps Content-Disposition, Cache-Control and x-oss-object-acl; GET returns them."""
+    key = "user/alice/doc.pdf"
+    async with sdk_client(harness) as client:
+        await client.put_object(
+            oss.PutObjectRequest(
+                bucket=BUCKET,
+                key=key,
+                body=b"%PDF",
+                content_disposition='inline; filename="doc.pdf"',
+                cache_control="max-age=60",
+                acl="private",
+            )
+        )
+        got = await client.get_object(oss.GetObjectRequest(bucket=BUCKET, key=key))
+    assert (got.content_disposition, got.cache_control) == (
+        'inline; filename="doc.pdf"',
+        "max-age=60",
+    )
+    stored = harness.emulator.object_attributes(BUCKET, key)
+    assert stored is not None
+    assert stored.acl == "private"
+
+
+async def test_presigned_get_response_overrides_are_applied_and_signed(harness: Harness) -> None:
+    """response-content-disposition/-type/-cache-control in a V4 URL set headers; edits fail."""
+    key = "user/alice/photo.jpg"
+    async with sdk_client(harness) as client:
+        await client.put_object(oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"jpg"))
+    get = await presign(
+        harness,
+        oss.GetObjectRequest(
+            bucket=BUCKET,
+            key=key,
+            response_content_disposition='attachment; filename="p.jpg"',
+            response_content_type="image/jpeg",
+            response_cache_control="no-store",
+        ),
+    )
+    status, headers, body = await raw("GET", URL(get.url, encoded=True))
+    assert (status, body) == (200, b"jpg")
+    assert headers["Content-Disposition"] == 'attachment; filename="p.jpg"'
+    assert (headers["Content-Type"], headers["Cache-Control"]) == ("image/jpeg", "no-store")
+    tampered = get.url.replace("image%2Fjpeg", "text%2Fhtml")
+    assert tampered != get.url
+    bad_status, _, bad_body = await raw("GET", URL(tampered, encoded=True))
+    assert (bad_status, error_xml(bad_body)["Code"]) == (403, "SignatureDoesNotMatch")
+
+
+async def test_forbid_overwrite_on_complete_multipart_upload(harness: Harness) -> None:
+    """CompleteMultipartUpload with x-oss-forbid-overwrite onto an existing key: 409, kept."""
+    key = "user/alice/once.bin"
+    async with sdk_client(harness) as client:
+        await client.put_object(oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"first"))
+        init = await client.initiate_multipart_upload(
+            oss.InitiateMultipartUploadRequest(bucket=BUCKET, key=key)
+        )
+        part = await client.upload_part(
+            oss.UploadPartRequest(
+                bucket=BUCKET, key=key, upload_id=init.upload_id, part_number=1, body=b"second"
+            )
+        )
+        error = await service_error(
+            client.complete_multipart_upload(
+                oss.CompleteMultipartUploadRequest(
+                    bucket=BUCKET,
+                    key=key,
+                    upload_id=init.upload_id,
+                    forbid_overwrite=True,
+                    complete_multipart_upload=oss.CompleteMultipartUpload(
+                        parts=[oss.UploadPart(part_number=1, etag=part.etag)]
+                    ),
+                )
+            )
+        )
+    assert (error.status_code, error.code) == (409, "FileAlreadyExists")
+    assert harness.emulator.read_object(BUCKET, key) == b"first"
+
+
+async def test_forbid_overwrite_must_be_true_or_false(harness: Harness) -> None:
+    """A signed x-oss-forbid-overwrite: abc is 400 InvalidArgument with EC 0017-00000279."""
+    headers = {"x-oss-forbid-overwrite": "abc"}
+    url, signed = official_sign(harness, "PUT", "user/alice/f", headers, query=False)
+    status, _, body = await raw(
+        "PUT", URL(url, encoded=True), data=b"f", headers=signed, skip_auto_headers=["Content-Type"]
+    )
+    error = error_xml(body)
+    assert (status, error["Code"], error["EC"]) == (400, "InvalidArgument", "0017-00000279")
+    assert harness.emulator.read_object(BUCKET, "user/alice/f") is None

@@ -67,3 +67,58 @@ def test_forbid_overwrite_refuses_an_existing_key_only(store: ObjectStore) -> No
     with pytest.raises(OssError) as raised:
         store.check_overwrite(forbid, "b", "k")
     assert raised.value.code == "FileAlreadyExists"
+
+
+def test_list_returns_one_buckets_objects_in_key_order(store: ObjectStore) -> None:
+    """list(bucket) yields (key, attributes) sorted by key, other buckets left out."""
+    for key in ("b/2", "a", "b/1"):
+        store.put("bucket", key, key.encode(), {}, "Normal")
+    store.put("other", "a", b"x", {}, "Normal")
+    assert [key for key, _ in store.list("bucket")] == ["a", "b/1", "b/2"]
+
+
+def test_put_keeps_standard_headers_and_the_acl(store: ObjectStore) -> None:
+    """Content-Disposition, Cache-Control, ... and x-oss-object-acl are stored; others not."""
+    headers = {
+        "content-disposition": "attachment",
+        "Cache-Control": "no-cache",
+        "x-oss-object-acl": "public-read",
+        "Authorization": "OSS a:b",
+    }
+    stored = store.put("b", "k", b"", headers, "Normal")
+    assert dict(stored.headers) == {
+        "Content-Disposition": "attachment",
+        "Cache-Control": "no-cache",
+    }
+    assert stored.acl == "public-read"
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({"x-oss-object-acl": "everyone"}, "InvalidArgument"),
+        ({"Content-Disposition": "a\r\nSet-Cookie: x"}, "InvalidArgument"),
+    ],
+)
+def test_put_refuses_invalid_acls_and_header_values(
+    store: ObjectStore, headers: dict[str, str], code: str
+) -> None:
+    """An unknown ACL or a header value that is not printable ASCII is refused."""
+    with pytest.raises(OssError) as raised:
+        store.put("b", "k", b"", headers, "Normal")
+    assert raised.value.code == code
+    assert store.get("b", "k") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [("true", "FileAlreadyExists"), ("TRUE", "FileAlreadyExists"), ("yes", "InvalidArgument")],
+)
+def test_check_overwrite(store: ObjectStore, value: str, code: str) -> None:
+    """true (any case) on an existing key is FileAlreadyExists; neither true nor false is 400."""
+    store.put("b", "k", b"", {}, "Normal")
+    with pytest.raises(OssError) as raised:
+        store.check_overwrite({"X-Oss-Forbid-Overwrite": value}, "b", "k")
+    assert raised.value.code == code
+    store.check_overwrite({"x-oss-forbid-overwrite": "false"}, "b", "k")
+    store.check_overwrite({"x-oss-forbid-overwrite": "true"}, "b", "new")
