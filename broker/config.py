@@ -239,8 +239,10 @@ class RedisSettings(_Section):
     encryption_keys_file: Path | None = None
     encryption_keys_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
     lock_ttl_seconds: float = Field(default=10.0, gt=0, le=300)
-    wait_seconds: float = Field(default=5.0, gt=0, le=60)
-    operation_timeout_seconds: float = Field(default=0.25, gt=0, le=10)
+    # Longer than one STS fetch (sts.retry.deadline_seconds + quotas.sts_max_wait_seconds):
+    # a waiter that gives up while the lock holder still fetches makes a second AssumeRole.
+    wait_seconds: float = Field(default=15.0, gt=0, le=60)
+    operation_timeout_seconds: float = Field(default=1.0, gt=0, le=10)
     share_sts_budget: bool = True
 
     @field_validator("url")

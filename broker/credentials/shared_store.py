@@ -12,16 +12,24 @@ Rules, each pinned by tests/credentials/test_shared_store.py:
   ``CacheKey`` fields; a value lives until ``expiration -
   refresh_margin_seconds`` and nothing already inside the margin is stored.
 * On an L1 miss: read Redis; on a miss, ``SET lock NX PX lock_ttl``.  The
-  holder calls STS (the resilient, budgeted, instrumented fetch), writes the
-  value and deletes the lock if it is still its own (token compared in Lua).
-  The others poll, with a short capped backoff, for at most ``wait_seconds``:
-  a holder that dies leaves a lock that expires, and the next poll takes it
-  over; a waiter that runs out of time calls STS itself.
+  new holder reads once more (the previous holder may have published its
+  value and released the lock between our read and our lock), then calls STS
+  (the resilient, budgeted, instrumented fetch), writes the value and deletes
+  the lock if it is still its own (token compared in Lua).  While it fetches
+  it renews its lease every third of ``lock_ttl`` (again only while the lock
+  is its own), so a slow fetch on a loaded machine keeps the lock, and a
+  holder that dies stops renewing and loses it within ``lock_ttl``.
+  The others poll, with a short capped backoff, for as long as the lock is
+  held and at most ``wait_seconds``: when a dead holder's lock expires the
+  next poll takes it over; a waiter that runs out of time calls STS itself
+  (so ``wait_seconds`` should exceed one STS fetch: ``sts.retry.deadline_seconds``
+  plus ``quotas.sts_max_wait_seconds``).
 * A refresh (the L1 already got credentials for the key from here) only
   accepts a value newer than those, so early refreshes and ``min_ttl`` reach
   STS once for the fleet rather than never.
 * Redis never fails a request: an error or timeout (each operation is
-  bounded by ``operation_timeout_seconds``) means calling STS directly,
+  bounded by ``operation_timeout_seconds``, in time the event loop spent
+  waiting for Redis, see ``broker.credentials.redis``) means calling STS directly,
   counted in ``broker_shared_cache_degraded_total`` and logged as
   ``shared_cache_degraded`` at most every 30 s (``broker.credentials.redis.SharedRedis``).
 * Each value key is also listed in its caller's set, ``key_prefix`` +
@@ -61,12 +69,22 @@ log = structlog.get_logger("broker.credentials.shared_store")
 
 _FIRST_POLL_SECONDS = 0.005
 _MAX_POLL_SECONDS = 0.05
+_MAX_RENEWALS = 100
+"""A fetch outliving this many lease renewals (over 5 minutes by default) lets its lock go."""
 
 # Deletes the lock only while it still holds our token: a lock that expired
 # and was taken over by another process is not ours to delete.
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Extends the lease only while the lock still holds our token.
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
@@ -141,7 +159,7 @@ class SharedCredentialStore:
         key_prefix: str = "oss-sts-broker:",
         refresh_margin_seconds: float = 60.0,
         lock_ttl_seconds: float = 10.0,
-        wait_seconds: float = 5.0,
+        wait_seconds: float = 15.0,
         max_entries: int = 100_000,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -158,6 +176,7 @@ class SharedCredentialStore:
         self._sleep = sleep
         self._handed_out: OrderedDict[str, float] = OrderedDict()
         self._release = redis.client.register_script(_RELEASE_LUA)
+        self._renew = redis.client.register_script(_RENEW_LUA)
 
     def value_key(self, request: AssumeRoleRequest) -> str:
         """The Redis key holding the sealed credentials for ``request``."""
@@ -183,7 +202,7 @@ class SharedCredentialStore:
         """
         slot = self._slot(request)
         try:
-            found = await self._read(slot)
+            found = self._usable(slot, await self._read_blob(slot))
         except SharedCacheUnavailable:
             return None
         if found is not None:
@@ -253,11 +272,12 @@ class SharedCredentialStore:
         deadline = self._monotonic() + self._wait
         delay = _FIRST_POLL_SECONDS
         while True:
-            found = await self._read(slot)
+            blob = await self._read_blob(slot)
+            found = self._usable(slot, blob)
             if found is not None:
                 return found
             if await self._redis.run("lock", lambda r: self._lock(r, slot, token)):
-                return token
+                return await self._recheck(slot, token, blob)
             remaining = deadline - self._monotonic()
             if remaining <= 0:
                 log.warning("shared_cache_wait_expired", wait_seconds=self._wait)
@@ -268,11 +288,27 @@ class SharedCredentialStore:
     async def _lock(self, client: Redis, slot: _Slot, token: str) -> bool:
         return bool(await client.set(slot.lock_key, token, nx=True, px=self._lock_ms))
 
-    async def _read(self, slot: _Slot) -> Credentials | None:
+    async def _recheck(self, slot: _Slot, token: str, seen: bytes | None) -> Credentials | str:
+        """The lock is ours; the last holder may have published just before releasing it."""
+        try:
+            blob = await self._read_blob(slot)
+        except SharedCacheUnavailable:
+            return token  # we hold the lock: fetch as its holder
+        found = None if blob == seen else self._usable(slot, blob)  # ``seen`` was judged
+        if found is None:
+            return token
+        await self._unlock(slot, token)
+        return found
+
+    async def _read_blob(self, slot: _Slot) -> bytes | None:
         blob = await self._redis.run("read", lambda r: r.get(slot.value_key))
+        return blob.encode() if isinstance(blob, str) else blob
+
+    def _usable(self, slot: _Slot, blob: bytes | None) -> Credentials | None:
+        """The credentials in ``blob`` if they open and are what this caller needs."""
         if blob is None:
             return None
-        credentials = self._open(slot, blob if isinstance(blob, bytes) else blob.encode())
+        credentials = self._open(slot, blob)
         if credentials is None or credentials.expires_at - self._margin <= self._clock():
             return None
         if slot.newer_than is not None and credentials.expires_at <= slot.newer_than:
@@ -292,16 +328,29 @@ class SharedCredentialStore:
     async def _fetch_and_publish(
         self, fetch: Fetch, request: AssumeRoleRequest, slot: _Slot, token: str | None
     ) -> Credentials:
+        if token is None:  # a waiter that ran out of time: no lock to keep
+            credentials = await fetch(request)
+            await self._write(slot, credentials)
+            return credentials
+        renewing = asyncio.create_task(self._keep_lease(slot, token))
         try:
             credentials = await fetch(request)
-        except BaseException:
-            if token is not None:
-                await self._unlock(slot, token)
-            raise
-        await self._write(slot, credentials)
-        if token is not None:
+            await self._write(slot, credentials)
+        finally:
+            renewing.cancel()
+            await asyncio.wait({renewing})
             await self._unlock(slot, token)
         return credentials
+
+    async def _keep_lease(self, slot: _Slot, token: str) -> None:
+        """Renew our lock every third of its TTL until cancelled (Redis TTLs run in real time)."""
+        args: list[str | int] = [token, self._lock_ms]
+        for _ in range(_MAX_RENEWALS):
+            await asyncio.sleep(self._lock_ms / 3000)
+            with contextlib.suppress(SharedCacheUnavailable):
+                await self._redis.run(
+                    "renew", lambda r: self._renew(keys=[slot.lock_key], args=args, client=r)
+                )
 
     async def _write(self, slot: _Slot, credentials: Credentials) -> None:
         ttl_ms = int((credentials.expires_at - self._margin - self._clock()) * 1000)
