@@ -58,6 +58,9 @@ class Principal:
     ``${claim:NAME}``.  Every value here has passed the safe-value check
     before it can reach a rendered policy.  ``allow`` narrows what a
     restricted API key may reach; ``None`` means no restriction.
+    ``source_ip`` is the address this request came from (the TCP peer, or
+    behind trusted proxies the client they name), for policies that bind
+    tokens to it; ``None`` when unknown.
     """
 
     subject: str
@@ -65,6 +68,7 @@ class Principal:
     auth_method: str = "api_key"
     claims: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     allow: Allowance | None = None
+    source_ip: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,9 @@ class AssumeRoleRequest:
     duration_seconds: int
     role_session_name: str
     external_id: str | None = None
+    effective_lifetime_seconds: int | None = None
+    """Set: ``policy`` still lacks its ``acs:CurrentTime`` deadline, which
+    ``broker.credentials.deadline`` adds when STS is called (``now`` + this)."""
     min_expires_at: float = field(default=0.0, compare=False)
     """Credentials from a shared cache must not expire before this (not part of the key)."""
 

@@ -13,7 +13,7 @@ and the lifetime is clamped to what it has left (``Expiry.clamped``).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,10 +23,11 @@ import structlog
 from broker import signing
 from broker.auth import role_session_name
 from broker.credentials.cache import CacheResult
-from broker.errors import AccessDenied, RequestInvalid, TemplateValueRejected
+from broker.errors import AccessDenied, BrokerError, RequestInvalid, TemplateValueRejected
 from broker.models import AssumeRoleRequest, Credentials, Principal
 from broker.names import POLICY_NAME, POLICY_NAME_RULE
 from broker.policies import Policy, PolicySet, Scope
+from broker.scopes import NARROWING_PARAMETERS, narrow, parse_narrowing
 from broker.services import Services
 from broker.signing import OssEndpoint
 from broker.uploads import (
@@ -45,6 +46,7 @@ from broker.uploads import (
 )
 
 __all__ = [
+    "NARROWING_PARAMETERS",
     "IssuedCredentials",
     "SignedPostPolicy",
     "SignedUrl",
@@ -127,14 +129,18 @@ def usable_scope(policies: PolicySet, principal: Principal, name: str) -> Scope:
 
 
 def usable_scopes(policies: PolicySet, principal: Principal) -> list[Scope]:
-    """Every policy this caller may use, rendered; those its identity cannot render are left out."""
+    """Every policy this caller may use, rendered.
+
+    Left out: those its identity cannot render, and those bound to the
+    caller's address when the request's address is unknown.
+    """
     usable = []
     for policy in policies:
         if principal.allow is not None and not principal.allow.allows_policy(policy.name):
             continue
         try:
             scope = policies.scope(policy.name, principal)
-        except TemplateValueRejected:
+        except (TemplateValueRejected, RequestInvalid):
             continue
         if scope is not None:
             usable.append(scope)
@@ -142,17 +148,27 @@ def usable_scopes(policies: PolicySet, principal: Principal) -> list[Scope]:
 
 
 async def issue_credentials(
-    services: Services, principal: Principal, policy_name: str, min_ttl_seconds: Sequence[str] = ()
+    services: Services,
+    principal: Principal,
+    policy_name: str,
+    min_ttl_seconds: Sequence[str] = (),
+    narrowing: Mapping[str, Sequence[str]] | None = None,
 ) -> IssuedCredentials:
     """Credentials for ``principal`` under ``policy_name``, from the cache when it can.
 
     ``min_ttl_seconds`` holds the values the caller sent (none, or one whole
-    number up to the policy's duration minus the refresh margin): a cached
-    token with less validity left is replaced by a fresh one.
+    number up to the token's lifetime minus the refresh margin): a cached
+    token with less validity left is replaced by a fresh one.  ``narrowing``
+    holds the values of ``NARROWING_PARAMETERS`` the caller sent: the token
+    is for that part of its scope only (``broker.scopes.narrow``), and cached
+    under its own key.
     """
     scope = usable_scope(services.policies, principal, policy_name)
+    wanted = parse_narrowing(narrowing or {})
+    if wanted is not None:
+        scope = narrow(scope, wanted)
     margin = services.settings.cache.refresh_margin_seconds
-    min_ttl = _min_ttl(min_ttl_seconds, scope.policy.duration_seconds - margin)
+    min_ttl = _min_ttl(min_ttl_seconds, scope.policy.token_lifetime_seconds - margin)
     result = await _credentials(services, principal, scope, min_ttl)
     creds = result.credentials
     issued = IssuedCredentials(
@@ -234,13 +250,10 @@ async def _credentials(
     min_ttl_is_preference: bool = False,
 ) -> CacheResult:
     policy = scope.policy
-    assume = AssumeRoleRequest(
-        role_arn=policy.role_arn,
-        policy=scope.document,
-        duration_seconds=policy.duration_seconds,
-        role_session_name=role_session_name(principal),
-        external_id=policy.external_id,
-    )
+    assume = _assume_role_request(services, principal, scope)
+    # A short-lived token never has more than its lifetime less the margin to give.
+    margin = services.settings.cache.refresh_margin_seconds
+    min_ttl = min(min_ttl, policy.token_lifetime_seconds - margin)
     result = await services.cache.get(
         assume, min_ttl_seconds=min_ttl, min_ttl_is_preference=min_ttl_is_preference
     )
@@ -248,6 +261,29 @@ async def _credentials(
         services.metrics.stale_served.inc()
         log.warning("stale_credentials_served", access_key_id=result.credentials.access_key_id)
     return result
+
+
+def _assume_role_request(
+    services: Services, principal: Principal, scope: Scope
+) -> AssumeRoleRequest:
+    """What AssumeRole is asked for ``scope``: always its Policy, and any deadline still to add."""
+    policy = scope.policy
+    margin = services.settings.cache.refresh_margin_seconds
+    lifetime = policy.effective_lifetime_seconds
+    if lifetime is not None and lifetime <= margin:
+        # No token could ever be served (sts-broker check --config refuses this).
+        raise BrokerError(
+            f"policy {policy.name}: effective_lifetime_seconds ({lifetime}) must exceed "
+            f"cache.refresh_margin_seconds ({margin})"
+        )
+    return AssumeRoleRequest(
+        role_arn=policy.role_arn,
+        policy=scope.document,
+        duration_seconds=policy.duration_seconds,
+        role_session_name=role_session_name(principal),
+        external_id=policy.external_id,
+        effective_lifetime_seconds=lifetime,
+    )
 
 
 async def _signer(
@@ -292,8 +328,10 @@ def _log_issued(issued: IssuedCredentials) -> None:
     creds, scope = issued.credentials, issued.scope
     log.info(
         "credentials_issued",
-        bucket=scope.policy.bucket,
+        bucket=scope.bucket,
         prefix=scope.prefix,
+        grants=len(scope.grants),
+        narrowed=scope.narrowed,
         policy_digest=scope.digest[:16],
         access_key_id=creds.access_key_id,
         expiration=creds.expiration_iso(),

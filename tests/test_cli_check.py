@@ -11,6 +11,7 @@ from broker.cli import main
 from tests.conftest import POLICIES_DIR, REPO
 
 _DUPLICATES = Path(__file__).resolve().parent / "data" / "policies_bad" / "duplicate"
+_AVATAR_BUDGET = "policy 'avatar-upload'; at most 191 of 2048 characters: grant 1 161, envelope 30"
 
 
 def test_check_refuses_one_name_in_two_files(capsys: pytest.CaptureFixture[str]) -> None:
@@ -25,7 +26,7 @@ def test_check_reads_a_file_given_twice_once(capsys: pytest.CaptureFixture[str])
     """The same file named twice is one policy, not a duplicate."""
     path = POLICIES_DIR / "avatar-upload.yaml"
     assert main(["check", str(path), str(path)]) == 0
-    assert capsys.readouterr().out == f"{path}: ok (policy 'avatar-upload')\n"
+    assert capsys.readouterr().out == f"{path}: ok ({_AVATAR_BUDGET})\n"
 
 
 def test_check_refuses_a_duplicate_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,7 +114,7 @@ def test_short_policy_for_an_api_key_warns_and_exits_0(
     path = _short_policy_dir(tmp_path, "[svc-up]") / "avatar-upload.yaml"
     assert main(["check", str(path)]) == 0
     captured = capsys.readouterr()
-    assert captured.out == f"{path}: ok (policy 'avatar-upload')\n"
+    assert captured.out == f"{path}: ok ({_AVATAR_BUDGET})\n"
     [warning] = captured.err.splitlines()
     assert warning.startswith(f"{path}:{_line_of(path, 'duration_seconds:')}: warning: ")
     assert "choose duration_seconds: 3600 or more" in warning
@@ -153,7 +154,9 @@ def test_without_config_group_callers_get_a_note(capsys: pytest.CaptureFixture[s
     assert main(["check", *map(str, sorted(POLICIES_DIR.glob("*.yaml")))]) == 0
     err = capsys.readouterr().err
     assert "warning" not in err
-    assert err.startswith("note: avatar-upload: credential-provider lifetimes not checked")
+    assert err.startswith(
+        "note: avatar-upload, quick-upload: credential-provider lifetimes not checked"
+    )
 
 
 def test_allow_naming_a_missing_policy_warns(

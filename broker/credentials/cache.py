@@ -17,7 +17,7 @@ Rules, each pinned by tests/credentials/test_cache.py:
   entry.  A failed refresh is logged, not cached, and retried after a pause.
 * Errors are never cached: the next request after a failure calls STS again.
 * The key is everything that shapes the credentials (role, rendered policy
-  digest, duration, external id, session name), so two equal keys always mean
+  digest, duration, external id, session name, effective lifetime), so two equal keys always mean
   interchangeable credentials and an edited policy gets a new entry.
 """
 
@@ -67,6 +67,7 @@ class CacheKey:
     duration_seconds: int
     external_id: str | None
     role_session_name: str
+    effective_lifetime_seconds: int | None = None
 
     @classmethod
     def for_request(cls, request: AssumeRoleRequest) -> CacheKey:
@@ -77,6 +78,7 @@ class CacheKey:
             duration_seconds=request.duration_seconds,
             external_id=request.external_id,
             role_session_name=request.role_session_name,
+            effective_lifetime_seconds=request.effective_lifetime_seconds,
         )
 
 

@@ -119,6 +119,8 @@ class StsClient:
         # Without Policy the token would carry every permission of the role.
         if not request.policy:
             raise UpstreamError("refusing to call AssumeRole without an inline policy")
+        if request.effective_lifetime_seconds is not None:  # credentials/deadline.py renders it
+            raise UpstreamError("refusing to call AssumeRole before the policy has its deadline")
         sdk_request = sts_models.AssumeRoleRequest(
             role_arn=request.role_arn,
             role_session_name=request.role_session_name,
