@@ -33,8 +33,13 @@ if TYPE_CHECKING:
     from broker.policy_fields import Grant
 
 __all__ = [
+    "ACTIONS_PATTERN",
     "ACTION_NAMES",
+    "BUCKET_PATTERN",
+    "KEY_PATTERN",
+    "MAX_KEY_CHARS",
     "NARROWING_PARAMETERS",
+    "PREFIX_PATTERN",
     "SAFE_PATH_RULE",
     "Narrowing",
     "Scope",
@@ -53,11 +58,20 @@ ACTION_NAMES = ("put", "multipart", "get", "list", "delete")
 SAFE_PATH_RULE = "path segments of A-Z a-z 0-9 . _ @ = + -, without '..'"
 """What a rendered prefix, and a narrowing prefix or key, may contain."""
 
-_MAX_KEY_CHARS = 1023  # OSS's longest object key, in bytes (ASCII here)
+MAX_KEY_CHARS = 1023
+"""The longest narrowing prefix or key: OSS's longest object key (in bytes; ASCII here)."""
+
+# Pattern bodies (no anchors), shared with the OpenAPI document.
 _SEGMENT = r"[A-Za-z0-9._@=+-]+"
-_RENDERED_PREFIX = re.compile(rf"(?:{_SEGMENT}/)+\Z")
-_KEY = re.compile(rf"(?:{_SEGMENT}/)*{_SEGMENT}\Z")
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]\Z")
+PREFIX_PATTERN = rf"(?:{_SEGMENT}/)+"
+KEY_PATTERN = rf"(?:{_SEGMENT}/)*{_SEGMENT}"
+BUCKET_PATTERN = r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]"
+_ACTION = "(?:" + "|".join(ACTION_NAMES) + ")"
+ACTIONS_PATTERN = rf"{_ACTION}(?:,{_ACTION})*"
+
+_RENDERED_PREFIX = re.compile(rf"{PREFIX_PATTERN}\Z")
+_KEY = re.compile(rf"{KEY_PATTERN}\Z")
+_BUCKET = re.compile(rf"{BUCKET_PATTERN}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +279,7 @@ def _parsed(given: Mapping[str, str], name: str, pattern: re.Pattern[str], rule:
     value = given.get(name)
     if value is None:
         return None
-    if len(value) > _MAX_KEY_CHARS or pattern.match(value) is None or ".." in value:
+    if len(value) > MAX_KEY_CHARS or pattern.match(value) is None or ".." in value:
         raise RequestInvalid(f"{name} must be {rule}")
     return value
 

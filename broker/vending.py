@@ -156,17 +156,12 @@ async def issue_credentials(
 ) -> IssuedCredentials:
     """Credentials for ``principal`` under ``policy_name``, from the cache when it can.
 
-    ``min_ttl_seconds`` holds the values the caller sent (none, or one whole
-    number up to the token's lifetime minus the refresh margin): a cached
-    token with less validity left is replaced by a fresh one.  ``narrowing``
-    holds the values of ``NARROWING_PARAMETERS`` the caller sent: the token
-    is for that part of its scope only (``broker.scopes.narrow``), and cached
-    under its own key.
+    ``min_ttl_seconds``: the values sent (none, or a whole number up to the
+    token's lifetime minus the refresh margin); a cached token with less left
+    is replaced.  ``narrowing``: the values of ``NARROWING_PARAMETERS`` sent;
+    the token covers that part of the scope only (``broker.scopes.narrow``).
     """
-    scope = usable_scope(services.policies, principal, policy_name)
-    wanted = parse_narrowing(narrowing or {})
-    if wanted is not None:
-        scope = narrow(scope, wanted)
+    scope = _requested_scope(services.policies, principal, policy_name, narrowing or {})
     margin = services.settings.cache.refresh_margin_seconds
     min_ttl = _min_ttl(min_ttl_seconds, scope.policy.token_lifetime_seconds - margin)
     result = await _credentials(services, principal, scope, min_ttl)
@@ -180,6 +175,15 @@ async def issue_credentials(
     )
     _log_issued(issued)
     return issued
+
+
+def _requested_scope(
+    policies: PolicySet, principal: Principal, name: str, narrowing: Mapping[str, Sequence[str]]
+) -> Scope:
+    """The caller's scope of policy ``name``, narrowed as the request asks."""
+    scope = usable_scope(policies, principal, name)
+    wanted = parse_narrowing(narrowing)
+    return scope if wanted is None else narrow(scope, wanted)
 
 
 async def presign_url(services: Services, principal: Principal, body: PresignBody) -> SignedUrl:
