@@ -1,15 +1,18 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 #   make run [PORT=9000]   dev mode; installs only what running needs (pip install -e .)
-#   make test              ruff, mypy --strict, pytest; adds the test toolchain (.[test])
+#   make test              ruff, mypy --strict, pytest; adds the test toolchain (.[test], Node clients)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 SYSTEM := $(VENV)/.system-deps
+# tests/clients/ drives the official Node clients, installed from this lock file (npm ci).
+NODE_LOCK  := tests/clients/node/package-lock.json
+NODE_STAMP := tests/clients/node/node_modules/.lock-sha256
 PORT   ?=
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest node-deps bench clean
 
 $(RUN_STAMP): pyproject.toml
 	@echo "==> $(VENV): creating a virtualenv with $(PYTHON)"
@@ -35,7 +38,13 @@ $(SYSTEM): tools/install-system-deps.sh | $(TEST_STAMP)
 	bash tools/install-system-deps.sh
 	touch $(SYSTEM)
 
-test: $(TEST_STAMP) $(SYSTEM) lint typecheck pytest  ## ruff, mypy --strict and the whole pytest suite
+# npm ci when node_modules is missing or the lock changed (the stamp holds the lock's SHA-256).
+$(NODE_STAMP): $(NODE_LOCK) tools/install-node-deps.sh
+	bash tools/install-node-deps.sh
+
+node-deps: $(NODE_STAMP)  ## the Node clients tests/clients/ drives (ali-oss, @alicloud/credentials)
+
+test: $(TEST_STAMP) $(SYSTEM) $(NODE_STAMP) lint typecheck pytest  ## ruff, mypy --strict and the whole pytest suite
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check broker tests
@@ -44,7 +53,7 @@ lint: $(TEST_STAMP)
 typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
-pytest: $(TEST_STAMP) $(SYSTEM)
+pytest: $(TEST_STAMP) $(SYSTEM) $(NODE_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(TEST_STAMP)  ## ratios against baselines measured in the same run; writes bench/RESULTS.md
@@ -53,4 +62,4 @@ bench: $(TEST_STAMP)  ## ratios against baselines measured in the same run; writ
 	$(BIN)/python bench/fleet.py --append bench/RESULTS.md
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache tests/clients/node/node_modules

@@ -1,4 +1,4 @@
-"""Request credentials → ``Principal`` (API keys, OIDC/JWT).  Knows nothing of STS.
+"""Request credentials → ``Principal`` (API keys, OIDC/JWT, certificates).  Knows nothing of STS.
 
 Callers send ``Authorization: Bearer <token>``; clients that cannot set
 headers (the official SDKs' credentials-URI provider) may send
@@ -20,10 +20,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from broker.config import ApiKeyAllowSettings, Settings, api_key_hashes
 from broker.errors import AuthenticationFailed, RequestInvalid
 from broker.models import Allowance, Principal
 from broker.oidc import MAX_TOKEN_CHARS, JwtVerifier, looks_like_jwt
+
+log = structlog.get_logger("broker.auth")
 
 _CONFIGURED_CALLERS = frozenset({"api_key", "mtls"})
 _MAX_SESSION_NAME = 64
@@ -34,6 +38,8 @@ __all__ = [
     "CertificateAuthenticator",
     "allowance",
     "api_key_authenticator",
+    "certificate_authenticator",
+    "certificate_names",
     "extract_token",
     "generate_api_key",
     "hash_api_key",
@@ -150,30 +156,70 @@ def api_key_authenticator(
 
 
 class CertificateAuthenticator:
-    """A verified client certificate's common name → its configured caller (``auth_method`` mtls).
+    """A verified client certificate → its configured caller (``auth_method`` mtls).
 
     The certificate has already been verified by the TLS handshake against
     the configured client CA; only the handshake's result is used, never a
-    header that claims to carry a certificate.
+    header that claims to carry a certificate.  Which of its names identify
+    it depends on what it carries, most specific first:
+
+    1. its SAN URIs (a SPIFFE ID such as ``spiffe://example.org/ns/prod/sa/app``),
+       if it has any, matched exactly against ``auth.mtls[].uri``;
+    2. otherwise its SAN DNS names, matched case-insensitively against ``dns``;
+    3. only a certificate with neither: its subject common name (exactly one),
+       matched against ``common_name``.
+
+    A certificate with a URI SAN is never matched by its DNS names or common
+    name, nor one with a DNS SAN by its common name (RFC 6125 §6.4.4's rule for
+    CN-IDs): a common name cannot stand in for the identity a SAN states.
+    Names of the chosen kind that match two different callers match nobody.
     """
 
-    def __init__(self, callers: Mapping[str, Principal]) -> None:
-        """``callers`` maps a certificate common name to its principal."""
+    def __init__(self, callers: Mapping[tuple[str, str], Principal]) -> None:
+        """``callers`` maps ``(field, name)`` to a caller; ``certificate_names`` says which."""
         self._callers = dict(callers)
 
     def authenticate(self, peercert: Mapping[str, Any] | None) -> Principal | None:
         """The caller of a verified peer certificate, or ``None``."""
         if not peercert:
             return None
-        names = [
-            value
-            for rdn in peercert.get("subject", ())
-            for key, value in rdn
-            if key == "commonName"
-        ]
-        if len(names) != 1:
+        field, names = certificate_names(peercert)
+        found = {
+            caller.subject: caller
+            for name in names
+            if (caller := self._callers.get((field, name))) is not None
+        }
+        if len(found) != 1:
+            log.info("client_certificate_unmatched", field=field, names=list(names[:4]))
             return None
-        return self._callers.get(names[0])
+        return next(iter(found.values()))
+
+
+def certificate_names(peercert: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """The kind of name that identifies a certificate (``ssl.getpeercert()``), and its names."""
+    sans = peercert.get("subjectAltName", ())
+    uris = tuple(value for kind, value in sans if kind == "URI")
+    if uris:
+        return "uri", uris
+    dns_names = tuple(value.lower() for kind, value in sans if kind == "DNS")
+    if dns_names:
+        return "dns", dns_names
+    common_names = tuple(
+        value for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName"
+    )
+    return "common_name", common_names if len(common_names) == 1 else ()
+
+
+def certificate_authenticator(settings: Settings) -> CertificateAuthenticator | None:
+    """The mTLS callers of ``settings.auth``, or ``None`` when there are none."""
+    if not settings.auth.mtls:
+        return None
+    return CertificateAuthenticator(
+        {
+            caller.certificate_name: Principal(caller.id, caller.groups, auth_method="mtls")
+            for caller in settings.auth.mtls
+        }
+    )
 
 
 class Authenticator:

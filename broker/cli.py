@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
+from broker import process_credentials
 from broker.auth import generate_api_key, hash_api_key
-from broker.config import CacheSettings, load_settings
+from broker.config import CacheSettings, Settings, load_settings
 from broker.errors import BrokerError, ConfigError
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
 from broker.logs import configure_logging
@@ -101,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_render(sub)
     _add_hash_key(sub)
+    _add_credentials(sub)
     return parser
 
 
@@ -204,6 +206,13 @@ def _add_hash_key(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     hash_key.set_defaults(run=_cmd_hash_key)
 
 
+def _add_credentials(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    summary = "fetch credentials from a running broker, printed for the aliyun CLI, env or SDKs"
+    credentials = _add_command(sub, "credentials", summary)
+    process_credentials.add_arguments(credentials)  # options live beside their use
+    credentials.set_defaults(run=_cmd_credentials)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     policies = load_policies(settings.policies_dir)
@@ -213,10 +222,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.workers > 1:
         return _run_workers(args.config, args.workers)
-    configure_logging(settings.logging.format, settings.logging.level, batched=True)
+    _configure_daemon_logging(settings)
     port_hint = f"listen.port in {args.config}"
     asyncio.run(_serve(build_services(settings, policies), port_hint=port_hint))
     return EXIT_OK
+
+
+def _configure_daemon_logging(settings: Settings) -> None:
+    """Logging through a bounded, non-blocking sink: a stalled stderr never stops the loop."""
+    options = settings.logging
+    configure_logging(
+        options.format,
+        options.level,
+        background=True,
+        cache_loggers=True,
+        max_buffer_bytes=options.max_buffer_bytes,
+    )
 
 
 def _run_workers(config: Path, workers: int) -> int:
@@ -247,7 +268,7 @@ def _run_workers(config: Path, workers: int) -> int:
 
 def _worker_main(config: Path, workers: int, index: int) -> None:
     settings = load_settings(config)
-    configure_logging(settings.logging.format, settings.logging.level, batched=True)
+    _configure_daemon_logging(settings)
     structlog.contextvars.bind_contextvars(worker=index)
     policies = load_policies(settings.policies_dir)
     services = build_services(settings, policies, process_share=1 / workers)
@@ -259,17 +280,19 @@ def _worker_main(config: Path, workers: int, index: int) -> None:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from broker.dev.stack import check_token_lifetime  # dev mode only
+    from broker.dev.stack import check_token_lifetime, shortest_duration  # dev mode only
 
+    policies_dir = args.policies_dir.resolve()
+    policies = load_policies(policies_dir)
     if args.token_lifetime is not None:
+        margin = CacheSettings().refresh_margin_seconds
         try:
-            check_token_lifetime(args.token_lifetime, CacheSettings().refresh_margin_seconds)
+            check_token_lifetime(args.token_lifetime, margin, shortest_duration(policies))
         except ValueError as err:
             print(f"sts-broker dev: {err}", file=sys.stderr)
             return EXIT_CONFIG
-    policies_dir = args.policies_dir.resolve()
-    policies = load_policies(policies_dir)
-    configure_logging("console" if sys.stderr.isatty() else "json", "info")
+    fmt = "console" if sys.stderr.isatty() else "json"
+    configure_logging(fmt, "info", background=True, cache_loggers=True)
     storage_dir = args.storage_dir.resolve()
     storage_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(_dev(args.port, policies_dir, policies, storage_dir, args.token_lifetime))
@@ -422,6 +445,10 @@ def _cmd_hash_key(args: argparse.Namespace) -> int:
         print(f"key:        {key}   (give this to the caller; it is not stored)")
     print(f"key_sha256: {hash_api_key(key)}")
     return EXIT_OK
+
+
+def _cmd_credentials(args: argparse.Namespace) -> int:
+    return process_credentials.run(args, os.environ)
 
 
 if __name__ == "__main__":  # pragma: no cover

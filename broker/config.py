@@ -61,6 +61,9 @@ __all__ = [
 
 _HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+_DNS_NAME = (
+    r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 def _no_double_dot(value: str) -> str:
@@ -100,12 +103,18 @@ class TlsSettings(_Section):
 
 
 class ListenSettings(_Section):
-    """Where the broker listens and how much it reads from one request."""
+    """Where the broker listens, how much it reads from one request and how long it waits.
+
+    The timeouts reap slow or idle clients (see broker/http/connections.py).
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_header_bytes: int = Field(default=8190, ge=1024, le=65536)
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    keepalive_timeout_seconds: float = Field(default=75.0, gt=0, le=3600)
     shutdown_delay_seconds: float = Field(default=0.0, ge=0, le=60)
     shutdown_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     tls: TlsSettings | None = None
@@ -199,10 +208,20 @@ class OssSettings(_Section):
 
 
 class QuotaSettings(_Section):
-    """Per-caller request rate, and the AssumeRole budget of this process."""
+    """The AssumeRole budget, each caller's share of the STS calls, an optional request rate.
 
-    caller_requests_per_second: float = Field(default=50.0, gt=0, le=100_000)
-    caller_burst: float = Field(default=100.0, ge=1, le=1_000_000)
+    ``caller_sts_*`` counts the STS calls a caller causes (misses and
+    ``min_ttl_seconds`` refreshes that start a fetch; ``broker.quotas``); the
+    default, 240 a minute (4/s), is a fifth of the default 20/s budget, so no
+    one caller can take more than a fifth of it, and a burst of 10 (half the
+    budget's burst) lets a caller start up cold with up to 10 scopes at once.
+    ``caller_requests_*`` counts every request; null or 0 (the default) is off.
+    """
+
+    caller_requests_per_second: float | None = Field(default=None, ge=0, le=100_000)
+    caller_burst: float | None = Field(default=None, ge=1, le=1_000_000)
+    caller_sts_calls_per_minute: float | None = Field(default=240.0, ge=0, le=6_000)
+    caller_sts_burst: float = Field(default=10.0, ge=1, le=100)
     sts_calls_per_second: float = Field(default=20.0, gt=0, le=100)
     sts_burst: float = Field(default=20.0, ge=1, le=100)
     sts_max_wait_seconds: float = Field(default=2.0, ge=0, le=30)
@@ -360,11 +379,33 @@ class JwtSettings(_Section):
 
 
 class MtlsCallerSettings(_Section):
-    """A caller identified by the common name of its verified client certificate."""
+    """A caller identified by one name of its verified client certificate.
+
+    Exactly one of ``uri`` (a SAN URI such as a SPIFFE ID), ``dns`` (a SAN DNS
+    name) or ``common_name``; which one a certificate is matched by is the rule
+    of ``broker.auth.CertificateAuthenticator``.
+    """
 
     id: Identifier
-    common_name: str = Field(min_length=1, max_length=64)
+    uri: str | None = Field(default=None, max_length=2048, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
+    dns: str | None = Field(default=None, max_length=253, pattern=_DNS_NAME)
+    common_name: str | None = Field(default=None, min_length=1, max_length=64)
     groups: tuple[Identifier, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_name(self) -> MtlsCallerSettings:
+        if [self.uri, self.dns, self.common_name].count(None) != 2:
+            raise ValueError("give exactly one of uri, dns or common_name")
+        return self
+
+    @property
+    def certificate_name(self) -> tuple[str, str]:
+        """``(field, name)`` identifying this caller; DNS names in lower case."""
+        if self.uri is not None:
+            return "uri", self.uri
+        if self.dns is not None:
+            return "dns", self.dns.lower()
+        return "common_name", self.common_name or ""
 
 
 class AuthSettings(_Section):
@@ -384,6 +425,14 @@ class AuthSettings(_Section):
             seen.add(key.id)
         return value
 
+    @field_validator("mtls")
+    @classmethod
+    def _unique_names(cls, value: tuple[MtlsCallerSettings, ...]) -> tuple[MtlsCallerSettings, ...]:
+        names = [caller.certificate_name for caller in value]
+        for name in {name for name in names if names.count(name) > 1}:
+            raise ValueError(f"{name[0]} {name[1]!r} identifies more than one caller")
+        return value
+
 
 class CorsSettings(_Section):
     """Browser origins allowed to call the API."""
@@ -401,10 +450,16 @@ class CorsSettings(_Section):
 
 
 class LoggingSettings(_Section):
-    """Log format (``auto`` = console on a TTY, JSON otherwise) and level."""
+    """Log format (``auto`` = console on a TTY, JSON otherwise), level, and the write buffer.
+
+    Lines wait in a buffer of at most ``max_buffer_bytes`` for a writer thread;
+    while stderr is blocked or slow, lines past it are dropped and counted
+    (``broker_log_lines_dropped_total``) rather than stopping the broker.
+    """
 
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    max_buffer_bytes: int = Field(default=1024 * 1024, ge=16 * 1024, le=256 * 1024 * 1024)
 
 
 class Settings(_Section):

@@ -12,15 +12,18 @@
       MethodNotAllowed          405 MethodNotAllowed
       RequestTooLarge           413 RequestTooLarge
       TooManyRequests           429 TooManyRequests   + Retry-After (per-caller quota)
-      UpstreamError             502 UpstreamError      STS failed
-        UpstreamThrottled       503 UpstreamThrottled  + Retry-After
-        UpstreamUnavailable     503 UpstreamUnavailable + Retry-After
-        UpstreamTimeout         504 UpstreamTimeout
+      UpstreamError             502 UpstreamError      STS said no (4xx), or unusable credentials
+        UpstreamThrottled       503 UpstreamThrottled  + Retry-After: a Throttling* code
+        UpstreamUnavailable     503 UpstreamUnavailable + Retry-After: 5xx, unreachable, no reply
+        UpstreamTimeout         504 UpstreamTimeout    + Retry-After: no answer in time
 
 Every class carries its status, a stable ``code``, a message and
 ``retryable``: whether another attempt at the same STS call may succeed (true
 for UpstreamThrottled, UpstreamUnavailable and UpstreamTimeout; any instance
-may say otherwise with the ``retryable=`` keyword).  Other keyword arguments
+may say otherwise with the ``retryable=`` keyword).  The three retryable
+classes are the ones a client should simply try again later, so their replies
+carry ``Retry-After``: 503 when STS is busy or down, 504 when it did not
+answer within the deadline (RFC 9110 allows ``Retry-After`` on any reply).  Other keyword arguments
 are context: they stay on the exception (``err.context``) for the log, and
 reach the reply only where the message template names them (or, for
 MethodNotAllowed, as the ``Allow`` header); templates never name secrets.
@@ -146,7 +149,7 @@ class RequestTooLarge(BrokerError):
 
 
 class TooManyRequests(BrokerError):
-    """This caller exceeded its request rate; retry after ``retry_after`` seconds."""
+    """This caller is over a per-caller quota (STS calls caused, or requests); retry later."""
 
     status = 429
     code = "TooManyRequests"
@@ -162,7 +165,7 @@ class TooManyRequests(BrokerError):
 
 
 class UpstreamError(BrokerError):
-    """STS failed in a way the caller cannot fix."""
+    """STS refused the call (a 4xx answer) or answered with something unusable; not retried."""
 
     status = 502
     code = "UpstreamError"
@@ -170,7 +173,7 @@ class UpstreamError(BrokerError):
 
 
 class _RetryableUpstream(UpstreamError):
-    """An STS failure worth retrying after ``retry_after`` seconds."""
+    """An STS failure worth retrying after ``retry_after`` seconds (sent as ``Retry-After``)."""
 
     status = 503
     retryable = True
@@ -192,16 +195,15 @@ class UpstreamThrottled(_RetryableUpstream):
 
 
 class UpstreamUnavailable(_RetryableUpstream):
-    """STS answered 503 or is otherwise temporarily unavailable."""
+    """STS answered 5xx, could not be reached, or sent no usable reply (reset, garbage, HTML)."""
 
     code = "UpstreamUnavailable"
     fmt = "STS is temporarily unavailable; retry later"
 
 
-class UpstreamTimeout(UpstreamError):
-    """STS did not answer within the per-attempt timeout."""
+class UpstreamTimeout(_RetryableUpstream):
+    """STS did not answer within the attempt's timeout (``sts.timeout_seconds``, or less)."""
 
     status = 504
     code = "UpstreamTimeout"
-    fmt = "STS did not answer in time"
-    retryable = True
+    fmt = "STS did not answer in time; retry later"

@@ -1,17 +1,23 @@
-"""structlog configuration and secret redaction.
+"""structlog configuration, secret redaction, and a log writer that never blocks the event loop.
 
 Configured once, at start-up, by the CLI: JSON lines in production, a
-console renderer on a TTY.  Every event passes ``redact_secrets`` before it is
-rendered, which masks known secret keys at any depth and scrubs secret-bearing
-fragments (``access_token=``, URL signatures, security tokens, bearer tokens)
-out of string values.  Standard-library loggers (aiohttp's) go through the
-same chain.
+console renderer on a TTY.  Standard-library loggers (aiohttp's, asyncio's)
+go through the same chain.  Two layers keep secrets out of the log:
+
+* ``redact_secrets`` masks the values of known secret keys at any depth;
+* ``scrub_rendered`` scans each rendered line and masks every secret *shape*
+  wherever it appears (messages, paths, exception text): our ``sk_`` API keys,
+  JWTs, STS security tokens and AccessKey secrets, ``Bearer``/``Basic``/``Token``
+  credentials, credential headers, ``access_token=``, ``Signature=`` and
+  ``x-oss-signature=`` values.
+
+The daemon writes through ``broker.log_writer.LogSink``: a bounded buffer
+drained by one writer thread, so a slow or blocked stderr (a pipe nobody
+reads) never stops the event loop; past the bound lines are dropped and counted.
 """
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import functools
 import logging
 import re
@@ -22,7 +28,21 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
-__all__ = ["REDACTED", "configure_logging", "redact_secrets", "scrub_rendered"]
+from broker.log_writer import (
+    DEFAULT_BUFFER_BYTES,
+    LogSink,
+    LoopBatchedLogger,
+    SinkHandler,
+    install_sink,
+)
+
+__all__ = [
+    "REDACTED",
+    "configure_logging",
+    "redact_secrets",
+    "scrub_rendered",
+    "scrub_text",
+]
 
 REDACTED = "[redacted]"
 
@@ -37,6 +57,7 @@ _SECRET_KEYS = frozenset(
         "access_token",
         "api_key",
         "apikey",
+        "x_api_key",
         "bearer",
         "token",
         "secret",
@@ -47,13 +68,61 @@ _SECRET_KEYS = frozenset(
         "policy_document",
     }
 )
-_SECRET_FRAGMENTS = re.compile(
-    r"(?i)((?:access_token|x-oss-signature|x-oss-security-token|signature|security-?token"
-    r"|accesskeysecret|access_key_secret)[\"']?\s*[=:]\s*[\"']?)[^&\s\"',;}]+"
+# A value that may follow ``name=`` / ``name: `` / ``'name': '`` (query strings,
+# headers, dict reprs); ``\\`` ends it so an escaped control byte is not eaten.
+_VALUE = r"[\"']?\s*[=:]\s*[\"']?"
+_NAMED = re.compile(
+    r"(?i)((?:access_token|id_token|refresh_token|client_secret|x-oss-signature"
+    r"|x-oss-security-token|signature|security-?token|accesskeysecret|access_key_secret"
+    r"|password|authorization|x-api-key|api-key|x-auth-token|cookie)" + _VALUE + r")"
+    r"(?:(?:bearer|basic|token|digest)\s+)?[^&\s\"',;}\\]+"
 )
-_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;}]+")
-# Every pattern above needs one of these (case-insensitively): a cheap test first.
-_TRIGGERS = ("token", "signature", "secret", "bearer")
+# ``Authorization`` schemes, with or without the header name in front: any Bearer
+# value; a Basic or Token one when it looks like a credential (not prose).
+_SCHEME = re.compile(
+    r"(?i)(\bbearer\s+)[^\s\"',;}\\]+|(\b(?:basic|token)\s+)[A-Za-z0-9._~+/=:-]{8,}"
+)
+# Secret shapes, wherever they are: after a non-word character or an escape (``\n``).
+_START = r"(?:(?<![A-Za-z0-9_-])|(?<=\\[nrt]))"
+_SHAPES = re.compile(
+    _START + r"sk_[A-Za-z0-9_-]{16,}"  # our API keys (broker.auth.generate_api_key)
+    r"|" + _START + r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{2,}(?:\.[A-Za-z0-9_-]*){0,3}"  # JWS/JWE
+    # STS SecurityToken: base64 starting CAIS (real STS, the emulator) or CAES.
+    r"|" + _START + r"CA[EI]S[A-Za-z0-9+/=]{16,}"
+)
+# An AccessKeySecret: a run of 30+ letters and digits in mixed case (STS's and the
+# emulator's are 40 characters, long-term ones 30).  Lower-case hex (request ids,
+# digests) is not mixed case; an AccessKeyId (``STS.`` + letters) follows a dot.
+_KEY_SECRET = re.compile(r"(?<![A-Za-z0-9.])[A-Za-z0-9]{30,}(?![A-Za-z0-9])")
+# Words in CamelCase (error codes such as EntityNotExistRoleArnForAssumedRole) are
+# not secrets: a random 30-character secret has this form about once in 10^5.
+_CAMEL_CASE = re.compile(r"[a-z]*(?:[A-Z][a-z]+)+")
+# Every shape above is a run of at least this many token characters holding an
+# upper-case letter.  ASCII bytes → U (upper case), t (other token characters) or
+# space, so such runs are found at C speed and only they go through the patterns.
+_SHAPE_MIN_CHARS = 16
+_TOKEN_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_+/=.")
+_CHAR_CLASSES = bytes(
+    ord("U") if 65 <= i <= 90 else ord("t") if i in _TOKEN_CHARS else 32 for i in range(256)
+)
+_ESCAPE_LETTERS = frozenset("nrt")
+
+
+def _has_named_secret(lowered: str) -> bool:
+    """Whether ``lowered`` may hold a named secret (``_NAMED``, ``_SCHEME``): a cheap test first."""
+    return (
+        "token" in lowered
+        or "signature" in lowered
+        or "secret" in lowered
+        or "auth" in lowered
+        or "bearer" in lowered
+        or "basic" in lowered
+        or "password" in lowered
+        or "api-key" in lowered
+        or "cookie" in lowered
+    )
+
+
 _MAX_DEPTH = 8
 
 
@@ -66,11 +135,49 @@ def _is_secret_key(key: object) -> bool:
     return isinstance(key, str) and _is_secret_name(key)
 
 
-def _scrub_text(text: str) -> str:
-    lowered = text.lower()
-    if not any(trigger in lowered for trigger in _TRIGGERS):
-        return text
-    return _BEARER.sub(r"\1" + REDACTED, _SECRET_FRAGMENTS.sub(r"\1" + REDACTED, text))
+def _keep_scheme(match: re.Match[str]) -> str:
+    return (match.group(1) or match.group(2)) + REDACTED
+
+
+def _mask_key_secret(match: re.Match[str]) -> str:
+    run = match.group(0)
+    if run.lower() == run or run.upper() == run or _CAMEL_CASE.fullmatch(run):
+        return run
+    return REDACTED
+
+
+def _mask_run(run: str) -> str:
+    return _KEY_SECRET.sub(_mask_key_secret, _SHAPES.sub(REDACTED, run))
+
+
+def _mask_shapes(text: str) -> str:
+    """``text`` with every secret shape masked; only long token runs are searched."""
+    if not text.isascii():
+        return _mask_run(text)
+    classes = text.encode("ascii").translate(_CHAR_CLASSES)
+    parts: list[str] = []
+    done = 0
+    upper = classes.find(b"U")
+    while upper != -1:
+        start = classes.rfind(b" ", 0, upper) + 1
+        end = classes.find(b" ", upper)
+        end = len(classes) if end == -1 else end
+        if end - start >= _SHAPE_MIN_CHARS:
+            if start and text[start - 1] == "\\" and text[start] in _ESCAPE_LETTERS:
+                start += 1  # "\nsk_...": the n belongs to the escape
+            masked = _mask_run(text[start:end])
+            if len(masked) != end - start or masked != text[start:end]:
+                parts += [text[done:start], masked]
+                done = end
+        upper = classes.find(b"U", end)
+    return "".join([*parts, text[done:]]) if parts else text
+
+
+def scrub_text(text: str) -> str:
+    """``text`` with every known secret shape masked (see the module docstring)."""
+    if _has_named_secret(text.lower()):
+        text = _SCHEME.sub(_keep_scheme, _NAMED.sub(r"\1" + REDACTED, text))
+    return _mask_shapes(text)
 
 
 def _mask(value: Any, depth: int = 0) -> Any:
@@ -96,54 +203,24 @@ def redact_secrets(
 
 
 def scrub_rendered(logger: Any, method_name: str, line: Any) -> Any:
-    """structlog processor after the renderer: scrub secret fragments from the whole line.
+    """structlog processor after the renderer: scrub secret shapes from the whole line.
 
-    ``access_token=``, URL signatures, security tokens and bearer tokens are
-    masked wherever they appear (messages, paths, exception text), one scan
-    per line instead of one per value.
+    One scan per line instead of one per value; it also covers what no key
+    names, such as an exception's text.
     """
-    return _scrub_text(line) if isinstance(line, str) else line
+    return scrub_text(line) if isinstance(line, str) else line
 
 
 def _orjson_dumps(value: Any, **_: Any) -> str:
     return orjson.dumps(value, default=repr).decode()
 
 
-class _BatchedWriter:
-    """Writes lines to ``stream`` once per event-loop iteration instead of once per line.
-
-    Under load many requests finish in one iteration of the loop; one write
-    (and flush) for all their log lines saves a system call per line.  Outside
-    a running loop, and at exit, lines are written at once.
-    """
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._pending: list[str] = []
-        self._scheduled = False
-        atexit.register(self.flush)
-
-    def msg(self, message: str) -> None:
-        self._pending.append(message)
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_soon(self.flush)
-
-    info = debug = warning = error = critical = exception = log = msg
-
-    def flush(self) -> None:
-        self._scheduled = False
-        if not self._pending:
-            return
-        lines, self._pending = self._pending, []
-        self._stream.write("\n".join(lines) + "\n")
-        self._stream.flush()
+_SHARED: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+_TAIL: list[Any] = [structlog.processors.format_exc_info, redact_secrets]
 
 
 def configure_logging(
@@ -151,50 +228,55 @@ def configure_logging(
     level: str = "info",
     stream: TextIO | None = None,
     *,
-    batched: bool = False,
-) -> None:
+    background: bool = False,
+    cache_loggers: bool = False,
+    max_buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+) -> LogSink | None:
     """Configure structlog (and route stdlib logging through it) for the whole process.
 
-    ``batched`` (for the daemon) writes once per event-loop iteration and lets
-    module loggers cache their configuration; tests that reconfigure logging
-    leave it off.
+    ``background`` (the daemon: ``serve`` and ``dev``) writes through a
+    ``LogSink`` holding at most ``max_buffer_bytes``, and returns it; without
+    it lines are written at once (tests reading a ``StringIO``).
+    ``cache_loggers`` lets module loggers keep their first configuration: the
+    daemon configures logging once; tests that reconfigure it leave this off.
     """
     stream = stream if stream is not None else sys.stderr
-    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
-    renderer: Any = (
-        structlog.processors.JSONRenderer(serializer=_orjson_dumps)
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
-    )
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    tail: list[Any] = [structlog.processors.format_exc_info, redact_secrets]
+    sink = install_sink(stream, max_buffer_bytes) if background else None
+    renderer = _renderer(fmt, stream)
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
-    if batched:
-        writer = _BatchedWriter(stream)
-        factory: Any = lambda *_: writer  # noqa: E731 - structlog wants a callable
-    else:
-        factory = structlog.PrintLoggerFactory(file=stream)
+    factory: Any = structlog.PrintLoggerFactory(file=stream)
+    if sink is not None:
+        writer = LoopBatchedLogger(sink)
+        factory = lambda *_: writer  # noqa: E731 - structlog wants a callable
     structlog.configure(
-        processors=[*shared, *tail, renderer, scrub_rendered],
+        processors=[*_SHARED, *_TAIL, renderer, scrub_rendered],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=factory,
-        cache_logger_on_first_use=batched,
+        cache_logger_on_first_use=cache_loggers,
     )
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+    handler = logging.StreamHandler(stream) if sink is None else SinkHandler(sink)
+    handler.setFormatter(_stdlib_formatter(renderer))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric_level, logging.INFO))
+    return sink
+
+
+def _stdlib_formatter(renderer: Any) -> logging.Formatter:
+    """Standard-library records (aiohttp, asyncio) through the same chain as ours."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*_SHARED, structlog.stdlib.add_logger_name],
         processors=[
-            *tail,
+            *_TAIL,
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             renderer,
             scrub_rendered,
         ],
     )
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(max(numeric_level, logging.INFO))
+
+
+def _renderer(fmt: str, stream: TextIO) -> Any:
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    if use_json:
+        return structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+    return structlog.dev.ConsoleRenderer(colors=stream.isatty())

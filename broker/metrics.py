@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests, cache, STS calls, reloads, quotas, shared-cache degradation.
+"""Prometheus metrics: requests, connections, cache, STS calls, reloads, quotas, shared cache, logs.
 
 This is the only module that defines metrics.  Each broker gets its own
 registry (no global state), rendered at ``/metrics`` in the Prometheus text
@@ -8,6 +8,7 @@ Redis operation names, so cardinality stays bounded and nothing secret leaks.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker import log_writer
 from broker.errors import BrokerError
 
 if TYPE_CHECKING:  # the chain imports metrics; metrics only reads the cache at scrape time
@@ -54,6 +56,25 @@ class _CacheCollector(Collector):
             yield CounterMetricFamily(f"broker_cache_{name}", help_text, value=value)
         yield GaugeMetricFamily(
             "broker_cache_entries", "Entries in the cache", value=len(self._cache)
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class _LogCollector(Collector):
+    """The log writer's dropped lines and backlog, read at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "broker_log_lines_dropped",
+            "Log lines dropped because the log stream (stderr) was blocked or too slow",
+            value=log_writer.lines_dropped(),
+        )
+        yield GaugeMetricFamily(
+            "broker_log_buffer_bytes",
+            "Log output waiting for the writer thread",
+            value=log_writer.buffered_bytes(),
         )
 
     def describe(self) -> Iterator[Metric]:
@@ -100,7 +121,10 @@ class Metrics:
         )
         self.policies = Gauge("broker_policies_loaded", "Policies in force", registry=r)
         self.quota_rejections = Counter(
-            "broker_quota_rejections", "Requests refused by a quota", ["quota"], registry=r
+            "broker_quota_rejections",
+            "Requests refused by a quota: caller_sts, caller_requests or sts_budget",
+            ["kind"],
+            registry=r,
         )
         self.stale_served = Counter(
             "broker_stale_credentials_served",
@@ -113,6 +137,13 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.connections_reaped = Counter(
+            "broker_connections_reaped",
+            "Connections closed because the client sent its request too slowly",
+            ["reason"],
+            registry=r,
+        )
+        r.register(_LogCollector())
 
     def track_cache(self, cache: CredentialCache) -> None:
         """Export ``cache``'s counters and size."""
@@ -137,6 +168,9 @@ class Metrics:
                 return await fetch(request)
             except BrokerError as err:
                 outcome = err.code
+                raise
+            except asyncio.CancelledError:  # cut short by the retry deadline: no answer came
+                outcome = "UpstreamTimeout"
                 raise
             finally:
                 self.sts_calls.labels(outcome).inc()

@@ -38,7 +38,7 @@ from jwt.types import Options
 
 from broker.config import JwtSettings
 from broker.errors import AuthenticationFailed, TemplateValueRejected
-from broker.models import Clock, Principal, system_clock
+from broker.models import Clock, OidcToken, Principal, system_clock
 from broker.templates import CLAIM_NAME_PATTERN, check_template_value
 
 __all__ = ["MAX_TOKEN_CHARS", "JwksSource", "JwtVerifier", "looks_like_jwt"]
@@ -412,6 +412,7 @@ class JwtVerifier:
             groups=_groups(claims, self._settings),
             auth_method="jwt",
             claims=_template_claims(claims),
+            oidc_token=OidcToken(token, str(claims["iss"]), float(claims["exp"])),
         )
 
     def _algorithm_and_kid(self, token: str) -> tuple[str, str | None]:

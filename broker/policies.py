@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import ConfigDict, Field, PrivateAttr, StrictInt, StrictStr
@@ -40,6 +40,7 @@ from broker.policy_fields import (
     Grant,
     Grants,
     Name,
+    OidcProviderArn,
     Region,
     Required,
     RoleArn,
@@ -117,6 +118,10 @@ class Policy(pydantic.BaseModel):
     external_id: ExternalId | None = None
     endpoint: Endpoint | None = None
     callback_urls: CallbackUrls = ()
+    federation: Literal["none", "oidc"] = "none"
+    """``oidc``: JWT callers' own tokens go to STS AssumeRoleWithOIDC (others are refused)."""
+    oidc_provider_arn: OidcProviderArn | None = None
+    """The RAM OIDC provider that ``federation: oidc`` names in AssumeRoleWithOIDC."""
     source: SkipJsonSchema[str] = Field(default="", exclude=True)
     """The file this policy came from; set by the loader, never read from the file."""
     _grants: tuple[Grant, ...] = PrivateAttr(default=())
@@ -221,6 +226,12 @@ class Policy(pydantic.BaseModel):
     def oss_endpoint(self) -> str:
         """The OSS endpoint host: ``endpoint`` if set, else the region's public one."""
         return self.endpoint or f"oss-{self.region}.aliyuncs.com"
+
+    @pydantic.model_validator(mode="after")
+    def _check_federation(self) -> Policy:
+        if (self.federation == "oidc") != (self.oidc_provider_arn is not None):
+            raise ValueError("federation: oidc and oidc_provider_arn go together")
+        return self
 
 
 def _check_no_overlap(grants: Sequence[Grant], conditions: Conditions | None) -> None:

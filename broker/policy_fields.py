@@ -45,6 +45,7 @@ __all__ = [
     "Grant",
     "Grants",
     "Name",
+    "OidcProviderArn",
     "Region",
     "Required",
     "RoleArn",
@@ -171,6 +172,13 @@ Name = Annotated[StrictStr, matching(POLICY_NAME_PATTERN, POLICY_NAME_RULE)]
 RoleArn = Annotated[
     StrictStr,
     matching(r"acs:ram::[0-9]+:role/[A-Za-z0-9.@_-]{1,64}", "use acs:ram::<account>:role/<name>"),
+]
+OidcProviderArn = Annotated[
+    StrictStr,
+    matching(
+        r"acs:ram::[0-9]+:oidc-provider/[A-Za-z0-9.-]{1,128}",
+        "use acs:ram::<account>:oidc-provider/<name>",
+    ),
 ]
 Bucket = Annotated[
     StrictStr,

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.auth import Authenticator, CertificateAuthenticator, api_key_authenticator
+from broker.auth import Authenticator, api_key_authenticator, certificate_authenticator
 from broker.config import JwtSettings, Settings
+from broker.credentials.budget import RedisTokenBuckets
 from broker.credentials.cache import CredentialCache
-from broker.credentials.chain import build_chain
+from broker.credentials.chain import CredentialChain, build_chain
 from broker.credentials.sts import SourceCredential, StsClient
 from broker.metrics import Metrics
-from broker.models import Clock, Principal, system_clock
+from broker.models import Clock, system_clock
 from broker.oidc import JwksSource, JwtVerifier
 from broker.policies import PolicySet
-from broker.quotas import CallerQuotas
+from broker.quotas import CallerQuotas, CallerStsQuota, FleetBuckets
 
-__all__ = ["Services", "build_services"]
+__all__ = ["Services", "build_services", "caller_request_quota", "caller_sts_quota"]
 
 
 @dataclass(slots=True)
@@ -30,6 +31,9 @@ class Services:
     clock: Clock
     metrics: Metrics
     quotas: CallerQuotas
+    """The request-rate quota (off by default)."""
+    sts_quota: CallerStsQuota
+    """Each caller's allowance of STS calls it causes."""
     shutting_down: bool = False
 
 
@@ -44,20 +48,60 @@ def build_services(
     """Wire settings and policies into the shared services.
 
     ``process_share`` (``1/N`` for one of ``serve --workers N``) is the part of
-    the STS call budget this process may spend (``credentials.chain.sts_budget``).
-    No network I/O happens here; with ``cache.backend: redis`` the encryption
-    keys are read (``ConfigError`` if they are bad) and Redis is reached on first use.
+    the STS call budget (``credentials.chain.sts_budget``) and of each caller's
+    STS allowance this process may spend on its own.  No network I/O happens
+    here; with ``cache.backend: redis`` the encryption keys are read
+    (``ConfigError`` if they are bad) and Redis is reached on first use.
     """
     metrics = Metrics()
     chain = build_chain(
         settings, metrics, credential=credential, clock=clock, process_share=process_share
     )
-    quota = settings.quotas
-    quotas = CallerQuotas(quota.caller_requests_per_second, quota.caller_burst, clock)
     metrics.record_reload(successful=True, at=clock(), policies=len(policies))
-    authenticator = _authenticator(settings, clock)
     return Services(
-        settings, policies, chain.cache, authenticator, chain.sts, clock, metrics, quotas
+        settings,
+        policies,
+        chain.cache,
+        _authenticator(settings, clock),
+        chain.sts,
+        clock,
+        metrics,
+        quotas=caller_request_quota(settings, metrics, clock),
+        sts_quota=caller_sts_quota(settings, metrics, chain, clock, process_share),
+    )
+
+
+def caller_request_quota(settings: Settings, metrics: Metrics, clock: Clock) -> CallerQuotas:
+    """The request-rate quota per caller (per process; off unless configured)."""
+    quota = settings.quotas
+    return CallerQuotas(
+        quota.caller_requests_per_second,
+        quota.caller_burst,
+        clock,
+        on_reject=metrics.quota_rejections.labels(kind="caller_requests").inc,
+    )
+
+
+def caller_sts_quota(
+    settings: Settings,
+    metrics: Metrics,
+    chain: CredentialChain,
+    clock: Clock,
+    process_share: float = 1.0,
+) -> CallerStsQuota:
+    """Each caller's STS allowance: the fleet's in Redis when the STS budget is shared there."""
+    fleet = None
+    shared = chain.shared
+    if shared is not None and shared.settings.share_sts_budget:
+        fleet = FleetBuckets(RedisTokenBuckets(shared.redis, clock), shared.settings.key_prefix)
+    quota = settings.quotas
+    return CallerStsQuota(
+        quota.caller_sts_calls_per_minute,
+        quota.caller_sts_burst,
+        clock,
+        process_share=process_share,
+        fleet=fleet,
+        on_reject=metrics.quota_rejections.labels(kind="caller_sts").inc,
     )
 
 
@@ -66,14 +110,7 @@ def _authenticator(settings: Settings, clock: Clock) -> Authenticator:
     jwt = None
     if settings.auth.jwt is not None:
         jwt = _jwt_verifier(settings.auth.jwt, clock)
-    certificates = None
-    if settings.auth.mtls:
-        certificates = CertificateAuthenticator(
-            {
-                caller.common_name: Principal(caller.id, caller.groups, auth_method="mtls")
-                for caller in settings.auth.mtls
-            }
-        )
+    certificates = certificate_authenticator(settings)
     return Authenticator(api_key_authenticator(settings), jwt, certificates)
 
 

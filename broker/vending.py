@@ -12,6 +12,7 @@ and the lifetime is clamped to what it has left (``Expiry.clamped``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,9 +22,15 @@ from typing import Any
 import structlog
 
 from broker import signing
-from broker.auth import role_session_name
+from broker.auth import quota_key, role_session_name
 from broker.credentials.cache import CacheResult
-from broker.errors import AccessDenied, BrokerError, RequestInvalid, TemplateValueRejected
+from broker.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    BrokerError,
+    RequestInvalid,
+    TemplateValueRejected,
+)
 from broker.models import AssumeRoleRequest, Credentials, Principal
 from broker.names import POLICY_NAME, POLICY_NAME_RULE
 from broker.policies import Policy, PolicySet, Scope
@@ -253,13 +260,15 @@ async def _credentials(
     *,
     min_ttl_is_preference: bool = False,
 ) -> CacheResult:
-    policy = scope.policy
-    assume = _assume_role_request(services, principal, scope)
+    assume = _assume_request(services, principal, scope)
     # A short-lived token never has more than its lifetime less the margin to give.
     margin = services.settings.cache.refresh_margin_seconds
-    min_ttl = min(min_ttl, policy.token_lifetime_seconds - margin)
+    min_ttl = min(min_ttl, scope.policy.token_lifetime_seconds - margin)
     result = await services.cache.get(
-        assume, min_ttl_seconds=min_ttl, min_ttl_is_preference=min_ttl_is_preference
+        assume,
+        min_ttl_seconds=min_ttl,
+        min_ttl_is_preference=min_ttl_is_preference,
+        charge=services.sts_quota.charge(quota_key(principal)),
     )
     if result.source == "stale":
         services.metrics.stale_served.inc()
@@ -267,11 +276,40 @@ async def _credentials(
     return result
 
 
-def _assume_role_request(
-    services: Services, principal: Principal, scope: Scope
-) -> AssumeRoleRequest:
-    """What AssumeRole is asked for ``scope``: always its Policy, and any deadline still to add."""
+def _assume_request(services: Services, principal: Principal, scope: Scope) -> AssumeRoleRequest:
+    """What to ask STS for: always the Policy; with ``federation: oidc``, the caller's own token.
+
+    The federated key names the provider, the token's issuer and the subject, so
+    two users never share credentials and one user's concurrent misses share one
+    call.  A token about to expire is refused here (401): STS must not get it.
+    """
     policy = scope.policy
+    assume = AssumeRoleRequest(
+        role_arn=policy.role_arn,
+        policy=scope.document,
+        duration_seconds=policy.duration_seconds,
+        role_session_name=role_session_name(principal),
+        external_id=policy.external_id,
+        effective_lifetime_seconds=_effective_lifetime(services, policy),
+    )
+    if policy.federation != "oidc":
+        return assume
+    token = principal.oidc_token
+    if principal.auth_method != "jwt" or token is None:
+        raise AccessDenied(f"policy {policy.name} is federated: only OIDC (JWT) callers may use it")
+    if token.expires_at - services.clock() <= services.settings.cache.refresh_margin_seconds:
+        raise AuthenticationFailed("the bearer token expires too soon; get a fresh one")
+    federation = f"oidc {policy.oidc_provider_arn} {token.issuer} {principal.subject}"
+    return dataclasses.replace(
+        assume,
+        oidc_provider_arn=policy.oidc_provider_arn,
+        federation=federation,
+        oidc_token=token,
+    )
+
+
+def _effective_lifetime(services: Services, policy: Policy) -> int | None:
+    """The policy's effective lifetime, which the deadline is rendered from when STS is called."""
     margin = services.settings.cache.refresh_margin_seconds
     lifetime = policy.effective_lifetime_seconds
     if lifetime is not None and lifetime <= margin:
@@ -280,14 +318,7 @@ def _assume_role_request(
             f"policy {policy.name}: effective_lifetime_seconds ({lifetime}) must exceed "
             f"cache.refresh_margin_seconds ({margin})"
         )
-    return AssumeRoleRequest(
-        role_arn=policy.role_arn,
-        policy=scope.document,
-        duration_seconds=policy.duration_seconds,
-        role_session_name=role_session_name(principal),
-        external_id=policy.external_id,
-        effective_lifetime_seconds=lifetime,
-    )
+    return lifetime
 
 
 async def _signer(

@@ -20,6 +20,7 @@ from broker.auth import (
     CertificateAuthenticator,
     allowance,
     api_key_authenticator,
+    certificate_authenticator,
     extract_token,
     generate_api_key,
     hash_api_key,
@@ -195,17 +196,29 @@ async def test_authenticator_uses_api_keys_when_no_jwt_is_configured() -> None:
 # --- client certificates ---
 
 
-def _peercert(*common_names: str) -> dict[str, object]:
+def _peercert(*common_names: str, sans: tuple[tuple[str, str], ...] = ()) -> dict[str, object]:
     """A peer certificate as ``ssl.getpeercert()`` returns it."""
     rdns = [(("countryName", "CN"),), *((("commonName", name),) for name in common_names)]
-    return {"subject": tuple(rdns)}
+    cert: dict[str, object] = {"subject": tuple(rdns)}
+    if sans:
+        cert["subjectAltName"] = sans
+    return cert
+
+
+_EDGE = Principal("svc-edge", ("internal",), auth_method="mtls")
+_SPIFFE = Principal("svc-spiffe", ("internal",), auth_method="mtls")
+_DNS = Principal("svc-dns", ("internal",), auth_method="mtls")
+_SPIFFE_ID = "spiffe://example.org/ns/prod/sa/reports"
+_CALLERS = {
+    ("common_name", "edge.internal"): _EDGE,
+    ("uri", _SPIFFE_ID): _SPIFFE,
+    ("dns", "reports.internal.example.com"): _DNS,
+}
 
 
 def test_certificate_common_name_maps_to_its_caller() -> None:
-    """A verified certificate with one known common name gives that caller."""
-    caller = Principal("svc-edge", ("internal",), auth_method="mtls")
-    authenticator = CertificateAuthenticator({"edge.internal": caller})
-    assert authenticator.authenticate(_peercert("edge.internal")) == caller
+    """A verified certificate with one known common name (and no SAN) gives that caller."""
+    assert CertificateAuthenticator(_CALLERS).authenticate(_peercert("edge.internal")) == _EDGE
 
 
 @pytest.mark.parametrize(
@@ -217,8 +230,78 @@ def test_certificates_without_exactly_one_known_cn_match_nobody(
     peercert: dict[str, object] | None,
 ) -> None:
     """No certificate, no common name, an unknown one or two of them: no caller."""
-    caller = Principal("svc-edge", auth_method="mtls")
-    assert CertificateAuthenticator({"edge.internal": caller}).authenticate(peercert) is None
+    assert CertificateAuthenticator(_CALLERS).authenticate(peercert) is None
+
+
+@pytest.mark.parametrize(
+    ("peercert", "caller"),
+    [
+        (_peercert("edge.internal", sans=(("URI", _SPIFFE_ID),)), _SPIFFE),
+        (_peercert("edge.internal", sans=(("DNS", "Reports.Internal.Example.COM"),)), _DNS),
+        (
+            _peercert(
+                "edge.internal",
+                sans=(("DNS", "reports.internal.example.com"), ("URI", _SPIFFE_ID)),
+            ),
+            _SPIFFE,
+        ),
+        (_peercert("edge.internal", sans=(("IP Address", "10.0.0.1"),)), _EDGE),
+        (_peercert(sans=(("URI", "spiffe://example.org/other"), ("URI", _SPIFFE_ID))), _SPIFFE),
+    ],
+    ids=["uri-over-cn", "dns-any-case-over-cn", "uri-over-dns", "ip-san-ignored", "one-uri-known"],
+)
+def test_the_most_specific_certificate_name_wins(
+    peercert: dict[str, object], caller: Principal
+) -> None:
+    """SAN URIs, else SAN DNS names (any case), else the common name identify the caller."""
+    assert CertificateAuthenticator(_CALLERS).authenticate(peercert) == caller
+
+
+@pytest.mark.parametrize(
+    "peercert",
+    [
+        _peercert("edge.internal", sans=(("URI", "spiffe://example.org/unknown"),)),
+        _peercert("edge.internal", sans=(("DNS", "unknown.example.com"),)),
+        _peercert(sans=(("URI", "spiffe://x/y"), ("DNS", "reports.internal.example.com"))),
+    ],
+    ids=["unknown-uri-hides-cn", "unknown-dns-hides-cn", "unknown-uri-hides-dns"],
+)
+def test_a_san_is_never_bypassed_by_a_less_specific_name(peercert: dict[str, object]) -> None:
+    """SANs that match nobody: the certificate is not matched by its known CN or DNS name."""
+    assert CertificateAuthenticator(_CALLERS).authenticate(peercert) is None
+
+
+def test_names_matching_two_callers_match_nobody() -> None:
+    """Two SAN URIs of one certificate naming two different callers: ambiguous, refused."""
+    callers = {**_CALLERS, ("uri", "spiffe://example.org/other"): _EDGE}
+    peercert = _peercert(sans=(("URI", _SPIFFE_ID), ("URI", "spiffe://example.org/other")))
+    assert CertificateAuthenticator(callers).authenticate(peercert) is None
+
+
+def test_certificate_callers_come_from_each_configured_name() -> None:
+    """auth.mtls entries by uri, dns (any case) and common_name become the authenticator's map."""
+    settings = Settings.model_validate(
+        {
+            "auth": {
+                "mtls": [
+                    {"id": "svc-spiffe", "uri": _SPIFFE_ID, "groups": ["internal"]},
+                    {"id": "svc-dns", "dns": "Reports.Internal.Example.com"},
+                    {"id": "svc-edge", "common_name": "edge.internal"},
+                ]
+            }
+        }
+    )
+    authenticator = certificate_authenticator(settings)
+    assert authenticator is not None
+    by_dns = authenticator.authenticate(
+        _peercert(sans=(("DNS", "reports.internal.example.com"),))
+    )
+    assert by_dns is not None
+    assert (by_dns.subject, by_dns.auth_method) == ("svc-dns", "mtls")
+    by_uri = authenticator.authenticate(_peercert(sans=(("URI", _SPIFFE_ID),)))
+    assert by_uri is not None
+    assert (by_uri.subject, by_uri.groups) == ("svc-spiffe", ("internal",))
+    assert certificate_authenticator(Settings()) is None
 
 
 # --- names derived from a caller ---

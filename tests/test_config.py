@@ -277,3 +277,29 @@ def test_bad_allow_is_named_with_its_line(
     [problem] = _problems(path)
     assert problem.startswith(f"{path}:{line}: auth.api_keys.0.{key}: "), problem
     assert fragment in problem
+
+
+# --- auth.mtls: one certificate name per caller ---
+
+_ONE_NAME = "exactly one of uri, dns or common_name"
+
+
+@pytest.mark.parametrize(
+    ("entries", "problem"),
+    [
+        ("[{id: a}]", _ONE_NAME),
+        ("[{id: a, uri: 'spiffe://x/a', common_name: a}]", _ONE_NAME),
+        ("[{id: a, dns: '*.example.com'}]", "should match pattern"),
+        ("[{id: a, uri: 'not a uri'}]", "should match pattern"),
+        ("[{id: a, dns: A.example.com}, {id: b, dns: a.EXAMPLE.com}]", "identifies more than one"),
+    ],
+    ids=["no-name", "two-names", "wildcard-dns", "bad-uri", "same-dns-twice"],
+)
+def test_mtls_callers_name_exactly_one_certificate_name(
+    tmp_path: Path, entries: str, problem: str
+) -> None:
+    """Each auth.mtls entry names one uri, dns or common_name, no wildcard, none shared."""
+    problems = _problems(_write(tmp_path, f"auth:\n  mtls: {entries}\n"))
+    assert len(problems) == 1
+    assert problem in problems[0]
+    assert "auth.mtls" in problems[0]

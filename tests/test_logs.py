@@ -1,19 +1,29 @@
-"""No secret ever reaches the log: the real production chain, searched for canary values."""
+"""No secret ever reaches the log: the real production chain, searched for canary values.
+
+Secret keys are masked at any depth, secret shapes wherever they appear in a
+line.  (The writer behind the chain is tests/test_log_writer.py's.)
+"""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
+import random
 import re
+import secrets
+import string
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import jwt
 import pytest
 import structlog
 
-from broker.logs import REDACTED, configure_logging, redact_secrets, scrub_rendered
+from broker.auth import generate_api_key
+from broker.logs import REDACTED, configure_logging, redact_secrets, scrub_rendered, scrub_text
 from broker.reload import reload_policies
 from tests.conftest import CALLERS, SOURCE_SECRET, BrokerHarness
 
@@ -121,3 +131,93 @@ async def test_no_secret_from_signing_metrics_or_reload(
     for canary in canaries:
         assert canary not in text
         assert canary not in metrics_text
+
+
+# --- secret shapes, wherever they appear ---
+
+API_KEY = generate_api_key()
+JWT = jwt.encode({"sub": "alice", "aud": "upload-web"}, "k" * 32, algorithm="HS256")
+# The STS emulator's shapes (broker/dev/emulators/sts.py), which follow real STS's:
+# a SecurityToken is base64 starting "CAIS", an AccessKeySecret 40 letters and digits.
+STS_TOKEN = "CAIS" + base64.b64encode(secrets.token_bytes(300)).decode()
+STS_SECRET = "wyLTSmsyPGP1ohvvw8xYgB29dlGI8KMiH2pKCNZ9"
+_ALNUM = string.ascii_letters + string.digits
+
+
+@pytest.mark.parametrize(
+    ("template", "secret"),
+    [
+        ("b'Authorization: {}\\x00'\n   ^", API_KEY),  # aiohttp's parser error, as JSON escapes it
+        ("b'Authorization: Basic {}\\x00'", API_KEY),
+        ("Token {}\x7f", API_KEY),
+        ("b'X-Api-Key: {}\\x01'", API_KEY),
+        ("Got more than 8190 bytes when reading: b'Bearer {}aaaaaaaa'", API_KEY),
+        ("line\\n{}", API_KEY),
+        ("no scheme at all: {}", API_KEY),
+        ("GET /v1/policies?access_token={}&min_ttl_seconds=5", "opaque-token-1"),
+        ("id token {}", JWT),
+        ("{{'authorization': 'Bearer {}'}}", JWT),
+        ("SecurityToken={}", STS_TOKEN),
+        ("token in prose {} here", STS_TOKEN),
+        ("AccessKeySecret: {}", STS_SECRET),
+        ("an exception quoting {} alone", STS_SECRET),
+        ("Basic {}", "dXNlcjpwYXNzd29yZA=="),
+        ("https://b.oss/k?x-oss-signature={}&x-oss-date=20261202T000000Z", "ab12" * 16),
+        ("https://b.oss/k?OSSAccessKeyId=LTAI&Signature={}&Expires=1", "c2lnbmF0dXJl%3D"),
+        ("Cookie: session={}", "opaque-cookie-9"),
+    ],
+)
+def test_secret_shapes_are_scrubbed_wherever_they_appear(template: str, secret: str) -> None:
+    """API keys, JWTs, STS tokens and secrets, credential schemes and signatures are masked."""
+    scrubbed = scrub_text(template.format(secret))
+    assert secret not in scrubbed
+    assert REDACTED in scrubbed
+
+
+@pytest.mark.parametrize(
+    "ordinary",
+    [
+        '"request_id":"df4d62f93b4a4450a3a8f6b1c2270a95"',
+        '"policy_digest":"0123456789abcdef0123456789abcdef"',
+        '"access_key_id":"STS.NUgYrLnoC37mZZCNnAbez2Ksn4AbCdEf"',
+        '"timestamp":"2026-12-02T06:20:01.405469Z"',
+        '"path":"/v1/credentials/avatar-upload"',
+        '"event":"token_refreshed","code":"InvalidAuthorizationHeaderFormat"',
+        "the Authorization header must be given once",
+        "UPPERCASE_CONSTANT_NAMES_ARE_NOT_SECRETS_0123456789",
+        "EntityNotExistRoleArnForAssumedRoleSession",
+    ],
+)
+def test_ordinary_values_are_left_alone(ordinary: str) -> None:
+    """Request ids, digests, AccessKeyIds, timestamps, paths and names are not masked."""
+    assert scrub_text(ordinary) == ordinary
+
+
+def test_random_key_secrets_are_scrubbed() -> None:
+    """500 random 30- and 40-character AccessKey secrets (a fixed seed) are all masked."""
+    rng = random.Random(11)
+    for length in (30, 40):
+        for _ in range(500):
+            secret = "".join(rng.choice(_ALNUM) for _ in range(length))
+            assert secret not in scrub_text(f'{{"error":"bad key {secret}"}}')
+
+
+def test_stdlib_records_go_through_the_sink_scrubbed() -> None:
+    """aiohttp's and asyncio's stdlib records pass the same sink and scrubber as our own."""
+    stream = io.StringIO()
+    sink = configure_logging("json", "info", stream=stream, background=True)
+    assert sink is not None
+    try:
+        try:
+            raise ValueError(f"bad header b'Authorization: {API_KEY}\\x00'")
+        except ValueError:
+            logging.getLogger("aiohttp.server").exception("Error handling request")
+        assert sink.flush(20.0)
+    finally:
+        sink.close()
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    text = stream.getvalue()
+    assert '"logger":"aiohttp.server"' in text
+    assert "ValueError" in text
+    assert API_KEY not in text

@@ -66,3 +66,13 @@ def test_every_test_target_installs_the_test_extra(tmp_path: Path, target: str) 
     """On a fresh clone, each test target installs the package, then its test extra."""
     installs = _pip_installs(_dry_run(tmp_path / "venv", target))
     assert [line.rsplit(" ", 1)[-1] for line in installs] == [".", "'.[test]'"]
+
+
+@pytest.mark.parametrize("target", ["test", "pytest"])
+def test_test_targets_install_the_pinned_node_clients_before_pytest(
+    tmp_path: Path, target: str
+) -> None:
+    """make test and make pytest run tools/install-node-deps.sh (npm ci from the lock) first."""
+    lines = _dry_run(tmp_path / "venv", target)
+    install = lines.index("bash tools/install-node-deps.sh")
+    assert install < next(i for i, line in enumerate(lines) if line.endswith("/bin/pytest "))

@@ -618,3 +618,19 @@ def test_worst_case_budget_counts_the_deadline_and_the_longest_address() -> None
     # The object statement gains a whole Condition block, the list statement one more key.
     assert bound.total - plain.total == len('"Condition":{}') + 1 + 2 * len(address) + 1
     assert short.total - plain.total == len('"Condition":{}') + 1 + 2 * len(deadline) + 1
+
+
+def test_federation_oidc_needs_a_provider_arn_and_the_arn_needs_federation() -> None:
+    """``federation: oidc`` and ``oidc_provider_arn`` go together; a malformed ARN is refused."""
+    arn = "acs:ram::1234567890123456:oidc-provider/my-idp"
+    policy = make_policy(federation="oidc", oidc_provider_arn=arn)
+    assert (policy.federation, policy.oidc_provider_arn) == ("oidc", arn)
+    assert make_policy().federation == "none"
+    for changes in (
+        {"federation": "oidc"},
+        {"oidc_provider_arn": arn},
+        {"federation": "oidc", "oidc_provider_arn": "acs:ram::1:role/x"},
+        {"federation": "saml", "oidc_provider_arn": arn},
+    ):
+        with pytest.raises(pydantic.ValidationError):
+            make_policy(**changes)

@@ -5,6 +5,8 @@
 #   systemd             systemd-analyze, to verify deploy/systemd/ units
 #   redis-server        the shared-cache tests
 #   wrk                 the load generator in bench/
+#   prometheus          promtool, to check and unit-test deploy/monitoring/alerts.yaml
+#                       (the package's server is stopped and disabled again: only promtool is wanted)
 set -euo pipefail
 
 want=()
@@ -12,6 +14,7 @@ command -v chromium >/dev/null 2>&1 || want+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd)
 command -v redis-server >/dev/null 2>&1 || want+=(redis-server)
 command -v wrk >/dev/null 2>&1 || want+=(wrk)
+command -v promtool >/dev/null 2>&1 || want+=(prometheus)
 [ ${#want[@]} -eq 0 ] && exit 0
 
 sudo=""
@@ -29,3 +32,6 @@ echo "install-system-deps: installing ${want[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq >/dev/null
 $sudo apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+if [[ " ${want[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1; then
+  $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi

@@ -4,7 +4,8 @@ A request asks the outermost box; each box either answers or asks the next::
 
     request ─▶ L1 in-process cache ........ cache.py         CredentialCache
                │  miss, min_ttl, refresh-ahead; concurrent misses share one call;
-               │  entries leave memory when their serving window ends
+               │  entries leave memory when their serving window ends; the request
+               │  that starts a call pays its caller's STS share (``charge``)
                ▼
                shared store (optional) .... shared_store.py  SharedCredentialStore
                │  Redis: sealed values (sealing.py), a fleet-wide single flight;

@@ -15,6 +15,14 @@ script refills and takes from atomically, so the rate is the whole fleet's;
 while Redis is unavailable the budget falls back to its own bucket, sized to
 this process's share.  Time is the injected clock, so tests move it by hand;
 neither bucket ever steps back in time.
+
+The same Lua bucket (``RedisTokenBuckets``) also holds the per-caller STS
+allowance of ``broker.quotas.CallerStsQuota``, one Redis hash per caller.
+Since that allowance counts STS calls a caller *causes*, the budget also
+tells who caused one: each slot it grants is counted in the ``StsCalls`` of
+the fetch it runs in (``count_sts_calls``, a context variable the credential
+cache sets in each fetch task), so a fetch that never reached STS (the shared
+cache answered, the failure gate or the budget refused) costs its caller nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -31,7 +41,15 @@ from broker.credentials.redis import SharedCacheUnavailable, SharedRedis
 from broker.errors import UpstreamThrottled
 from broker.models import Clock
 
-__all__ = ["SharedBucket", "StsBudget", "TokenBucket", "whole_seconds"]
+__all__ = [
+    "RedisTokenBuckets",
+    "SharedBucket",
+    "StsBudget",
+    "StsCalls",
+    "TokenBucket",
+    "count_sts_calls",
+    "whole_seconds",
+]
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -57,6 +75,27 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(at))
 redis.call('PEXPIRE', KEYS[1], math.ceil(((burst - tokens) / rate + 1) * 1000))
 return {1, tostring(wait)}
 """
+
+
+@dataclass(slots=True)
+class StsCalls:
+    """STS call slots the budget granted for one fetch (retries included)."""
+
+    count: int = 0
+
+
+_sts_calls: ContextVar[StsCalls | None] = ContextVar("sts_calls", default=None)
+
+
+def count_sts_calls() -> StsCalls:
+    """Count, from now on in the current context, the slots ``StsBudget`` grants.
+
+    Call it first thing in a task of its own (a task runs in a copy of its
+    creator's context, so the counter stays with that task and what it awaits).
+    """
+    calls = StsCalls()
+    _sts_calls.set(calls)
+    return calls
 
 
 def whole_seconds(wait: float) -> int:
@@ -170,6 +209,36 @@ class _LocalSlots:
         self.bucket.refund()
 
 
+class RedisTokenBuckets:
+    """Token buckets in Redis, one hash per key, refilled and taken atomically by a Lua script.
+
+    ``take`` raises ``SharedCacheUnavailable`` when Redis fails; a key's hash
+    expires once its bucket would be full again.
+    """
+
+    def __init__(self, redis: SharedRedis, clock: Clock) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._script = redis.client.register_script(_TAKE_LUA)
+
+    async def take(
+        self, key: str, rate: float, burst: float, *, max_wait: float = 0.0, cost: float = 1.0
+    ) -> tuple[bool, float]:
+        """Take ``cost`` tokens unless they are due later than ``max_wait``: (taken, wait).
+
+        A negative ``cost`` gives tokens back (never beyond ``burst``).
+        """
+        args: list[str | float] = [rate, burst, self._clock(), max_wait, cost]
+        granted, wait = await self._redis.run(
+            "budget", lambda client: self._call(client, key, args)
+        )
+        return bool(int(granted)), float(wait)
+
+    async def _call(self, client: Redis, key: str, args: list[str | float]) -> list[bytes]:
+        reply: list[bytes] = await self._script(keys=[key], args=args, client=client)
+        return reply
+
+
 class SharedBucket:
     """The fleet's bucket: one Redis hash at ``key``; ``SharedCacheUnavailable`` if Redis fails."""
 
@@ -182,28 +251,17 @@ class SharedBucket:
             raise ValueError("token bucket rate and burst must be positive")
         self.rate = rate_per_second
         self.burst = burst
-        self._redis = redis
         self._key = key
-        self._clock = clock
-        self._script = redis.client.register_script(_TAKE_LUA)
+        self._buckets = RedisTokenBuckets(redis, clock)
 
     async def reserve(self, max_wait_seconds: float) -> tuple[bool, float]:
         """Take one slot in Redis unless it is due later than ``max_wait_seconds``."""
-        return await self._take(1.0, max_wait_seconds)
+        return await self._buckets.take(self._key, self.rate, self.burst, max_wait=max_wait_seconds)
 
     async def give_back(self) -> None:
         """Return a slot; if Redis is gone, the bucket refills by itself."""
         with contextlib.suppress(SharedCacheUnavailable):
-            await self._take(-1.0, 0.0)
-
-    async def _take(self, cost: float, max_wait: float) -> tuple[bool, float]:
-        args: list[str | float] = [self.rate, self.burst, self._clock(), max_wait, cost]
-        granted, wait = await self._redis.run("budget", lambda client: self._call(client, args))
-        return bool(int(granted)), float(wait)
-
-    async def _call(self, client: Redis, args: list[str | float]) -> list[bytes]:
-        reply: list[bytes] = await self._script(keys=[self._key], args=args, client=client)
-        return reply
+            await self._buckets.take(self._key, self.rate, self.burst, cost=-1.0)
 
 
 class StsBudget:
@@ -235,7 +293,10 @@ class StsBudget:
         self._on_reject = on_reject
 
     async def acquire(self) -> None:
-        """Wait (bounded, FIFO) for a slot to call STS, or raise ``UpstreamThrottled``."""
+        """Wait (bounded, FIFO) for a slot to call STS, or raise ``UpstreamThrottled``.
+
+        A granted slot is counted in the current fetch's ``StsCalls``, if any.
+        """
         slots, wait = await self._reserve()
         if wait > 0.0:
             try:
@@ -243,6 +304,9 @@ class StsBudget:
             except asyncio.CancelledError:
                 await slots.give_back()  # the caller went away: its slot is free again
                 raise
+        calls = _sts_calls.get()
+        if calls is not None:
+            calls.count += 1
 
     def available(self) -> float:
         """Calls this process's own bucket could make right now without waiting."""

@@ -16,9 +16,18 @@ Rules, each pinned by tests/credentials/test_cache.py:
   next request starts one background refresh and is still served the current
   entry.  A failed refresh is logged, not cached, and retried after a pause.
 * Errors are never cached: the next request after a failure calls STS again.
+* A request that starts a fetch (a miss, or a ``min_ttl_seconds`` refresh)
+  pays for it through its ``charge`` (``broker.quotas.CallerStsQuota``), just
+  before the fetch starts; a refused charge refuses only that request (with a
+  ``min_ttl`` that is only a preference, it is served the cached entry).
+  Requests that join a fetch in flight and background refreshes pay nothing;
+  what a shared cache already holds (``_peek``) is taken without paying; and
+  a fetch that took no STS budget slot (``budget.count_sts_calls``: the shared
+  cache answered after all, the gate or the budget refused) is given back.
 * The key is everything that shapes the credentials (role, rendered policy
-  digest, duration, external id, session name, effective lifetime), so two equal keys always mean
-  interchangeable credentials and an edited policy gets a new entry.
+  digest, duration, external id, session name, effective lifetime, federated
+  user), so two equal keys always mean interchangeable credentials and an
+  edited policy gets a new entry.
 """
 
 from __future__ import annotations
@@ -36,10 +45,19 @@ from typing import Literal, Protocol
 import structlog
 from cachetools import Cache, TLRUCache
 
-from broker.errors import BrokerError, UpstreamError
+from broker.credentials.budget import count_sts_calls
+from broker.errors import BrokerError, TooManyRequests, UpstreamError
 from broker.models import AssumeRoleRequest, Clock, Credentials, system_clock
 
-__all__ = ["CacheKey", "CacheResult", "CacheStats", "CallLater", "CredentialCache", "Fetch"]
+__all__ = [
+    "CacheKey",
+    "CacheResult",
+    "CacheStats",
+    "CallLater",
+    "Charge",
+    "CredentialCache",
+    "Fetch",
+]
 
 log = structlog.get_logger("broker.credentials.cache")
 
@@ -58,6 +76,18 @@ CallLater = Callable[[float, Callable[[], None]], _Cancellable]
 """``loop.call_later``'s shape: run a callback after a delay (seconds), cancellable."""
 
 
+class Charge(Protocol):
+    """Who pays for a fetch a request starts (``CredentialCache.get(charge=...)``)."""
+
+    async def take(self) -> None:
+        """Pay for one fetch, or raise ``TooManyRequests`` to refuse the request."""
+        ...
+
+    async def give_back(self) -> None:
+        """Refund a fetch that was paid for but made no STS call."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class CacheKey:
     """Everything that determines a set of credentials."""
@@ -68,6 +98,8 @@ class CacheKey:
     external_id: str | None
     role_session_name: str
     effective_lifetime_seconds: int | None = None
+    federation: str | None = None
+    """Who the credentials belong to when they come from the caller's own token."""
 
     @classmethod
     def for_request(cls, request: AssumeRoleRequest) -> CacheKey:
@@ -79,6 +111,7 @@ class CacheKey:
             external_id=request.external_id,
             role_session_name=request.role_session_name,
             effective_lifetime_seconds=request.effective_lifetime_seconds,
+            federation=request.federation,
         )
 
 
@@ -221,6 +254,7 @@ class CredentialCache:
         self._entries = _Entries(max_entries, clock, self.stats)
         self._purge = _Purge(self._entries, clock, call_later)
         self._inflight: dict[CacheKey, asyncio.Task[Credentials]] = {}
+        self._paying: dict[CacheKey, asyncio.Event] = {}  # a request paying for a new fetch
 
     def __len__(self) -> int:
         """Entries held in memory."""
@@ -232,22 +266,24 @@ class CredentialCache:
         *,
         min_ttl_seconds: float = 0.0,
         min_ttl_is_preference: bool = False,
+        charge: Charge | None = None,
     ) -> CacheResult:
         """Credentials for ``request`` with at least ``min_ttl_seconds`` of validity left.
 
-        With ``min_ttl_is_preference``, a failed fetch for more validity falls
-        back to the cached entry (still inside its serving window) instead of
-        raising: the caller clamps to what it has.
+        With ``min_ttl_is_preference``, a failed (or refused) fetch for more
+        validity falls back to the cached entry (still inside its serving
+        window) instead of raising: the caller clamps to what it has.
+        ``charge`` pays for a fetch this request starts (none for a hit).
         """
         key = CacheKey.for_request(request)
         now = self._clock()
         entry = self._entries.lookup(key)  # None once its serving window has ended
         if entry is None:
-            return await self._miss(key, request, now, min_ttl_seconds)
+            return await self._miss(key, request, now, min_ttl_seconds, charge)
         if entry.credentials.expires_at - now >= min_ttl_seconds:
             return self._hit(key, request, entry, now)
         wanted = replace(request, min_expires_at=now + min_ttl_seconds)
-        return await self._refresh(key, wanted, entry, fallback=min_ttl_is_preference)
+        return await self._refresh(key, wanted, entry, charge, fallback=min_ttl_is_preference)
 
     async def join(self) -> None:
         """Wait until no fetch or background refresh is in flight (for tests and shutdown)."""
@@ -273,13 +309,19 @@ class CredentialCache:
         return CacheResult(entry.credentials, "hit")
 
     async def _refresh(
-        self, key: CacheKey, request: AssumeRoleRequest, entry: _Entry, *, fallback: bool
+        self,
+        key: CacheKey,
+        request: AssumeRoleRequest,
+        entry: _Entry,
+        charge: Charge | None,
+        *,
+        fallback: bool,
     ) -> CacheResult:
         """Fetch for more validity than ``entry`` has; with ``fallback``, ``entry`` on failure."""
         self.stats.forced_refreshes += 1
         try:
-            credentials = await self._shared_fetch(key, request)
-        except UpstreamError:
+            credentials = await self._shared_fetch(key, request, charge)
+        except (UpstreamError, TooManyRequests):
             # Only while the entry is still servable: the failed fetch took time.
             if not fallback or self._clock() >= entry.serve_until:
                 raise
@@ -287,21 +329,72 @@ class CredentialCache:
         return CacheResult(credentials, "refresh")
 
     async def _miss(
-        self, key: CacheKey, request: AssumeRoleRequest, now: float, min_ttl_seconds: float
+        self,
+        key: CacheKey,
+        request: AssumeRoleRequest,
+        now: float,
+        min_ttl_seconds: float,
+        charge: Charge | None,
     ) -> CacheResult:
         self._entries.expire(now)  # an expired entry for this key leaves now, not later
         self.stats.misses += 1
         wanted = replace(request, min_expires_at=now + max(min_ttl_seconds, self._margin))
-        return CacheResult(await self._shared_fetch(key, wanted), "miss")
+        return CacheResult(await self._shared_fetch(key, wanted, charge), "miss")
 
-    def _shared_fetch(self, key: CacheKey, request: AssumeRoleRequest) -> Awaitable[Credentials]:
+    async def _shared_fetch(
+        self, key: CacheKey, request: AssumeRoleRequest, charge: Charge | None
+    ) -> Credentials:
+        """Join the fetch in flight for ``key``, or start one paid for through ``charge``.
+
+        Paying may wait (Redis): meanwhile other requests for ``key`` wait for
+        the one paying, then use what it found or join the fetch it started,
+        or pay in turn if it was refused.
+        """
+        while charge is not None and key not in self._inflight:
+            paying = self._paying.get(key)
+            if paying is None:
+                return await self._paid_fetch(key, request, charge)
+            await paying.wait()
+            entry = self._entries.lookup(key)  # the one paying may have found it shared
+            if entry is not None and entry.credentials.expires_at >= request.min_expires_at:
+                return entry.credentials
+        # shield: a caller that disconnects must not cancel the call others share.
+        return await asyncio.shield(self._task(key, request))
+
+    async def _paid_fetch(
+        self, key: CacheKey, request: AssumeRoleRequest, charge: Charge
+    ) -> Credentials:
+        """What the shared cache holds for ``request`` (free), else a fetch paid by ``charge``."""
+        paying = self._paying[key] = asyncio.Event()
+        try:
+            found = await self._peek(request)
+            if found is not None:
+                self._store(key, found)
+                return found
+            await charge.take()
+        finally:
+            del self._paying[key]
+            paying.set()
+        if key in self._inflight:  # a background refresh started meanwhile: join it
+            await charge.give_back()
+            return await asyncio.shield(self._inflight[key])
+        return await asyncio.shield(self._task(key, request, charge))
+
+    async def _peek(self, request: AssumeRoleRequest) -> Credentials | None:
+        """Credentials a shared layer already holds for ``request`` (none here), without STS."""
+        return None
+
+    def _task(
+        self, key: CacheKey, request: AssumeRoleRequest, charge: Charge | None = None
+    ) -> asyncio.Task[Credentials]:
+        """The fetch in flight for ``key``, started now (paid by ``charge``) if there is none."""
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch_and_store(key, request))
+            fetch = self._fetch_and_store(key, request, charge)
+            task = asyncio.get_running_loop().create_task(fetch)
             self._inflight[key] = task
             task.add_done_callback(lambda done: self._finished(key, done))
-        # shield: a caller that disconnects must not cancel the call others share.
-        return asyncio.shield(task)
+        return task
 
     def _finished(self, key: CacheKey, task: asyncio.Task[Credentials]) -> None:
         if self._inflight.get(key) is task:
@@ -309,9 +402,16 @@ class CredentialCache:
         if not task.cancelled():
             task.exception()  # mark retrieved: waiters (if any) already got it
 
-    async def _fetch_and_store(self, key: CacheKey, request: AssumeRoleRequest) -> Credentials:
+    async def _fetch_and_store(
+        self, key: CacheKey, request: AssumeRoleRequest, charge: Charge | None
+    ) -> Credentials:
         self.stats.fetches += 1
-        credentials = await self._fetch(request)
+        calls = count_sts_calls()  # in this task's own context
+        try:
+            credentials = await self._fetch(request)
+        finally:
+            if charge is not None and calls.count == 0:  # no STS call was made
+                await charge.give_back()
         self._store(key, credentials)
         return credentials
 
@@ -334,8 +434,7 @@ class CredentialCache:
         self.stats.background_refreshes += 1
         # Until this refresh lands or fails, later hits must not start another.
         entry.refresh_at = min(now + _REFRESH_RETRY_SECONDS, entry.serve_until)
-        task = self._shared_fetch(key, request)
-        asyncio.ensure_future(task).add_done_callback(self._log_refresh_failure)
+        self._task(key, request).add_done_callback(self._log_refresh_failure)
 
     def _log_refresh_failure(self, future: asyncio.Future[Credentials]) -> None:
         if future.cancelled():

@@ -35,10 +35,15 @@ __all__ = ["CredentialChain", "build_chain", "connect_shared_cache", "resilient"
 
 @dataclass(frozen=True, slots=True)
 class CredentialChain:
-    """The chain's two ends: the cache requests read, and the STS client (for health checks)."""
+    """The chain's two ends: the cache requests read, and the STS client (for health checks).
+
+    ``shared`` is the Redis side with ``cache.backend: redis`` (the per-caller
+    STS quota keeps its fleet buckets there), else None.
+    """
 
     cache: CredentialCache
     sts: StsClient
+    shared: SharedCache | None = None
 
 
 def build_chain(
@@ -56,11 +61,11 @@ def build_chain(
     margin = settings.cache.refresh_margin_seconds
     sts = StsClient(settings.sts, credential=credential, clock=clock, min_validity_seconds=margin)
     budget = sts_budget(settings, metrics, clock, shared, process_share)
-    assume_role = with_effective_lifetime(sts.assume_role, clock)  # each attempt: its own deadline
+    assume_role = with_effective_lifetime(sts.fetch, clock)  # each attempt: its own deadline
     fetch = resilient(settings, metrics.instrument_sts(assume_role), budget, clock)
     cache = _cache(settings, fetch, clock, shared)
     metrics.track_cache(cache)
-    return CredentialChain(cache, sts)
+    return CredentialChain(cache, sts, shared)
 
 
 def connect_shared_cache(
@@ -116,7 +121,7 @@ def sts_budget(
         max(1.0, burst * process_share),
         clock,
         max_wait_seconds=quota.sts_max_wait_seconds,
-        on_reject=metrics.quota_rejections.labels("sts_budget").inc,
+        on_reject=metrics.quota_rejections.labels(kind="sts_budget").inc,
         shared=bucket,
     )
 
@@ -133,6 +138,7 @@ def resilient(settings: Settings, fetch: Fetch, budget: StsBudget, clock: Clock)
         base_delay_seconds=sts.retry.base_delay_seconds,
         max_delay_seconds=sts.retry.max_delay_seconds,
         deadline_seconds=sts.retry.deadline_seconds,
+        attempt_timeout_seconds=sts.timeout_seconds,
     )
     gate = FailureGate(
         threshold=sts.failure_gate.threshold,

@@ -1,17 +1,26 @@
-"""Retries with full-jitter backoff and a per-key failure gate around the STS fetch.
+"""Retries with full-jitter backoff, one deadline, and a per-key failure gate around the STS fetch.
 
-Which failures are worth another attempt (``BrokerError.retryable``):
+Which failures are worth another attempt (``BrokerError.retryable``; ``sts.py``
+classifies STS's answers by Alibaba's own rules):
 
-* ``UpstreamThrottled``, ``UpstreamUnavailable`` and ``UpstreamTimeout`` are
-  retryable by class: transient, and never held against the key.
-* An ``UpstreamError`` raised with ``retryable=True`` (a transport failure:
-  connection reset, unreadable reply) is transient too.
+* ``UpstreamThrottled`` (every ``Throttling*`` code), ``UpstreamUnavailable``
+  (5xx, unreachable, no usable reply) and ``UpstreamTimeout`` are retryable by
+  class: transient, and never held against the key.
 * ``retryable=False`` forbids a retry whatever the class: the STS call budget
   marks its own refusals that way, as retrying our own load shedding would only
   lengthen the queue.  Such a refusal is still transient (not the key's fault).
-* Everything else (unknown role, policy grammar, signature, AccessDenied) is
-  the key's own fault: raised at once, and counted by ``FailureGate``, which
-  stops calling STS for that key for a while after repeated failures.
+* Everything else (a 4xx answer: unknown role, policy grammar, signature,
+  NoPermission; credentials the broker refuses) is the key's own fault: raised
+  at once, and counted by ``FailureGate``, which stops calling STS for that key
+  for a while after repeated failures.
+
+Time: one deadline (``sts.retry.deadline_seconds``) covers every attempt, every
+wait for the STS budget and every backoff.  Each attempt may take
+``min(sts.timeout_seconds, time left)``, so the last one is cut to what is
+left; an attempt that would have less than ``min_attempt_seconds`` is not
+started, and the last error is raised instead.  The final error says how many
+attempts were made and with which timeouts (``attempts``, ``attempt_timeouts``
+in its context, for the log).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import structlog
@@ -64,10 +74,12 @@ def is_retryable(err: BaseException) -> bool:
 class RetryPolicy:
     """Exponential backoff with full jitter, bounded by attempts and an overall deadline.
 
+    ``run(attempt)`` calls ``attempt(timeout_seconds)``: the attempt must end
+    within that many seconds, ``min(attempt_timeout_seconds, time left)``.
     Before retry ``n`` (0-based) it sleeps ``random() * min(max_delay, base * 2**n)``,
-    or the error's ``retry_after_seconds`` if that is longer.  It never sleeps
-    past the deadline: when the next delay would end after it, the last error
-    is raised instead.  (Each attempt is bounded by STS's own timeout.)
+    or, after a throttled answer, its ``retry_after_seconds`` if that is
+    longer.  It never sleeps past the deadline, nor starts an attempt with
+    less than ``min_attempt_seconds`` left: the last error is raised instead.
     """
 
     def __init__(
@@ -77,6 +89,8 @@ class RetryPolicy:
         base_delay_seconds: float = 0.1,
         max_delay_seconds: float = 2.0,
         deadline_seconds: float = 8.0,
+        attempt_timeout_seconds: float | None = None,
+        min_attempt_seconds: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         random: Callable[[], float] = _random.random,
@@ -87,29 +101,32 @@ class RetryPolicy:
         self.base_delay_seconds = base_delay_seconds
         self.max_delay_seconds = max_delay_seconds
         self.deadline_seconds = deadline_seconds
+        self.attempt_timeout_seconds = attempt_timeout_seconds or deadline_seconds
+        self.min_attempt_seconds = min(min_attempt_seconds, deadline_seconds)
         self._clock = clock
         self._sleep = sleep
         self._random = random
 
-    async def run(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Await ``attempt()`` until it succeeds or a failure may not be retried."""
+    async def run(self, attempt: Callable[[float], Awaitable[T]]) -> T:
+        """Await ``attempt(timeout)`` until it succeeds or a failure may not be retried."""
         deadline = self._clock() + self.deadline_seconds
-        retry = 0
+        timeouts: list[float] = []
         while True:
+            timeouts.append(min(self.attempt_timeout_seconds, deadline - self._clock()))
             try:
-                return await attempt()
+                return await attempt(timeouts[-1])
             except BrokerError as err:
-                delay = self._next_delay(retry, err, deadline)
+                delay = self._next_delay(len(timeouts) - 1, err, deadline)
                 if delay is None:
+                    err.context.update(attempts=len(timeouts), attempt_timeouts=_rounded(timeouts))
                     raise
                 log.info(
                     "retry_scheduled",
-                    retry=retry + 1,
+                    retry=len(timeouts),
                     error_code=err.code,
                     delay_seconds=round(delay, 3),
                 )
             await self._sleep(delay)
-            retry += 1
 
     def backoff(self, retry: int) -> float:
         """The full-jitter delay before retry ``retry`` (0-based)."""
@@ -117,12 +134,19 @@ class RetryPolicy:
         return self._random() * cap
 
     def _next_delay(self, retry: int, err: BrokerError, deadline: float) -> float | None:
+        """The sleep before the next attempt, or None when there must be none."""
         if not is_retryable(err) or retry + 1 >= self.max_attempts:
             return None
-        delay = max(self.backoff(retry), float(err.retry_after_seconds or 0))
-        if self._clock() + delay > deadline:
+        delay = self.backoff(retry)
+        if isinstance(err, UpstreamThrottled):  # STS's limits are per second: wait as told
+            delay = max(delay, float(err.retry_after_seconds or 0))
+        if self._clock() + delay + self.min_attempt_seconds > deadline:
             return None
         return delay
+
+
+def _rounded(timeouts: list[float]) -> list[float]:
+    return [round(seconds, 3) for seconds in timeouts]
 
 
 @dataclass(slots=True)
@@ -208,7 +232,7 @@ def with_resilience(
         if gate is not None:
             gate.check(gate_key)
         try:
-            result = await retry.run(lambda: _budgeted(fetch, request, budget))
+            result = await retry.run(partial(_attempt, fetch, request, budget))
         except BrokerError as err:
             if gate is not None:
                 gate.record_failure(gate_key, err)
@@ -220,7 +244,20 @@ def with_resilience(
     return resilient_fetch
 
 
-async def _budgeted(fetch: Callable[[K], Awaitable[T]], request: K, budget: StsBudget | None) -> T:
-    if budget is not None:
-        await budget.acquire()
-    return await fetch(request)
+async def _attempt(
+    fetch: Callable[[K], Awaitable[T]], request: K, budget: StsBudget | None, seconds: float
+) -> T:
+    """One attempt: a budget slot, then ``fetch``, both within ``seconds``."""
+    called = False
+    try:
+        async with asyncio.timeout(seconds):
+            if budget is not None:
+                await budget.acquire()
+            called = True
+            return await fetch(request)
+    except TimeoutError as err:
+        if not called:  # the deadline ran out while queueing for the budget
+            raise UpstreamThrottled(
+                "STS call budget: no slot before the deadline", retryable=False
+            ) from err
+        raise UpstreamTimeout(timeout_seconds=round(seconds, 3)) from err

@@ -146,6 +146,21 @@ class SharedCredentialStore:
 
         return shared_fetch
 
+    async def peek(self, request: AssumeRoleRequest) -> Credentials | None:
+        """A usable value for ``request`` already in Redis; None if not (or Redis fails).
+
+        Reads only: no lock, no STS.  The L1 peeks before charging a caller for
+        a fetch (``CredentialCache._peek``), so what the fleet holds is free.
+        """
+        slot = self._slot(request)
+        try:
+            found = await self._read(slot)
+        except SharedCacheUnavailable:
+            return None
+        if found is not None:
+            self._remember(slot.digest, found)
+        return found
+
     def _slot(self, request: AssumeRoleRequest) -> _Slot:
         fields = dataclasses.astuple(CacheKey.for_request(request))
         digest = hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
@@ -287,3 +302,6 @@ class SharedCredentialCache(CredentialCache):
         """Cancel in-flight fetches, then close the Redis connections."""
         await super().close()
         await self.shared.close()
+
+    async def _peek(self, request: AssumeRoleRequest) -> Credentials | None:
+        return await self.shared.store.peek(request)

@@ -34,6 +34,7 @@ __all__ = [
     "DevStack",
     "check_token_lifetime",
     "dev_stack",
+    "shortest_duration",
 ]
 
 DEV_CALLER = "dev"
@@ -56,14 +57,29 @@ class DevStack:
     """What the STS emulator issues, whatever is requested (None: what is requested)."""
 
 
-def check_token_lifetime(seconds: int, refresh_margin_seconds: float) -> None:
-    """Raise ValueError unless ``refresh_margin_seconds < seconds <= 43200``."""
-    if not refresh_margin_seconds < seconds <= MAX_TOKEN_LIFETIME_SECONDS:
+def check_token_lifetime(
+    seconds: int,
+    refresh_margin_seconds: float,
+    longest_seconds: int = MAX_TOKEN_LIFETIME_SECONDS,
+) -> None:
+    """Raise ValueError unless ``refresh_margin_seconds < seconds <= longest_seconds``.
+
+    ``longest_seconds`` is the shortest ``duration_seconds`` of the policies served:
+    real STS never issues more than asked, and the broker refuses a token that
+    claims to live longer than it asked for.
+    """
+    if not refresh_margin_seconds < seconds <= longest_seconds:
         raise ValueError(
             f"--token-lifetime must be more than the broker's {refresh_margin_seconds:g} s "
             f"refresh margin (tokens are served until that long before they expire) and at "
-            f"most {MAX_TOKEN_LIFETIME_SECONDS}; for example 120"
+            f"most {longest_seconds} (the shortest duration_seconds of the policies, as real "
+            f"STS never issues more than asked); for example 120"
         )
+
+
+def shortest_duration(policies: PolicySet) -> int:
+    """The shortest ``duration_seconds`` among ``policies`` (43200 when there are none)."""
+    return min((policy.duration_seconds for policy in policies), default=MAX_TOKEN_LIFETIME_SECONDS)
 
 
 @asynccontextmanager
@@ -93,7 +109,11 @@ async def dev_stack(
         api_keys = [_dev_caller(dev_key, policies), *extra_api_keys]
         settings = _dev_settings(port, sts_url, oss_url, policies_dir, api_keys)
         if token_lifetime_seconds is not None:
-            check_token_lifetime(token_lifetime_seconds, settings.cache.refresh_margin_seconds)
+            check_token_lifetime(
+                token_lifetime_seconds,
+                settings.cache.refresh_margin_seconds,
+                shortest_duration(policies),
+            )
         credential = static_credential(_SOURCE_KEY_ID, source_secret)
         services = build_services(settings, policies, credential=credential, clock=clock)
         yield DevStack(

@@ -1,7 +1,14 @@
-"""Request ids, errors → one JSON shape, and one canonical log line per request."""
+"""Request ids, errors → one JSON shape, one canonical log line per request, the body deadline.
+
+A client that hangs up before its request is read is the client's failure:
+it is logged and counted with status 499 (``ClientDisconnected``), never as a
+500.  A body still incomplete ``listen.body_timeout_seconds`` after its head
+gets the connection closed, counted as 408 (``RequestTimeout``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -22,6 +29,7 @@ from broker.errors import (
 from broker.http.keys import SERVICES
 
 __all__ = [
+    "CLIENT_CLOSED_REQUEST",
     "REQUEST_ID",
     "STS_COMPATIBLE_ROUTES",
     "error_response",
@@ -32,6 +40,9 @@ __all__ = [
 log = structlog.get_logger("broker.http")
 
 REQUEST_ID = web.RequestKey("request_id", str)
+_BODY_TIMED_OUT = web.RequestKey("body_timed_out", bool)
+CLIENT_CLOSED_REQUEST = 499
+"""The status counted and logged (never sent) when a client hangs up mid-request (nginx's 499)."""
 STS_COMPATIBLE_ROUTES = frozenset({"credentials"})
 """Route names whose error bodies also carry the mobile SDKs' StatusCode/ErrorCode/ErrorMessage."""
 
@@ -90,39 +101,96 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
-    error: BrokerError | None = None
+    deadline = _body_deadline(request)
     try:
-        response = await handler(request)
-    except BrokerError as err:
-        error = err
-    except web.HTTPException as exc:
-        error = _as_broker_error(exc)
-    except Exception:
-        log.exception("request_crashed")
-        error = BrokerError()
-    if error is not None:
-        response = _reply_error(request, error, request_id)
+        outcome = await _handle(request, handler)
+    except _ClientGone as gone:
+        _finish(request, gone.status, gone.code, time.perf_counter() - started)
+        return web.Response(status=gone.status)  # never delivered: the client has left
+    finally:
+        if deadline is not None:
+            deadline.cancel()
+    error = outcome if isinstance(outcome, BrokerError) else None
+    response: web.StreamResponse
+    if isinstance(outcome, BrokerError):
+        response = _reply_error(request, outcome, request_id)
     else:
+        response = outcome
         response.headers["X-Request-Id"] = request_id
-    _finish(request, response, error, time.perf_counter() - started)
+    _finish(request, response.status, error.code if error else None, time.perf_counter() - started)
     return response
 
 
-def _finish(
-    request: web.Request, response: web.StreamResponse, error: BrokerError | None, elapsed: float
-) -> None:
+class _ClientGone(Exception):
+    """The client closed the connection before its request was read: its failure, not ours."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+
+
+async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse | BrokerError:
+    """The handler's response, or the error to answer with; ``_ClientGone`` if nobody is left."""
+    try:
+        return await handler(request)
+    except BrokerError as err:
+        return err
+    except web.HTTPException as exc:
+        return _as_broker_error(exc)
+    except ConnectionError:
+        if not _client_gone(request):
+            log.exception("request_crashed")
+            return BrokerError()
+        if request.get(_BODY_TIMED_OUT):
+            raise _ClientGone(408, "RequestTimeout") from None
+        raise _ClientGone(CLIENT_CLOSED_REQUEST, "ClientDisconnected") from None
+    except Exception:
+        log.exception("request_crashed")
+        return BrokerError()
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _body_deadline(request: web.Request) -> asyncio.TimerHandle | None:
+    """Close the connection if the body has not all arrived within ``body_timeout_seconds``."""
+    if not request.body_exists or request.content.is_eof():
+        return None
+    if _client_gone(request):  # left before its handler ran: aiohttp never fails the body then
+        request.content.set_exception(ConnectionResetError("the client has left"))
+        return None
+    seconds = request.app[SERVICES].settings.listen.body_timeout_seconds
+    return asyncio.get_running_loop().call_later(seconds, _body_timed_out, request)
+
+
+def _body_timed_out(request: web.Request) -> None:
+    if request.content.is_eof():
+        return  # all of it arrived: the handler is just slow
+    request[_BODY_TIMED_OUT] = True
+    request.app[SERVICES].metrics.connections_reaped.labels("body_timeout").inc()
+    log.info("connection_reaped", reason="body_timeout")
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    request.content.set_exception(ConnectionResetError("the request body timed out"))
+
+
+def _finish(request: web.Request, status: int, error_code: str | None, elapsed: float) -> None:
     """Count the request in the metrics and write its one ``request_finished`` line."""
     route = request.match_info.route.name or "unmatched"
     metrics = request.app[SERVICES].metrics
-    metrics.requests.labels(route, str(response.status)).inc()
+    metrics.requests.labels(route, str(status)).inc()
     metrics.request_seconds.labels(route).observe(elapsed)
     log.info(
         "request_finished",
         method=request.method,
         path=request.path,  # never the query: it may carry access_token
-        status=response.status,
+        status=status,
         duration_ms=round(elapsed * 1000, 3),
-        error_code=error.code if error is not None else None,
+        error_code=error_code,
     )
 
 

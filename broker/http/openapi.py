@@ -56,10 +56,11 @@ _ErrorClasses = tuple[type[BrokerError], ...]
 _CALLER = (RequestInvalid, AuthenticationFailed, TooManyRequests)
 _SCOPED = (*_CALLER, AccessDenied, TemplateValueRejected)
 _STS = (UpstreamError, UpstreamThrottled, UpstreamUnavailable, UpstreamTimeout)
-_RETRY_AFTER = (TooManyRequests, UpstreamThrottled, UpstreamUnavailable)
+_RETRY_AFTER = (TooManyRequests, UpstreamThrottled, UpstreamUnavailable, UpstreamTimeout)
 _WHEN: dict[int, str] = {
-    400: "Malformed input: parameter, body, or a token given twice.  (A header line over "
-    "`listen.max_header_bytes` is refused earlier, by the HTTP parser, with a plain-text 400.)",
+    400: "Malformed input: parameter, body, or a token given twice.  (A request head the HTTP "
+    "parser refuses, such as a header line over `listen.max_header_bytes` or one with a "
+    "control byte, gets this 400 too, before any handler runs.)",
     401: "No token, an unknown key or invalid JWT, or a scheme other than Bearer.",
     403: "The policy does not exist or may not be used by this caller (the same reply either "
     "way), the key or content type is outside what it allows, a value of the caller's "
@@ -67,10 +68,14 @@ _WHEN: dict[int, str] = {
     "(`auth.api_keys[].allow`) was used for a route or policy it does not allow.",
     404: "The path does not name a route (e.g. an empty policy name).",
     413: "The body is over `listen.max_body_bytes`.",
-    429: "This caller is over its request quota; `Retry-After` says when to retry.",
-    502: "STS refused the call or sent an unusable reply.",
-    503: "STS is throttling or unavailable; `Retry-After` says when to retry.",
-    504: "STS did not answer within `sts.timeout_seconds`.",
+    429: "This caller has caused more STS calls than its share (`quotas.caller_sts_*`), or "
+    "is over the request-rate quota (off by default); `Retry-After` says when to retry.",
+    502: "STS refused the call (a 4xx answer) or sent credentials the broker refuses (no or "
+    "unparseable `Expiration`, already expired, or further out than asked for).  Not retried.",
+    503: "STS is throttling, answering 5xx, unreachable or sent no usable reply, and retries "
+    "within `sts.retry.deadline_seconds` did not help; `Retry-After` says when to retry.",
+    504: "STS did not answer within `sts.timeout_seconds` (the last attempt cut to what was left "
+    "of `sts.retry.deadline_seconds`); `Retry-After` says when to retry.",
 }
 
 
@@ -255,7 +260,9 @@ def _healthz_operation() -> dict[str, Any]:
 def _readyz_operation() -> dict[str, Any]:
     return _public(
         "readiness",
-        "Policies loaded, source credentials available, not shutting down.",
+        "Policies loaded, source credentials available, not shutting down.  `sts` reports "
+        "STS's state as the latest AssumeRole attempts saw it (`degraded` while they fail): "
+        "informational, never a reason to be unready.",
         {"200": _ok("Ready.", "Readiness"), "503": _ok("Not ready.", "Readiness")},
     )
 
@@ -462,6 +469,11 @@ def _response_schemas() -> dict[str, Any]:
                 "required": ["policies_loaded", "source_credentials", "accepting_requests"],
                 "additionalProperties": {"type": "boolean"},
             },
+            sts=_object(
+                state={"type": "string", "enum": ["unknown", "ok", "degraded"]},
+                consecutive_failures={"type": "integer", "minimum": 0},
+                cached_credentials={"type": "integer", "minimum": 0},
+            ),
         ),
     }
 
@@ -476,7 +488,8 @@ _ADDRESS_STYLE = {
     "type": "string",
     "enum": ["virtual", "path", "cname"],
     "description": "How to address the bucket: `virtual` (bucket in the host name), `path` "
-    "(bucket in the path; alibabacloud-oss-v2 `use_path_style`, ali-oss `sldEnable`) or `cname` "
+    "(bucket in the path; alibabacloud-oss-v2 `use_path_style`, ali-oss `sldEnable` except for an "
+    "IP-address endpoint) or `cname` "
     "(the endpoint serves the bucket; oss-v2 `use_cname`, ali-oss `cname`).",
 }
 

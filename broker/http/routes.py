@@ -14,7 +14,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from broker import vending
 from broker.auth import extract_token, quota_key
-from broker.errors import AccessDenied, RequestInvalid, TooManyRequests
+from broker.errors import AccessDenied, RequestInvalid
 from broker.http.client_address import client_address
 from broker.http.keys import SERVICES
 from broker.http.middleware import REQUEST_ID
@@ -69,11 +69,7 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
     principal = _with_source_ip(request, services, principal)
     structlog.contextvars.bind_contextvars(caller=principal.subject)
     _check_route(request, principal)
-    try:
-        services.quotas.check(quota_key(principal))
-    except TooManyRequests:
-        services.metrics.quota_rejections.labels("caller").inc()
-        raise
+    services.quotas.check(quota_key(principal))
     return principal
 
 
@@ -176,10 +172,11 @@ def _oss_location(endpoint: OssEndpoint, scope: Scope) -> dict[str, Any]:
     an http:// emulator.  ``AddressStyle`` is alibabacloud-oss-v2's word
     (``AddressStyle`` in alibabacloud_oss_v2/_client.py): ``virtual``
     (bucket in the host), ``path`` (oss-v2 ``use_path_style``, oss2
-    ``is_path_style``, ali-oss ``sldEnable``) or ``cname`` (``use_cname``,
-    ``is_cname``, ``cname``).  The bucket and prefix are the first (primary)
-    grant's; ``Key`` is there when the token was narrowed to one object, and
-    ``Grants`` lists every grant when there are several.
+    ``is_path_style``, ali-oss ``sldEnable`` unless the endpoint is an IP
+    address: see docs/api.md) or ``cname`` (``use_cname``, ``is_cname``, ``cname``).
+    The bucket and prefix are the first (primary) grant's; ``Key`` is there
+    when the token was narrowed to one object, and ``Grants`` lists every
+    grant when there are several.
     """
     location: dict[str, Any] = {
         "Bucket": scope.bucket,
@@ -273,7 +270,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: policies loaded, source credentials available, not shutting down."""
+    """``GET /readyz``: policies loaded, source credentials available, not shutting down.
+
+    STS's own state is reported (``sts``), never required: an STS outage hits
+    every replica alike, and a ready one still serves its cached credentials
+    and answers the rest with 503 + Retry-After (docs/api.md).
+    """
     services = request.app[SERVICES]
     checks = {
         "policies_loaded": len(services.policies) > 0,
@@ -281,8 +283,15 @@ async def readyz(request: web.Request) -> web.Response:
         "accepting_requests": not services.shutting_down,
     }
     ready = all(checks.values())
+    health = services.sts.health
+    sts = {
+        "state": health.state,
+        "consecutive_failures": health.consecutive_failures,
+        "cached_credentials": len(services.cache),
+    }
     return _json(
-        {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+        {"status": "ready" if ready else "not_ready", "checks": checks, "sts": sts},
+        200 if ready else 503,
     )
 
 

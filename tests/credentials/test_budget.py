@@ -6,12 +6,21 @@ Time is moved by hand; Redis is a real ``redis-server`` started per test on a fr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
-from broker.credentials.budget import SharedBucket, StsBudget, TokenBucket, whole_seconds
+from broker.credentials.budget import (
+    RedisTokenBuckets,
+    SharedBucket,
+    StsBudget,
+    StsCalls,
+    TokenBucket,
+    count_sts_calls,
+    whole_seconds,
+)
 from broker.credentials.redis import SharedRedis
 from broker.errors import UpstreamThrottled
 from broker.metrics import Metrics
@@ -237,3 +246,35 @@ async def test_cancelled_waiter_gives_its_slot_back_to_the_fleet(
             await waiter
     assert delays == pytest.approx([1.0, 1.0])  # the second waiter got the first one's slot
     assert budget.available() == 1.0  # the local bucket was never touched
+
+
+async def test_redis_buckets_are_one_per_key_and_refunds_stop_at_burst(
+    metrics_and_redis: tuple[Metrics, SharedRedis], clock: FakeClock
+) -> None:
+    """Each key is its own bucket; a negative cost gives tokens back, never beyond the burst."""
+    _, redis = metrics_and_redis
+    buckets = RedisTokenBuckets(redis, clock)
+    assert await buckets.take("k:a", 1.0, 2.0) == (True, 0.0)
+    assert await buckets.take("k:a", 1.0, 2.0) == (True, 0.0)
+    assert await buckets.take("k:a", 1.0, 2.0) == (False, 1.0)
+    assert await buckets.take("k:b", 1.0, 2.0) == (True, 0.0)
+    for _ in range(5):
+        await buckets.take("k:b", 1.0, 2.0, cost=-1.0)
+    assert [(await buckets.take("k:b", 1.0, 2.0))[0] for _ in range(3)] == [True, True, False]
+
+
+async def test_granted_slots_are_counted_in_the_fetch_that_took_them(clock: FakeClock) -> None:
+    """Slots are counted in the counter of the task that took them; refusals and others are not."""
+    budget = StsBudget(1.0, 2.0, clock, max_wait_seconds=0.0)
+
+    async def fetch(attempts: int) -> StsCalls:
+        calls = count_sts_calls()
+        for _ in range(attempts):
+            with contextlib.suppress(UpstreamThrottled):
+                await budget.acquire()
+        return calls
+
+    await budget.acquire()  # outside any fetch: counted nowhere
+    first = await asyncio.ensure_future(fetch(1))
+    second = await asyncio.ensure_future(fetch(2))
+    assert (first.count, second.count) == (1, 0)

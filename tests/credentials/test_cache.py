@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.config import StsSettings
+from broker.credentials.budget import StsBudget
 from broker.credentials.cache import CacheKey, CredentialCache
 from broker.credentials.sts import StsClient, static_credential
-from broker.errors import UpstreamError
+from broker.errors import TooManyRequests, UpstreamError, UpstreamThrottled
 from broker.models import AssumeRoleRequest, Credentials
 from tests.conftest import SOURCE_KEY_ID, SOURCE_SECRET, FakeClock, StsHarness
 
@@ -388,3 +389,134 @@ def test_cache_keys_are_equal_iff_all_five_fields_are(
     assert (key_a == key_b) == same
     if same:
         assert hash(key_a) == hash(key_b)
+
+
+# Who pays for a fetch (the ``charge`` hook of the per-caller STS quota)
+
+
+class Tab:
+    """A ``Charge`` that records what it is asked; it may hold ``take`` until let go, or refuse."""
+
+    def __init__(self, *, refuse: bool = False, held: asyncio.Event | None = None) -> None:
+        self.refuse = refuse
+        self.held = held
+        self.taken = 0
+        self.given_back = 0
+
+    async def take(self) -> None:
+        if self.held is not None:
+            await self.held.wait()
+        if self.refuse:
+            raise TooManyRequests("over its share")
+        self.taken += 1
+
+    async def give_back(self) -> None:
+        self.given_back += 1
+
+
+def _budgeted_cache(
+    sts: StsHarness, clock: FakeClock, burst: float = 100.0, **kwargs: object
+) -> CredentialCache:
+    """A cache whose fetch takes an STS budget slot first, as in the real chain."""
+    client, budget = _client(sts, clock), StsBudget(100.0, burst, clock, max_wait_seconds=0.0)
+
+    async def fetch(request: AssumeRoleRequest) -> Credentials:
+        await budget.acquire()
+        return await client.assume_role(request)
+
+    options: dict[str, object] = {"clock": clock, "jitter": lambda: 0.0, **kwargs}
+    return CredentialCache(fetch, **options)  # type: ignore[arg-type]
+
+
+async def test_only_the_request_that_starts_a_fetch_pays(sts: StsHarness, clock: FakeClock) -> None:
+    """50 concurrent misses: one pays, the joiners and the later hits pay nothing."""
+    cache = _budgeted_cache(sts, clock)
+    tabs = [Tab() for _ in range(60)]
+    await asyncio.gather(*(cache.get(_request(), charge=tab) for tab in tabs[:50]))
+    for tab in tabs[50:]:
+        assert (await cache.get(_request(), charge=tab)).source == "hit"
+    assert sum(tab.taken for tab in tabs) == 1
+    assert sum(tab.given_back for tab in tabs) == 0
+    assert sts.emulator.assume_role_calls() == 1
+
+
+async def test_requests_wait_for_the_one_paying_then_join(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """While one request pays (Redis is slow), others for the key wait, then join its fetch."""
+    held = asyncio.Event()
+    cache = _budgeted_cache(sts, clock)
+    tabs = [Tab(held=held) for _ in range(20)]
+    gets = [asyncio.ensure_future(cache.get(_request(), charge=tab)) for tab in tabs]
+    await asyncio.sleep(0)
+    held.set()
+    results = await asyncio.gather(*gets)
+    assert len({result.credentials for result in results}) == 1
+    assert sum(tab.taken for tab in tabs) == 1
+    assert sts.emulator.assume_role_calls() == 1
+
+
+async def test_a_refused_charge_refuses_only_its_own_request(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """The payer is refused: it gets 429, and a request waiting behind it pays and is served."""
+    held = asyncio.Event()
+    cache = _budgeted_cache(sts, clock)
+    over, under = Tab(refuse=True, held=held), Tab()
+    first = asyncio.ensure_future(cache.get(_request(), charge=over))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(cache.get(_request(), charge=under))
+    await asyncio.sleep(0)
+    held.set()
+    with pytest.raises(TooManyRequests):
+        await first
+    assert (await second).source == "miss"
+    assert (over.taken, under.taken) == (0, 1)
+    assert sts.emulator.assume_role_calls() == 1
+
+
+async def test_a_min_ttl_refresh_is_paid_for(sts: StsHarness, clock: FakeClock) -> None:
+    """A refresh forced by min_ttl is charged; refused, it is 429, or stale if min_ttl is a wish."""
+    cache = _budgeted_cache(sts, clock)
+    first = (await cache.get(_request())).credentials
+    clock.advance(300)
+    with pytest.raises(TooManyRequests):
+        await cache.get(_request(), min_ttl_seconds=700, charge=Tab(refuse=True))
+    wish = await cache.get(
+        _request(), min_ttl_seconds=700, min_ttl_is_preference=True, charge=Tab(refuse=True)
+    )
+    assert (wish.source, wish.credentials) == ("stale", first)
+    tab = Tab()
+    assert (await cache.get(_request(), min_ttl_seconds=700, charge=tab)).source == "refresh"
+    assert (tab.taken, tab.given_back) == (1, 0)
+    assert sts.emulator.assume_role_calls() == 2
+
+
+async def test_background_refreshes_are_charged_to_nobody(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """The hit that starts a background refresh pays nothing for it."""
+    cache = _budgeted_cache(sts, clock)
+    await cache.get(_request())
+    clock.advance(500)  # past half its life
+    tab = Tab()
+    assert (await cache.get(_request(), charge=tab)).source == "hit"
+    await cache.join()
+    assert sts.emulator.assume_role_calls() == 2
+    assert (tab.taken, tab.given_back) == (0, 0)
+
+
+async def test_a_fetch_that_made_no_sts_call_is_given_back(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """A fetch the budget refused, or made without it, is refunded; one that called STS is not."""
+    cache = _budgeted_cache(sts, clock, burst=1.0)
+    paid, refused = Tab(), Tab()
+    await cache.get(_request("alice"), charge=paid)
+    with pytest.raises(UpstreamThrottled):
+        await cache.get(_request("bob"), charge=refused)
+    assert (paid.taken, paid.given_back) == (1, 0)
+    assert (refused.taken, refused.given_back) == (1, 1)
+    unbudgeted, tab = _cache(sts, clock), Tab()
+    await unbudgeted.get(_request("carol"), charge=tab)
+    assert (tab.taken, tab.given_back) == (1, 1)

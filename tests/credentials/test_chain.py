@@ -148,7 +148,7 @@ async def test_one_of_n_workers_spends_one_nth_of_the_budget(
         await budget.acquire()
     assert caught.value.context["budget_per_second"] == 1.0
     assert caught.value.retry_after_seconds == 1
-    assert _scraped(metrics, "broker_quota_rejections_total", quota="sts_budget") == 1
+    assert _scraped(metrics, "broker_quota_rejections_total", kind="sts_budget") == 1
     clock.advance(1.0)
     await budget.acquire()
 

@@ -45,7 +45,11 @@ async def redis(
     redis_server: RedisServer, metrics: Metrics, monotonic: FakeClock
 ) -> AsyncIterator[SharedRedis]:
     client = Redis.from_url(redis_server.url)
-    shared = SharedRedis(client, metrics.shared_cache_degraded, monotonic=monotonic)
+    # A generous timeout: these tests pin what failures do, and a loaded machine can take
+    # longer than the 0.25 s default to answer a healthy command (the timeout has its own test).
+    shared = SharedRedis(
+        client, metrics.shared_cache_degraded, operation_timeout_seconds=10.0, monotonic=monotonic
+    )
     yield shared
     await shared.close()
 

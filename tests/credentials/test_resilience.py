@@ -6,6 +6,7 @@ path (and error translation) is tested against the emulator elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -29,16 +30,20 @@ ROLE_NOT_FOUND = "STS AssumeRole failed: EntityNotExist.Role"
 
 
 class Script:
-    """A stub fetch that plays its outcomes in order (the last repeats); raises the errors."""
+    """A stub attempt or fetch that plays its outcomes in order (the last repeats).
+
+    Records what it was called with: the timeout when ``RetryPolicy.run`` calls
+    it, the request when ``with_resilience`` does.
+    """
 
     def __init__(self, *outcomes: str | BaseException, clock: FakeClock | None = None) -> None:
         self.outcomes = list(outcomes)
-        self.calls: list[str] = []
+        self.calls: list[Any] = []
         self.clock = clock
         self.seconds_per_call = 0.0
 
-    async def __call__(self, request: str = "req") -> str:
-        self.calls.append(request)
+    async def __call__(self, arg: Any = "req") -> str:
+        self.calls.append(arg)
         if self.clock is not None:
             self.clock.advance(self.seconds_per_call)
         outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
@@ -66,6 +71,15 @@ async def test_retries_timeouts_until_success(clock: FakeClock, sleep: FakeSleep
     fetch = Script(UpstreamTimeout(), UpstreamTimeout(), "creds")
     assert await _policy(clock, sleep).run(fetch) == "creds"
     assert len(fetch.calls) == 3
+    assert sleep.delays == pytest.approx([0.05, 0.1])
+
+
+async def test_unavailable_is_retried_after_backoff_not_retry_after(
+    clock: FakeClock, sleep: FakeSleep
+) -> None:
+    """A 5xx or reset waits only the jittered backoff: Retry-After 1 is for the broker's caller."""
+    fetch = Script(UpstreamUnavailable(), UpstreamUnavailable(), "creds")
+    assert await _policy(clock, sleep).run(fetch) == "creds"
     assert sleep.delays == pytest.approx([0.05, 0.1])
 
 
@@ -191,6 +205,62 @@ async def test_deadline_counts_time_spent_in_attempts(clock: FakeClock, sleep: F
     assert sleep.delays == [1.0]
 
 
+class HungSts:
+    """An attempt against an STS that never answers: it uses its whole timeout, then times out."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.timeouts: list[float] = []
+
+    async def __call__(self, seconds: float) -> str:
+        self.timeouts.append(seconds)
+        self.clock.advance(seconds)
+        raise UpstreamTimeout()
+
+
+async def test_documented_defaults_answer_a_hung_sts_within_the_deadline(
+    clock: FakeClock, sleep: FakeSleep
+) -> None:
+    """5 s timeout, 8 s deadline: the second attempt is cut to what is left; done at 8 s."""
+    hung = HungSts(clock)
+    policy = _policy(clock, sleep, attempt_timeout_seconds=5.0, deadline_seconds=8.0)
+    with pytest.raises(UpstreamTimeout) as caught:
+        await policy.run(hung)
+    assert hung.timeouts == pytest.approx([5.0, 8.0 - 5.0 - 0.05])
+    assert clock() - START == pytest.approx(8.0)
+    assert caught.value.context["attempts"] == 2
+    assert caught.value.context["attempt_timeouts"] == [5.0, 2.95]
+
+
+async def test_no_attempt_starts_that_could_not_finish(clock: FakeClock, sleep: FakeSleep) -> None:
+    """With less than min_attempt_seconds left after the backoff, no further attempt is made."""
+    hung = HungSts(clock)
+    policy = _policy(
+        clock, sleep, 1.0, attempt_timeout_seconds=0.3, deadline_seconds=0.45, max_attempts=5
+    )
+    with pytest.raises(UpstreamTimeout):
+        await policy.run(hung)
+    assert hung.timeouts == pytest.approx([0.3])  # 0.3 + backoff 0.1 leaves 0.05: too little
+    assert sleep.delays == []
+    assert clock() - START <= 0.45
+
+
+@pytest.mark.parametrize("attempt_timeout", [0.3, 5.0, 20.0])
+async def test_attempt_timeouts_never_add_up_past_the_deadline(
+    clock: FakeClock, sleep: FakeSleep, attempt_timeout: float
+) -> None:
+    """Whatever the attempt timeout, attempts and backoffs end by the deadline."""
+    hung = HungSts(clock)
+    policy = _policy(
+        clock, sleep, attempt_timeout_seconds=attempt_timeout, deadline_seconds=8.0, max_attempts=9
+    )
+    with pytest.raises(UpstreamTimeout):
+        await policy.run(hung)
+    assert all(timeout <= attempt_timeout for timeout in hung.timeouts)
+    assert sum(hung.timeouts) + sum(sleep.delays) <= 8.0 + 1e-9
+    assert clock() - START <= 8.0 + 1e-9
+
+
 async def test_retry_after_beyond_deadline_is_not_shortened(
     clock: FakeClock, sleep: FakeSleep
 ) -> None:
@@ -290,6 +360,53 @@ def test_gate_keys_are_independent_and_bounded(clock: FakeClock) -> None:
         gate.check(("role", 19))
 
 
+async def test_an_attempt_cut_by_its_timeout_is_an_upstream_timeout(
+    clock: FakeClock, sleep: FakeSleep
+) -> None:
+    """An attempt still running when its (cut) timeout ends is abandoned as UpstreamTimeout."""
+
+    async def never_answers(request: str) -> str:
+        await asyncio.Event().wait()
+        return "unreachable"
+
+    retry = _policy(clock, sleep, attempt_timeout_seconds=0.05, max_attempts=1)
+    call = with_resilience(never_answers, retry=retry, budget=None, gate=None, key=lambda r: r)
+    with pytest.raises(UpstreamTimeout) as caught:
+        await call("req")
+    assert caught.value.context["timeout_seconds"] == 0.05
+    assert caught.value.retry_after_seconds == 1
+
+
+async def test_a_budget_wait_cut_by_the_deadline_is_a_budget_refusal(
+    clock: FakeClock, sleep: FakeSleep
+) -> None:
+    """No STS slot before the attempt's time runs out: a non-retryable 503, STS never called."""
+    budget = StsBudget(1.0, 1.0, clock, max_wait_seconds=30.0)  # waits with asyncio.sleep
+    fetch = Script("creds")
+    retry = _policy(clock, sleep, attempt_timeout_seconds=0.05, max_attempts=3)
+    call = with_resilience(fetch, retry=retry, budget=budget, gate=None, key=lambda r: r)
+    assert await call("first") == "creds"  # takes the one slot
+    with pytest.raises(UpstreamThrottled, match="no slot before the deadline") as caught:
+        await call("second")
+    assert caught.value.retryable is False
+    assert fetch.calls == ["first"]
+
+
+async def test_sts_failing_every_other_call_fails_no_request(
+    clock: FakeClock, sleep: FakeSleep
+) -> None:
+    """With every other STS call a 500, retries make 12 of 12 requests succeed; no gate opens."""
+    gate = FailureGate(threshold=1, clock=clock)
+    fetch = Script(*[UpstreamUnavailable(sts_status=500), "creds"] * 12)
+    call = with_resilience(
+        fetch, retry=_policy(clock, sleep), budget=None, gate=gate, key=lambda req: req
+    )
+    results = [await call("scope") for _ in range(12)]
+    assert results == ["creds"] * 12
+    assert len(fetch.calls) == 24
+    assert len(gate) == 0
+
+
 async def test_each_attempt_goes_through_the_budget(clock: FakeClock, sleep: FakeSleep) -> None:
     """A retried call spends one budget slot per attempt and waits for it when none is free."""
     budget = StsBudget(1.0, 1.0, clock, sleep=sleep)
@@ -356,7 +473,7 @@ async def test_gate_is_keyed_by_the_key_function(clock: FakeClock, sleep: FakeSl
 
 async def test_composition_without_budget_or_gate(clock: FakeClock, sleep: FakeSleep) -> None:
     """With no budget and no gate, only the retry policy wraps the fetch."""
-    fetch = Script(UpstreamUnavailable(retry_after=1), "creds")
+    fetch = Script(UpstreamThrottled(retry_after=1), "creds")
     call = with_resilience(
         fetch, retry=_policy(clock, sleep), budget=None, gate=None, key=lambda req: req
     )

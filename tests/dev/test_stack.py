@@ -140,3 +140,10 @@ async def test_presigned_urls_are_clamped_to_a_short_token(stack120: ShortLived)
             replies.append(await response.json())
     assert [(r["clamped"], r["expires_in"]) for r in replies] == [(True, 120), (True, 120)]
     assert stack120.dev.sts.assume_role_calls() == 2
+
+
+def test_a_lifetime_longer_than_the_shortest_policy_is_refused() -> None:
+    """Longer than the shortest policy's duration_seconds: refused (STS never gives more)."""
+    with pytest.raises(ValueError, match="at most 900"):
+        check_token_lifetime(901, 60, 900)
+    check_token_lifetime(900, 60, 900)

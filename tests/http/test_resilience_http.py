@@ -21,14 +21,14 @@ async def test_transient_throttle_is_retried(make_broker: BrokerFactory) -> None
 async def test_non_retryable_errors_are_not_retried_and_gate_opens(
     make_broker: BrokerFactory,
 ) -> None:
-    """A bad-role error is not retried; after 3 in a row STS is left alone for a while."""
+    """A 4xx refusal (NoPermission) is not retried; after 3 in a row STS is left alone a while."""
     broker = await make_broker(
         sts={
             "retry": {"max_attempts": 3, "base_delay_seconds": 0.01},
             "failure_gate": {"threshold": 3, "open_seconds": 30},
         }
     )
-    broker.sts.emulator.faults.update({"error_status": 500})
+    broker.sts.emulator.faults.update({"always": "error:NoPermission"})
     for _ in range(5):
         status, body = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
         assert status == 502
@@ -91,3 +91,21 @@ async def test_valid_token_served_while_sts_is_down(make_broker: BrokerFactory) 
     broker.clock.advance(300)  # past expiry - margin: nothing valid left to serve
     status, _ = await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
     assert status == 503
+
+
+async def test_readyz_reports_an_sts_outage_without_failing(make_broker: BrokerFactory) -> None:
+    """STS down: /readyz stays 200 with sts "degraded"; a later real answer makes it "ok"."""
+    broker = await make_broker()
+    _, body = await broker.get_json("/readyz", caller=None)
+    assert body["sts"] == {"state": "unknown", "consecutive_failures": 0, "cached_credentials": 0}
+    await broker.get_json("/v1/credentials/avatar-upload", caller="alice")
+    broker.sts.emulator.faults.update({"always": "error:503"})
+    status, _ = await broker.get_json("/v1/credentials/service-uploads", caller="svc-a")
+    assert status == 503
+    status, body = await broker.get_json("/readyz", caller=None)
+    assert (status, body["status"]) == (200, "ready")
+    assert body["sts"] == {"state": "degraded", "consecutive_failures": 1, "cached_credentials": 1}
+    broker.sts.emulator.faults.clear()
+    await broker.get_json("/v1/credentials/service-uploads", caller="svc-a")
+    _, body = await broker.get_json("/readyz", caller=None)
+    assert body["sts"]["state"] == "ok"

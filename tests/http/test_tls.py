@@ -46,6 +46,8 @@ class Pki:
     client_key: Path
     rogue_cert: Path
     rogue_key: Path
+    ca_key: ec.EllipticCurvePrivateKey
+    directory: Path
 
 
 def _name(common_name: str) -> x509.Name:
@@ -59,6 +61,7 @@ def _issue(
     *,
     ca: bool = False,
     server: bool = False,
+    sans: tuple[x509.GeneralName, ...] = (),
 ) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     issuer_name, issuer_key = issuer if issuer else (_name(subject), key)
@@ -73,8 +76,9 @@ def _issue(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if server:
-        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-        builder = builder.add_extension(san, critical=False)
+        sans = (*sans, x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -113,14 +117,23 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         _issue("svc-cert", keys["r"], (rogue_ca.subject, keys["rca"])),
         keys["r"],
     )
-    return Pki(ca_path, *server, *client, *rogue)
+    return Pki(ca_path, *server, *client, *rogue, keys["ca"], directory)
 
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
+_CERT_CALLER = {"id": "svc-cert", "common_name": "svc-cert", "groups": ["internal"]}
+
+
 async def _tls_broker(
-    aiohttp_client: ClientFactory, sts: StsHarness, clock: FakeClock, pki: Pki, *, required: bool
+    aiohttp_client: ClientFactory,
+    sts: StsHarness,
+    clock: FakeClock,
+    pki: Pki,
+    *,
+    required: bool,
+    mtls: tuple[dict[str, Any], ...] = (_CERT_CALLER,),
 ) -> tuple[TestClient[Any, Any], str]:
     settings: Settings = make_settings(
         sts.url,
@@ -134,7 +147,7 @@ async def _tls_broker(
         },
         auth={
             "api_keys": make_settings(sts.url).model_dump()["auth"]["api_keys"],
-            "mtls": [{"id": "svc-cert", "common_name": "svc-cert", "groups": ["internal"]}],
+            "mtls": list(mtls),
         },
     )
     assert settings.listen.tls is not None
@@ -230,3 +243,71 @@ async def test_mtls_path_logs_the_caller_and_no_secret(
     key_body = "".join(pki.client_key.read_text().splitlines()[1:-1])
     for secret in (body["AccessKeySecret"], body["SecurityToken"], key_body[:40]):
         assert secret not in text
+
+
+# --- which certificate name identifies the caller (SAN URI, SAN DNS, common name) ---
+
+SPIFFE_ID = "spiffe://example.org/ns/prod/sa/reports"
+_SPIFFE_URI = x509.UniformResourceIdentifier(SPIFFE_ID)
+_SAN_CALLERS = (
+    _CERT_CALLER,
+    {"id": "svc-spiffe", "uri": SPIFFE_ID, "groups": ["internal"]},
+    {"id": "svc-dns", "dns": "reports.internal.example.com", "groups": ["internal"]},
+)
+
+
+def _client_cert(pki: Pki, name: str, *sans: x509.GeneralName) -> tuple[Path, Path]:
+    """A client certificate from the test CA with CN svc-cert and ``sans``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer = (_name("test-ca"), pki.ca_key)
+    return _write(pki.directory, name, _issue("svc-cert", key, issuer, sans=sans), key)
+
+
+@pytest.mark.parametrize(
+    ("sans", "caller"),
+    [
+        ((_SPIFFE_URI,), "svc-spiffe"),
+        ((x509.DNSName("Reports.Internal.Example.com"),), "svc-dns"),
+        ((x509.DNSName("reports.internal.example.com"), _SPIFFE_URI), "svc-spiffe"),
+        ((), "svc-cert"),
+    ],
+    ids=["spiffe-uri", "dns-any-case", "uri-over-dns", "common-name-without-sans"],
+)
+async def test_san_uri_then_dns_then_common_name_identify_the_caller(
+    aiohttp_client: ClientFactory,
+    sts: StsHarness,
+    clock: FakeClock,
+    pki: Pki,
+    sans: tuple[x509.GeneralName, ...],
+    caller: str,
+) -> None:
+    """Real certificates over TLS: a SAN URI beats a DNS SAN, which beats the CN (svc-cert)."""
+    _, url = await _tls_broker(aiohttp_client, sts, clock, pki, required=False, mtls=_SAN_CALLERS)
+    cert, key = _client_cert(pki, f"client-{caller}-{len(sans)}", *sans)
+    status, body = await _get(url, _client_context(pki, cert, key))
+    assert status == 200
+    assert body["Oss"]["Prefix"] == f"services/{caller}/"
+    assert sts.emulator.calls[0].params["RoleSessionName"] == caller
+
+
+@pytest.mark.parametrize(
+    "san",
+    [
+        x509.UniformResourceIdentifier("spiffe://example.org/ns/prod/sa/other"),
+        x509.DNSName("other.internal.example.com"),
+    ],
+    ids=["unknown-uri", "unknown-dns"],
+)
+async def test_an_unknown_san_is_not_bypassed_by_a_known_common_name(
+    aiohttp_client: ClientFactory,
+    sts: StsHarness,
+    clock: FakeClock,
+    pki: Pki,
+    san: x509.GeneralName,
+) -> None:
+    """A certificate whose SAN names nobody is refused, though its CN (svc-cert) is configured."""
+    _, url = await _tls_broker(aiohttp_client, sts, clock, pki, required=False, mtls=_SAN_CALLERS)
+    cert, key = _client_cert(pki, f"client-unknown-{type(san).__name__}", san)
+    status, body = await _get(url, _client_context(pki, cert, key))
+    assert (status, body["error"]["code"]) == (401, "AuthenticationFailed")
+    assert sts.emulator.calls == []

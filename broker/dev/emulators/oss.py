@@ -2,7 +2,7 @@
 
 It answers the official clients (``alibabacloud-oss-v2``, ``oss2``, ``ali-oss``)
 and browsers over real HTTP: PutObject, GetObject (with the ``response-*``
-overrides), HeadObject, DeleteObject, ListObjects and ListObjectsV2
+overrides), HeadObject, GetObjectMeta, DeleteObject, ListObjects and ListObjectsV2
 (``oss_list``), multipart (Initiate, UploadPart, Complete, Abort, ListParts),
 PostObject forms and CORS.  Every request is authenticated (``oss_auth``:
 V1 and V4 signatures in headers or URLs; ``oss_post`` for forms) against
@@ -192,6 +192,8 @@ class OssEmulator:
             return web.Response(headers=_put_headers(stored, body))
         if operation in {"GetObject", "HeadObject"}:
             return self._get_object(bucket, key, exchange.params())
+        if operation == "GetObjectMeta":
+            return self._object_meta(bucket, key)
         if operation == "DeleteObject":
             self._store.delete(bucket, key)
             return web.Response(status=204)
@@ -231,6 +233,15 @@ class OssEmulator:
             **stored.metadata,
         }
         headers.update(_overrides(params))
+        return web.Response(body=self._store.read(bucket, key), headers=headers)
+
+    def _object_meta(self, bucket: str, key: str) -> web.Response:
+        """GetObjectMeta: only Content-Length, ETag and Last-Modified (OSS doc 31985)."""
+        stored = self._store.get(bucket, key)
+        if stored is None:
+            raise OssError("NoSuchKey", ec="0026-00000001", details={"Key": key})
+        modified = formatdate(stored.last_modified, usegmt=True)
+        headers = {"ETag": stored.etag, "Last-Modified": modified}
         return web.Response(body=self._store.read(bucket, key), headers=headers)
 
     def _preflight(self, request: web.Request) -> web.Response:

@@ -49,7 +49,7 @@ RESPONSE_OVERRIDES: Final[Mapping[str, str]] = {
 
 # Sub-resources the emulated APIs take (the rest select APIs it does not emulate).
 _HANDLED: Final = frozenset(
-    {"security-token", "uploads", "uploadId", "partNumber", "continuation-token"}
+    {"security-token", "uploads", "uploadId", "partNumber", "continuation-token", "objectMeta"}
 ) | frozenset(RESPONSE_OVERRIDES)
 # (method, what the request names) -> (OSS API, RAM action it needs).  InitiateMultipartUpload,
 # UploadPart and CompleteMultipartUpload are authorized by oss:PutObject; both ListObjects
@@ -58,6 +58,9 @@ _OPERATIONS: Final[Mapping[tuple[str, str], tuple[str, str]]] = {
     ("PUT", "object"): ("PutObject", "oss:PutObject"),
     ("GET", "object"): ("GetObject", "oss:GetObject"),
     ("HEAD", "object"): ("HeadObject", "oss:GetObject"),
+    # GetObjectMeta: HEAD /ObjectName?objectMeta, oss:GetObject; what oss2's object_exists and
+    # alibabacloud-oss-v2's is_object_exist send (https://help.aliyun.com/document_detail/31985.html)
+    ("HEAD", "objectMeta"): ("GetObjectMeta", "oss:GetObject"),
     ("DELETE", "object"): ("DeleteObject", "oss:DeleteObject"),
     ("POST", "bucket"): ("PostObject", "oss:PutObject"),
     ("GET", "bucket"): ("ListObjects", "oss:ListObjects"),
@@ -127,6 +130,8 @@ def operation_of(method: str, exchange: Exchange) -> str:
     if method == "OPTIONS":
         return "PreflightCors"
     resource = "upload" if "uploadId" in names else "uploads" if "uploads" in names else "object"
+    if resource == "object" and "objectMeta" in names:
+        resource = "objectMeta"
     if exchange.key is None:
         resource = "bucket" if resource == "object" else f"bucket-{resource}"
     operation = _OPERATIONS.get((method, resource))

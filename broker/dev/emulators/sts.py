@@ -1,14 +1,26 @@
-"""An STS emulator: answers ``AssumeRole`` over real HTTP as the official SDK expects.
+"""An STS emulator: answers ``AssumeRole`` (and ``AssumeRoleWithOIDC``) as the official SDK expects.
 
 The official async SDK (``alibabacloud_sts20150401`` on ``alibabacloud_tea_openapi``)
 sends ``POST /`` with the parameters in the query string and signs the request
 with ACS3-HMAC-SHA256 (the "V3" signature).  The emulator checks the signature
-(``sts_signature``), ``x-acs-date`` and the nonce, validates the parameters
-with STS's documented limits (``sts_params``), and issues random credentials
-that it remembers (``issued``, ``lookup_security_token``), so the OSS emulator
-can check the tokens it is shown.  Errors are STS's (``sts_errors`` lists their
-sources); ``sts_faults`` injects delays, throttling, 5xx and resets on demand.
-Secrets are never logged or echoed.
+(``sts_signature``), ``x-acs-date`` and the nonce (a replayed nonce is
+``SignatureNonceUsed``, as OpenAPI answers), validates the parameters with
+STS's documented limits (``sts_params``), and issues random credentials that
+it remembers (``issued``, ``lookup_security_token``), so the OSS emulator can
+check the tokens it is shown.  ``AssumeRoleWithOIDC`` (RPC style, anonymous)
+is checked by ``sts_oidc`` against the ``oidc_providers`` given.  Errors are
+STS's (``sts_errors`` lists their sources); ``sts_faults`` injects faults on
+demand, scriptable at run time over ``/__emulator__/faults`` (so dev mode can show them too)::
+
+    curl -X POST $STS/__emulator__/faults -d '{"every_nth": 2, "nth_outcome": "error:500"}'
+    curl -X POST $STS/__emulator__/faults -d '{"sequence": ["throttle:Throttling.User", "ok"]}'
+    curl -X DELETE $STS/__emulator__/faults
+    curl $STS/__emulator__/calls        # {"received", "calls", "issued", "outcomes"}
+
+Two clocks: ``clock`` dates what is issued (tests move it by hand); the
+freshness of ``x-acs-date`` is checked against the real time, since the SDK
+signs with it.  ``clock_skew_seconds`` moves both.  Secrets are never logged
+or echoed.
 """
 
 from __future__ import annotations
@@ -30,7 +42,8 @@ from aiohttp import web
 
 from broker.dev.emulators import serve_app
 from broker.dev.emulators.sts_errors import StsError, error_response, request_id
-from broker.dev.emulators.sts_faults import StsFaults, early_fault, fault_response, late_fault
+from broker.dev.emulators.sts_faults import Outcome, Plan, StsFaults, fault_response
+from broker.dev.emulators.sts_oidc import OidcProvider, VerifiedToken, verify_oidc_request
 from broker.dev.emulators.sts_params import (
     DEFAULT_DURATION_SECONDS,
     MAX_DURATION_SECONDS,
@@ -47,6 +60,7 @@ from broker.models import Clock, system_clock
 
 __all__ = [
     "IssuedCredentials",
+    "OidcProvider",
     "RecordedCall",
     "StsEmulator",
     "StsFaults",
@@ -59,11 +73,17 @@ _ALPHANUMERIC: Final = string.ascii_letters + string.digits
 
 @dataclass(frozen=True)
 class RecordedCall:
-    """One AssumeRole request as received, and how it was answered."""
+    """One AssumeRole request as received, and how it was answered.
+
+    ``nonce`` and ``date`` are its ``x-acs-signature-nonce`` and ``x-acs-date``
+    as sent (checked only when the request got as far as its signature check).
+    """
 
     params: Mapping[str, str]
     access_key_id: str
     outcome: str
+    nonce: str = ""
+    date: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,7 +100,12 @@ class IssuedCredentials:
 
 
 class StsEmulator:
-    """STS's AssumeRole, in memory: signature checks, STS limits, faults."""
+    """STS's AssumeRole, in memory: signature checks, STS limits, faults.
+
+    Token lifetime: DurationSeconds; at most ``lifetime_seconds`` when that is
+    set; exactly ``issued_lifetime_seconds`` when that is set, whatever
+    DurationSeconds says (dev mode's short-lived tokens).
+    """
 
     def __init__(
         self,
@@ -92,8 +117,10 @@ class StsEmulator:
         max_request_skew_seconds: float = 900.0,
         account_id: str = "1234567890123456",
         issued_lifetime_seconds: int | None = None,
+        oidc_providers: Mapping[str, OidcProvider] | None = None,
     ) -> None:
         self._access_keys = dict(access_keys)
+        self.oidc_providers = dict(oidc_providers or {})  # AssumeRoleWithOIDC, by provider ARN
         self._clock = clock
         self._lifetime_seconds = lifetime_seconds
         self._role_max = dict(role_max_duration_seconds or {})
@@ -133,47 +160,80 @@ class StsEmulator:
         return app
 
     async def answer(self, request: web.Request) -> web.StreamResponse:
-        """Answer one AssumeRole request, faults first."""
+        """Answer one AssumeRole request: faults, then STS's checks, then credentials."""
         self.received += 1
         body = await request.read()
         params = _request_params(request, body)
-        caller = caller_of(request.headers.get("Authorization", ""))
-        faults = self.faults.take()
-        if faults is not None and faults.delay_seconds > 0:
-            await asyncio.sleep(faults.delay_seconds)
-        early = early_fault(faults)
-        if faults is not None and early is not None:
-            self._record(params, caller, f"fault:{early}")
-            return fault_response(request, early, faults)
+        plan = self.faults.take()
+        if plan.delay_seconds > 0:
+            await asyncio.sleep(plan.delay_seconds)
+        outcome = plan.outcome
+        if outcome is not None and outcome.early:
+            self._record(request, params, f"fault:{outcome.label}")
+            return await fault_response(request, outcome)
+        if params.get("Action") == _OIDC_ACTION:
+            return await self._answer_oidc(request, params, plan)
         try:
-            self._authenticate(request, body)
+            self._authenticate(request, body, plan.clock_skew_seconds)
+            if outcome is not None and outcome.refusal:
+                self._record(request, params, f"fault:{outcome.label}")
+                return await fault_response(request, outcome)
             grant = validate_params(params, self._account_id, self._role_max)
         except StsError as err:
-            self._record(params, caller, err.code)
+            self._record(request, params, err.code)
             return error_response(request, err.status, err.code, err.message)
-        return self._grant_response(params, caller, grant, faults)
+        return self._grant_response(request, params, grant, plan)
 
-    def _record(self, params: Mapping[str, str], caller: str, outcome: str) -> None:
-        self.calls.append(RecordedCall(MappingProxyType(dict(params)), caller, outcome))
+    async def _answer_oidc(
+        self, request: web.Request, params: Mapping[str, str], plan: Plan
+    ) -> web.StreamResponse:
+        """AssumeRoleWithOIDC: anonymous; the token stands in for the signature (``sts_oidc``)."""
+        outcome = plan.outcome
+        try:
+            now = self._clock() + plan.clock_skew_seconds
+            token = verify_oidc_request(params, self.oidc_providers, self._account_id, now)
+            if outcome is not None and outcome.refusal:
+                self._record(request, params, f"fault:{outcome.label}")
+                return await fault_response(request, outcome)
+            # RoleSessionName is optional here (STS then names the session itself).
+            named = {"RoleSessionName": f"oidc.{token.subject}"[:64], **params}
+            grant = validate_params(named, self._account_id, self._role_max)
+        except StsError as err:
+            self._record(request, params, err.code)
+            return error_response(request, err.status, err.code, err.message)
+        return self._grant_response(request, params, grant, plan, token)
 
-    def _authenticate(self, request: web.Request, body: bytes) -> None:
+    def _record(self, request: web.Request, params: Mapping[str, str], outcome: str) -> None:
+        headers = request.headers
+        kept = {k: ("<redacted>" if k == "OIDCToken" else v) for k, v in params.items()}
+        self.calls.append(
+            RecordedCall(
+                MappingProxyType(kept),
+                caller_of(headers.get("Authorization", "")),
+                outcome,
+                nonce=headers.get("x-acs-signature-nonce", ""),
+                date=headers.get("x-acs-date", ""),
+            )
+        )
+
+    def _authenticate(self, request: web.Request, body: bytes, skew_seconds: float) -> None:
         """Check Authorization, the signature, x-acs-date and the nonce."""
         authorization = Authorization.parse(request.headers.get("Authorization", ""))
         secret = self._access_keys.get(authorization.access_key_id)
         if secret is None:
             raise StsError("InvalidAccessKeyId.NotFound")
         check_signature(request, authorization, body, secret)
-        self._check_date(request.headers["x-acs-date"])
+        self._check_date(request.headers["x-acs-date"], time.time() + skew_seconds)
         self._check_nonce(request.headers.get("x-acs-signature-nonce"))
         check_action(request)
 
-    def _check_date(self, value: str) -> None:
-        """x-acs-date must be within the allowed skew of the real clock."""
+    def _check_date(self, value: str, now: float) -> None:
+        """x-acs-date must be within the allowed skew of STS's clock (``now``)."""
         try:
             signed_at = datetime.strptime(value, _WIRE_TIME).replace(tzinfo=UTC).timestamp()
         except ValueError:
             raise StsError("InvalidTimeStamp.Format") from None
-        if abs(time.time() - signed_at) > self._max_skew_seconds:
+        if abs(now - signed_at) > self._max_skew_seconds:
             raise StsError("InvalidTimeStamp.Expired")
 
     def _check_nonce(self, nonce: str | None) -> None:
@@ -189,31 +249,35 @@ class StsEmulator:
 
     def _grant_response(
         self,
+        request: web.Request,
         params: Mapping[str, str],
-        caller: str,
         grant: Grant,
-        faults: StsFaults | None,
+        plan: Plan,
+        oidc: VerifiedToken | None = None,
     ) -> web.Response:
-        """Issue credentials (unless a fault forbids it) and answer like STS."""
-        late = late_fault(faults)
-        issued = self._issue(grant, expired=late == "expired_credentials")
-        if late != "omit_credentials":
+        """Issue credentials and answer like STS (or spoil the answer, if the plan says so)."""
+        spoiler = plan.outcome if plan.outcome is not None and plan.outcome.spoils else None
+        issued = self._issue(grant, plan.clock_skew_seconds, spoiler)
+        if spoiler is None or spoiler.kind != "credentials":
             self._remember(issued)
-        self._record(params, caller, "issued" if late is None else f"fault:{late}")
+        self._record(request, params, "issued" if spoiler is None else f"fault:{spoiler.label}")
         body = _success_body(self._account_id, grant, issued)
-        if late == "omit_credentials":
-            del body["Credentials"]
-        elif late == "omit_expiration":
-            del body["Credentials"]["Expiration"]
+        if oidc is not None:
+            body["OIDCTokenInfo"] = _token_info(oidc)
+        if spoiler is not None:
+            _spoil(body, spoiler)
         return web.json_response(body)
 
-    def _issue(self, grant: Grant, *, expired: bool) -> IssuedCredentials:
-        now = int(self._clock())
+    def _issue(
+        self, grant: Grant, skew_seconds: float, spoiler: Outcome | None
+    ) -> IssuedCredentials:
+        now = int(self._clock() + skew_seconds)
         lifetime = grant.duration_seconds
         if self._lifetime_seconds is not None:
             lifetime = min(lifetime, self._lifetime_seconds)
         if self._issued_lifetime_seconds is not None:
             lifetime = self._issued_lifetime_seconds
+        expired = spoiler is not None and spoiler.arg == "past"
         expires_at = float(now - 60 if expired else now + lifetime)
         return IssuedCredentials(
             access_key_id="STS." + _random_text(24),
@@ -231,6 +295,20 @@ class StsEmulator:
 
 
 _EMULATOR: Final = web.AppKey("sts_emulator", StsEmulator)
+_OIDC_ACTION: Final = "AssumeRoleWithOIDC"
+
+
+def _token_info(token: VerifiedToken) -> dict[str, Any]:
+    """``OIDCTokenInfo`` of the reply (field names: the SDK's response model)."""
+    info: dict[str, Any] = {
+        "Subject": token.subject,
+        "Issuer": token.issuer,
+        "ClientIds": ",".join(token.client_ids),
+        "ExpirationTime": datetime.fromtimestamp(token.expires_at, UTC).strftime(_WIRE_TIME),
+    }
+    if token.issued_at is not None:
+        info["IssuanceTime"] = datetime.fromtimestamp(token.issued_at, UTC).strftime(_WIRE_TIME)
+    return info
 
 
 def _random_text(length: int) -> str:
@@ -244,6 +322,18 @@ def _request_params(request: web.Request, body: bytes) -> dict[str, str]:
         form = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
         params.update({key: value for key, value in form if key not in params})
     return params
+
+
+def _spoil(body: dict[str, Any], spoiler: Outcome) -> None:
+    """Spoil a success body as ``spoiler`` says (the issued token itself stays real)."""
+    if spoiler.kind == "credentials":
+        del body["Credentials"]
+    elif spoiler.arg == "missing":
+        del body["Credentials"]["Expiration"]
+    elif spoiler.arg == "far_future":
+        body["Credentials"]["Expiration"] = "9999-12-31T23:59:59Z"
+    elif spoiler.arg == "unparseable":
+        body["Credentials"]["Expiration"] = "Wed, 02 Dec 2026 07:19:58 GMT"
 
 
 def _success_body(account_id: str, grant: Grant, issued: IssuedCredentials) -> dict[str, Any]:
@@ -295,8 +385,16 @@ async def _clear_faults(request: web.Request) -> web.Response:
 
 
 async def _get_calls(request: web.Request) -> web.Response:
+    """Requests received, answered (``calls``), answered with credentials, and each outcome."""
     emulator = request.app[_EMULATOR]
-    return web.json_response({"calls": len(emulator.calls), "issued": emulator.assume_role_calls()})
+    return web.json_response(
+        {
+            "received": emulator.received,
+            "calls": len(emulator.calls),
+            "issued": emulator.assume_role_calls(),
+            "outcomes": [call.outcome for call in emulator.calls],
+        }
+    )
 
 
 async def start_sts_emulator(

@@ -5,7 +5,8 @@ Error codes, HTTP statuses and messages, and where they come from:
 * AssumeRole API reference, "Error codes" (alibabacloud.com/help/en/ram/api-assumerole):
   400 ``InvalidParameter.DurationSeconds`` / ``.RoleArn`` / ``.RoleSessionName`` /
   ``.ExternalId`` / ``.PolicyGrammar`` / ``.PolicySize`` (Policy 1..2,048 chars),
-  404 ``EntityNotExist.Role``, 500 ``InternalError``.
+  404 ``EntityNotExist.Role``, 403 ``NoPermission`` (the caller may not assume the
+  role), 500 ``InternalError``.
 * RAM/STS FAQ "Are there API request limits for STS?": ``Throttling.Api``,
   ``Throttling.User``, ``Throttling``; sent with HTTP 400, as the POP gateway's
   common error table lists ``Throttling`` (ECS "Common error codes").
@@ -55,6 +56,10 @@ CATALOGUE: Final[Mapping[str, tuple[int, str]]] = {
     "InvalidParameter.PolicyGrammar": (400, "The parameter Policy has not passed grammar check."),
     "InvalidParameter.ExternalId": (400, "The parameter ExternalId is wrongly formed."),
     "EntityNotExist.Role": (404, "The specified Role not exists ."),
+    "NoPermission": (
+        403,
+        "You are not authorized to do this action. You should be authorized by RAM.",
+    ),
     "InternalError": (500, "STS Server Internal Error happened, please send the RequestId to us."),
     "ServiceUnavailable": (503, "The request has failed due to a temporary failure of the server."),
     "Throttling.Api": (400, "Request was denied due to api flow control."),

@@ -179,6 +179,17 @@ async def test_delete_then_get_is_no_such_key(harness: Harness) -> None:
     assert not (harness.storage_dir / BUCKET / "user").exists()
 
 
+async def test_get_object_meta_answers_size_and_etag_or_no_such_key(harness: Harness) -> None:
+    """GetObjectMeta (HEAD ?objectMeta, the SDKs' exists check) gives size and ETag, or 404."""
+    key = "user/alice/meta.txt"
+    async with sdk_client(harness) as client:
+        put = await client.put_object(oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"12345"))
+        meta = await client.get_object_meta(oss.GetObjectMetaRequest(bucket=BUCKET, key=key))
+        assert await client.is_object_exist(BUCKET, key)
+        assert not await client.is_object_exist(BUCKET, "user/alice/none.txt")
+    assert (meta.content_length, meta.etag) == (5, put.etag)
+
+
 async def test_multipart_three_parts_assembled_byte_exactly(harness: Harness) -> None:
     """Three parts uploaded through the SDK are assembled in part order, byte for byte."""
     key = "user/alice/big.bin"

@@ -19,8 +19,10 @@ from alibabacloud_tea_openapi.utils import Utils as OpenApiUtils
 from alibabacloud_tea_openapi.utils_models import Config
 from darabonba.exceptions import UnretryableException
 from darabonba.request import DaraRequest
+from darabonba.runtime import RuntimeOptions
 
 from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
+from tests.oidc_tokens import PROVIDER_ARN, IdentityProvider, identity_provider, other_key
 
 ACCESS_KEY_ID = "LTAI5tEmulatorTestKey"
 ACCESS_KEY_SECRET = "emulator-test-secret-value"
@@ -437,6 +439,338 @@ async def test_http_control_sets_faults_and_reports_calls(
         async with session.post(f"{base_url}/__emulator__/faults", json={"nope": 1}) as reply:
             rejected = reply.status
 
-    assert counts == {"calls": 2, "issued": 1}
+    assert counts == {
+        "received": 2,
+        "calls": 2,
+        "issued": 1,
+        "outcomes": ["fault:throttle", "issued"],
+    }
     assert rejected == 400
     assert not emulator.faults.active()
+
+
+async def _post_faults(base_url: str, changes: Any) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base_url}/__emulator__/faults", json=changes) as reply,
+    ):
+        return reply.status, await reply.json()
+
+
+async def test_a_scripted_sequence_plays_one_outcome_per_request(
+    emulator: StsEmulator, base_url: str
+) -> None:
+    """sequence (set over HTTP) answers each request with the next outcome, then normally."""
+    status, _ = await _post_faults(
+        base_url, {"sequence": ["throttle:Throttling.Tenant", "error:503", "ok", "error:500"]}
+    )
+    assert status == 200
+    with pytest.raises(ClientException) as throttled:
+        await assume_role(base_url)
+    with pytest.raises(ServerException) as unavailable:
+        await assume_role(base_url)
+    await assume_role(base_url)
+    with pytest.raises(ServerException) as internal:
+        await assume_role(base_url)
+    await assume_role(base_url)
+    assert (throttled.value.status_code, throttled.value.code) == (400, "Throttling.Tenant")
+    assert (unavailable.value.status_code, unavailable.value.code) == (503, "ServiceUnavailable")
+    assert (internal.value.status_code, internal.value.code) == (500, "InternalError")
+    assert [call.outcome for call in emulator.calls] == [
+        "fault:throttle:Throttling.Tenant",
+        "fault:error:503",
+        "issued",
+        "fault:error:500",
+        "issued",
+    ]
+
+
+async def test_every_nth_request_fails(emulator: StsEmulator, base_url: str) -> None:
+    """every_nth=2 fails the 2nd, 4th, 6th... request after it was set, with nth_outcome."""
+    emulator.faults.update({"every_nth": 2, "nth_outcome": "error:500"})
+    outcomes = []
+    for _ in range(6):
+        try:
+            await assume_role(base_url)
+            outcomes.append("ok")
+        except ServerException:
+            outcomes.append("500")
+    assert outcomes == ["ok", "500"] * 3
+
+
+@pytest.mark.parametrize("status", [502, 504, 403])
+async def test_html_error_pages_come_with_their_status(base_url: str, status: int) -> None:
+    """html:STATUS answers a proxy's text/html error page with that status."""
+    emulator_faults = {"always": f"html:{status}"}
+    await _post_faults(base_url, emulator_faults)
+    url, headers = signed_raw_request(base_url)
+    async with aiohttp.ClientSession() as session, session.post(url, headers=headers) as reply:
+        text = await reply.text()
+        assert (reply.status, reply.content_type) == (status, "text/html")
+    assert f"<h1>{status} " in text
+
+
+async def test_a_truncated_body_breaks_off_mid_reply(base_url: str) -> None:
+    """truncated sends a 200 whose body stops short of its Content-Length."""
+    await _post_faults(base_url, {"always": "truncated"})
+    url, headers = signed_raw_request(base_url)
+    async with aiohttp.ClientSession() as session, session.post(url, headers=headers) as reply:
+        assert reply.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await reply.read()
+
+
+@pytest.mark.parametrize("outcome", ["truncated", "garbage", "html:502", "reset"])
+async def test_broken_replies_make_the_sdk_fail(
+    emulator: StsEmulator, base_url: str, outcome: str
+) -> None:
+    """Truncated, garbage, HTML or reset: the SDK gets no usable answer and raises."""
+    emulator.faults.update({"always": outcome})
+    with pytest.raises(UnretryableException):
+        await assume_role(base_url)
+    assert emulator.issued == {}
+
+
+@pytest.mark.parametrize(
+    ("outcome", "expiration"),
+    [
+        ("expiration:far_future", "9999-12-31T23:59:59Z"),
+        ("expiration:unparseable", "Wed, 02 Dec 2026 07:19:58 GMT"),
+        ("expiration:missing", None),
+    ],
+)
+async def test_expiration_faults_spoil_only_the_reply(
+    emulator: StsEmulator, base_url: str, outcome: str, expiration: str | None
+) -> None:
+    """The reply's Expiration is spoiled; the token itself is real and expires as issued."""
+    emulator.faults.update({"always": outcome})
+    credentials = (await assume_role(base_url)).body.credentials
+    assert credentials.expiration == expiration
+    assert emulator.issued[credentials.access_key_id].expires_at == FIXED_NOW + 900
+
+
+async def test_clock_skew_moves_expiration_and_the_date_check(
+    emulator: StsEmulator, base_url: str
+) -> None:
+    """clock_skew_seconds: Expiration from STS's own clock; x-acs-date judged by it too."""
+    emulator.faults.update({"clock_skew_seconds": 600})
+    response = await assume_role(base_url)
+    assert epoch(response.body.credentials.expiration) == FIXED_NOW + 600 + 900
+    emulator.faults.update({"clock_skew_seconds": -1000})
+    with pytest.raises(ClientException) as caught:
+        await assume_role(base_url)
+    assert caught.value.code == "InvalidTimeStamp.Expired"
+
+
+async def test_issued_lifetime_overrides_duration() -> None:
+    """issued_lifetime_seconds sets Expiration = now + it, longer or shorter than asked."""
+    for lifetime in (120, 7200):
+        emulator = StsEmulator(
+            access_keys={ACCESS_KEY_ID: ACCESS_KEY_SECRET},
+            clock=lambda: FIXED_NOW,
+            issued_lifetime_seconds=lifetime,
+        )
+        runner, url = await start_sts_emulator(emulator)
+        try:
+            response = await assume_role(url, duration_seconds=900)
+        finally:
+            await runner.cleanup()
+        assert epoch(response.body.credentials.expiration) == FIXED_NOW + lifetime
+
+
+async def test_each_sdk_call_is_signed_with_a_new_nonce_and_date(
+    emulator: StsEmulator, base_url: str
+) -> None:
+    """Repeated SDK calls (as retries are) carry distinct nonces; none is refused as replayed."""
+    emulator.faults.update({"sequence": ["error:500", "throttle", "error:503"]})
+    for _ in range(3):
+        with pytest.raises(Exception):  # noqa: B017, PT011 - the faults themselves
+            await assume_role(base_url)
+    await assume_role(base_url)
+    nonces = [call.nonce for call in emulator.calls]
+    assert len(set(nonces)) == 4
+    assert all(call.date for call in emulator.calls)
+    assert "SignatureNonceUsed" not in [call.outcome for call in emulator.calls]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"sequence": ["error:200"]},
+        {"sequence": "error:500"},
+        {"always": "explode"},
+        {"nth_outcome": "delay:forever"},
+        {"every_nth": 0},
+        {"clock_skew_seconds": "600"},
+        {"throttle_code": "InternalError"},
+        {"expiration": "past"},
+    ],
+)
+async def test_bad_fault_scripts_are_refused(base_url: str, changes: dict[str, Any]) -> None:
+    """An unknown outcome, field or badly typed value is a 400 naming it; nothing changes."""
+    status, body = await _post_faults(base_url, changes)
+    assert status == 400
+    assert next(iter(changes)) in body["error"]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{base_url}/__emulator__/faults") as reply,
+    ):
+        current = await reply.json()
+    assert current["sequence"] == []
+    assert current["always"] is None
+
+
+async def test_remaining_switches_off_persistent_faults_only(emulator: StsEmulator) -> None:
+    """remaining counts persistent faults down; a sequence and every_nth are left alone."""
+    emulator.faults.update(
+        {"always": "error:503", "remaining": 1, "sequence": ["ok"], "every_nth": 3}
+    )
+    assert emulator.faults.take().outcome is None  # the sequence's "ok" wins, remaining spent
+    assert emulator.faults.take().outcome is None
+    third = emulator.faults.take().outcome
+    assert third is not None
+    assert third.label == "error:500"
+    assert emulator.faults.always is None
+    assert emulator.faults.every_nth == 3
+
+
+# --- AssumeRoleWithOIDC -------------------------------------------------------------------
+
+
+@pytest.fixture
+def idp() -> IdentityProvider:
+    return identity_provider()
+
+
+@pytest.fixture
+async def oidc_url(idp: IdentityProvider) -> AsyncIterator[tuple[StsEmulator, str]]:
+    emulator = StsEmulator(
+        access_keys={ACCESS_KEY_ID: ACCESS_KEY_SECRET},
+        clock=lambda: FIXED_NOW,
+        oidc_providers={PROVIDER_ARN: idp.provider(roles=(ROLE_ARN,))},
+    )
+    runner, url = await start_sts_emulator(emulator)
+    yield emulator, url
+    await runner.cleanup()
+
+
+def anonymous_client(base_url: str) -> StsSdkClient:
+    """An SDK client with no AccessKey at all: AssumeRoleWithOIDC is an anonymous call."""
+    config = Config(
+        endpoint=base_url.removeprefix("http://"), protocol="http", region_id="cn-hangzhou"
+    )
+    return StsSdkClient(config)
+
+
+async def assume_role_with_oidc(
+    base_url: str, token: str, **overrides: Any
+) -> sts_models.AssumeRoleWithOIDCResponse:
+    values: dict[str, Any] = {
+        "oidcprovider_arn": PROVIDER_ARN,
+        "oidctoken": token,
+        "role_arn": ROLE_ARN,
+        "role_session_name": "u.alice",
+        "duration_seconds": 900,
+        "policy": POLICY,
+    }
+    values.update(overrides)
+    request = sts_models.AssumeRoleWithOIDCRequest(**values)
+    return await anonymous_client(base_url).assume_role_with_oidcwith_options_async(
+        request, RuntimeOptions()
+    )
+
+
+async def test_assume_role_with_oidc_issues_credentials_for_a_good_token(
+    oidc_url: tuple[StsEmulator, str], idp: IdentityProvider
+) -> None:
+    """A valid token via the official SDK gets credentials and OIDCTokenInfo; Policy is kept."""
+    emulator, url = oidc_url
+    response = await assume_role_with_oidc(url, idp.token(FIXED_NOW))
+    body = response.body
+    assert body is not None
+    assert body.credentials is not None
+    assert body.oidctoken_info is not None
+    assert body.oidctoken_info.subject == "alice"
+    assert body.oidctoken_info.issuer == idp.issuer
+    issued = emulator.issued[body.credentials.access_key_id]
+    assert issued.policy == POLICY
+    assert issued.role_session_name == "u.alice"
+    assert epoch(body.credentials.expiration) == FIXED_NOW + 900
+    call = emulator.calls[-1]
+    assert call.outcome == "issued"
+    assert call.access_key_id == ""  # anonymous: no AccessKey was presented
+    assert call.params["Action"] == "AssumeRoleWithOIDC"
+    assert call.params["Policy"] == POLICY
+    assert call.params["OIDCToken"] == "<redacted>"  # the bearer token is never kept
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"exp": int(FIXED_NOW) - 1}, "AuthenticationFail.OIDCToken.Expired"),
+        ({"aud": "someone-else"}, "AuthenticationFail.OIDCToken.AudienceNotMatch"),
+        ({"iss": "https://evil.example.test"}, "AuthenticationFail.OIDCToken.IssuerNotMatch"),
+        ({"sub": None}, "AuthenticationFail.OIDCToken.Invalid"),
+    ],
+)
+async def test_bad_oidc_token_claims_get_sts_error_codes(
+    oidc_url: tuple[StsEmulator, str], idp: IdentityProvider, change: dict[str, Any], code: str
+) -> None:
+    """Expired, wrong audience or issuer, no subject: STS's code, nothing issued."""
+    emulator, url = oidc_url
+    with pytest.raises(ClientException) as caught:
+        await assume_role_with_oidc(url, idp.token(FIXED_NOW, **change))
+    assert caught.value.code == code
+    assert caught.value.status_code == 401
+    assert emulator.issued == {}
+
+
+async def test_token_signed_by_an_unpublished_key_is_invalid(
+    oidc_url: tuple[StsEmulator, str], idp: IdentityProvider
+) -> None:
+    """A token signed by another key: .InvalidSignature; one that is no JWT at all: .Invalid."""
+    _, url = oidc_url
+    cases = [
+        (idp.token(FIXED_NOW, key=other_key()), "AuthenticationFail.OIDCToken.InvalidSignature"),
+        ("not-a-jwt", "AuthenticationFail.OIDCToken.Invalid"),
+    ]
+    for token, code in cases:
+        with pytest.raises(ClientException) as caught:
+            await assume_role_with_oidc(url, token)
+        assert (caught.value.status_code, caught.value.code) == (401, code)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "code"),
+    [
+        (
+            {"oidcprovider_arn": "acs:ram::1234567890123456:oidc-provider/nope"},
+            401,
+            "AuthenticationFail.NoPermission",
+        ),
+        ({"oidcprovider_arn": "arn:aws:iam::1:oidc"}, 400, "InvalidParameter.OIDCProviderArn"),
+        ({"oidcprovider_arn": None}, 400, "MissingOIDCProviderArn"),
+        ({"role_arn": LONG_ROLE_ARN}, 401, "AuthenticationFail.NoPermission"),
+        ({"duration_seconds": 60}, 400, "InvalidParameter.DurationSeconds"),
+    ],
+)
+async def test_bad_oidc_request_parameters_get_sts_error_codes(
+    oidc_url: tuple[StsEmulator, str],
+    idp: IdentityProvider,
+    overrides: dict[str, Any],
+    status: int,
+    code: str,
+) -> None:
+    """Unknown or malformed provider, a role that does not trust it, STS's limits: STS's codes."""
+    _, url = oidc_url
+    with pytest.raises(ClientException) as caught:
+        await assume_role_with_oidc(url, idp.token(FIXED_NOW), **overrides)
+    assert (caught.value.status_code, caught.value.code) == (status, code)
+
+
+async def test_missing_oidc_token_is_refused(oidc_url: tuple[StsEmulator, str]) -> None:
+    """No OIDCToken at all: MissingOIDCToken."""
+    _, url = oidc_url
+    with pytest.raises(ClientException) as caught:
+        await assume_role_with_oidc(url, "", oidctoken=None)
+    assert caught.value.code == "MissingOIDCToken"
