@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -173,3 +174,64 @@ def test_allow_naming_a_missing_policy_warns(
 def _line_of(path: Path, start: str) -> int:
     lines = path.read_text().splitlines()
     return 1 + next(index for index, line in enumerate(lines) if line.startswith(start))
+
+
+# --- budgets per grant, bound and short-lived policies ---
+
+
+def test_render_shows_the_budget_of_each_grant(capsys: pytest.CaptureFixture[str]) -> None:
+    """render report-jobs: one line per grant, the envelope, the total and the worst case."""
+    args = ["render", "report-jobs", "--subject", "svc-reports", "--policies-dir"]
+    assert main([*args, str(POLICIES_DIR)]) == 0
+    document, _, tail = capsys.readouterr().out.partition("\n\n")
+    minified = json.dumps(json.loads(document), separators=(",", ":"))
+    assert tail.splitlines() == [
+        "grant 1 (examplebucket/reports/): 241",
+        "grant 2 (examplebucket/services/svc-reports/): 326",
+        "envelope: 31",
+        f"{len(minified)} of 2048 characters (minified, as sent to STS)",
+        "at most 704 of 2048 for any caller",
+    ]
+    assert len(minified) == 241 + 326 + 31
+
+
+def test_render_a_caller_bound_policy_needs_its_address(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """pinned-reads binds tokens to the caller: render asks for --source-ip, then shows it."""
+    args = ["render", "pinned-reads", "--subject", "svc-a", "--policies-dir", str(POLICIES_DIR)]
+    assert main(args) == 1
+    assert "give --source-ip" in capsys.readouterr().err
+    assert main([*args, "--source-ip", "203.0.113.7"]) == 0
+    assert '"203.0.113.7"' in capsys.readouterr().out
+
+
+def test_render_a_short_lived_policy_shows_its_deadline(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """quick-upload is shown as sent: DateLessThan acs:CurrentTime, counted in the total."""
+    args = ["render", "quick-upload", "--subject", "alice", "--policies-dir", str(POLICIES_DIR)]
+    assert main(args) == 0
+    document, _, tail = capsys.readouterr().out.partition("\n\n")
+    [statement] = json.loads(document)["Statement"]
+    assert set(statement["Condition"]) == {"DateLessThan"}
+    minified = json.dumps(json.loads(document), separators=(",", ":"))
+    assert f"{len(minified)} of 2048 characters" in tail
+
+
+def test_check_refuses_a_lifetime_within_the_refresh_margin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check --config: effective_lifetime_seconds at or under the margin is a problem (exit 2)."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    shutil.copy(POLICIES_DIR / "quick-upload.yaml", policies)
+    config = tmp_path / "broker.yaml"
+    config.write_text(f"policies_dir: {policies}\ncache: {{refresh_margin_seconds: 120}}\n")
+    assert main(["check", "--config", str(config)]) == 2
+    path = policies / "quick-upload.yaml"
+    line = _line_of(path, "effective_lifetime_seconds:")
+    assert capsys.readouterr().err.startswith(
+        f"{path}:{line}: effective_lifetime_seconds: 120 must be more than "
+        "cache.refresh_margin_seconds (120)"
+    )
