@@ -27,6 +27,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     StrictStr,
     field_validator,
     model_validator,
@@ -119,6 +120,10 @@ class ListenSettings(_Section):
     shutdown_delay_seconds: float = Field(default=0.0, ge=0, le=60)
     shutdown_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     tls: TlsSettings | None = None
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = ()
+    """Networks of the reverse proxies in front of the broker: only from these is
+    ``X-Forwarded-For`` believed, and the caller's address is its right-most
+    entry outside them (for policies with ``source_ip: caller``)."""
 
 
 def _check_endpoint(value: str) -> str:

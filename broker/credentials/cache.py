@@ -25,8 +25,9 @@ Rules, each pinned by tests/credentials/test_cache.py:
   a fetch that took no STS budget slot (``budget.count_sts_calls``: the shared
   cache answered after all, the gate or the budget refused) is given back.
 * The key is everything that shapes the credentials (role, rendered policy
-  digest, duration, external id, session name), so two equal keys always mean
-  interchangeable credentials and an edited policy gets a new entry.
+  digest, duration, external id, session name, effective lifetime, federated
+  user), so two equal keys always mean interchangeable credentials and an
+  edited policy gets a new entry.
 * ``purge(session_names)`` drops every entry of those callers (by their
   ``RoleSessionName``, which is in the key) at once, and a fetch of theirs
   still in flight is not stored when it lands (revocation).
@@ -100,6 +101,7 @@ class CacheKey:
     duration_seconds: int
     external_id: str | None
     role_session_name: str
+    effective_lifetime_seconds: int | None = None
     federation: str | None = None
     """Who the credentials belong to when they come from the caller's own token."""
 
@@ -112,6 +114,7 @@ class CacheKey:
             duration_seconds=request.duration_seconds,
             external_id=request.external_id,
             role_session_name=request.role_session_name,
+            effective_lifetime_seconds=request.effective_lifetime_seconds,
             federation=request.federation,
         )
 
