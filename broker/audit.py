@@ -52,7 +52,8 @@ from broker.errors import AuditUnavailable, BrokerError, ConfigError
 from broker.logs import scrub_named
 from broker.metrics import Metrics
 from broker.models import Clock, Credentials, Principal
-from broker.policies import Scope
+from broker.ram import RamGrant
+from broker.scopes import Scope
 
 __all__ = [
     "REFUSAL_STATUSES",
@@ -311,7 +312,8 @@ def _who(context: AuditContext, kind: str, event: str, now: str) -> dict[str, An
 def _issuance(
     context: AuditContext, event: str, principal: Principal, scope: Scope, now: str
 ) -> dict[str, Any]:
-    policy = scope.policy
+    """Who got what: the scope as handed out (narrowed, if the request asked for less)."""
+    policy, primary = scope.policy, scope.grants[0]
     record = _who(context, "issuance", event, now)
     record.update(
         caller=principal.subject,
@@ -319,13 +321,26 @@ def _issuance(
         policy=policy.name,
         role_arn=policy.role_arn,
         federation=policy.federation,
-        bucket=policy.bucket,
         region=policy.region,
-        prefix=scope.prefix,
-        actions=list(policy.actions),
+        **_grant(primary),
+        narrowed=scope.narrowed,
         policy_digest=scope.digest,
     )
+    if len(scope.grants) > 1:
+        record["grants"] = [_grant(grant) for grant in scope.grants]
     return record
+
+
+def _grant(grant: RamGrant) -> dict[str, Any]:
+    """A grant's bucket, prefix, actions, and key when it covers one object."""
+    fields: dict[str, Any] = {
+        "bucket": grant.bucket,
+        "prefix": grant.prefix,
+        "actions": list(grant.actions),
+    }
+    if grant.key is not None:
+        fields["key"] = grant.key
+    return fields
 
 
 def check_sink(settings: AuditSettings) -> None:

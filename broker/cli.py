@@ -10,13 +10,11 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import json
 import multiprocessing
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,26 +22,23 @@ import structlog
 from aiohttp import web
 
 from broker import process_credentials
-from broker.audit import check_sink
+from broker.admin_cli import add_admin_commands
 from broker.auth import generate_api_key, hash_api_key
-from broker.checks import allow_warnings, provider_lifetime_warnings, unchecked_group_policies
 from broker.config import CacheSettings, Settings, load_settings
-from broker.credentials.sealing import load_encryption_keys
-from broker.errors import BrokerError, ConfigError, TemplateValueRejected
+from broker.errors import BrokerError, ConfigError
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
 from broker.logs import configure_logging
-from broker.models import Principal
-from broker.policies import (
-    MAX_POLICY_CHARS,
-    PolicySet,
-    load_policies,
-    load_policy_files,
-    render_policy,
-    render_prefix,
+from broker.policies import PolicySet, load_policies
+from broker.preflight import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    check_command,
+    check_secrets,
+    render_command,
 )
-from broker.reload import reload_policies, watch_policies
+from broker.reload import PolicyReloader
 from broker.services import Services, build_services
-from broker.templates import VALUE_RULE
 
 if TYPE_CHECKING:
     from broker.dev.stack import DevStack
@@ -52,7 +47,6 @@ __all__ = ["main"]
 
 log = structlog.get_logger("broker.cli")
 
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 _SHUTDOWN_TIMEOUT_SECONDS = 10.0
 _DEV_PORT_HINT = "--port N (or make run PORT=N)"
 
@@ -110,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_render(sub)
     _add_hash_key(sub)
     _add_credentials(sub)
+    add_admin_commands(sub, "config/broker.yaml")
     return parser
 
 
@@ -181,7 +176,7 @@ def _add_check(sub: _Subparsers[argparse.ArgumentParser]) -> None:
         metavar="POLICY_FILE",
         help="policy files to validate on their own",
     )
-    check.set_defaults(run=_cmd_check)
+    check.set_defaults(run=check_command)
 
 
 def _add_render(sub: _Subparsers[argparse.ArgumentParser]) -> None:
@@ -196,10 +191,15 @@ def _add_render(sub: _Subparsers[argparse.ArgumentParser]) -> None:
         metavar="GROUP",
         help="a group of the caller, as ${group}; repeat for several",
     )
+    render.add_argument(
+        "--source-ip",
+        metavar="ADDRESS",
+        help="the caller's address, for a policy with source_ip: caller",
+    )
     _add_path(render, "--config", None, "FILE", "read policies_dir from this config file")
     policies_help = "where the policy files are, without --config (default: %(default)s)"
     _add_path(render, "--policies-dir", "policies", "DIR", policies_help)
-    render.set_defaults(run=_cmd_render)
+    render.set_defaults(run=render_command)
 
 
 def _add_hash_key(sub: _Subparsers[argparse.ArgumentParser]) -> None:
@@ -215,18 +215,10 @@ def _add_credentials(sub: _Subparsers[argparse.ArgumentParser]) -> None:
     credentials.set_defaults(run=_cmd_credentials)
 
 
-def _check_secrets(settings: Settings) -> None:
-    """Files and variables read only at start (the shared cache's keys, the audit sink): exit 2."""
-    check_sink(settings.audit)
-    if settings.cache.backend == "redis" and settings.cache.redis is not None:
-        config_dir = settings.source.parent if settings.source is not None else None
-        load_encryption_keys(settings.cache.redis, config_dir=config_dir)
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     policies = load_policies(settings.policies_dir)
-    _check_secrets(settings)
+    check_secrets(settings)
     if not 1 <= args.workers <= 64:
         print("--workers must be from 1 to 64", file=sys.stderr)
         return EXIT_CONFIG
@@ -382,11 +374,12 @@ async def _serve(
     log.info("broker_started", url=url, policies=len(services.policies))
     if banner is not None:
         banner(url)
+    reloader = PolicyReloader(services)
     watcher = None
     if services.settings.watch_policies:
-        watcher = asyncio.create_task(watch_policies(services))
+        watcher = asyncio.create_task(reloader.watch())
     try:
-        await _wait_for_stop(services)
+        await _wait_for_stop(reloader, services)
     finally:
         services.shutting_down = True
         log.info("broker_stopping", delay_seconds=listen.shutdown_delay_seconds)
@@ -397,19 +390,19 @@ async def _serve(
         log.info("broker_stopped")
 
 
-async def _wait_for_stop(services: Services) -> None:
-    """Return on SIGTERM or SIGINT; meanwhile SIGHUP reloads policies, reopens the audit file."""
+async def _wait_for_stop(reloader: PolicyReloader, services: Services) -> None:
+    """Return on SIGTERM or SIGINT; meanwhile SIGHUP reloads and reopens (``_hang_up``)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _hang_up(services))
+    loop.add_signal_handler(signal.SIGHUP, lambda: _hang_up(reloader, services))
     await stop.wait()
 
 
-def _hang_up(services: Services) -> None:
-    """SIGHUP: reload the policies, and reopen the audit file (after log rotation)."""
-    reload_policies(services)
+def _hang_up(reloader: PolicyReloader, services: Services) -> None:
+    """SIGHUP: reload policies and the auth section; reopen the audit file."""
+    reloader.reload_soon()
     services.audit.reopen()
 
 
@@ -448,87 +441,6 @@ def _bound_port(runner: web.AppRunner, default: int) -> int:
         if isinstance(address, tuple) and len(address) >= 2:
             return int(address[1])
     return default
-
-
-@dataclass
-class _CheckReport:
-    """What ``check`` found: problems (exit 2), warnings (exit 0) and files that passed."""
-
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    passed: list[str] = field(default_factory=list)
-
-    def print(self) -> None:
-        for line in self.problems + list(dict.fromkeys(self.warnings)):
-            print(line, file=sys.stderr)
-        for line in self.passed:
-            print(line)
-
-
-def _cmd_check(args: argparse.Namespace) -> int:
-    if not args.policy_files and args.config is None:
-        print("nothing to check: give --config and/or policy files", file=sys.stderr)
-        return EXIT_CONFIG
-    report = _CheckReport()
-    settings = _check_config(args.config, report) if args.config is not None else None
-    if args.policy_files:
-        try:  # as one set: a name given in two files is refused, naming both
-            policies = load_policy_files(args.policy_files)
-        except ConfigError as err:
-            report.problems.extend(err.problems)
-        else:
-            report.passed += [f"{p.source}: ok (policy {p.name!r})" for p in policies]
-            report.warnings += provider_lifetime_warnings(policies, settings)
-            if settings is None:
-                report.warnings += _unchecked_groups_note(policies)
-    report.print()
-    return EXIT_CONFIG if report.problems else EXIT_OK
-
-
-def _check_config(config: Path, report: _CheckReport) -> Settings | None:
-    """Validate ``config`` and its policies_dir; warn about what will not work well."""
-    try:
-        settings = load_settings(config)
-        policies = load_policies(settings.policies_dir)
-        _check_secrets(settings)
-    except ConfigError as err:
-        report.problems.extend(err.problems)
-        return None
-    report.passed.append(f"{config}: ok ({len(policies)} policies in {settings.policies_dir})")
-    report.warnings += provider_lifetime_warnings(policies, settings)
-    report.warnings += allow_warnings(policies, settings)
-    return settings
-
-
-def _unchecked_groups_note(policies: PolicySet) -> list[str]:
-    names = unchecked_group_policies(policies)
-    if not names:
-        return []
-    return [
-        f"note: {', '.join(names)}: credential-provider lifetimes not checked for group:NAME "
-        f"callers (give --config: it says which API keys are in a group)"
-    ]
-
-
-def _cmd_render(args: argparse.Namespace) -> int:
-    policies_dir = load_settings(args.config).policies_dir if args.config else args.policies_dir
-    policy = load_policies(policies_dir).get(args.policy)
-    if policy is None:
-        print(f"no policy named {args.policy!r} in {policies_dir}", file=sys.stderr)
-        return EXIT_CONFIG
-    principal = Principal(subject=args.subject, groups=tuple(args.groups))
-    try:
-        prefix = render_prefix(policy, principal)
-    except TemplateValueRejected as err:  # say why, never the value
-        variable, reason = err.context["variable"], err.context["reason"]
-        hint = " (give a --group the policy's callers list)" if variable == "${group}" else ""
-        allowed = f"a value that could widen the scope is refused; allowed: {VALUE_RULE}"
-        print(f"error: {variable} cannot be rendered: {reason}{hint}\n  {allowed}", file=sys.stderr)
-        return EXIT_FAILURE
-    document = render_policy(policy, prefix)
-    print(json.dumps(json.loads(document), indent=2))
-    print(f"\n{len(document)} of {MAX_POLICY_CHARS} characters (minified, as sent to STS)")
-    return EXIT_OK
 
 
 def _cmd_hash_key(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     StrictStr,
     field_validator,
     model_validator,
@@ -38,6 +39,7 @@ from broker.yamldoc import YamlDocument, format_validation_error, load_yaml, unk
 
 __all__ = [
     "AUDIT_STREAMS",
+    "AdminSettings",
     "ApiKeyAllowSettings",
     "ApiKeySettings",
     "AuditSettings",
@@ -53,6 +55,7 @@ __all__ = [
     "QuotaSettings",
     "RedisSettings",
     "RetrySettings",
+    "RevokedSettings",
     "Settings",
     "StsSettings",
     "TlsSettings",
@@ -119,6 +122,10 @@ class ListenSettings(_Section):
     shutdown_delay_seconds: float = Field(default=0.0, ge=0, le=60)
     shutdown_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     tls: TlsSettings | None = None
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = ()
+    """Networks of the reverse proxies in front of the broker: only from these is
+    ``X-Forwarded-For`` believed, and the caller's address is its right-most
+    entry outside them (for policies with ``source_ip: caller``)."""
 
 
 def _check_endpoint(value: str) -> str:
@@ -239,8 +246,10 @@ class RedisSettings(_Section):
     encryption_keys_file: Path | None = None
     encryption_keys_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
     lock_ttl_seconds: float = Field(default=10.0, gt=0, le=300)
-    wait_seconds: float = Field(default=5.0, gt=0, le=60)
-    operation_timeout_seconds: float = Field(default=0.25, gt=0, le=10)
+    # Longer than one STS fetch (sts.retry.deadline_seconds + quotas.sts_max_wait_seconds):
+    # a waiter that gives up while the lock holder still fetches makes a second AssumeRole.
+    wait_seconds: float = Field(default=15.0, gt=0, le=60)
+    operation_timeout_seconds: float = Field(default=1.0, gt=0, le=10)
     share_sts_budget: bool = True
 
     @field_validator("url")
@@ -299,6 +308,13 @@ def _unique_entries(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
         for index, value in enumerate(values):
             if value in values[:index]:
                 raise ValueError(f"{value!r} is listed twice")
+    return values
+
+
+def _unique_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    for index, value in enumerate(values):
+        if value in values[:index]:
+            raise ValueError(f"{value!r} is listed twice")
     return values
 
 
@@ -405,12 +421,27 @@ class MtlsCallerSettings(_Section):
         return "common_name", self.common_name or ""
 
 
+_Subject = Annotated[StrictStr, Field(min_length=1, max_length=1024)]
+
+
+class RevokedSettings(_Section):
+    """The deny list: refused at once (401, as an unknown key), their cached credentials purged.
+
+    ``callers`` are configured ids (API keys and mTLS callers), ``subjects``
+    are JWT subjects.  Reloaded with the policies (SIGHUP, watch).
+    """
+
+    callers: Annotated[tuple[Identifier, ...], AfterValidator(_unique_list)] = ()
+    subjects: Annotated[tuple[_Subject, ...], AfterValidator(_unique_list)] = ()
+
+
 class AuthSettings(_Section):
-    """Who may call the broker."""
+    """Who may call the broker, and who may not any more (``revoked``)."""
 
     api_keys: tuple[ApiKeySettings, ...] = ()
     jwt: JwtSettings | None = None
     mtls: tuple[MtlsCallerSettings, ...] = ()
+    revoked: RevokedSettings = RevokedSettings()
 
     @field_validator("api_keys")
     @classmethod
@@ -429,6 +460,17 @@ class AuthSettings(_Section):
         for name in {name for name in names if names.count(name) > 1}:
             raise ValueError(f"{name[0]} {name[1]!r} identifies more than one caller")
         return value
+
+
+class AdminSettings(_Section):
+    """The local admin channel (`sts-broker cached`, `revoke`); off unless `socket_dir` is set.
+
+    Each broker process listens on ``socket_dir/broker-PID.sock`` (mode 0600,
+    in a directory made 0700), so every one of ``serve --workers N`` is reached.
+    Only the broker's own user (and root) can connect; the peer's uid is checked too.
+    """
+
+    socket_dir: Path | None = None
 
 
 class CorsSettings(_Section):
@@ -487,6 +529,7 @@ class Settings(_Section):
     policies_dir: Path = Path("../policies")
     watch_policies: bool = False
     auth: AuthSettings = AuthSettings()
+    admin: AdminSettings = AdminSettings()
     cors: CorsSettings = CorsSettings()
     logging: LoggingSettings = LoggingSettings()
     audit: AuditSettings = AuditSettings()
@@ -536,6 +579,9 @@ def _with_paths_resolved(settings: Settings, path: Path) -> Settings:
     if settings.audit.sink not in AUDIT_STREAMS:
         sink = str(_relative_to(path, Path(settings.audit.sink)))
         update["audit"] = settings.audit.model_copy(update={"sink": sink})
+    if settings.admin.socket_dir is not None:
+        socket_dir = _relative_to(path, settings.admin.socket_dir)
+        update["admin"] = settings.admin.model_copy(update={"socket_dir": socket_dir})
     jwt = settings.auth.jwt
     if jwt is not None and jwt.jwks_file is not None:
         jwt = jwt.model_copy(update={"jwks_file": _relative_to(path, jwt.jwks_file)})

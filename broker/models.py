@@ -69,6 +69,9 @@ class Principal:
     ``${claim:NAME}``.  Every value here has passed the safe-value check
     before it can reach a rendered policy.  ``allow`` narrows what a
     restricted API key may reach; ``None`` means no restriction.
+    ``source_ip`` is the address this request came from (the TCP peer, or
+    behind trusted proxies the client they name), for policies that bind
+    tokens to it; ``None`` when unknown.
     """
 
     subject: str
@@ -76,6 +79,7 @@ class Principal:
     auth_method: str = "api_key"
     claims: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     allow: Allowance | None = None
+    source_ip: str | None = None
     oidc_token: OidcToken | None = field(default=None, repr=False, compare=False)
     """JWT callers only: their token, for ``federation: oidc`` policies."""
 
@@ -89,6 +93,9 @@ class AssumeRoleRequest:
     duration_seconds: int
     role_session_name: str
     external_id: str | None = None
+    effective_lifetime_seconds: int | None = None
+    """Set: ``policy`` still lacks its ``acs:CurrentTime`` deadline, which
+    ``broker.credentials.deadline`` adds when STS is called (``now`` + this)."""
     oidc_provider_arn: str | None = None
     """Set with ``federation``: the RAM OIDC provider named in AssumeRoleWithOIDC."""
     federation: str | None = None

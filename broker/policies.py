@@ -1,15 +1,19 @@
-"""Policy files → validated ``PolicySet``; a caller's scope → minified RAM inline policy.
+"""Policy files → validated ``PolicySet``: who may have which grants, for how long, from where.
 
-Prefix templates are parsed and their values checked in ``broker.templates``;
-the RAM document itself is written by ``broker.ram``.
+A policy grants one bucket, prefix template and actions (``bucket``,
+``prefix``, ``actions``), or several (``grants``); it may bind its tokens to
+network conditions (``conditions``) and to an effective lifetime shorter than
+STS's 900 s (``effective_lifetime_seconds``).  Each file is refused at load if
+its worst-case rendering could exceed STS's 2,048 characters.  Prefix templates
+are parsed in ``broker.templates``, a caller's scope is rendered in
+``broker.scopes``, the RAM document is written by ``broker.ram``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -17,27 +21,42 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import (
-    AfterValidator,
-    BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     StrictStr,
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from broker.errors import ConfigError, TemplateValueRejected
+from broker.errors import ConfigError
 from broker.models import Principal
-from broker.names import CALLER_ID_CHARS, POLICY_NAME_PATTERN, POLICY_NAME_RULE, is_caller_id
-from broker.ram import MAX_POLICY_CHARS, oss_policy_document
-from broker.templates import (
-    MAX_VALUE_CHARS,
-    check_template_value,
-    claim_names,
-    fill_template,
-    parse_template,
+from broker.policy_fields import (
+    MAX_GRANTS,
+    MISSING,
+    ONE_GRANT_KEYS,
+    Actions,
+    Bucket,
+    CallbackUrls,
+    Callers,
+    Conditions,
+    ContentTypes,
+    Endpoint,
+    ExternalId,
+    Grant,
+    Grants,
+    Name,
+    OidcProviderArn,
+    Region,
+    Required,
+    RoleArn,
+    Template,
+    between,
 )
+from broker.ram import MAX_POLICY_CHARS, Budget, Condition, RamGrant, measure
+from broker.scopes import Scope, render_policy, render_prefix, scope_for
+from broker.templates import MAX_VALUE_CHARS, claim_names, fill_template, parse_template
 from broker.yamldoc import (
     YamlDocument,
     format_validation_error,
@@ -46,7 +65,10 @@ from broker.yamldoc import (
 )
 
 __all__ = [
+    "MAX_GRANTS",
     "MAX_POLICY_CHARS",
+    "Conditions",
+    "Grant",
     "Policy",
     "PolicySet",
     "Scope",
@@ -57,165 +79,157 @@ __all__ = [
     "render_policy",
     "render_prefix",
     "scope_for",
+    "worst_case_budget",
 ]
 
 _MAX_MEMO_SCOPES = 200_000
 """Rendered scopes a ``PolicySet`` remembers before it forgets them all and starts again."""
 
 _WORST_CASE_VALUE = "a" * MAX_VALUE_CHARS
+_WORST_CASE_ADDRESS = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+"""The longest address ``source_ip: caller`` can render (IPv4-mapped ones render as IPv4)."""
 
 # Bare caller ids name API-key (or mTLS) callers from the config.  A JWT's
 # subject is chosen by the identity provider, so it never matches a bare id:
 # a browser user whose ``sub`` is "svc-reports" must not get that service's policies.
 _ID_AUTH_METHODS = frozenset({"api_key", "mtls"})
 
-_Action = Literal["put", "multipart", "get", "list", "delete"]
-
-# --- field validators (messages are for ops: what is wrong, what is allowed) ---
-
-
-def _matching(pattern: str, allowed: str, *, echo: bool = True) -> AfterValidator:
-    compiled = re.compile(pattern)
-
-    def check(value: str) -> str:
-        if compiled.fullmatch(value) is None:
-            shown = f"{value!r} is not allowed" if echo else "value is not allowed"
-            raise ValueError(f"{shown}; {allowed}")
-        return value
-
-    return AfterValidator(check)
-
-
-def _between(low: int, high: int, unit: str) -> AfterValidator:
-    def check(value: int) -> int:
-        if not low <= value <= high:
-            raise ValueError(f"{value} is out of range; allowed: {low}..{high} {unit}")
-        return value
-
-    return AfterValidator(check)
-
-
-def _as_list(value: Any) -> Any:
-    if not isinstance(value, list | tuple):
-        raise ValueError("must be a YAML list, e.g. [a, b]")
-    return value
-
-
-def _unique(values: tuple[str, ...]) -> tuple[str, ...]:
-    for index, value in enumerate(values):
-        if value in values[:index]:
-            raise ValueError(f"{value!r} is listed twice; list each entry once")
-    return values
-
-
-def _non_empty(what: str) -> AfterValidator:
-    def check(values: tuple[str, ...]) -> tuple[str, ...]:
-        if not values:
-            raise ValueError(f"must list at least one {what}")
-        return values
-
-    return AfterValidator(check)
-
-
-def _check_caller(value: str) -> str:
-    """An entry of ``callers``: a caller id, or ``group:`` and a group name (the same rule)."""
-    if not is_caller_id(value.removeprefix("group:")):
-        raise ValueError(
-            f"{value!r} is not allowed; use an id or group:NAME, "
-            f"1-64 of {CALLER_ID_CHARS} starting with a letter or digit, without '..'"
-        )
-    return value
-
-
-_Name = Annotated[StrictStr, _matching(POLICY_NAME_PATTERN, POLICY_NAME_RULE)]
-_RoleArn = Annotated[
-    StrictStr,
-    _matching(r"acs:ram::[0-9]+:role/[A-Za-z0-9.@_-]{1,64}", "use acs:ram::<account>:role/<name>"),
-]
-_OidcProviderArn = Annotated[
-    StrictStr,
-    _matching(
-        r"acs:ram::[0-9]+:oidc-provider/[A-Za-z0-9.-]{1,128}",
-        "use acs:ram::<account>:oidc-provider/<name>",
-    ),
-]
-_Bucket = Annotated[
-    StrictStr,
-    _matching(
-        r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]",
-        "OSS bucket names are 3-63 of a-z 0-9 -, no - at either end",
-    ),
-]
-_Region = Annotated[StrictStr, _matching(r"[a-z0-9-]+", "use a region id such as cn-hangzhou")]
-_Endpoint = Annotated[
-    StrictStr,
-    _matching(
-        r"(https?://)?[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?",
-        "use a host such as oss-cn-hangzhou.aliyuncs.com, optionally with http(s):// and :port",
-    ),
-]
-_ExternalId = Annotated[
-    StrictStr,
-    _matching(
-        r"[A-Za-z0-9=,.@:/_-]{2,1224}", "use 2-1224 of A-Z a-z 0-9 = , . @ : / _ -", echo=False
-    ),
-]
-_Caller = Annotated[StrictStr, AfterValidator(_check_caller)]
-_MIME_PART = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-_ContentType = Annotated[
-    StrictStr,
-    _matching(
-        f"{_MIME_PART}/{_MIME_PART}", "use a MIME type/subtype such as image/png, no wildcards"
-    ),
-]
-_CallbackUrl = Annotated[
-    StrictStr, _matching(r"https?://[^\s/?#@]+(/[^\s#]*)?", "use an http(s) URL")
-]
-
-_AsList = BeforeValidator(_as_list)
-_Unique = AfterValidator(_unique)
-_Actions = Annotated[
-    tuple[_Action, ...], _AsList, _Unique, _non_empty("action (put, multipart, get, list, delete)")
-]
-_Callers = Annotated[
-    tuple[_Caller, ...], _AsList, _Unique, _non_empty("caller (an id or group:NAME)")
-]
-_ContentTypes = Annotated[tuple[_ContentType, ...], _AsList, _Unique]
-_CallbackUrls = Annotated[tuple[_CallbackUrl, ...], _AsList, _Unique]
-
 
 class Policy(pydantic.BaseModel):
     """One validated policy file.
 
-    ``prefix`` is declared after ``bucket`` and ``actions`` because its
-    validation renders the worst-case document, which needs both.
+    A file gives ``bucket``, ``prefix`` and ``actions`` (one grant) or
+    ``grants`` (several); either way ``grants`` lists them all, and ``bucket``,
+    ``prefix`` and ``actions`` are the first (primary) grant's.  The fields a
+    size check needs are declared before the ones it checks (``prefix``,
+    ``grants``), because a validator sees only the fields declared before it.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", serialize_by_alias=True)
 
-    name: _Name
+    name: Name
     description: StrictStr = ""
-    role_arn: _RoleArn
-    bucket: _Bucket
-    region: _Region
-    actions: _Actions
-    prefix: StrictStr
-    duration_seconds: Annotated[StrictInt, _between(900, 43200, "seconds")]
-    max_url_expires_seconds: Annotated[StrictInt, _between(1, 604800, "seconds")]
-    content_types: _ContentTypes = ()
-    max_object_bytes: Annotated[StrictInt, _between(1, 5368709120, "bytes")] | None = None
-    callers: _Callers
-    external_id: _ExternalId | None = None
-    endpoint: _Endpoint | None = None
-    callback_urls: _CallbackUrls = ()
+    role_arn: RoleArn
+    region: Region
+    duration_seconds: Annotated[StrictInt, between(900, 43200, "seconds")]
+    effective_lifetime_seconds: Annotated[StrictInt, between(60, 43199, "seconds")] | None = None
+    conditions: Conditions | None = None
+    one_bucket: Annotated[Bucket | None, Required] = Field(None, alias="bucket")
+    one_actions: Annotated[Actions | None, Required] = Field(None, alias="actions")
+    one_prefix: Annotated[Template | None, Required] = Field(None, alias="prefix")
+    listed_grants: Grants | None = Field(None, alias="grants")
+    max_url_expires_seconds: Annotated[StrictInt, between(1, 604800, "seconds")]
+    content_types: ContentTypes = ()
+    max_object_bytes: Annotated[StrictInt, between(1, 5368709120, "bytes")] | None = None
+    callers: Callers
+    external_id: ExternalId | None = None
+    endpoint: Endpoint | None = None
+    callback_urls: CallbackUrls = ()
     federation: Literal["none", "oidc"] = "none"
     """``oidc``: JWT callers' own tokens go to STS AssumeRoleWithOIDC (others are refused)."""
-    oidc_provider_arn: _OidcProviderArn | None = None
+    oidc_provider_arn: OidcProviderArn | None = None
     """The RAM OIDC provider that ``federation: oidc`` names in AssumeRoleWithOIDC."""
     forbid_overwrite: StrictBool = False
     """Uploads by presigned URL or post policy must send ``x-oss-forbid-overwrite: true``."""
     source: SkipJsonSchema[str] = Field(default="", exclude=True)
     """The file this policy came from; set by the loader, never read from the file."""
+    _grants: tuple[Grant, ...] = PrivateAttr(default=())
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _mark_missing(cls, data: Any) -> Any:
+        """Without ``grants``, ``bucket``, ``prefix`` and ``actions`` are required."""
+        if not isinstance(data, dict) or data.get("grants") is not None:
+            return data
+        return {**dict.fromkeys(ONE_GRANT_KEYS, MISSING), **data}
+
+    @pydantic.field_validator("effective_lifetime_seconds")
+    @classmethod
+    def _check_lifetime(cls, lifetime: int | None, info: pydantic.ValidationInfo) -> int | None:
+        duration = info.data.get("duration_seconds")
+        if lifetime is not None and duration is not None and lifetime >= duration:
+            raise ValueError(
+                f"must be less than duration_seconds ({duration}): it shortens the token"
+            )
+        return lifetime
+
+    @pydantic.field_validator("one_prefix")
+    @classmethod
+    def _check_prefix(cls, template: str | None, info: pydantic.ValidationInfo) -> str | None:
+        bucket, actions = info.data.get("one_bucket"), info.data.get("one_actions")
+        if template is None or bucket is None or actions is None:
+            return template  # their own errors are already reported
+        grant = Grant.model_construct(bucket=bucket, prefix=template, actions=actions)
+        _check_budget((grant,), info.data, "shorten the prefix")
+        return template
+
+    @pydantic.field_validator("listed_grants")
+    @classmethod
+    def _check_grants(
+        cls, grants: tuple[Grant, ...] | None, info: pydantic.ValidationInfo
+    ) -> tuple[Grant, ...] | None:
+        if grants is None:
+            return None
+        given = [key for key in ONE_GRANT_KEYS if info.data.get(f"one_{key}") is not None]
+        if given:
+            raise ValueError(
+                f"give bucket, prefix and actions, or grants, not both; "
+                f"move {', '.join(given)} into a grant"
+            )
+        _check_no_overlap(grants, info.data.get("conditions"))
+        _check_budget(grants, info.data, "shorten the prefixes or list fewer grants")
+        return grants
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Gather the grants, however the file gave them."""
+        if self.listed_grants is not None:
+            self._grants = self.listed_grants
+        elif self.one_bucket is not None and self.one_prefix is not None and self.one_actions:
+            one = Grant.model_construct(
+                bucket=self.one_bucket, prefix=self.one_prefix, actions=self.one_actions
+            )
+            self._grants = (one,)
+
+    @property
+    def grants(self) -> tuple[Grant, ...]:
+        """Every grant, the primary one first."""
+        return self._grants
+
+    @property
+    def bucket(self) -> str:
+        """The primary grant's bucket."""
+        return self._grants[0].bucket
+
+    @property
+    def prefix(self) -> str:
+        """The primary grant's prefix template."""
+        return self._grants[0].prefix
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        """The primary grant's actions."""
+        return self._grants[0].actions
+
+    @property
+    def buckets(self) -> frozenset[str]:
+        """Every bucket a grant names."""
+        return frozenset(grant.bucket for grant in self._grants)
+
+    @property
+    def token_lifetime_seconds(self) -> int:
+        """How long a token lives: ``effective_lifetime_seconds``, else ``duration_seconds``."""
+        return self.effective_lifetime_seconds or self.duration_seconds
+
+    @property
+    def binds_caller(self) -> bool:
+        """Whether tokens are bound to the address that asked for them (``source_ip: caller``)."""
+        blocks = (self.conditions, *(grant.conditions for grant in self._grants))
+        return any(block is not None and block.binds_caller for block in blocks)
+
+    def ram_conditions(self, grant: Grant, caller_ip: str | None) -> tuple[Condition, ...]:
+        """The policy's conditions, then ``grant``'s, as RAM conditions."""
+        blocks = (self.conditions, grant.conditions)
+        return tuple(c for block in blocks if block is not None for c in block.ram(caller_ip))
 
     @property
     def oss_endpoint(self) -> str:
@@ -228,98 +242,46 @@ class Policy(pydantic.BaseModel):
             raise ValueError("federation: oidc and oidc_provider_arn go together")
         return self
 
-    @pydantic.field_validator("prefix")
-    @classmethod
-    def _check_prefix(cls, template: str, info: pydantic.ValidationInfo) -> str:
-        segments = parse_template(template)
-        bucket, actions = info.data.get("bucket"), info.data.get("actions")
-        if bucket is None or actions is None:
-            return template  # their own errors are already reported
-        worst = oss_policy_document(bucket, actions, fill_template(segments, _WORST_CASE_VALUE))
-        if len(worst) > MAX_POLICY_CHARS:
+
+def _check_no_overlap(grants: Sequence[Grant], conditions: Conditions | None) -> None:
+    """A condition key is set once: for the whole policy, or per grant."""
+    if conditions is None:
+        return
+    for index, grant in enumerate(grants):
+        both = set(conditions.given()) & set(grant.conditions.given() if grant.conditions else [])
+        if both:
+            name = sorted(both)[0]
             raise ValueError(
-                f"rendered policy would be {len(worst)} characters, over STS's 2,048 limit "
-                f"(with {MAX_VALUE_CHARS}-character variable values); shorten the prefix"
+                f"grants.{index}.conditions.{name} is already set for the whole policy "
+                f"(conditions.{name}); set it in one place"
             )
-        return template
 
 
-# --- rendering ---
-
-_RENDERED_PREFIX = re.compile(r"(?:[A-Za-z0-9._@=+-]+/)+\Z")
-
-
-def _group_of(policy: Policy, principal: Principal) -> str | None:
-    listed = {
-        caller.removeprefix("group:") for caller in policy.callers if caller.startswith("group:")
-    }
-    return next((group for group in principal.groups if group in listed), None)
-
-
-def _value_of(variable: str, policy: Policy, principal: Principal) -> str | None:
-    if variable == "subject":
-        return principal.subject
-    if variable == "group":
-        return _group_of(policy, principal)
-    return principal.claims.get(variable.removeprefix("claim:"))
-
-
-def render_prefix(policy: Policy, principal: Principal) -> str:
-    """The caller's concrete prefix, e.g. ``avatars/alice/``.
-
-    Raises ``TemplateValueRejected`` naming only the variable when a value is
-    missing or unsafe: the value is never rendered, and there is no fallback.
-    """
-    parts: list[str] = []
-    for static, variable in parse_template(policy.prefix):
-        parts.append(static)
-        if variable is not None:
-            raw = _value_of(variable, policy, principal)
-            try:
-                parts.append(check_template_value("" if raw is None else raw))
-            except ValueError as err:
-                raise TemplateValueRejected(
-                    variable=f"${{{variable}}}", policy=policy.name, reason=str(err)
-                ) from None
-        parts.append("/")
-    return "".join(parts)
-
-
-def render_policy(policy: Policy, prefix: str) -> str:
-    """The minified inline policy for ``prefix`` (already rendered, ending in ``/``).
-
-    Never call AssumeRole without this Policy: without one, the token carries
-    every permission of the role.  So an empty or oversized document is an
-    error here, never something to send without.
-    """
-    if not prefix or _RENDERED_PREFIX.match(prefix) is None or ".." in prefix:
+def _check_budget(grants: Sequence[Grant], data: Mapping[str, Any], hint: str) -> None:
+    budget = _worst_case(grants, data.get("conditions"), data.get("effective_lifetime_seconds"))
+    if budget.total > MAX_POLICY_CHARS:
         raise ValueError(
-            "prefix must be non-empty path segments of A-Z a-z 0-9 . _ @ = + -, each ending in /"
+            f"rendered policy would be {budget.total} characters, over STS's 2,048 limit "
+            f"(with {MAX_VALUE_CHARS}-character variable values); {hint}"
         )
-    document = oss_policy_document(policy.bucket, policy.actions, prefix)
-    if len(document) > MAX_POLICY_CHARS:
-        raise ValueError(
-            f"rendered policy is {len(document)} characters, over STS's {MAX_POLICY_CHARS} limit"
-        )
-    return document
 
 
-@dataclass(frozen=True, slots=True)
-class Scope:
-    """What one caller may do under one policy: the prefix and the exact STS Policy."""
+def _worst_case(
+    grants: Sequence[Grant], conditions: Conditions | None, lifetime: int | None
+) -> Budget:
+    """The budget with every variable 64 characters long and the longest caller address."""
+    ram_grants = []
+    for grant in grants:
+        blocks = (conditions, grant.conditions)
+        found = [c for block in blocks if block is not None for c in block.ram(_WORST_CASE_ADDRESS)]
+        prefix = fill_template(parse_template(grant.prefix), _WORST_CASE_VALUE)
+        ram_grants.append(RamGrant(grant.bucket, prefix, grant.actions, conditions=tuple(found)))
+    return measure(ram_grants, deadline=lifetime is not None)
 
-    policy: Policy
-    prefix: str
-    document: str
-    digest: str
-    """sha256 hex of ``document``; log this, not the document."""
 
-
-def scope_for(policy: Policy, principal: Principal) -> Scope:
-    """Render ``policy`` for ``principal`` (``TemplateValueRejected`` if it cannot be)."""
-    prefix = render_prefix(policy, principal)
-    document = render_policy(policy, prefix)
-    return Scope(policy, prefix, document, hashlib.sha256(document.encode()).hexdigest())
+def worst_case_budget(policy: Policy) -> Budget:
+    """What ``policy`` may take of STS's 2,048 characters, for any caller (64-character values)."""
+    return _worst_case(policy.grants, policy.conditions, policy.effective_lifetime_seconds)
 
 
 def may_use(policy: Policy, principal: Principal) -> bool:
@@ -355,7 +317,8 @@ class PolicySet:
         )
         object.__setattr__(self, "policies", MappingProxyType(ordered))
         # Only claims a prefix uses key the scope memo (not jti, nonce, ...).
-        used = frozenset().union(*(claim_names(policy.prefix) for policy in ordered.values()))
+        templates = (grant.prefix for policy in ordered.values() for grant in policy.grants)
+        used = frozenset().union(*(claim_names(template) for template in templates))
         object.__setattr__(self, "_claim_names", used)
         object.__setattr__(self, "digest", hashlib.sha256(canonical.encode()).hexdigest())
 
@@ -367,18 +330,21 @@ class PolicySet:
         """``principal``'s rendered scope of policy ``name``; ``None`` if absent or not allowed.
 
         Memoised per set (a reload brings a fresh, empty memo), so the hot path
-        renders each caller's policy once; ``TemplateValueRejected`` is not memoised.
+        renders each caller's policy once (once per address for a policy bound
+        to the caller's address); ``TemplateValueRejected`` and a missing
+        address (``RequestInvalid``) are not memoised.
         """
+        policy = self.policies.get(name)
         claims: tuple[tuple[str, str], ...] = ()
         if principal.claims and self._claim_names:
             used = self._claim_names
             claims = tuple(sorted(i for i in principal.claims.items() if i[0] in used))
-        key = (name, principal.subject, principal.groups, principal.auth_method, claims)
+        address = principal.source_ip if policy is not None and policy.binds_caller else None
+        key = (name, principal.subject, principal.groups, principal.auth_method, claims, address)
         try:
             return self._scopes[key]
         except KeyError:
             pass
-        policy = self.policies.get(name)
         scope = scope_for(policy, principal) if policy and may_use(policy, principal) else None
         if len(self._scopes) >= _MAX_MEMO_SCOPES:
             self._scopes.clear()
@@ -396,7 +362,8 @@ class PolicySet:
 
 
 def _file_keys() -> frozenset[str]:
-    return frozenset(Policy.model_fields) - {"source"}
+    """The keys a file may give: fields by their alias (``bucket``, not ``one_bucket``)."""
+    return frozenset(info.alias or name for name, info in Policy.model_fields.items()) - {"source"}
 
 
 def _unknown_key_problems(doc: YamlDocument, data: Mapping[Any, Any]) -> list[str]:
@@ -429,7 +396,7 @@ def _load_file(path: Path) -> tuple[Policy, YamlDocument]:
     try:
         policy = Policy.model_validate({**known, "source": str(path)})
     except pydantic.ValidationError as err:
-        problems += format_validation_error(doc, err)
+        problems += format_validation_error(doc, err, Policy)
     if problems:
         raise ConfigError(sorted(problems, key=lambda problem: _line_in(problem, path)))
     return policy, doc

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from broker.config import OssSettings
 from broker.downloads import RESPONSE_OVERRIDES, response_overrides
@@ -39,6 +39,7 @@ __all__ = [
     "check_key",
     "clamp_expiry",
     "oss_endpoint",
+    "pinned_post_fields",
     "post_policy_conditions",
     "presign_headers",
     "presign_query",
@@ -216,6 +217,8 @@ class PostPolicyBody(_Body):
     max_object_bytes: StrictInt | None = Field(default=None, ge=1)
     success_action_status: Literal[200, 201, 204] | None = None
     signature_version: Literal["v4", "v1"] = "v4"
+    callback: CallbackBody | None = None
+    forbid_overwrite: StrictBool = False
 
 
 def resolve_operation(method: str | None, operation: str | None) -> str:
@@ -431,25 +434,15 @@ class PostForm:
 
 
 def post_policy_conditions(body: PostPolicyBody, policy: Policy, prefix: str) -> PostForm:
-    """Conditions for ``key``/``key_prefix``, size, Content-Type and success status.
+    """Conditions for ``key``/``key_prefix``, size, Content-Type, success status, pinned fields.
 
     ``key_prefix`` may only narrow the caller's prefix and ``max_object_bytes``
     may only lower the policy's; without either limit OSS's 5 GiB applies.
+    Every security-relevant field is pinned (``pinned_post_fields``).
     """
-    if body.key is not None and body.key_prefix is not None:
-        raise RequestInvalid("give key or key_prefix, not both")
-    conditions: list[Any] = []
-    fields: dict[str, str] = {}
-    if body.key is not None:
-        key = check_key(body.key, prefix)
-        conditions.append(["eq", "$key", key])
-        fields["key"] = key
-    else:
-        key_prefix = body.key_prefix if body.key_prefix is not None else prefix
-        if key_prefix != prefix:
-            check_key(key_prefix, prefix)
-        conditions.append(["starts-with", "$key", key_prefix])
-        fields["key"] = key_prefix + "${filename}"
+    key_condition, key_field = _key_condition(body, prefix)
+    conditions: list[Any] = [key_condition]
+    fields = {"key": key_field}
     conditions.append(["content-length-range", 0, _size_limit(body, policy)])
     check_content_type(policy, body.content_type, required=True)
     if body.content_type is not None:
@@ -459,7 +452,56 @@ def post_policy_conditions(body: PostPolicyBody, policy: Policy, prefix: str) ->
         status = str(body.success_action_status)
         conditions.append({"success_action_status": status})
         fields["success_action_status"] = status
+    for name, value in pinned_post_fields(body, policy).items():
+        conditions.append(["eq", f"${name}", value])
+        fields[name] = value
     return PostForm(conditions, fields)
+
+
+def _key_condition(body: PostPolicyBody, prefix: str) -> tuple[list[str], str]:
+    """``eq`` an exact key, or ``starts-with`` a prefix (the caller's, or narrower)."""
+    if body.key is not None and body.key_prefix is not None:
+        raise RequestInvalid("give key or key_prefix, not both")
+    if body.key is not None:
+        key = check_key(body.key, prefix)
+        return ["eq", "$key", key], key
+    key_prefix = body.key_prefix if body.key_prefix is not None else prefix
+    if key_prefix != prefix:
+        check_key(key_prefix, prefix)
+    return ["starts-with", "$key", key_prefix], key_prefix + "${filename}"
+
+
+def pinned_post_fields(body: PostPolicyBody, policy: Policy) -> dict[str, str]:
+    """The form fields a browser may not choose, each with the one value the policy allows.
+
+    OSS ACCEPTS form fields that no condition names: the valid request on
+    https://help.aliyun.com/en/oss/user-guide/0006-00000201 carries
+    ``success_action_status``, ``Content-Disposition`` and ``x-oss-meta-*``
+    fields its policy never mentions.  So a field left out of the conditions
+    is the browser's to set, and a browser could add its own ``callback``
+    (around the ``callback_urls`` allowlist), make the object public with
+    ``x-oss-object-acl`` or drop ``x-oss-forbid-overwrite``.  A presigned URL
+    allows none of that (every ``x-oss-*`` header is signed), so each of these
+    fields gets an ``eq`` condition here, and the broker returns its value.
+
+    A field a condition names MUST be in the form
+    (https://help.aliyun.com/en/oss/user-guide/0006-00000226), so a policy
+    cannot say "absent".  "No callback" and "no redirect" are therefore pinned
+    to the empty value, which names no URL: OSS has nothing to call or
+    redirect to (S3, whose POST form OSS follows, "acts as if the field is not
+    present" when it cannot interpret the redirect URL:
+    https://docs.aws.amazon.com/AmazonS3/latest/API/RESTObjectPOST.html), and
+    should OSS instead refuse an empty field, the upload fails closed.  Either
+    way a browser can never substitute a value of its own.
+    """
+    callback = "" if body.callback is None else callback_header(policy, body.callback)
+    return {
+        # "default": the object inherits the bucket's ACL, as with a presigned PUT.
+        "x-oss-object-acl": "default",
+        "x-oss-forbid-overwrite": "true" if body.forbid_overwrite else "false",
+        "success_action_redirect": "",
+        "callback": callback,
+    }
 
 
 def _size_limit(body: PostPolicyBody, policy: Policy) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,10 +27,17 @@ import structlog
 from broker import audit, signing
 from broker.auth import quota_key, role_session_name
 from broker.credentials.cache import CacheResult
-from broker.errors import AccessDenied, AuthenticationFailed, RequestInvalid, TemplateValueRejected
+from broker.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    BrokerError,
+    RequestInvalid,
+    TemplateValueRejected,
+)
 from broker.models import AssumeRoleRequest, Credentials, Principal
 from broker.names import POLICY_NAME, POLICY_NAME_RULE, format_sts_time
 from broker.policies import Policy, PolicySet, Scope
+from broker.scopes import NARROWING_PARAMETERS, narrow, parse_narrowing
 from broker.services import Services
 from broker.signing import OssEndpoint
 from broker.uploads import (
@@ -50,6 +57,7 @@ from broker.uploads import (
 )
 
 __all__ = [
+    "NARROWING_PARAMETERS",
     "IssuedCredentials",
     "SignedPostPolicy",
     "SignedUrl",
@@ -133,14 +141,18 @@ def usable_scope(policies: PolicySet, principal: Principal, name: str) -> Scope:
 
 
 def usable_scopes(policies: PolicySet, principal: Principal) -> list[Scope]:
-    """Every policy this caller may use, rendered; those its identity cannot render are left out."""
+    """Every policy this caller may use, rendered.
+
+    Left out: those its identity cannot render, and those bound to the
+    caller's address when the request's address is unknown.
+    """
     usable = []
     for policy in policies:
         if principal.allow is not None and not principal.allow.allows_policy(policy.name):
             continue
         try:
             scope = policies.scope(policy.name, principal)
-        except TemplateValueRejected:
+        except (TemplateValueRejected, RequestInvalid):
             continue
         if scope is not None:
             usable.append(scope)
@@ -148,17 +160,22 @@ def usable_scopes(policies: PolicySet, principal: Principal) -> list[Scope]:
 
 
 async def issue_credentials(
-    services: Services, principal: Principal, policy_name: str, min_ttl_seconds: Sequence[str] = ()
+    services: Services,
+    principal: Principal,
+    policy_name: str,
+    min_ttl_seconds: Sequence[str] = (),
+    narrowing: Mapping[str, Sequence[str]] | None = None,
 ) -> IssuedCredentials:
     """Credentials for ``principal`` under ``policy_name``, from the cache when it can.
 
-    ``min_ttl_seconds`` holds the values the caller sent (none, or one whole
-    number up to the policy's duration minus the refresh margin): a cached
-    token with less validity left is replaced by a fresh one.
+    ``min_ttl_seconds``: the values sent (none, or a whole number up to the
+    token's lifetime minus the refresh margin); a cached token with less left
+    is replaced.  ``narrowing``: the values of ``NARROWING_PARAMETERS`` sent;
+    the token covers that part of the scope only (``broker.scopes.narrow``).
     """
-    scope = usable_scope(services.policies, principal, policy_name)
+    scope = _requested_scope(services.policies, principal, policy_name, narrowing or {})
     margin = services.settings.cache.refresh_margin_seconds
-    min_ttl = _min_ttl(min_ttl_seconds, scope.policy.duration_seconds - margin)
+    min_ttl = _min_ttl(min_ttl_seconds, scope.policy.token_lifetime_seconds - margin)
     result = await _credentials(services, principal, scope, min_ttl)
     creds = result.credentials
     issued = IssuedCredentials(
@@ -179,6 +196,15 @@ async def issue_credentials(
     )
     _log_issued(issued)
     return issued
+
+
+def _requested_scope(
+    policies: PolicySet, principal: Principal, name: str, narrowing: Mapping[str, Sequence[str]]
+) -> Scope:
+    """The caller's scope of policy ``name``, narrowed as the request asks."""
+    scope = usable_scope(policies, principal, name)
+    wanted = parse_narrowing(narrowing)
+    return scope if wanted is None else narrow(scope, wanted)
 
 
 async def presign_url(services: Services, principal: Principal, body: PresignBody) -> SignedUrl:
@@ -264,6 +290,9 @@ async def _credentials(
     min_ttl_is_preference: bool = False,
 ) -> CacheResult:
     assume = _assume_request(services, principal, scope)
+    # A short-lived token never has more than its lifetime less the margin to give.
+    margin = services.settings.cache.refresh_margin_seconds
+    min_ttl = min(min_ttl, scope.policy.token_lifetime_seconds - margin)
     result = await services.cache.get(
         assume,
         min_ttl_seconds=min_ttl,
@@ -277,7 +306,7 @@ async def _credentials(
 
 
 def _assume_request(services: Services, principal: Principal, scope: Scope) -> AssumeRoleRequest:
-    """What to ask STS for: with ``federation: oidc``, the caller's own token (JWT callers only).
+    """What to ask STS for: always the Policy; with ``federation: oidc``, the caller's own token.
 
     The federated key names the provider, the token's issuer and the subject, so
     two users never share credentials and one user's concurrent misses share one
@@ -290,6 +319,7 @@ def _assume_request(services: Services, principal: Principal, scope: Scope) -> A
         duration_seconds=policy.duration_seconds,
         role_session_name=role_session_name(principal),
         external_id=policy.external_id,
+        effective_lifetime_seconds=_effective_lifetime(services, policy),
     )
     if policy.federation != "oidc":
         return assume
@@ -305,6 +335,19 @@ def _assume_request(services: Services, principal: Principal, scope: Scope) -> A
         federation=federation,
         oidc_token=token,
     )
+
+
+def _effective_lifetime(services: Services, policy: Policy) -> int | None:
+    """The policy's effective lifetime, which the deadline is rendered from when STS is called."""
+    margin = services.settings.cache.refresh_margin_seconds
+    lifetime = policy.effective_lifetime_seconds
+    if lifetime is not None and lifetime <= margin:
+        # No token could ever be served (sts-broker check --config refuses this).
+        raise BrokerError(
+            f"policy {policy.name}: effective_lifetime_seconds ({lifetime}) must exceed "
+            f"cache.refresh_margin_seconds ({margin})"
+        )
+    return lifetime
 
 
 async def _signer(
@@ -377,8 +420,10 @@ def _log_issued(issued: IssuedCredentials) -> None:
     creds, scope = issued.credentials, issued.scope
     log.info(
         "credentials_issued",
-        bucket=scope.policy.bucket,
+        bucket=scope.bucket,
         prefix=scope.prefix,
+        grants=len(scope.grants),
+        narrowed=scope.narrowed,
         policy_digest=scope.digest[:16],
         access_key_id=creds.access_key_id,
         expiration=creds.expiration_iso(),

@@ -164,17 +164,17 @@ def format_validation_error(
 
 
 def _allowed_keys(model: type[pydantic.BaseModel] | None, loc: KeyPath) -> list[str] | None:
-    """The keys a file may give at ``loc`` in ``model``, or ``None`` if that is not a model."""
+    """The keys a file may give at ``loc`` in ``model`` (aliases where fields have one), or None."""
     for part in loc:
         if model is None:
             return None
         if isinstance(part, int):
             continue  # an item of a list of models
-        declared = model.model_fields.get(part)
-        model = None if declared is None else _model_in(declared.annotation)
+        declared = {info.alias or name: info for name, info in model.model_fields.items()}
+        model = _model_in(declared[part].annotation) if part in declared else None
     if model is None:
         return None
-    return [name for name, info in model.model_fields.items() if not info.exclude]
+    return [info.alias or name for name, info in model.model_fields.items() if not info.exclude]
 
 
 def _model_in(annotation: Any) -> type[pydantic.BaseModel] | None:

@@ -71,6 +71,7 @@ ISSUANCE_FIELDS = COMMON_FIELDS | {
     "region",
     "prefix",
     "actions",
+    "narrowed",
     "policy_digest",
     "access_key_id",
     "expiration",
@@ -160,6 +161,36 @@ async def test_each_issuance_writes_one_record_with_its_fields(
     assert form["key_prefix"] == "avatars/alice/"
     assert form["clamped"] is False
     assert all(record["time"].endswith("Z") for record in records)
+
+
+async def test_records_name_the_scope_as_handed_out_narrowed_or_in_several_grants(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """Several grants are listed; a narrowed token is recorded narrowed (prefix, key, actions)."""
+    sink = tmp_path / "audit.jsonl"
+    broker = await _audited(make_broker, sink)
+    paths = [
+        "/v1/credentials/report-jobs",
+        "/v1/credentials/report-jobs?prefix=services/svc-a/run-42/&actions=put,multipart",
+        "/v1/credentials/service-uploads?key=services/svc-a/report.csv",
+    ]
+    for path in paths:
+        status, body = await broker.get_json(path, caller="svc-a")
+        assert status == 200, body
+    whole, narrowed, one_key = await _records(broker, sink)
+    assert (whole["prefix"], whole["narrowed"]) == ("reports/", False)
+    assert [(g["prefix"], g["actions"]) for g in whole["grants"]] == [
+        ("reports/", ["get", "list"]),
+        ("services/svc-a/", ["put", "multipart", "get", "list"]),
+    ]
+    assert (narrowed["prefix"], narrowed["actions"]) == (
+        "services/svc-a/run-42/",
+        ["put", "multipart"],
+    )
+    assert narrowed["narrowed"] is True
+    assert "grants" not in narrowed
+    assert one_key["key"] == "services/svc-a/report.csv"
+    assert len({whole["policy_digest"], narrowed["policy_digest"]}) == 2
 
 
 async def test_refusals_for_authorization_reasons_are_recorded(
@@ -471,7 +502,8 @@ def test_deployment_guide_lists_every_record_field() -> None:
         if line.startswith("| `")
         for name in re.findall(r"`([a-z_]+)`", line.split(" | ")[0])
     }
-    extra = {"key", "operation", "key_prefix", "clamped", "status", "error_code", "reason"}
+    extra = {"key", "grants", "operation", "key_prefix", "clamped"}
+    extra |= {"status", "error_code", "reason"}  # refusals
     assert ISSUANCE_FIELDS | extra <= documented
 
 

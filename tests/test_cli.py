@@ -113,7 +113,7 @@ def test_check_accepts_the_example_config_and_policies(capsys: pytest.CaptureFix
     """The shipped example config and policies pass check."""
     files = [str(path) for path in sorted(POLICIES_DIR.glob("*.yaml"))]
     assert main(["check", "--config", str(REPO / "config" / "broker.yaml"), *files]) == 0
-    assert "3 policies" in capsys.readouterr().out
+    assert f"{len(files)} policies" in capsys.readouterr().out
 
 
 def test_render_prints_policy_and_length(capsys: pytest.CaptureFixture[str]) -> None:

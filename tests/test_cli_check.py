@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from broker.cli import main
 from tests.conftest import POLICIES_DIR, REPO
 
 _DUPLICATES = Path(__file__).resolve().parent / "data" / "policies_bad" / "duplicate"
+_AVATAR_BUDGET = "policy 'avatar-upload'; at most 191 of 2048 characters: grant 1 161, envelope 30"
 
 
 def test_check_refuses_one_name_in_two_files(capsys: pytest.CaptureFixture[str]) -> None:
@@ -26,7 +28,7 @@ def test_check_reads_a_file_given_twice_once(capsys: pytest.CaptureFixture[str])
     """The same file named twice is one policy, not a duplicate."""
     path = POLICIES_DIR / "avatar-upload.yaml"
     assert main(["check", str(path), str(path)]) == 0
-    assert capsys.readouterr().out == f"{path}: ok (policy 'avatar-upload')\n"
+    assert capsys.readouterr().out == f"{path}: ok ({_AVATAR_BUDGET})\n"
 
 
 def test_check_refuses_a_duplicate_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,7 +116,7 @@ def test_short_policy_for_an_api_key_warns_and_exits_0(
     path = _short_policy_dir(tmp_path, "[svc-up]") / "avatar-upload.yaml"
     assert main(["check", str(path)]) == 0
     captured = capsys.readouterr()
-    assert captured.out == f"{path}: ok (policy 'avatar-upload')\n"
+    assert captured.out == f"{path}: ok ({_AVATAR_BUDGET})\n"
     [warning] = captured.err.splitlines()
     assert warning.startswith(f"{path}:{_line_of(path, 'duration_seconds:')}: warning: ")
     assert "choose duration_seconds: 3600 or more" in warning
@@ -154,7 +156,9 @@ def test_without_config_group_callers_get_a_note(capsys: pytest.CaptureFixture[s
     assert main(["check", *map(str, sorted(POLICIES_DIR.glob("*.yaml")))]) == 0
     err = capsys.readouterr().err
     assert "warning" not in err
-    assert err.startswith("note: avatar-upload: credential-provider lifetimes not checked")
+    assert err.startswith(
+        "note: avatar-upload, quick-upload: credential-provider lifetimes not checked"
+    )
 
 
 def test_allow_naming_a_missing_policy_warns(
@@ -190,3 +194,62 @@ def test_policies_readme_examples_pass_check(
         path = tmp_path / f"example-{index}.yaml"
         path.write_text(block)
         assert main(["check", str(path)]) == 0, capsys.readouterr().err
+# --- budgets per grant, bound and short-lived policies ---
+
+
+def test_render_shows_the_budget_of_each_grant(capsys: pytest.CaptureFixture[str]) -> None:
+    """render report-jobs: one line per grant, the envelope, the total and the worst case."""
+    args = ["render", "report-jobs", "--subject", "svc-reports", "--policies-dir"]
+    assert main([*args, str(POLICIES_DIR)]) == 0
+    document, _, tail = capsys.readouterr().out.partition("\n\n")
+    minified = json.dumps(json.loads(document), separators=(",", ":"))
+    assert tail.splitlines() == [
+        "grant 1 (examplebucket/reports/): 241",
+        "grant 2 (examplebucket/services/svc-reports/): 326",
+        "envelope: 31",
+        f"{len(minified)} of 2048 characters (minified, as sent to STS)",
+        "at most 704 of 2048 for any caller",
+    ]
+    assert len(minified) == 241 + 326 + 31
+
+
+def test_render_a_caller_bound_policy_needs_its_address(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """pinned-reads binds tokens to the caller: render asks for --source-ip, then shows it."""
+    args = ["render", "pinned-reads", "--subject", "svc-a", "--policies-dir", str(POLICIES_DIR)]
+    assert main(args) == 1
+    assert "give --source-ip" in capsys.readouterr().err
+    assert main([*args, "--source-ip", "203.0.113.7"]) == 0
+    assert '"203.0.113.7"' in capsys.readouterr().out
+
+
+def test_render_a_short_lived_policy_shows_its_deadline(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """quick-upload is shown as sent: DateLessThan acs:CurrentTime, counted in the total."""
+    args = ["render", "quick-upload", "--subject", "alice", "--policies-dir", str(POLICIES_DIR)]
+    assert main(args) == 0
+    document, _, tail = capsys.readouterr().out.partition("\n\n")
+    [statement] = json.loads(document)["Statement"]
+    assert set(statement["Condition"]) == {"DateLessThan"}
+    minified = json.dumps(json.loads(document), separators=(",", ":"))
+    assert f"{len(minified)} of 2048 characters" in tail
+
+
+def test_check_refuses_a_lifetime_within_the_refresh_margin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check --config: effective_lifetime_seconds at or under the margin is a problem (exit 2)."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    shutil.copy(POLICIES_DIR / "quick-upload.yaml", policies)
+    config = tmp_path / "broker.yaml"
+    config.write_text(f"policies_dir: {policies}\ncache: {{refresh_margin_seconds: 120}}\n")
+    assert main(["check", "--config", str(config)]) == 2
+    path = policies / "quick-upload.yaml"
+    line = _line_of(path, "effective_lifetime_seconds:")
+    assert capsys.readouterr().err.startswith(
+        f"{path}:{line}: effective_lifetime_seconds: 120 must be more than "
+        "cache.refresh_margin_seconds (120)"
+    )

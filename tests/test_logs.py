@@ -114,7 +114,7 @@ async def test_no_secret_from_signing_metrics_or_reload(
     (broken / "bad.yaml").write_text(f"name: [unclosed {CALLERS['alice'][0]}\n")
     settings = broker.services.settings
     broker.services.settings = settings.model_copy(update={"policies_dir": broken})
-    assert reload_policies(broker.services) is False
+    assert await reload_policies(broker.services) is False
     broker.services.settings = settings
     query = parse_qs(urlsplit(signed["url"]).query)
     canaries = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from broker.policies import (
     render_policy,
     render_prefix,
     scope_for,
+    worst_case_budget,
 )
 from broker.templates import check_template_value
 
@@ -64,11 +66,12 @@ def examples() -> PolicySet:
 
 def test_example_policies_load(examples: PolicySet) -> None:
     """The shipped example policies load, sorted by name, each remembering its file."""
-    assert [p.name for p in examples] == ["avatar-upload", "reports-read", "service-uploads"]
-    assert len(examples) == 3
+    names = ["avatar-upload", "pinned-reads", "quick-upload", "report-jobs", "reports-read"]
+    assert [p.name for p in examples] == [*names, "service-uploads", "vpc-ingest"]
+    assert len(examples) == 7
     for policy in examples:
         assert Path(policy.source) == POLICIES / f"{policy.name}.yaml"
-        assert policy.bucket == "examplebucket"
+        assert policy.buckets == {"examplebucket"}
         assert policy.region == "cn-hangzhou"
         assert policy.oss_endpoint == "oss-cn-hangzhou.aliyuncs.com"
         assert 900 <= policy.duration_seconds <= 3600
@@ -179,7 +182,15 @@ BAD_FILES = [
     ("not_mapping.yaml", 1, "(top level)", "must be a YAML mapping"),
     ("unknown_key.yaml", 11, "content_type", "did you mean content_types?"),
     ("source_key.yaml", 11, "source", "set by the broker"),
-    ("missing_bucket.yaml", 1, "bucket", "Field required"),
+    ("missing_bucket.yaml", 1, "bucket", "Field required (give bucket, prefix and actions, or"),
+    ("both_forms.yaml", 6, "grants", "give bucket, prefix and actions, or grants, not both"),
+    ("grant_bad_prefix.yaml", 10, "grants.1.prefix", "must not contain * or ?"),
+    ("grants_empty.yaml", 5, "grants", "must list at least one grant"),
+    ("grants_oversized.yaml", 5, "grants", "rendered policy would be 2157 characters"),
+    ("lifetime_too_long.yaml", 9, "effective_lifetime_seconds", "less than duration_seconds"),
+    ("bad_source_ip.yaml", 9, "conditions.source_ip", "(with the host bits zero)"),
+    ("condition_twice.yaml", 6, "grants", "secure_transport is already set for the whole"),
+    ("bad_condition_key.yaml", 9, "conditions.source_ips", "did you mean source_ip?"),
     ("undefined_variable.yaml", 6, "prefix", "variable ${subjct} is not defined"),
     ("bad_action.yaml", 7, "actions.1", "'put', 'multipart', 'get', 'list' or 'delete'"),
     ("duplicate_action.yaml", 7, "actions", "listed twice"),
@@ -486,6 +497,128 @@ def test_scope_memo_ignores_claims_no_prefix_uses() -> None:
         assert scope is not None
         assert scope.prefix == "avatars/alice/"
     assert len(policies._scopes) == 1
+
+
+# --- several grants, network conditions, effective lifetime ---
+
+JOBS: dict[str, Any] = {
+    **{key: value for key, value in BASE.items() if key not in ("bucket", "prefix", "actions")},
+    "grants": [
+        {"bucket": "examplebucket", "prefix": "reports/", "actions": ["get", "list"]},
+        {"bucket": "otherbucket", "prefix": "services/${subject}/", "actions": ["put"]},
+    ],
+}
+
+
+def test_several_grants_load_with_the_first_as_primary() -> None:
+    """grants lists them all; bucket, prefix and actions are the first one's."""
+    policy = Policy.model_validate(JOBS)
+    assert [(g.bucket, g.prefix, g.actions) for g in policy.grants] == [
+        ("examplebucket", "reports/", ("get", "list")),
+        ("otherbucket", "services/${subject}/", ("put",)),
+    ]
+    assert (policy.bucket, policy.prefix, policy.actions) == (
+        "examplebucket",
+        "reports/",
+        ("get", "list"),
+    )
+    assert policy.buckets == {"examplebucket", "otherbucket"}
+
+
+def test_a_one_grant_file_is_one_grant() -> None:
+    """bucket, prefix and actions at the top level are exactly one grant, as before."""
+    policy = make_policy()
+    assert [(g.bucket, g.prefix, g.actions) for g in policy.grants] == [
+        ("examplebucket", "uploads/${subject}/", ("put", "list"))
+    ]
+
+
+@pytest.mark.parametrize("data", [BASE, JOBS])
+def test_a_policy_survives_its_own_dump(data: dict[str, Any]) -> None:
+    """model_dump writes the file's keys, so a dumped policy loads back equal."""
+    policy = Policy.model_validate(data)
+    dumped = policy.model_dump()
+    assert ("grants" in dumped, "bucket" in dumped) == (True, True)
+    assert Policy.model_validate(dumped) == policy
+
+
+def test_grants_null_is_no_grants() -> None:
+    """grants: null is as if absent: a file without bucket, prefix and actions is refused."""
+    bare = {key: value for key, value in JOBS.items() if key != "grants"}
+    with pytest.raises(pydantic.ValidationError, match="Field required"):
+        Policy.model_validate({**bare, "grants": None})
+
+
+def test_too_many_grants_are_refused() -> None:
+    """At most MAX_GRANTS grants: each takes a share of the 2,048 characters."""
+    grant = {"bucket": "examplebucket", "prefix": "a/", "actions": ["get"]}
+    with pytest.raises(pydantic.ValidationError, match="lists 11 grants; at most 10"):
+        Policy.model_validate({**JOBS, "grants": [grant] * 11})
+
+
+def test_schema_names_the_file_keys() -> None:
+    """The JSON schema (and OpenAPI) speak the file's words: bucket and grants, not fields."""
+    properties = Policy.model_json_schema()["properties"]
+    assert {"bucket", "prefix", "actions", "grants", "conditions"} <= set(properties)
+    assert not {"one_bucket", "listed_grants"} & set(properties)
+
+
+@pytest.mark.parametrize(
+    ("source_ip", "rendered"),
+    [
+        ("caller", "caller"),
+        (["10.0.0.0/8"], ("10.0.0.0/8",)),
+        (["198.51.100.7", "198.51.100.8/32"], ("198.51.100.7", "198.51.100.8")),
+        (["2001:DB8::/32"], ("2001:db8::/32",)),
+    ],
+)
+def test_source_ip_is_caller_or_networks(source_ip: Any, rendered: Any) -> None:
+    """source_ip: caller, or addresses and networks (normalised; /32 is the address)."""
+    policy = make_policy(conditions={"source_ip": source_ip})
+    assert policy.conditions is not None
+    assert policy.conditions.source_ip == rendered
+    assert policy.binds_caller is (source_ip == "caller")
+
+
+@pytest.mark.parametrize(
+    ("conditions", "fragment"),
+    [
+        ({"source_ip": "callers"}, "use caller"),
+        ({"source_ip": []}, "non-empty list"),
+        ({"source_ip": ["10.0.0.0/8", "10.0.0.0/8"]}, "listed twice"),
+        ({"source_ip": ["example.com"]}, "is not an IP address"),
+        ({"source_ip": [8]}, "must be a string"),
+        ({"source_vpc": ["vpc_1"]}, "VPC id such as vpc-bp1abc"),
+        ({"source_vpc": []}, "at least one VPC id"),
+        ({"secure_transport": False}, "only true is meaningful"),
+        ({"secure_transport": "yes"}, "valid boolean"),
+    ],
+)
+def test_bad_conditions_say_what_is_allowed(conditions: dict[str, Any], fragment: str) -> None:
+    """Each condition refuses a bad value saying what it takes."""
+    with pytest.raises(pydantic.ValidationError, match=re.escape(fragment)):
+        make_policy(conditions=conditions)
+
+
+def test_effective_lifetime_is_60_s_or_more_and_below_duration() -> None:
+    """effective_lifetime_seconds: 60 up to duration_seconds - 1; the token lifetime follows it."""
+    assert make_policy(effective_lifetime_seconds=120).token_lifetime_seconds == 120
+    assert make_policy().token_lifetime_seconds == 900
+    for seconds in (59, 900):
+        with pytest.raises(pydantic.ValidationError, match="effective_lifetime_seconds"):
+            make_policy(effective_lifetime_seconds=seconds)
+
+
+def test_worst_case_budget_counts_the_deadline_and_the_longest_address() -> None:
+    """The load-time check renders 64-character values, a 39-character address, the deadline."""
+    plain = worst_case_budget(make_policy())
+    bound = worst_case_budget(make_policy(conditions={"source_ip": "caller"}))
+    short = worst_case_budget(make_policy(effective_lifetime_seconds=120))
+    address = '"IpAddress":{"acs:SourceIp":["ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"]}'
+    deadline = '"DateLessThan":{"acs:CurrentTime":"2026-11-21T05:00:00Z"}'
+    # The object statement gains a whole Condition block, the list statement one more key.
+    assert bound.total - plain.total == len('"Condition":{}') + 1 + 2 * len(address) + 1
+    assert short.total - plain.total == len('"Condition":{}') + 1 + 2 * len(deadline) + 1
 
 
 def test_federation_oidc_needs_a_provider_arn_and_the_arn_needs_federation() -> None:

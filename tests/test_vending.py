@@ -145,8 +145,13 @@ def test_usable_scopes_are_the_callers_policies_rendered(services: Services) -> 
     svc_a = {
         scope.policy.name: scope.prefix for scope in vending.usable_scopes(services.policies, SVC_A)
     }
-    assert alice == {"avatar-upload": "avatars/alice/"}
-    assert svc_a == {"reports-read": "reports/", "service-uploads": "services/svc-a/"}
+    assert alice == {"avatar-upload": "avatars/alice/", "quick-upload": "uploads/alice/"}
+    assert svc_a == {  # pinned-reads binds tokens to an address, and SVC_A has none
+        "report-jobs": "reports/",
+        "reports-read": "reports/",
+        "service-uploads": "services/svc-a/",
+        "vpc-ingest": "ingest/svc-a/",
+    }
 
 
 # --- presign a URL -------------------------------------------------------------

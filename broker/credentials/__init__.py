@@ -21,6 +21,9 @@ A request asks the outermost box; each box either answers or asks the next::
                │  every attempt takes a slot: this process's bucket or the fleet's
                │  (SharedBucket in Redis); FIFO queue, bounded wait, else 503
                ▼
+               deadline ................... deadline.py      with_effective_lifetime
+               │  a short-lived request's acs:CurrentTime deadline, rendered per attempt
+               ▼
                STS (official SDK) ......... sts.py           StsClient
                   AssumeRole, always with an inline Policy; SDK errors translated once
 

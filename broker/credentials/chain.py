@@ -16,6 +16,7 @@ from functools import partial
 from broker.config import Settings
 from broker.credentials.budget import SharedBucket, StsBudget
 from broker.credentials.cache import CacheKey, CredentialCache, Fetch
+from broker.credentials.deadline import with_effective_lifetime
 from broker.credentials.redis import connect_redis
 from broker.credentials.resilience import FailureGate, RetryPolicy, with_resilience
 from broker.credentials.sealing import load_encryption_keys
@@ -60,7 +61,8 @@ def build_chain(
     margin = settings.cache.refresh_margin_seconds
     sts = StsClient(settings.sts, credential=credential, clock=clock, min_validity_seconds=margin)
     budget = sts_budget(settings, metrics, clock, shared, process_share)
-    fetch = resilient(settings, metrics.instrument_sts(sts.fetch), budget, clock)
+    assume_role = with_effective_lifetime(sts.fetch, clock)  # each attempt: its own deadline
+    fetch = resilient(settings, metrics.instrument_sts(assume_role), budget, clock)
     cache = _cache(settings, fetch, clock, shared)
     metrics.track_cache(cache)
     return CredentialChain(cache, sts, shared)

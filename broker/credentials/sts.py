@@ -184,6 +184,8 @@ class StsClient:
         # Without Policy the token would carry every permission of the role.
         if not request.policy:
             raise UpstreamError("refusing to call AssumeRole without an inline policy")
+        if request.effective_lifetime_seconds is not None:  # credentials/deadline.py renders it
+            raise UpstreamError("refusing to call AssumeRole before the policy has its deadline")
         started_at = self._clock()
         try:
             response = await self._call(request)
@@ -212,6 +214,8 @@ class StsClient:
         token = request.oidc_token
         if not request.policy or token is None or request.oidc_provider_arn is None:
             raise UpstreamError("refusing to call AssumeRoleWithOIDC without policy and token")
+        if request.effective_lifetime_seconds is not None:  # credentials/deadline.py renders it
+            raise UpstreamError("refusing to call AssumeRoleWithOIDC before the policy's deadline")
         started_at = self._clock()
         if token.expires_at - started_at <= self._min_validity_seconds:
             raise UpstreamError("the caller's OIDC token expires too soon to exchange at STS")

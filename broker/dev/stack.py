@@ -100,7 +100,7 @@ async def dev_stack(
     """
     source_secret = secrets.token_urlsafe(24)
     sts = _sts_emulator(policies, source_secret, clock, token_lifetime_seconds)
-    buckets = {policy.bucket for policy in policies}
+    buckets = frozenset().union(*(policy.buckets for policy in policies))
     oss = OssEmulator(sts=sts, storage_dir=storage_dir, clock=clock, buckets=buckets)
     sts_runner, sts_url = await start_sts_emulator(sts)
     oss_runner, oss_url = await start_oss_emulator(oss)

@@ -22,6 +22,7 @@ from broker.errors import (
     AuditUnavailable,
     AuthenticationFailed,
     BrokerError,
+    IdentityProviderUnavailable,
     NotFound,
     RequestInvalid,
     RequestTooLarge,
@@ -33,7 +34,15 @@ from broker.errors import (
     UpstreamUnavailable,
 )
 from broker.names import REQUEST_ID_PATTERN
-from broker.policies import Policy
+from broker.policy_fields import Grant
+from broker.scopes import (
+    ACTION_NAMES,
+    ACTIONS_PATTERN,
+    BUCKET_PATTERN,
+    KEY_PATTERN,
+    MAX_KEY_CHARS,
+    PREFIX_PATTERN,
+)
 from broker.signing import MAX_EXPIRES_SECONDS
 from broker.uploads import OPERATIONS, PostPolicyBody, PresignBody
 
@@ -46,7 +55,7 @@ _REQUEST_ID = f"^{REQUEST_ID_PATTERN}$"
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}, {"accessToken": []}]
 
 _ErrorClasses = tuple[type[BrokerError], ...]
-_CALLER = (RequestInvalid, AuthenticationFailed, TooManyRequests)
+_CALLER = (RequestInvalid, AuthenticationFailed, TooManyRequests, IdentityProviderUnavailable)
 _SCOPED = (*_CALLER, AccessDenied, TemplateValueRejected)
 _STS = (UpstreamError, UpstreamThrottled, UpstreamUnavailable, UpstreamTimeout)
 _ISSUING = (*_STS, AuditUnavailable)
@@ -56,6 +65,7 @@ _RETRY_AFTER = (
     UpstreamUnavailable,
     UpstreamTimeout,
     AuditUnavailable,
+    IdentityProviderUnavailable,
 )
 _WHEN: dict[int, str] = {
     400: "Malformed input: parameter, body, or a token given twice.  (A request head the HTTP "
@@ -73,8 +83,9 @@ _WHEN: dict[int, str] = {
     502: "STS refused the call (a 4xx answer) or sent credentials the broker refuses (no or "
     "unparseable `Expiration`, already expired, or further out than asked for).  Not retried.",
     503: "STS is throttling, answering 5xx, unreachable or sent no usable reply, and retries "
-    "within `sts.retry.deadline_seconds` did not help; or (`audit.mode: required`) the audit "
-    "record could not be written, so nothing was issued.  `Retry-After` says when to retry.",
+    "within `sts.retry.deadline_seconds` did not help; or (JWT callers) the identity "
+    "provider's keys cannot be loaded; or (`audit.mode: required`) the audit record could "
+    "not be written, so nothing was issued.  `Retry-After` says when to retry.",
     504: "STS did not answer within `sts.timeout_seconds` (the last attempt cut to what was left "
     "of `sts.retry.deadline_seconds`); `Retry-After` says when to retry.",
 }
@@ -170,10 +181,11 @@ def _credentials_operation() -> dict[str, Any]:
                 "in": "query",
                 "required": False,
                 "description": "Fetch a fresh token first if the cached one has less validity "
-                "left; at most the policy's `duration_seconds` minus "
-                "`cache.refresh_margin_seconds` (400 past it).",
+                "left; at most the token's lifetime (`effective_lifetime_seconds`, else "
+                "`duration_seconds`) minus `cache.refresh_margin_seconds` (400 past it).",
                 "schema": {"type": "integer", "minimum": 0},
             },
+            *_narrowing_parameters(),
             _request_id_parameter(),
         ],
         "responses": {
@@ -183,6 +195,33 @@ def _credentials_operation() -> dict[str, Any]:
             **_errors((NotFound,)),
         },
     }
+
+
+def _narrowing_parameters() -> list[dict[str, Any]]:
+    """``bucket``, ``prefix``, ``key``, ``actions``: ask for less than the policy gives."""
+    # The 1023-character limit is in words, not maxLength: a fuzzer aiming past it writes
+    # request lines beyond listen.max_header_bytes, refused before any route (plain 400).
+    path = {"description": f"At most {MAX_KEY_CHARS} characters."}
+    described: list[tuple[str, str, dict[str, Any]]] = [
+        ("bucket", "only the grants in this bucket", {"pattern": f"^{BUCKET_PATTERN}$"}),
+        ("prefix", "only under this prefix (ending in `/`), itself under one of the caller's "
+         "prefixes; not with `key`", {**path, "pattern": f"^{PREFIX_PATTERN}$"}),
+        ("key", "only this one object, under one of the caller's prefixes; never `list`",
+         {**path, "pattern": f"^{KEY_PATTERN}$"}),
+        ("actions", "only these actions (comma-separated), each granted by the policy",
+         {"pattern": f"^{ACTIONS_PATTERN}$", "example": "get,list"}),
+    ]  # fmt: skip
+    return [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": f"Narrowing: {text} (403 if outside the caller's scope); the token "
+            "is cached under its own key.",
+            "schema": {"type": "string", **schema},
+        }
+        for name, text, schema in described
+    ]
 
 
 def _presign_operation() -> dict[str, Any]:
@@ -477,15 +516,27 @@ def _oss_location() -> dict[str, Any]:
         AddressStyle=_ADDRESS_STYLE,
     )
     location["description"] = (
-        "Where the credentials may be used.  Breaking change: these fields were at the top "
-        "level before; they moved so that the reply is safe to return unchanged from ali-oss's "
-        "`refreshSTSToken`, which merges every top-level key into its client options."
+        "Where the credentials may be used: the first (primary) grant's bucket and prefix.  "
+        "Breaking change: these fields were at the top level before; they moved so that the "
+        "reply is safe to return unchanged from ali-oss's `refreshSTSToken`, which merges every "
+        "top-level key into its client options."
     )
+    key = {"type": "string", "description": "The one object the token was narrowed to (`key`)."}
+    actions = {"type": "array", "items": {"type": "string", "enum": list(ACTION_NAMES)}}
+    grant = _object(Bucket=string, Prefix=string, Actions=actions)
+    grant["properties"]["Key"] = key
+    grants = {
+        "type": "array",
+        "minItems": 2,
+        "items": grant,
+        "description": "Every grant, the primary first; only when the token carries several.",
+    }
+    location["properties"].update(Key=key, Grants=grants)
     return location
 
 
 def _policy_description() -> dict[str, Any]:
-    actions = Policy.model_json_schema()["properties"]["actions"]
+    actions = Grant.model_json_schema()["properties"]["actions"]
     string = {"type": "string"}
     return _object(
         name={"type": "string", "pattern": _policy_name_pattern()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, TypeVar
 
@@ -14,6 +15,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from broker import audit, vending
 from broker.auth import extract_token, quota_key
 from broker.errors import AccessDenied, RequestInvalid
+from broker.http.client_address import client_address
 from broker.http.keys import SERVICES
 from broker.http.middleware import REQUEST_ID
 from broker.http.openapi import openapi_document
@@ -21,6 +23,7 @@ from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.models import Principal
 from broker.names import format_sts_time
 from broker.policies import Scope
+from broker.ram import RamGrant
 from broker.services import Services
 from broker.signing import OssEndpoint
 from broker.uploads import Expiry, PostPolicyBody, PresignBody, oss_endpoint
@@ -63,11 +66,20 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
     if principal is None:
         token = extract_token(request.headers.getall("Authorization", []), request.query)
         principal = await services.authenticator.authenticate(token)
+    principal = _with_source_ip(request, services, principal)
     structlog.contextvars.bind_contextvars(caller=principal.subject)
     audit.note_caller(principal)
     _check_route(request, principal)
     services.quotas.check(quota_key(principal))
     return principal
+
+
+def _with_source_ip(request: web.Request, services: Services, principal: Principal) -> Principal:
+    """The caller with the address its request came from (for ``source_ip: caller`` policies)."""
+    trusted = services.settings.listen.trusted_proxies
+    forwarded = request.headers.getall("X-Forwarded-For", []) if trusted else []
+    address = client_address(request.remote, forwarded, trusted)
+    return dataclasses.replace(principal, source_ip=address)
 
 
 def _check_route(request: web.Request, principal: Principal) -> None:
@@ -120,6 +132,7 @@ async def get_credentials(request: web.Request) -> web.Response:
         principal,
         request.match_info["policy"],
         request.query.getall("min_ttl_seconds", []),
+        {name: request.query.getall(name, []) for name in vending.NARROWING_PARAMETERS},
     )
     return _json(_credentials_reply(issued, request[REQUEST_ID]), no_store=True)
 
@@ -152,7 +165,7 @@ def _credentials_reply(issued: vending.IssuedCredentials, request_id: str) -> di
     }
 
 
-def _oss_location(endpoint: OssEndpoint, scope: Scope) -> dict[str, str]:
+def _oss_location(endpoint: OssEndpoint, scope: Scope) -> dict[str, Any]:
     """Where the credentials may be used, as a client configures itself.
 
     ``Endpoint`` carries its scheme: alibabacloud-oss-v2 reads a bare host as
@@ -162,14 +175,30 @@ def _oss_location(endpoint: OssEndpoint, scope: Scope) -> dict[str, str]:
     (bucket in the host), ``path`` (oss-v2 ``use_path_style``, oss2
     ``is_path_style``, ali-oss ``sldEnable`` unless the endpoint is an IP
     address: see docs/api.md) or ``cname`` (``use_cname``, ``is_cname``, ``cname``).
+    The bucket and prefix are the first (primary) grant's; ``Key`` is there
+    when the token was narrowed to one object, and ``Grants`` lists every
+    grant when there are several.
     """
-    return {
-        "Bucket": scope.policy.bucket,
+    location: dict[str, Any] = {
+        "Bucket": scope.bucket,
         "Region": scope.policy.region,
         "Endpoint": endpoint.url,
         "Prefix": scope.prefix,
         "AddressStyle": endpoint.address_style,
     }
+    if scope.key is not None:
+        location["Key"] = scope.key
+    if len(scope.grants) > 1:
+        location["Grants"] = [_grant_location(grant) for grant in scope.grants]
+    return location
+
+
+def _grant_location(grant: RamGrant) -> dict[str, Any]:
+    found: dict[str, Any] = {"Bucket": grant.bucket, "Prefix": grant.prefix}
+    if grant.key is not None:
+        found["Key"] = grant.key
+    found["Actions"] = list(grant.actions)
+    return found
 
 
 async def create_presigned_url(request: web.Request) -> web.Response:

@@ -122,8 +122,8 @@ async def test_demo_page_opens_with_a_ready_line(tmp_path: Path) -> None:
         await page.wait_for_selector("body[data-ready='yes']", timeout=WAIT_MS)
         lines = await _log(page)
     assert lines == [
-        "ready: this key may use avatar-upload, reports-read, service-uploads; "
-        "uploads go under avatars/dev/"
+        "ready: this key may use avatar-upload, pinned-reads, quick-upload, report-jobs, "
+        "reports-read, service-uploads, vpc-ingest; uploads go under avatars/dev/"
     ]
 
 

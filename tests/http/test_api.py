@@ -74,12 +74,16 @@ async def test_policies_lists_only_usable_ones_with_rendered_prefix(broker: Brok
     """GET /v1/policies shows each caller only its policies, with its own prefix."""
     _, alice = await broker.get_json("/v1/policies", caller="alice")
     assert [(p["name"], p["prefix"]) for p in alice["policies"]] == [
-        ("avatar-upload", "avatars/alice/")
+        ("avatar-upload", "avatars/alice/"),
+        ("quick-upload", "uploads/alice/"),
     ]
     _, svc = await broker.get_json("/v1/policies", caller="svc-a")
     assert [(p["name"], p["prefix"]) for p in svc["policies"]] == [
+        ("pinned-reads", "services/svc-a/"),
+        ("report-jobs", "reports/"),
         ("reports-read", "reports/"),
         ("service-uploads", "services/svc-a/"),
+        ("vpc-ingest", "ingest/svc-a/"),
     ]
     _, nobody = await broker.get_json("/v1/policies", caller="nobody")
     assert nobody == {"policies": []}

@@ -124,6 +124,16 @@ def test_credentials_parameters_and_errors() -> None:
     parameters = {param["name"]: param for param in operation["parameters"]}
     assert parameters["policy"]["schema"]["pattern"] == "^[a-z0-9][a-z0-9-]{0,62}$"
     assert parameters["min_ttl_seconds"]["schema"] == {"type": "integer", "minimum": 0}
+    narrowing = {
+        name: parameters[name]["schema"] for name in ("bucket", "prefix", "key", "actions")
+    }
+    assert Draft202012Validator(narrowing["prefix"]).is_valid("services/svc-a/run-1/")
+    assert not Draft202012Validator(narrowing["prefix"]).is_valid("services/*/")
+    assert Draft202012Validator(narrowing["key"]).is_valid("services/svc-a/a.csv")
+    assert not Draft202012Validator(narrowing["key"]).is_valid("services/svc-a/")
+    assert Draft202012Validator(narrowing["actions"]).is_valid("get,list")
+    assert not Draft202012Validator(narrowing["actions"]).is_valid("get,read")
+    assert not Draft202012Validator(narrowing["bucket"]).is_valid("Bucket_1")
     assert operation["security"] == [{"bearer": []}, {"accessToken": []}]
     assert set(operation["responses"]) == {
         "200",
@@ -156,6 +166,8 @@ def test_credentials_reply_holds_the_oss_location_under_oss() -> None:
     assert oss["required"] == ["Bucket", "Region", "Endpoint", "Prefix", "AddressStyle"]
     assert oss["additionalProperties"] is False
     assert oss["properties"]["AddressStyle"]["enum"] == ["virtual", "path", "cname"]
+    assert {"Key", "Grants"} <= set(oss["properties"])  # present only when they apply
+    assert oss["properties"]["Grants"]["items"]["required"] == ["Bucket", "Prefix", "Actions"]
 
 
 @pytest.mark.parametrize(
@@ -211,6 +223,14 @@ def _success_cases() -> list[tuple[str, dict[str, Any]]]:
             "GET /v1/credentials/{policy}",
             {"path_parameters": {"policy": "avatar-upload"}, "query": {"min_ttl_seconds": 60}},
         ),
+        ("GET /v1/credentials/{policy}", {"path_parameters": {"policy": "report-jobs"}}),
+        (
+            "GET /v1/credentials/{policy}",
+            {
+                "path_parameters": {"policy": "service-uploads"},
+                "query": {"key": "services/svc-a/a.csv", "actions": "get"},
+            },
+        ),
         (
             "POST /v1/presign",
             {
@@ -252,7 +272,8 @@ def _call_success_cases(base_url: str) -> list[int]:
     with requests.Session() as session:
         for label, parts in _success_cases():
             case = _operation(label).Case(**parts)
-            headers = _bearer("svc-a" if "service-uploads" in str(parts) else "alice")
+            internal = "service-uploads" in str(parts) or "report-jobs" in str(parts)
+            headers = _bearer("svc-a" if internal else "alice")
             response = case.call(base_url=base_url, session=session, headers=headers, timeout=10)
             case.validate_response(response, checks=_CONFORMANCE, headers=headers)
             statuses.append(response.status_code)

@@ -211,7 +211,10 @@ async def test_expiry_clamped_to_token_and_fresh_token_fetched_when_it_helps(
 
 
 async def test_post_policy_v4_fields_and_conditions(broker: BrokerHarness) -> None:
-    """The V4 form carries the signature fields and a policy with the expected conditions."""
+    """The V4 form carries the signature fields and a policy with the expected conditions.
+
+    ACL, overwrite, redirect and callback are pinned with ``eq`` (broker.uploads).
+    """
     status, body = await _post(
         broker,
         "/v1/post-policy",
@@ -231,6 +234,14 @@ async def test_post_policy_v4_fields_and_conditions(broker: BrokerHarness) -> No
     assert ["eq", "$Content-Type", "image/png"] in conditions
     assert {"x-oss-security-token": fields["x-oss-security-token"]} in conditions
     assert {"success_action_status": "201"} in conditions
+    for name, pinned in [
+        ("x-oss-object-acl", "default"),
+        ("x-oss-forbid-overwrite", "false"),
+        ("success_action_redirect", ""),
+        ("callback", ""),
+    ]:
+        assert ["eq", f"${name}", pinned] in conditions
+        assert fields[name] == pinned
     assert body["expires_in"] == 600
     expected = datetime.fromtimestamp(broker.clock() + 600, UTC)
     assert document["expiration"] == expected.strftime("%Y-%m-%dT%H:%M:%S.000Z")
