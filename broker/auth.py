@@ -9,6 +9,12 @@ compared with ``hmac.compare_digest`` against every configured digest, so the
 time taken does not depend on which key (if any) matched.  A key configured
 with ``allow`` yields a ``Principal`` carrying that ``Allowance``; the routes
 and the use cases refuse what it does not allow.
+
+A caller on the deny list (``auth.revoked``: configured ids, JWT subjects)
+is refused exactly as an unknown key is (401 AuthenticationFailed), so a
+leaked key learns nothing from being revoked, and revoking a key or removing
+it from the file look the same to its holder; the log line ``caller_revoked``
+tells operators which it was.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from broker.config import ApiKeyAllowSettings, Settings, api_key_hashes
+from broker.config import ApiKeyAllowSettings, RevokedSettings, Settings, api_key_hashes
 from broker.errors import AuthenticationFailed, RequestInvalid
 from broker.models import Allowance, Principal
 from broker.oidc import MAX_TOKEN_CHARS, JwtVerifier, looks_like_jwt
@@ -32,10 +38,13 @@ log = structlog.get_logger("broker.auth")
 _CONFIGURED_CALLERS = frozenset({"api_key", "mtls"})
 _MAX_SESSION_NAME = 64
 
+log = structlog.get_logger("broker.auth")
+
 __all__ = [
     "ApiKeyAuthenticator",
     "Authenticator",
     "CertificateAuthenticator",
+    "Revocations",
     "allowance",
     "api_key_authenticator",
     "certificate_authenticator",
@@ -44,6 +53,7 @@ __all__ = [
     "generate_api_key",
     "hash_api_key",
     "quota_key",
+    "revoked_session_names",
     "role_session_name",
 ]
 
@@ -222,32 +232,78 @@ def certificate_authenticator(settings: Settings) -> CertificateAuthenticator | 
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Revocations:
+    """Who is refused: configured caller ids (API keys, mTLS) and JWT subjects."""
+
+    callers: frozenset[str] = frozenset()
+    subjects: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_settings(cls, settings: RevokedSettings) -> Revocations:
+        """The deny list of ``auth.revoked``."""
+        return cls(frozenset(settings.callers), frozenset(settings.subjects))
+
+    def __or__(self, other: Revocations) -> Revocations:
+        return Revocations(self.callers | other.callers, self.subjects | other.subjects)
+
+    def refuses(self, principal: Principal) -> bool:
+        """Whether ``principal`` is on the list (ids for configured callers, else subjects)."""
+        if principal.auth_method in _CONFIGURED_CALLERS:
+            return principal.subject in self.callers
+        return principal.subject in self.subjects
+
+
+def revoked_session_names(revoked: Revocations) -> frozenset[str]:
+    """The ``RoleSessionName`` of every revoked caller: what their cache entries are keyed by."""
+    configured = (Principal(caller) for caller in revoked.callers)
+    users = (Principal(subject, auth_method="jwt") for subject in revoked.subjects)
+    return frozenset(role_session_name(principal) for principal in (*configured, *users))
+
+
 class Authenticator:
-    """Bearer token → ``Principal``: a JWT if one is configured and the token is one, else a key."""
+    """Bearer token → ``Principal``: a JWT if one is configured and the token is one, else a key.
+
+    ``revoked`` may be replaced while running (a reload, the admin channel);
+    a caller on it is refused as an unknown one is.
+    """
 
     def __init__(
         self,
         api_keys: ApiKeyAuthenticator,
         jwt: JwtVerifier | None = None,
         certificates: CertificateAuthenticator | None = None,
+        revoked: Revocations | None = None,
     ) -> None:
         self._api_keys = api_keys
         self._jwt = jwt
         self._certificates = certificates
+        self.revoked = revoked or Revocations()
 
     def authenticate_certificate(self, peercert: Mapping[str, Any] | None) -> Principal | None:
         """The caller a verified client certificate maps to, when mTLS callers are configured."""
         if self._certificates is None:
             return None
-        return self._certificates.authenticate(peercert)
+        return self._admitted(self._certificates.authenticate(peercert))
 
     async def authenticate(self, token: str) -> Principal:
         """The caller ``token`` belongs to; ``AuthenticationFailed`` otherwise."""
         # API keys never contain dots, so a JWT cannot be mistaken for one.
         if self._jwt is not None and looks_like_jwt(token):
-            return await self._jwt.verify(token)
-        principal = self._api_keys.authenticate(token)
+            principal: Principal | None = await self._jwt.verify(token)
+        else:
+            principal = self._api_keys.authenticate(token)
+        principal = self._admitted(principal)
         if principal is None:
+            raise AuthenticationFailed()
+        return principal
+
+    def _admitted(self, principal: Principal | None) -> Principal | None:
+        """``principal`` unless it is revoked (then ``AuthenticationFailed``, logged)."""
+        if principal is not None and self.revoked.refuses(principal):
+            log.warning(
+                "caller_revoked", caller=principal.subject, auth_method=principal.auth_method
+            )
             raise AuthenticationFailed()
         return principal
 

@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from broker import process_credentials
+from broker.admin_cli import add_admin_commands
 from broker.auth import generate_api_key, hash_api_key
 from broker.checks import allow_warnings, provider_lifetime_warnings, unchecked_group_policies
 from broker.config import CacheSettings, Settings, load_settings
@@ -40,7 +41,7 @@ from broker.policies import (
     render_policy,
     render_prefix,
 )
-from broker.reload import reload_policies, watch_policies
+from broker.reload import PolicyReloader
 from broker.services import Services, build_services
 from broker.templates import VALUE_RULE
 
@@ -109,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_render(sub)
     _add_hash_key(sub)
     _add_credentials(sub)
+    add_admin_commands(sub, "config/broker.yaml")
     return parser
 
 
@@ -380,11 +382,12 @@ async def _serve(
     log.info("broker_started", url=url, policies=len(services.policies))
     if banner is not None:
         banner(url)
+    reloader = PolicyReloader(services)
     watcher = None
     if services.settings.watch_policies:
-        watcher = asyncio.create_task(watch_policies(services))
+        watcher = asyncio.create_task(reloader.watch())
     try:
-        await _wait_for_stop(services)
+        await _wait_for_stop(reloader)
     finally:
         services.shutting_down = True
         log.info("broker_stopping", delay_seconds=listen.shutdown_delay_seconds)
@@ -395,13 +398,13 @@ async def _serve(
         log.info("broker_stopped")
 
 
-async def _wait_for_stop(services: Services) -> None:
-    """Return on SIGTERM or SIGINT; meanwhile SIGHUP reloads policies."""
+async def _wait_for_stop(reloader: PolicyReloader) -> None:
+    """Return on SIGTERM or SIGINT; meanwhile SIGHUP reloads policies and the auth section."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload_policies(services))
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload_soon)
     await stop.wait()
 
 

@@ -37,6 +37,7 @@ from broker.names import CALLER_ID_PATTERN, POLICY_NAME_PATTERN, is_caller_id
 from broker.yamldoc import YamlDocument, format_validation_error, load_yaml, unknown_key_problem
 
 __all__ = [
+    "AdminSettings",
     "ApiKeyAllowSettings",
     "ApiKeySettings",
     "AuthSettings",
@@ -51,6 +52,7 @@ __all__ = [
     "QuotaSettings",
     "RedisSettings",
     "RetrySettings",
+    "RevokedSettings",
     "Settings",
     "StsSettings",
     "TlsSettings",
@@ -237,8 +239,10 @@ class RedisSettings(_Section):
     encryption_keys_file: Path | None = None
     encryption_keys_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
     lock_ttl_seconds: float = Field(default=10.0, gt=0, le=300)
-    wait_seconds: float = Field(default=5.0, gt=0, le=60)
-    operation_timeout_seconds: float = Field(default=0.25, gt=0, le=10)
+    # Longer than one STS fetch (sts.retry.deadline_seconds + quotas.sts_max_wait_seconds):
+    # a waiter that gives up while the lock holder still fetches makes a second AssumeRole.
+    wait_seconds: float = Field(default=15.0, gt=0, le=60)
+    operation_timeout_seconds: float = Field(default=1.0, gt=0, le=10)
     share_sts_budget: bool = True
 
     @field_validator("url")
@@ -297,6 +301,13 @@ def _unique_entries(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
         for index, value in enumerate(values):
             if value in values[:index]:
                 raise ValueError(f"{value!r} is listed twice")
+    return values
+
+
+def _unique_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    for index, value in enumerate(values):
+        if value in values[:index]:
+            raise ValueError(f"{value!r} is listed twice")
     return values
 
 
@@ -403,12 +414,27 @@ class MtlsCallerSettings(_Section):
         return "common_name", self.common_name or ""
 
 
+_Subject = Annotated[StrictStr, Field(min_length=1, max_length=1024)]
+
+
+class RevokedSettings(_Section):
+    """The deny list: refused at once (401, as an unknown key), their cached credentials purged.
+
+    ``callers`` are configured ids (API keys and mTLS callers), ``subjects``
+    are JWT subjects.  Reloaded with the policies (SIGHUP, watch).
+    """
+
+    callers: Annotated[tuple[Identifier, ...], AfterValidator(_unique_list)] = ()
+    subjects: Annotated[tuple[_Subject, ...], AfterValidator(_unique_list)] = ()
+
+
 class AuthSettings(_Section):
-    """Who may call the broker."""
+    """Who may call the broker, and who may not any more (``revoked``)."""
 
     api_keys: tuple[ApiKeySettings, ...] = ()
     jwt: JwtSettings | None = None
     mtls: tuple[MtlsCallerSettings, ...] = ()
+    revoked: RevokedSettings = RevokedSettings()
 
     @field_validator("api_keys")
     @classmethod
@@ -427,6 +453,17 @@ class AuthSettings(_Section):
         for name in {name for name in names if names.count(name) > 1}:
             raise ValueError(f"{name[0]} {name[1]!r} identifies more than one caller")
         return value
+
+
+class AdminSettings(_Section):
+    """The local admin channel (`sts-broker cached`, `revoke`); off unless `socket_dir` is set.
+
+    Each broker process listens on ``socket_dir/broker-PID.sock`` (mode 0600,
+    in a directory made 0700), so every one of ``serve --workers N`` is reached.
+    Only the broker's own user (and root) can connect; the peer's uid is checked too.
+    """
+
+    socket_dir: Path | None = None
 
 
 class CorsSettings(_Section):
@@ -468,6 +505,7 @@ class Settings(_Section):
     policies_dir: Path = Path("../policies")
     watch_policies: bool = False
     auth: AuthSettings = AuthSettings()
+    admin: AdminSettings = AdminSettings()
     cors: CorsSettings = CorsSettings()
     logging: LoggingSettings = LoggingSettings()
     source: Path | None = Field(default=None, exclude=True)
@@ -513,6 +551,9 @@ def _with_paths_resolved(settings: Settings, path: Path) -> Settings:
         update["listen"] = settings.listen.model_copy(
             update={"tls": tls.model_copy(update=resolved)}
         )
+    if settings.admin.socket_dir is not None:
+        socket_dir = _relative_to(path, settings.admin.socket_dir)
+        update["admin"] = settings.admin.model_copy(update={"socket_dir": socket_dir})
     jwt = settings.auth.jwt
     if jwt is not None and jwt.jwks_file is not None:
         jwt = jwt.model_copy(update={"jwks_file": _relative_to(path, jwt.jwks_file)})

@@ -12,18 +12,21 @@
       MethodNotAllowed          405 MethodNotAllowed
       RequestTooLarge           413 RequestTooLarge
       TooManyRequests           429 TooManyRequests   + Retry-After (per-caller quota)
+      IdentityProviderUnavailable
+                                503 IdentityProviderUnavailable + Retry-After  JWKS not loadable
       UpstreamError             502 UpstreamError      STS said no (4xx), or unusable credentials
         UpstreamThrottled       503 UpstreamThrottled  + Retry-After: a Throttling* code
         UpstreamUnavailable     503 UpstreamUnavailable + Retry-After: 5xx, unreachable, no reply
         UpstreamTimeout         504 UpstreamTimeout    + Retry-After: no answer in time
 
 Every class carries its status, a stable ``code``, a message and
-``retryable``: whether another attempt at the same STS call may succeed (true
-for UpstreamThrottled, UpstreamUnavailable and UpstreamTimeout; any instance
-may say otherwise with the ``retryable=`` keyword).  The three retryable
-classes are the ones a client should simply try again later, so their replies
-carry ``Retry-After``: 503 when STS is busy or down, 504 when it did not
-answer within the deadline (RFC 9110 allows ``Retry-After`` on any reply).  Other keyword arguments
+``retryable``: whether another attempt may succeed (true for
+IdentityProviderUnavailable, UpstreamThrottled, UpstreamUnavailable and
+UpstreamTimeout; any instance may say otherwise with the ``retryable=``
+keyword).  The retryable classes are the ones a client should simply try
+again later, so their replies carry ``Retry-After``: 503 when STS or the
+identity provider is busy or down, 504 when STS did not answer within the
+deadline (RFC 9110 allows ``Retry-After`` on any reply).  Other keyword arguments
 are context: they stay on the exception (``err.context``) for the log, and
 reach the reply only where the message template names them (or, for
 MethodNotAllowed, as the ``Allow`` header); templates never name secrets.
@@ -38,6 +41,7 @@ __all__ = [
     "AuthenticationFailed",
     "BrokerError",
     "ConfigError",
+    "IdentityProviderUnavailable",
     "MethodNotAllowed",
     "NotFound",
     "RequestInvalid",
@@ -154,6 +158,27 @@ class TooManyRequests(BrokerError):
     status = 429
     code = "TooManyRequests"
     fmt = "too many requests; retry later"
+
+    def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
+        self.retry_after = max(1, int(retry_after))
+        super().__init__(message, **context)
+
+    @property
+    def retry_after_seconds(self) -> int | None:
+        return self.retry_after
+
+
+class IdentityProviderUnavailable(BrokerError):
+    """The identity provider's keys (JWKS) cannot be loaded: the caller did nothing wrong.
+
+    A JWT cannot be checked without them, so this is a 503 with ``Retry-After``
+    (when the broker will try the provider again), never a 401.
+    """
+
+    status = 503
+    code = "IdentityProviderUnavailable"
+    fmt = "the identity provider's signing keys cannot be loaded; retry later"
+    retryable = True
 
     def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
         self.retry_after = max(1, int(retry_after))

@@ -116,7 +116,7 @@ class Metrics:
         )
         self.reload_timestamp = Gauge(
             "broker_policies_last_reload_timestamp_seconds",
-            "When policies were last (re)loaded",
+            "When policies were last (re)loaded successfully",
             registry=r,
         )
         self.policies = Gauge("broker_policies_loaded", "Policies in force", registry=r)
@@ -150,9 +150,10 @@ class Metrics:
         self.registry.register(_CacheCollector(cache))
 
     def record_reload(self, *, successful: bool, at: float, policies: int | None = None) -> None:
-        """Note a policy (re)load and its outcome."""
+        """Note a policy (re)load and its outcome; a failed one leaves the timestamp alone."""
         self.reload_successful.set(1 if successful else 0)
-        self.reload_timestamp.set(at)
+        if successful:
+            self.reload_timestamp.set(at)
         if policies is not None:
             self.policies.set(policies)
 

@@ -15,6 +15,7 @@ __all__ = [
     "AssumeRoleRequest",
     "Clock",
     "Credentials",
+    "OidcToken",
     "Principal",
     "system_clock",
 ]
@@ -50,6 +51,16 @@ class Allowance:
 
 
 @dataclass(frozen=True, slots=True)
+class OidcToken:
+    """A JWT caller's own verified bearer token, kept for AssumeRoleWithOIDC; never shown."""
+
+    token: str = field(repr=False)
+    issuer: str
+    expires_at: float
+    """The token's ``exp`` (epoch seconds): STS credentials got with it never outlive it."""
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated caller.
 
@@ -65,6 +76,8 @@ class Principal:
     auth_method: str = "api_key"
     claims: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     allow: Allowance | None = None
+    oidc_token: OidcToken | None = field(default=None, repr=False, compare=False)
+    """JWT callers only: their token, for ``federation: oidc`` policies."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +89,13 @@ class AssumeRoleRequest:
     duration_seconds: int
     role_session_name: str
     external_id: str | None = None
+    oidc_provider_arn: str | None = None
+    """Set with ``federation``: the RAM OIDC provider named in AssumeRoleWithOIDC."""
+    federation: str | None = None
+    """``oidc <provider ARN> <issuer> <subject>`` when the caller's own token goes to STS
+    (AssumeRoleWithOIDC): part of the cache key, so two users never share credentials."""
+    oidc_token: OidcToken | None = field(default=None, repr=False, compare=False)
+    """The token sent as ``OIDCToken`` (not part of the key: the user is)."""
     min_expires_at: float = field(default=0.0, compare=False)
     """Credentials from a shared cache must not expire before this (not part of the key)."""
 

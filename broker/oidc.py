@@ -12,7 +12,11 @@ algorithm may be used, and checks the claims against the injected clock:
   honoured; all with a small leeway;
 * an unknown ``kid`` refetches a URL-served JWKS at most once per cooldown,
   and concurrent refetches share one request, so a flood of made-up kids
-  cannot be turned against the identity provider.
+  cannot be turned against the identity provider;
+* an identity provider that cannot be reached (or is too slow) is the
+  broker's problem, not the caller's: 503 ``IdentityProviderUnavailable``
+  with ``Retry-After``, and a new attempt a few seconds later, not a
+  cooldown later.
 
 No error message or log line carries the token, a claim's value or a key.
 """
@@ -37,8 +41,8 @@ import structlog
 from jwt.types import Options
 
 from broker.config import JwtSettings
-from broker.errors import AuthenticationFailed, TemplateValueRejected
-from broker.models import Clock, Principal, system_clock
+from broker.errors import AuthenticationFailed, IdentityProviderUnavailable, TemplateValueRejected
+from broker.models import Clock, OidcToken, Principal, system_clock
 from broker.templates import CLAIM_NAME_PATTERN, check_template_value
 
 __all__ = ["MAX_TOKEN_CHARS", "JwksSource", "JwtVerifier", "looks_like_jwt"]
@@ -199,10 +203,16 @@ class JwksSource:
 
     Keys are loaded on first use and again after ``max_age_seconds``.  A
     ``kid`` that is not in the cached set triggers a reload at most once per
-    ``refetch_cooldown_seconds`` (every load attempt starts the cooldown, so a
-    failing or flooded source is asked at most that often); concurrent
-    callers share one load.  A failed load keeps the previous keys.
-    ``fetches`` counts load attempts.
+    ``refetch_cooldown_seconds`` after a successful load, so a flood of
+    made-up kids cannot be turned against the identity provider.  After a
+    FAILED load (unreachable, an error status, a bad document, or slower than
+    ``timeout_seconds``) the next attempt is allowed after only
+    ``retry_seconds``: callers are not locked out for a whole cooldown once
+    the provider is back, and a provider that is down is asked at most once
+    per ``retry_seconds``.  Concurrent callers share one load.  A failed load
+    keeps the previous keys; with no key to check a token against because the
+    provider failed, the caller gets ``IdentityProviderUnavailable`` (503 with
+    ``Retry-After``), never a 401.  ``fetches`` counts load attempts.
     """
 
     def __init__(
@@ -212,6 +222,7 @@ class JwksSource:
         jwks_url: str | None = None,
         clock: Clock = system_clock,
         refetch_cooldown_seconds: float = 60.0,
+        retry_seconds: float = 5.0,
         max_age_seconds: float = 3600.0,
         timeout_seconds: float = 5.0,
         session_factory: Callable[[], aiohttp.ClientSession] | None = None,
@@ -222,37 +233,52 @@ class JwksSource:
         self._url = None if jwks_url is None else _check_jwks_url(jwks_url)
         self._clock = clock
         self._cooldown = refetch_cooldown_seconds
+        self._retry = retry_seconds
         self._max_age = max_age_seconds
+        self._timeout_seconds = timeout_seconds
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session_factory = session_factory
         self._keys: tuple[_Jwk, ...] = ()
         self._prepared: dict[tuple[int, str], jwt.PyJWK | None] = {}
         self._loaded_at: float | None = None
         self._attempted_at: float | None = None
+        self._failing = False  # whether the last load attempt failed
         self._lock = asyncio.Lock()
         self.fetches = 0
 
     async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK:
-        """The key for a token's ``kid`` and ``alg``; ``AuthenticationFailed`` if there is none.
+        """The key for a token's ``kid`` and ``alg``.
 
-        A token without ``kid`` is accepted only when exactly one key fits ``alg``.
+        ``AuthenticationFailed`` if no key fits; ``IdentityProviderUnavailable``
+        if none fits because the keys could not be loaded.  A token without
+        ``kid`` is accepted only when exactly one key fits ``alg``.
         """
         if self._is_stale():
             await self._refresh(self._is_stale)
         key = self._find(kid, alg)
         if key is None and await self._refresh(self._may_load):
             key = self._find(kid, alg)
-        if key is None:
-            raise AuthenticationFailed(reason="no_matching_key")
-        return key
+        if key is not None:
+            return key
+        if self._failing:
+            raise IdentityProviderUnavailable(retry_after=self._retry_after(), reason="jwks")
+        raise AuthenticationFailed(reason="no_matching_key")
+
+    def _next_attempt_at(self) -> float:
+        """When a load may be tried again: soon after a failure, a cooldown after a success."""
+        if self._attempted_at is None:
+            return -math.inf
+        return self._attempted_at + (self._retry if self._failing else self._cooldown)
 
     def _may_load(self) -> bool:
-        last = self._attempted_at
-        return last is None or self._clock() - last >= self._cooldown
+        return self._clock() >= self._next_attempt_at()
 
     def _is_stale(self) -> bool:
         loaded = self._loaded_at
         return self._may_load() and (loaded is None or self._clock() - loaded >= self._max_age)
+
+    def _retry_after(self) -> int:
+        return max(1, math.ceil(self._next_attempt_at() - self._clock()))
 
     async def _refresh(self, wanted: Callable[[], bool]) -> bool:
         """Load once if ``wanted()``; True if the keys may have changed since the call began.
@@ -270,10 +296,15 @@ class JwksSource:
 
     async def _load(self) -> None:
         self._attempted_at = self._clock()
+        self._failing = True  # until it succeeds: an interrupted load is retried soon, too
         try:
-            self._install(_parse_jwks(await self._read()))
+            async with asyncio.timeout(self._timeout_seconds):  # the whole load, file or URL
+                keys = _parse_jwks(await self._read())
         except (OSError, aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as err:
             log.warning("jwks_load_failed", source=self._source_name(), error=type(err).__name__)
+        else:
+            self._failing = False
+            self._install(keys)
         finally:
             self.fetches += 1  # counted once finished, so waiters see that a load happened
 
@@ -412,6 +443,7 @@ class JwtVerifier:
             groups=_groups(claims, self._settings),
             auth_method="jwt",
             claims=_template_claims(claims),
+            oidc_token=OidcToken(token, str(claims["iss"]), float(claims["exp"])),
         )
 
     def _algorithm_and_kid(self, token: str) -> tuple[str, str | None]:

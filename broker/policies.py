@@ -16,7 +16,15 @@ from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from broker.errors import ConfigError, TemplateValueRejected
@@ -124,6 +132,13 @@ _RoleArn = Annotated[
     StrictStr,
     _matching(r"acs:ram::[0-9]+:role/[A-Za-z0-9.@_-]{1,64}", "use acs:ram::<account>:role/<name>"),
 ]
+_OidcProviderArn = Annotated[
+    StrictStr,
+    _matching(
+        r"acs:ram::[0-9]+:oidc-provider/[A-Za-z0-9.-]{1,128}",
+        "use acs:ram::<account>:oidc-provider/<name>",
+    ),
+]
 _Bucket = Annotated[
     StrictStr,
     _matching(
@@ -193,6 +208,12 @@ class Policy(pydantic.BaseModel):
     external_id: _ExternalId | None = None
     endpoint: _Endpoint | None = None
     callback_urls: _CallbackUrls = ()
+    federation: Literal["none", "oidc"] = "none"
+    """``oidc``: JWT callers' own tokens go to STS AssumeRoleWithOIDC (others are refused)."""
+    oidc_provider_arn: _OidcProviderArn | None = None
+    """The RAM OIDC provider that ``federation: oidc`` names in AssumeRoleWithOIDC."""
+    forbid_overwrite: StrictBool = False
+    """Uploads by presigned URL or post policy must send ``x-oss-forbid-overwrite: true``."""
     source: SkipJsonSchema[str] = Field(default="", exclude=True)
     """The file this policy came from; set by the loader, never read from the file."""
 
@@ -200,6 +221,12 @@ class Policy(pydantic.BaseModel):
     def oss_endpoint(self) -> str:
         """The OSS endpoint host: ``endpoint`` if set, else the region's public one."""
         return self.endpoint or f"oss-{self.region}.aliyuncs.com"
+
+    @pydantic.model_validator(mode="after")
+    def _check_federation(self) -> Policy:
+        if (self.federation == "oidc") != (self.oidc_provider_arn is not None):
+            raise ValueError("federation: oidc and oidc_provider_arn go together")
+        return self
 
     @pydantic.field_validator("prefix")
     @classmethod

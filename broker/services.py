@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
-from broker.auth import Authenticator, api_key_authenticator, certificate_authenticator
+from broker.auth import (
+    Authenticator,
+    Revocations,
+    api_key_authenticator,
+    certificate_authenticator,
+)
 from broker.config import JwtSettings, Settings
 from broker.credentials.budget import RedisTokenBuckets
 from broker.credentials.cache import CredentialCache
@@ -16,7 +22,13 @@ from broker.oidc import JwksSource, JwtVerifier
 from broker.policies import PolicySet
 from broker.quotas import CallerQuotas, CallerStsQuota, FleetBuckets
 
-__all__ = ["Services", "build_services", "caller_request_quota", "caller_sts_quota"]
+__all__ = [
+    "Services",
+    "build_authenticator",
+    "build_services",
+    "caller_request_quota",
+    "caller_sts_quota",
+]
 
 
 @dataclass(slots=True)
@@ -35,6 +47,10 @@ class Services:
     sts_quota: CallerStsQuota
     """Each caller's allowance of STS calls it causes."""
     shutting_down: bool = False
+    revoked_at_runtime: Revocations = field(default_factory=Revocations)
+    """Revoked through the admin channel (or by another replica): kept across reloads."""
+    background: set[asyncio.Task[object]] = field(default_factory=set)
+    """Purges still running (Redis), held so they are not collected; awaited by tests."""
 
 
 def build_services(
@@ -62,7 +78,7 @@ def build_services(
         settings,
         policies,
         chain.cache,
-        _authenticator(settings, clock),
+        build_authenticator(settings, clock),
         chain.sts,
         clock,
         metrics,
@@ -105,13 +121,18 @@ def caller_sts_quota(
     )
 
 
-def _authenticator(settings: Settings, clock: Clock) -> Authenticator:
-    """API keys, and JWT and mTLS when configured."""
+def build_authenticator(
+    settings: Settings, clock: Clock, revoked_at_runtime: Revocations | None = None
+) -> Authenticator:
+    """API keys, JWT and mTLS as configured; refusing ``auth.revoked``, ``revoked_at_runtime``."""
     jwt = None
     if settings.auth.jwt is not None:
         jwt = _jwt_verifier(settings.auth.jwt, clock)
     certificates = certificate_authenticator(settings)
-    return Authenticator(api_key_authenticator(settings), jwt, certificates)
+    revoked = Revocations.from_settings(settings.auth.revoked) | (
+        revoked_at_runtime or Revocations()
+    )
+    return Authenticator(api_key_authenticator(settings), jwt, certificates, revoked)
 
 
 def _jwt_verifier(settings: JwtSettings, clock: Clock) -> JwtVerifier:

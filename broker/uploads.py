@@ -1,7 +1,9 @@
-"""What a caller may sign: operations, object keys, headers and expiry clamping.
+"""What a caller may sign: operations, object keys, headers, upload guards and expiry clamping.
 
 Pure rules, no I/O: ``broker.vending`` feeds them a parsed body, a policy and
 the caller's rendered prefix, and hands the result to ``broker.signing``.
+The upload guards of a policy (``forbid_overwrite``, ``max_object_bytes``)
+become signed headers here; ``broker.downloads`` checks a GET's ``response-*``.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from broker.config import OssSettings
+from broker.downloads import RESPONSE_OVERRIDES, response_overrides
 from broker.errors import AccessDenied, RequestInvalid
 from broker.names import POLICY_NAME_PATTERN
 from broker.policies import Policy
 from broker.signing import MAX_EXPIRES_SECONDS, OssEndpoint
 
 __all__ = [
+    "ADDITIONAL_HEADERS",
     "OPERATIONS",
     "CallbackBody",
     "Expiry",
@@ -35,8 +39,10 @@ __all__ = [
     "check_key",
     "clamp_expiry",
     "oss_endpoint",
+    "pinned_post_fields",
     "post_policy_conditions",
     "presign_headers",
+    "presign_query",
     "resolve_operation",
     "sub_resources",
     "wanted_validity",
@@ -45,6 +51,8 @@ __all__ = [
 Operation = Literal[
     "put_object",
     "get_object",
+    "head_object",
+    "delete_object",
     "initiate_multipart",
     "upload_part",
     "complete_multipart",
@@ -60,6 +68,14 @@ _HEADER_VALUE = re.compile(r"^[\x20-\x7e]*$")
 
 
 _CONTENT_FIELDS = frozenset({"content_type", "metadata", "storage_class", "headers"})
+_FORBID_OVERWRITE = "x-oss-forbid-overwrite"
+ADDITIONAL_HEADERS = ("content-length",)
+"""Signed besides OSS's defaults when present (V4 ``x-oss-additional-headers``).
+
+OSS signs a header named there like ``x-oss-*`` ones, and refuses a request
+that lacks one it names (EC 0002-00000078, https://www.alibabacloud.com/help/en/oss/support/0002-00000078),
+so a signed ``Content-Length`` binds the upload to exactly that many bytes.
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,20 +88,35 @@ class OperationSpec:
     needs_upload_id: bool = False
     needs_part_number: bool = False
     uploads_content: bool = False  # creates object content: Content-Type from the policy's list
+    writes_object: bool = False  # may replace an object: x-oss-forbid-overwrite applies
+    carries_bytes: bool = False  # the body is object bytes: Content-Length is bound
 
 
 OPERATIONS: dict[str, OperationSpec] = {
     "put_object": OperationSpec(
-        "PUT", "put", _CONTENT_FIELDS | {"content_md5", "callback"}, uploads_content=True
+        "PUT",
+        "put",
+        _CONTENT_FIELDS | {"content_md5", "callback", "content_length"},
+        uploads_content=True,
+        writes_object=True,
+        carries_bytes=True,
     ),
-    "get_object": OperationSpec("GET", "get"),
-    "initiate_multipart": OperationSpec("POST", "multipart", _CONTENT_FIELDS, uploads_content=True),
+    "get_object": OperationSpec("GET", "get", frozenset(RESPONSE_OVERRIDES)),
+    "head_object": OperationSpec("HEAD", "get"),
+    "delete_object": OperationSpec("DELETE", "delete"),
+    # x-oss-forbid-overwrite is checked at Initiate (alibabacloud-oss-v2's
+    # InitiateMultipartUploadRequest.forbid_overwrite) and again at Complete
+    # (https://help.aliyun.com/en/oss/user-guide/0042-00000214): sign it on both.
+    "initiate_multipart": OperationSpec(
+        "POST", "multipart", _CONTENT_FIELDS, uploads_content=True, writes_object=True
+    ),
     "upload_part": OperationSpec(
         "PUT",
         "multipart",
-        frozenset({"content_md5"}),
+        frozenset({"content_md5", "content_length"}),
         needs_upload_id=True,
         needs_part_number=True,
+        carries_bytes=True,
     ),
     # Browsers always label a POST body, so the XML part list's type may be signed too.
     "complete_multipart": OperationSpec(
@@ -93,18 +124,26 @@ OPERATIONS: dict[str, OperationSpec] = {
         "multipart",
         frozenset({"callback", "headers", "content_type"}),
         needs_upload_id=True,
+        writes_object=True,
     ),
     "abort_multipart": OperationSpec("DELETE", "multipart", needs_upload_id=True),
 }
 _OPTIONAL_FIELDS = (
     "content_type",
     "content_md5",
+    "content_length",
     "metadata",
     "storage_class",
     "callback",
     "headers",
+    *RESPONSE_OVERRIDES,
 )
-_DEFAULT_FOR_METHOD = {"PUT": "put_object", "GET": "get_object"}
+_DEFAULT_FOR_METHOD = {
+    "PUT": "put_object",
+    "GET": "get_object",
+    "HEAD": "head_object",
+    "DELETE": "delete_object",
+}
 
 
 class _Body(BaseModel):
@@ -126,11 +165,18 @@ class PresignBody(_Body):
 
     policy: Annotated[StrictStr, Field(pattern=_POLICY_NAME)]
     key: StrictStr = Field(min_length=1, max_length=MAX_KEY_BYTES)
-    method: Literal["PUT", "GET", "POST", "DELETE"] | None = None
+    method: Literal["PUT", "GET", "HEAD", "POST", "DELETE"] | None = None
     operation: Operation | None = None
     expires_seconds: StrictInt | None = Field(default=None, ge=1, le=MAX_EXPIRES_SECONDS)
     content_type: Annotated[StrictStr, Field(pattern=_MIME)] | None = None
     content_md5: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9+/]{22}==$")] | None = None
+    content_length: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SINGLE_UPLOAD_BYTES,
+        description="put_object, upload_part: the exact size in bytes, signed as Content-Length; "
+        "required (and at most that) when the policy sets max_object_bytes.",
+    )
     headers: dict[StrictStr, StrictStr] = Field(default_factory=dict, max_length=8)
     metadata: dict[StrictStr, StrictStr] = Field(default_factory=dict, max_length=32)
     storage_class: Literal["Standard", "IA", "Archive", "ColdArchive", "DeepColdArchive"] | None = (
@@ -139,6 +185,25 @@ class PresignBody(_Body):
     callback: CallbackBody | None = None
     upload_id: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")] | None = None
     part_number: StrictInt | None = Field(default=None, ge=1, le=10000)
+    response_content_disposition: StrictStr | None = Field(
+        default=None,
+        max_length=1100,
+        description='get_object: inline or attachment, optionally ; filename="..." and/or '
+        "; filename*=UTF-8''...; signed as response-content-disposition.",
+    )
+    response_content_type: StrictStr | None = Field(
+        default=None,
+        max_length=300,
+        description="get_object: type/subtype, optionally ; charset=NAME; one of the policy's "
+        "content_types when it lists any, never a page or script type otherwise.",
+    )
+    response_cache_control: StrictStr | None = Field(
+        default=None,
+        max_length=300,
+        description="get_object: up to 8 directives (public, private, no-cache, no-store, "
+        "no-transform, must-revalidate, proxy-revalidate, immutable, max-age=N, s-maxage=N, "
+        "stale-while-revalidate=N, stale-if-error=N).",
+    )
 
 
 class PostPolicyBody(_Body):
@@ -152,6 +217,8 @@ class PostPolicyBody(_Body):
     max_object_bytes: StrictInt | None = Field(default=None, ge=1)
     success_action_status: Literal[200, 201, 204] | None = None
     signature_version: Literal["v4", "v1"] = "v4"
+    callback: CallbackBody | None = None
+    forbid_overwrite: StrictBool = False
 
 
 def resolve_operation(method: str | None, operation: str | None) -> str:
@@ -203,10 +270,10 @@ def check_content_type(policy: Policy, content_type: str | None, *, required: bo
 
 
 def presign_headers(body: PresignBody, policy: Policy, operation: str) -> dict[str, str]:
-    """The headers the uploader must send, all of them signed."""
+    """The headers the uploader must send, all of them signed (``ADDITIONAL_HEADERS`` too)."""
     spec = OPERATIONS[operation]
     for name in _OPTIONAL_FIELDS:
-        if getattr(body, name) and name not in spec.fields:
+        if _given(getattr(body, name)) and name not in spec.fields:
             raise RequestInvalid(f"{operation} does not take {name}")
     if spec.uploads_content:
         check_content_type(policy, body.content_type, required=True)
@@ -221,7 +288,42 @@ def presign_headers(body: PresignBody, policy: Policy, operation: str) -> dict[s
     headers.update(_metadata_headers(body.metadata))
     if body.callback is not None:
         headers["x-oss-callback"] = callback_header(policy, body.callback)
+    headers.update(_guard_headers(body, policy, spec))
     return headers
+
+
+def presign_query(body: PresignBody, policy: Policy, operation: str) -> dict[str, str | None]:
+    """The signed query: multipart sub-resources, or a GET's checked ``response-*``."""
+    query = sub_resources(operation, body)
+    overrides = {name: getattr(body, name) for name in RESPONSE_OVERRIDES}
+    query.update(response_overrides(policy, overrides))
+    return query
+
+
+def _given(value: object) -> bool:
+    return value is not None and value != {}
+
+
+def _guard_headers(body: PresignBody, policy: Policy, spec: OperationSpec) -> dict[str, str]:
+    """The policy's upload guards as signed headers: forbid-overwrite, Content-Length."""
+    guards: dict[str, str] = {}
+    if spec.writes_object and policy.forbid_overwrite:
+        if body.headers and _extra_headers(body.headers).get(_FORBID_OVERWRITE) == "false":
+            raise AccessDenied(f"policy {policy.name} forbids overwriting objects")
+        guards[_FORBID_OVERWRITE] = "true"
+    if not spec.carries_bytes:
+        return guards
+    limit = policy.max_object_bytes
+    if body.content_length is None:
+        if limit is not None:
+            raise RequestInvalid(
+                f"content_length is required: policy {policy.name} limits objects to {limit} bytes"
+            )
+        return guards
+    if limit is not None and body.content_length > limit:
+        raise AccessDenied(f"content_length exceeds policy {policy.name}'s limit of {limit} bytes")
+    guards["Content-Length"] = str(body.content_length)
+    return guards
 
 
 def _extra_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -332,25 +434,15 @@ class PostForm:
 
 
 def post_policy_conditions(body: PostPolicyBody, policy: Policy, prefix: str) -> PostForm:
-    """Conditions for ``key``/``key_prefix``, size, Content-Type and success status.
+    """Conditions for ``key``/``key_prefix``, size, Content-Type, success status, pinned fields.
 
     ``key_prefix`` may only narrow the caller's prefix and ``max_object_bytes``
     may only lower the policy's; without either limit OSS's 5 GiB applies.
+    Every security-relevant field is pinned (``pinned_post_fields``).
     """
-    if body.key is not None and body.key_prefix is not None:
-        raise RequestInvalid("give key or key_prefix, not both")
-    conditions: list[Any] = []
-    fields: dict[str, str] = {}
-    if body.key is not None:
-        key = check_key(body.key, prefix)
-        conditions.append(["eq", "$key", key])
-        fields["key"] = key
-    else:
-        key_prefix = body.key_prefix if body.key_prefix is not None else prefix
-        if key_prefix != prefix:
-            check_key(key_prefix, prefix)
-        conditions.append(["starts-with", "$key", key_prefix])
-        fields["key"] = key_prefix + "${filename}"
+    key_condition, key_field = _key_condition(body, prefix)
+    conditions: list[Any] = [key_condition]
+    fields = {"key": key_field}
     conditions.append(["content-length-range", 0, _size_limit(body, policy)])
     check_content_type(policy, body.content_type, required=True)
     if body.content_type is not None:
@@ -360,7 +452,56 @@ def post_policy_conditions(body: PostPolicyBody, policy: Policy, prefix: str) ->
         status = str(body.success_action_status)
         conditions.append({"success_action_status": status})
         fields["success_action_status"] = status
+    for name, value in pinned_post_fields(body, policy).items():
+        conditions.append(["eq", f"${name}", value])
+        fields[name] = value
     return PostForm(conditions, fields)
+
+
+def _key_condition(body: PostPolicyBody, prefix: str) -> tuple[list[str], str]:
+    """``eq`` an exact key, or ``starts-with`` a prefix (the caller's, or narrower)."""
+    if body.key is not None and body.key_prefix is not None:
+        raise RequestInvalid("give key or key_prefix, not both")
+    if body.key is not None:
+        key = check_key(body.key, prefix)
+        return ["eq", "$key", key], key
+    key_prefix = body.key_prefix if body.key_prefix is not None else prefix
+    if key_prefix != prefix:
+        check_key(key_prefix, prefix)
+    return ["starts-with", "$key", key_prefix], key_prefix + "${filename}"
+
+
+def pinned_post_fields(body: PostPolicyBody, policy: Policy) -> dict[str, str]:
+    """The form fields a browser may not choose, each with the one value the policy allows.
+
+    OSS ACCEPTS form fields that no condition names: the valid request on
+    https://help.aliyun.com/en/oss/user-guide/0006-00000201 carries
+    ``success_action_status``, ``Content-Disposition`` and ``x-oss-meta-*``
+    fields its policy never mentions.  So a field left out of the conditions
+    is the browser's to set, and a browser could add its own ``callback``
+    (around the ``callback_urls`` allowlist), make the object public with
+    ``x-oss-object-acl`` or drop ``x-oss-forbid-overwrite``.  A presigned URL
+    allows none of that (every ``x-oss-*`` header is signed), so each of these
+    fields gets an ``eq`` condition here, and the broker returns its value.
+
+    A field a condition names MUST be in the form
+    (https://help.aliyun.com/en/oss/user-guide/0006-00000226), so a policy
+    cannot say "absent".  "No callback" and "no redirect" are therefore pinned
+    to the empty value, which names no URL: OSS has nothing to call or
+    redirect to (S3, whose POST form OSS follows, "acts as if the field is not
+    present" when it cannot interpret the redirect URL:
+    https://docs.aws.amazon.com/AmazonS3/latest/API/RESTObjectPOST.html), and
+    should OSS instead refuse an empty field, the upload fails closed.  Either
+    way a browser can never substitute a value of its own.
+    """
+    callback = "" if body.callback is None else callback_header(policy, body.callback)
+    return {
+        # "default": the object inherits the bucket's ACL, as with a presigned PUT.
+        "x-oss-object-acl": "default",
+        "x-oss-forbid-overwrite": "true" if body.forbid_overwrite else "false",
+        "success_action_redirect": "",
+        "callback": callback,
+    }
 
 
 def _size_limit(body: PostPolicyBody, policy: Policy) -> int:

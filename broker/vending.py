@@ -12,6 +12,7 @@ and the lifetime is clamped to what it has left (``Expiry.clamped``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,13 +24,14 @@ import structlog
 from broker import signing
 from broker.auth import quota_key, role_session_name
 from broker.credentials.cache import CacheResult
-from broker.errors import AccessDenied, RequestInvalid, TemplateValueRejected
+from broker.errors import AccessDenied, AuthenticationFailed, RequestInvalid, TemplateValueRejected
 from broker.models import AssumeRoleRequest, Credentials, Principal
 from broker.names import POLICY_NAME, POLICY_NAME_RULE
 from broker.policies import Policy, PolicySet, Scope
 from broker.services import Services
 from broker.signing import OssEndpoint
 from broker.uploads import (
+    ADDITIONAL_HEADERS,
     OPERATIONS,
     Expiry,
     PostPolicyBody,
@@ -39,8 +41,8 @@ from broker.uploads import (
     oss_endpoint,
     post_policy_conditions,
     presign_headers,
+    presign_query,
     resolve_operation,
-    sub_resources,
     wanted_validity,
 )
 
@@ -167,7 +169,11 @@ async def issue_credentials(
 
 
 async def presign_url(services: Services, principal: Principal, body: PresignBody) -> SignedUrl:
-    """A V4 presigned URL for one operation on one key under the caller's prefix."""
+    """A V4 presigned URL for one operation on one key under the caller's prefix.
+
+    The policy's upload guards and a GET's ``response-*`` overrides are signed
+    (``broker.uploads``): the URL's user can change none of them.
+    """
     scope = usable_scope(services.policies, principal, body.policy)
     policy = scope.policy
     operation = resolve_operation(body.method, body.operation)
@@ -176,7 +182,7 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
         raise AccessDenied(f"policy {policy.name} does not allow {operation}")
     key = check_key(body.key, scope.prefix)
     headers = presign_headers(body, policy, operation)
-    query = sub_resources(operation, body)
+    query = presign_query(body, policy, operation)
     signer = await _signer(services, principal, scope, body.expires_seconds)
     request = signing.PresignInput(
         method=spec.method,
@@ -187,6 +193,7 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
         expires_seconds=signer.expiry.seconds,
         headers=headers,
         query=query,
+        additional_headers=ADDITIONAL_HEADERS,
     )
     signed = signing.presign(signer.credentials, request, signer.signed_at)
     _log_signed("url_presigned", signer, operation=operation, key=key)
@@ -233,14 +240,7 @@ async def _credentials(
     *,
     min_ttl_is_preference: bool = False,
 ) -> CacheResult:
-    policy = scope.policy
-    assume = AssumeRoleRequest(
-        role_arn=policy.role_arn,
-        policy=scope.document,
-        duration_seconds=policy.duration_seconds,
-        role_session_name=role_session_name(principal),
-        external_id=policy.external_id,
-    )
+    assume = _assume_request(services, principal, scope)
     result = await services.cache.get(
         assume,
         min_ttl_seconds=min_ttl,
@@ -251,6 +251,37 @@ async def _credentials(
         services.metrics.stale_served.inc()
         log.warning("stale_credentials_served", access_key_id=result.credentials.access_key_id)
     return result
+
+
+def _assume_request(services: Services, principal: Principal, scope: Scope) -> AssumeRoleRequest:
+    """What to ask STS for: with ``federation: oidc``, the caller's own token (JWT callers only).
+
+    The federated key names the provider, the token's issuer and the subject, so
+    two users never share credentials and one user's concurrent misses share one
+    call.  A token about to expire is refused here (401): STS must not get it.
+    """
+    policy = scope.policy
+    assume = AssumeRoleRequest(
+        role_arn=policy.role_arn,
+        policy=scope.document,
+        duration_seconds=policy.duration_seconds,
+        role_session_name=role_session_name(principal),
+        external_id=policy.external_id,
+    )
+    if policy.federation != "oidc":
+        return assume
+    token = principal.oidc_token
+    if principal.auth_method != "jwt" or token is None:
+        raise AccessDenied(f"policy {policy.name} is federated: only OIDC (JWT) callers may use it")
+    if token.expires_at - services.clock() <= services.settings.cache.refresh_margin_seconds:
+        raise AuthenticationFailed("the bearer token expires too soon; get a fresh one")
+    federation = f"oidc {policy.oidc_provider_arn} {token.issuer} {principal.subject}"
+    return dataclasses.replace(
+        assume,
+        oidc_provider_arn=policy.oidc_provider_arn,
+        federation=federation,
+        oidc_token=token,
+    )
 
 
 async def _signer(

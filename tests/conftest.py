@@ -133,6 +133,30 @@ def make_settings(sts_url: str, policies_dir: Path = POLICIES_DIR, **overrides: 
 
 BrokerFactory = Callable[..., Awaitable[BrokerHarness]]
 
+GUARDED_POLICY = """\
+name: guarded-uploads
+description: Services add CSV files of up to 1000 bytes and never replace one.
+role_arn: acs:ram::1234567890123456:role/oss-service-uploads
+bucket: examplebucket
+region: cn-hangzhou
+prefix: "guarded/${subject}/"
+actions: [put, multipart, get, delete]
+duration_seconds: 3600
+max_url_expires_seconds: 600
+content_types: [text/csv]
+max_object_bytes: 1000
+forbid_overwrite: true
+callers: ["group:internal"]
+"""
+
+
+def write_guarded_policies(directory: Path) -> Path:
+    """``guarded-uploads`` (forbid_overwrite, 1000 bytes) and ``free-uploads`` (neither)."""
+    (directory / "guarded-uploads.yaml").write_text(GUARDED_POLICY)
+    free = GUARDED_POLICY.replace("guarded", "free").replace("forbid_overwrite: true\n", "")
+    (directory / "free-uploads.yaml").write_text(free.replace("max_object_bytes: 1000\n", ""))
+    return directory
+
 
 async def start_test_server(services: Services, **options: Any) -> TestServer:
     """The broker on 127.0.0.1 with the production runner options (no access log, limits).
@@ -190,29 +214,35 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: run `bash tools/install-system-deps.sh`")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-        quiet = subprocess.DEVNULL
-        self._proc = subprocess.Popen(args, stdout=quiet, stderr=quiet)  # noqa: S603 - which()
-        self._wait_ready()
+        # A port free a moment ago can be taken by another process before redis binds it
+        # (a busy machine runs many suites): then redis exits, and another port is tried.
+        for _ in range(3):
+            self.port = free_port()
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+            args = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+            args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+            quiet = subprocess.DEVNULL
+            self._proc = subprocess.Popen(args, stdout=quiet, stderr=quiet)  # noqa: S603 - which()
+            if self._started():
+                return
+        pytest.fail(f"redis-server exited with {self._proc.returncode} on three free ports")
 
-    def _wait_ready(self, seconds: float = 10.0) -> None:
+    def _started(self, seconds: float = 30.0) -> bool:
+        """True once it answers PING; False if it exited (its port was taken)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {self._proc.returncode}")
+                return False
             with (
                 contextlib.suppress(OSError),
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
             ):
                 sock.sendall(b"PING\r\n")
                 if sock.recv(16).startswith(b"+PONG"):
-                    return
+                    return True
             time.sleep(0.02)
         self.stop()
-        pytest.fail("redis-server did not answer PING within 10 s")
+        pytest.fail(f"redis-server did not answer PING within {seconds:.0f} s")
 
     def stop(self) -> None:
         """Kill the server (SIGKILL: no goodbye to clients) and reap it."""

@@ -18,6 +18,7 @@ from broker.auth import (
     ApiKeyAuthenticator,
     Authenticator,
     CertificateAuthenticator,
+    Revocations,
     allowance,
     api_key_authenticator,
     certificate_authenticator,
@@ -25,6 +26,7 @@ from broker.auth import (
     generate_api_key,
     hash_api_key,
     quota_key,
+    revoked_session_names,
     role_session_name,
 )
 from broker.config import ApiKeyAllowSettings, Settings
@@ -391,3 +393,26 @@ async def test_two_authorization_headers_are_400(broker: BrokerHarness) -> None:
         broker, raw_request(b"/v1/policies", bearer_header(), b"Authorization: Bearer someone-else")
     )
     assert raw_status(reply) == 400
+
+
+def test_revocations_keep_configured_ids_and_jwt_subjects_apart() -> None:
+    """A revoked id refuses API-key and mTLS callers only; a revoked subject, JWT users only."""
+    revoked = Revocations(callers=frozenset({"alice"}), subjects=frozenset({"bob"}))
+    assert revoked.refuses(Principal("alice"))
+    assert revoked.refuses(Principal("alice", auth_method="mtls"))
+    assert not revoked.refuses(Principal("alice", auth_method="jwt"))
+    assert revoked.refuses(Principal("bob", auth_method="jwt"))
+    assert not revoked.refuses(Principal("bob"))
+    assert revoked_session_names(revoked) == {"alice", "u.bob"}
+
+
+async def test_revoked_key_is_refused_as_an_unknown_key() -> None:
+    """A revoked API key gets the same AuthenticationFailed as a key nobody configured."""
+    keys = ApiKeyAuthenticator({"alice": hash_api_key("k-alice"), "svc": hash_api_key("k-svc")}, {})
+    authenticator = Authenticator(keys, revoked=Revocations(callers=frozenset({"alice"})))
+    with pytest.raises(AuthenticationFailed) as revoked:
+        await authenticator.authenticate("k-alice")
+    with pytest.raises(AuthenticationFailed) as unknown:
+        await authenticator.authenticate("k-nobody")
+    assert (revoked.value.status, str(revoked.value)) == (unknown.value.status, str(unknown.value))
+    assert (await authenticator.authenticate("k-svc")).subject == "svc"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -170,3 +171,22 @@ def test_allow_naming_a_missing_policy_warns(
 def _line_of(path: Path, start: str) -> int:
     lines = path.read_text().splitlines()
     return 1 + next(index for index, line in enumerate(lines) if line.startswith(start))
+
+
+def _readme_policies() -> list[str]:
+    """The YAML blocks of policies/README.md that are whole policy files."""
+    text = (POLICIES_DIR / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
+    return [block for block in blocks if block.startswith("name:") and "role_arn:" in block]
+
+
+def test_policies_readme_examples_pass_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every worked policy in policies/README.md (forbid_overwrite's too) passes check."""
+    examples = _readme_policies()
+    assert any("forbid_overwrite: true" in block for block in examples)
+    for index, block in enumerate(examples):
+        path = tmp_path / f"example-{index}.yaml"
+        path.write_text(block)
+        assert main(["check", str(path)]) == 0, capsys.readouterr().err

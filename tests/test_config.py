@@ -115,7 +115,7 @@ def test_source_is_not_a_config_key(tmp_path: Path) -> None:
     path = _write(tmp_path, "listen: {port: 1}\nsource: /etc/passwd\n")
     [problem] = _problems(path)
     assert problem.startswith(f"{path}:2: source: unknown key"), problem
-    assert "allowed keys: auth, cache," in problem
+    assert "allowed keys: admin, auth, cache," in problem
 
 
 @pytest.mark.parametrize(

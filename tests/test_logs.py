@@ -16,6 +16,7 @@ import secrets
 import string
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
@@ -99,7 +100,8 @@ async def test_no_secret_from_signing_metrics_or_reload(
 ) -> None:
     """Presign, post-policy, /metrics and a failed reload log no signature, token or key."""
     headers = broker.auth("alice")
-    presign = {"policy": "avatar-upload", "key": "avatars/alice/a.png", "content_type": "image/png"}
+    presign: dict[str, Any] = {"policy": "avatar-upload", "key": "avatars/alice/a.png"}
+    presign |= {"content_type": "image/png", "content_length": 1024}  # a size limit: signed
     async with broker.client.post("/v1/presign", json=presign, headers=headers) as resp:
         signed = await resp.json()
     form_body = {"policy": "avatar-upload", "content_type": "image/png"}
@@ -112,7 +114,7 @@ async def test_no_secret_from_signing_metrics_or_reload(
     (broken / "bad.yaml").write_text(f"name: [unclosed {CALLERS['alice'][0]}\n")
     settings = broker.services.settings
     broker.services.settings = settings.model_copy(update={"policies_dir": broken})
-    assert reload_policies(broker.services) is False
+    assert await reload_policies(broker.services) is False
     broker.services.settings = settings
     query = parse_qs(urlsplit(signed["url"]).query)
     canaries = [

@@ -255,7 +255,7 @@ async def _request(broker: BrokerHarness, method: str, path: str, **kwargs: Any)
 async def _drive_every_kind(broker: BrokerHarness) -> None:
     """One request of each kind, and the failures the alerts watch for."""
     svc_a, alice = broker.auth("svc-a"), broker.auth("alice")
-    presign = {"policy": "service-uploads", "key": "services/svc-a/report.csv", "method": "PUT"}
+    presign = {"policy": "service-uploads", "key": "services/svc-a/report.csv", "method": "GET"}
     calls = [
         ("GET", "/v1/credentials/service-uploads", {"headers": svc_a}, 200),  # STS success
         ("POST", "/v1/presign", {"headers": svc_a, "json": presign}, 200),

@@ -9,7 +9,7 @@ import hmac
 import json
 import secrets
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,22 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from structlog.testing import capture_logs
 
 from broker.config import JwtSettings
-from broker.errors import AuthenticationFailed, TemplateValueRejected
+from broker.errors import AuthenticationFailed, IdentityProviderUnavailable, TemplateValueRejected
 from broker.oidc import MAX_TOKEN_CHARS, JwksSource, JwtVerifier, looks_like_jwt
-from tests.conftest import POLICIES_DIR, BrokerFactory, BrokerHarness, FakeClock, write_jwks
+from tests.conftest import (
+    POLICIES_DIR,
+    BrokerFactory,
+    BrokerHarness,
+    FakeClock,
+    free_port,
+    write_jwks,
+)
 from tests.wire import error_code, send
 
 ISSUER = "https://idp.example.com/"
 AUDIENCE = "upload-web"
 COOLDOWN = 60.0
+RETRY = 5.0
 MAX_AGE = 3600.0
 
 
@@ -157,6 +165,7 @@ def harness(jwks_server: JwksServer, clock: FakeClock) -> Harness:
         jwks_url=jwks_server.url,
         clock=clock,
         refetch_cooldown_seconds=COOLDOWN,
+        retry_seconds=RETRY,
         max_age_seconds=MAX_AGE,
         timeout_seconds=2,
     )
@@ -464,17 +473,156 @@ async def test_failed_fetch_keeps_previous_keys(harness: Harness, keys: Keys) ->
     assert token not in repr(logs)
 
 
-async def test_first_fetch_failure_is_401_and_rate_limited(harness: Harness, keys: Keys) -> None:
-    """With no keys and a failing URL, tokens get 401 and the URL is asked once per cooldown."""
+async def test_first_fetch_failure_is_503_and_retried_seconds_later(
+    harness: Harness, keys: Keys
+) -> None:
+    """No keys and a failing URL: 503 with Retry-After, one fetch per RETRY, then recovery."""
     harness.server.status = 503
     token = sign(claims(harness.clock), keys.rsa)
     for _ in range(10):
-        with pytest.raises(AuthenticationFailed):
+        with pytest.raises(IdentityProviderUnavailable) as err:
             await harness.verifier.verify(token)
+        assert err.value.retry_after_seconds == RETRY
     assert harness.server.hits == 1
     harness.server.status = 200
-    harness.clock.advance(COOLDOWN + 1)
+    harness.clock.advance(RETRY - 1)
+    with pytest.raises(IdentityProviderUnavailable) as err:
+        await harness.verifier.verify(token)
+    assert err.value.retry_after_seconds == 1
+    harness.clock.advance(1)  # RETRY after the failure, far less than the cooldown
     assert (await harness.verifier.verify(token)).subject == "alice"
+    assert harness.server.hits == 2
+
+
+# --- identity provider outages: a real JWKS server switched off, on and slow ---
+
+
+class SwitchableJwks:
+    """A JWKS endpoint on 127.0.0.1 that a test switches off (connection refused), on, or slow.
+
+    While ``slow``, each request waits for ``release`` (set by the test, or at close).
+    """
+
+    def __init__(self, jwks: dict[str, Any]) -> None:
+        self.jwks = jwks
+        self.hits = 0
+        self.slow = False
+        self.release = asyncio.Event()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/jwks"
+        app = web.Application()
+        app.router.add_get("/jwks", self._serve)
+        self._runner = web.AppRunner(app)
+        self._site: web.TCPSite | None = None
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        if self.slow:
+            await self.release.wait()
+        return web.json_response(self.jwks)
+
+    async def switch_on(self) -> None:
+        if self._runner.server is None:
+            await self._runner.setup()
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await self._site.start()
+
+    async def switch_off(self) -> None:
+        """Close the listening socket: the next connection is refused."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def close(self) -> None:
+        self.release.set()
+        await self._runner.cleanup()
+
+
+@pytest.fixture
+async def idp(keys: Keys) -> AsyncIterator[SwitchableJwks]:
+    server = SwitchableJwks({"keys": [rsa_jwk(keys.rsa, "rsa-1")]})
+    await server.switch_on()
+    yield server
+    await server.close()
+
+
+def outage_source(idp: SwitchableJwks, clock: FakeClock, timeout: float = 2.0) -> JwksSource:
+    return JwksSource(
+        jwks_url=idp.url,
+        clock=clock,
+        refetch_cooldown_seconds=COOLDOWN,
+        retry_seconds=RETRY,
+        max_age_seconds=MAX_AGE,
+        timeout_seconds=timeout,
+    )
+
+
+async def test_unreachable_provider_is_503_then_recovers_without_a_cooldown(
+    idp: SwitchableJwks, keys: Keys, clock: FakeClock
+) -> None:
+    """Connection refused: 503 for all (one shared attempt); RETRY s after it comes back, 200."""
+    source = outage_source(idp, clock)
+    verifier = JwtVerifier(settings(), source, clock=clock)
+    await idp.switch_off()
+    token = sign(claims(clock), keys.rsa)
+    results = await asyncio.gather(
+        *(verifier.verify(token) for _ in range(20)), return_exceptions=True
+    )
+    assert all(isinstance(result, IdentityProviderUnavailable) for result in results)
+    assert source.fetches == 1
+    await idp.switch_on()
+    clock.advance(RETRY)
+    assert (await verifier.verify(token)).subject == "alice"
+    assert (source.fetches, idp.hits) == (2, 1)
+
+
+async def test_slow_provider_is_cut_off_by_the_timeout(
+    idp: SwitchableJwks, keys: Keys, clock: FakeClock
+) -> None:
+    """A JWKS answer that never comes is abandoned at timeout_seconds: 503, one shared request."""
+    source = outage_source(idp, clock, timeout=0.2)
+    verifier = JwtVerifier(settings(), source, clock=clock)
+    idp.slow = True
+    token = sign(claims(clock), keys.rsa)
+    results = await asyncio.gather(
+        *(verifier.verify(token) for _ in range(20)), return_exceptions=True
+    )
+    assert all(isinstance(result, IdentityProviderUnavailable) for result in results)
+    assert (source.fetches, idp.hits) == (1, 1)
+    idp.slow = False
+    clock.advance(RETRY)
+    assert (await verifier.verify(token)).subject == "alice"
+
+
+async def test_a_long_outage_asks_the_provider_once_per_retry_seconds(
+    idp: SwitchableJwks, keys: Keys, clock: FakeClock
+) -> None:
+    """Requests every second through a 60 s outage cause one attempt per RETRY seconds."""
+    source = outage_source(idp, clock)
+    verifier = JwtVerifier(settings(), source, clock=clock)
+    await idp.switch_off()
+    for _ in range(60):
+        token = sign(claims(clock), keys.rsa)
+        with pytest.raises(IdentityProviderUnavailable):
+            await verifier.verify(token)
+        clock.advance(1)
+    assert source.fetches == 60 / RETRY
+
+
+async def test_outage_keeps_cached_keys_and_makes_unknown_kids_503(
+    idp: SwitchableJwks, keys: Keys, clock: FakeClock
+) -> None:
+    """During an outage cached keys still verify known kids; an unknown kid is 503, not 401."""
+    source = outage_source(idp, clock)
+    verifier = JwtVerifier(settings(), source, clock=clock)
+    assert (await verifier.verify(sign(claims(clock), keys.rsa))).subject == "alice"
+    await idp.switch_off()
+    clock.advance(MAX_AGE + 1)  # stale, and past the cooldown
+    assert (await verifier.verify(sign(claims(clock), keys.rsa))).subject == "alice"
+    rotated = sign(claims(clock), keys.rsa_new, kid="rsa-2")
+    with pytest.raises(IdentityProviderUnavailable):
+        await verifier.verify(rotated)
+    assert source.fetches == 2  # the stale refresh failed; the new kid waits for RETRY
 
 
 @pytest.mark.parametrize(

@@ -205,6 +205,7 @@ BAD_FILES = [
     ("duplicate_content_type.yaml", 11, "content_types", "listed twice"),
     ("max_bytes_range.yaml", 11, "max_object_bytes", "allowed: 1..5368709120"),
     ("bad_external_id.yaml", 11, "external_id", "2-1224 of"),
+    ("string_forbid_overwrite.yaml", 11, "forbid_overwrite", "valid boolean"),
 ]
 
 
@@ -485,3 +486,19 @@ def test_scope_memo_ignores_claims_no_prefix_uses() -> None:
         assert scope is not None
         assert scope.prefix == "avatars/alice/"
     assert len(policies._scopes) == 1
+
+
+def test_federation_oidc_needs_a_provider_arn_and_the_arn_needs_federation() -> None:
+    """``federation: oidc`` and ``oidc_provider_arn`` go together; a malformed ARN is refused."""
+    arn = "acs:ram::1234567890123456:oidc-provider/my-idp"
+    policy = make_policy(federation="oidc", oidc_provider_arn=arn)
+    assert (policy.federation, policy.oidc_provider_arn) == ("oidc", arn)
+    assert make_policy().federation == "none"
+    for changes in (
+        {"federation": "oidc"},
+        {"oidc_provider_arn": arn},
+        {"federation": "oidc", "oidc_provider_arn": "acs:ram::1:role/x"},
+        {"federation": "saml", "oidc_provider_arn": arn},
+    ):
+        with pytest.raises(pydantic.ValidationError):
+            make_policy(**changes)

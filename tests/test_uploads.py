@@ -7,21 +7,37 @@ Hypothesis properties of the pure functions.
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
 import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.auth import hash_api_key
+from broker.dev.stack import DevStack, dev_stack
 from broker.errors import AccessDenied, RequestInvalid
 from broker.names import is_caller_id
-from broker.policies import Policy, load_policies
+from broker.policies import Policy, PolicySet, load_policies
 from broker.signing import MAX_EXPIRES_SECONDS
-from broker.uploads import MAX_KEY_BYTES, check_key, clamp_expiry
-from tests.conftest import POLICIES_DIR, BrokerHarness
+from broker.uploads import (
+    MAX_KEY_BYTES,
+    PostForm,
+    PostPolicyBody,
+    check_key,
+    clamp_expiry,
+    post_policy_conditions,
+)
+from tests.conftest import POLICIES_DIR, BrokerHarness, FakeClock, start_test_server
 from tests.wire import POST_POLICY, PRESIGN, error_code, post_json
 
 _BOUNDED = settings(max_examples=200, deadline=None, database=None)
@@ -325,3 +341,149 @@ def test_clamp_expiry_never_outlives_request_cap_week_or_token(
     assert expiry.seconds == min(asked, cap, math.floor(remaining))
     assert expiry.requested_seconds == min(asked, MAX_EXPIRES_SECONDS)
     assert expiry.clamped == (expiry.seconds < asked)
+
+
+# --- post policies pin every security-relevant field ---
+
+_CALLBACK_URL = "https://cb.example.com/uploaded"
+_PINNED = {"x-oss-object-acl", "x-oss-forbid-overwrite", "success_action_redirect", "callback"}
+
+
+def _with_callback_urls(policy: Policy) -> Policy:
+    return policy.model_copy(update={"callback_urls": (_CALLBACK_URL,)})
+
+
+def _form(**body: Any) -> PostForm:
+    policy = _with_callback_urls(_avatar_policy())
+    return post_policy_conditions(
+        PostPolicyBody.model_validate({**POST_POLICY, **body}), policy, "avatars/alice/"
+    )
+
+
+def test_post_policy_pins_acl_overwrite_redirect_and_callback() -> None:
+    """Without asking: ACL "default", overwrite "false", no redirect and no callback, each eq."""
+    form = _form()
+    assert ["eq", "$x-oss-object-acl", "default"] in form.conditions
+    assert ["eq", "$x-oss-forbid-overwrite", "false"] in form.conditions
+    assert ["eq", "$success_action_redirect", ""] in form.conditions
+    assert ["eq", "$callback", ""] in form.conditions
+    assert {name: form.fields[name] for name in _PINNED} == {
+        "x-oss-object-acl": "default",
+        "x-oss-forbid-overwrite": "false",
+        "success_action_redirect": "",
+        "callback": "",
+    }
+
+
+def test_post_policy_signs_an_allowed_callback_and_forbid_overwrite() -> None:
+    """An allowlisted callback is the only callback the form takes; forbid_overwrite pins "true"."""
+    callback = {"url": _CALLBACK_URL, "body": "key=${object}"}
+    form = _form(callback=callback, forbid_overwrite=True)
+    encoded = form.fields["callback"]
+    assert json.loads(base64.b64decode(encoded)) == {
+        "callbackUrl": _CALLBACK_URL,
+        "callbackBody": "key=${object}",
+        "callbackBodyType": "application/x-www-form-urlencoded",
+    }
+    assert ["eq", "$callback", encoded] in form.conditions
+    assert ["eq", "$x-oss-forbid-overwrite", "true"] in form.conditions
+
+
+def test_post_policy_refuses_a_callback_outside_the_allowlist() -> None:
+    """A callback URL the policy does not list is 403, as for presign."""
+    with pytest.raises(AccessDenied, match="callback_urls"):
+        _form(callback={"url": "https://evil.example.com/", "body": "x"})
+
+
+@dataclass
+class _Oss:
+    """The OSS and STS emulators as real servers, and a broker on a socket in front of them."""
+
+    dev: DevStack
+    client: TestClient[Any, Any]
+
+    async def form(self, **body: Any) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {_ALICE_E2E_KEY}"}
+        request = {**POST_POLICY, "max_object_bytes": 1000, **body}
+        async with self.client.post("/v1/post-policy", json=request, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            reply: dict[str, Any] = await resp.json()
+            return reply
+
+    async def upload(self, form: dict[str, Any], fields: dict[str, str]) -> tuple[int, str]:
+        data = aiohttp.FormData()
+        for name, value in fields.items():
+            data.add_field(name, value)
+        data.add_field("file", b"\x89PNG....", filename="face.png", content_type="image/png")
+        async with aiohttp.ClientSession() as session, session.post(form["host"], data=data) as r:
+            return r.status, await r.text()
+
+
+_ALICE_E2E_KEY = "canary-post-pins-alice"
+
+
+@pytest.fixture
+async def oss(tmp_path: Path, clock: FakeClock, aiohttp_client: Any) -> AsyncIterator[_Oss]:
+    avatar = _with_callback_urls(_avatar_policy())
+    policies = PolicySet({avatar.name: avatar})
+    alice = {"id": "alice", "key_sha256": hash_api_key(_ALICE_E2E_KEY), "groups": ["browser"]}
+    async with dev_stack(
+        policies, POLICIES_DIR, tmp_path / "oss", port=0, clock=clock, extra_api_keys=[alice]
+    ) as dev:
+        client = await aiohttp_client(await start_test_server(dev.services))
+        yield _Oss(dev, client)
+
+
+_EVIL_CALLBACK = base64.b64encode(
+    json.dumps({"callbackUrl": "https://evil.example.com/", "callbackBody": "user=bob"}).encode()
+).decode()
+
+
+@pytest.mark.parametrize("version", ["v4", "v1"])
+@pytest.mark.parametrize(
+    ("body", "tamper"),
+    [
+        ({}, {"callback": _EVIL_CALLBACK}),
+        ({"callback": {"url": _CALLBACK_URL, "body": "k=${object}"}}, {"callback": _EVIL_CALLBACK}),
+        ({}, {"x-oss-object-acl": "public-read"}),
+        ({}, {"success_action_redirect": "https://evil.example.com/"}),
+        ({"forbid_overwrite": True}, {"x-oss-forbid-overwrite": None}),
+        ({"forbid_overwrite": True}, {"x-oss-forbid-overwrite": "false"}),
+    ],
+    ids=["added-callback", "swapped-callback", "acl", "redirect", "dropped-fwo", "false-fwo"],
+)
+async def test_oss_refuses_a_form_with_a_changed_pinned_field(
+    oss: _Oss, version: str, body: dict[str, Any], tamper: dict[str, str | None]
+) -> None:
+    """At the OSS emulator: a changed callback, ACL, redirect or overwrite flag is 403."""
+    form = await oss.form(signature_version=version, **body)
+    fields = {**form["fields"], **tamper}
+    status, text = await oss.upload(form, {k: v for k, v in fields.items() if v is not None})
+    assert status == 403, text
+    assert "Invalid according to Policy: Policy Condition failed" in text
+    assert oss.dev.oss.read_object("examplebucket", "avatars/alice/face.png") is None
+
+
+async def test_oss_takes_the_form_as_given_and_honours_forbid_overwrite(oss: _Oss) -> None:
+    """The untouched form uploads; with forbid_overwrite a second upload to the key is refused."""
+    form = await oss.form(key="avatars/alice/face.png", forbid_overwrite=True)
+    status, text = await oss.upload(form, form["fields"])
+    assert status == 204, text
+    assert oss.dev.oss.read_object("examplebucket", "avatars/alice/face.png") == b"\x89PNG...."
+    status, text = await oss.upload(form, form["fields"])
+    assert status == 409, text
+    assert "FileAlreadyExists" in text
+
+
+async def test_oss_gets_exactly_the_callback_the_policy_allows(oss: _Oss) -> None:
+    """A requested, allowlisted callback reaches OSS as signed (the emulator records, not calls)."""
+    callback = {"url": _CALLBACK_URL, "body": "object=${object}"}
+    form = await oss.form(key="avatars/alice/face.png", callback=callback)
+    status, text = await oss.upload(form, form["fields"])
+    assert status == 203, text  # OSS's answer when the callback does not succeed
+    [recorded] = oss.dev.oss.callbacks
+    assert (recorded.key, recorded.callback["callbackUrl"]) == (
+        "avatars/alice/face.png",
+        _CALLBACK_URL,
+    )
+    assert recorded.callback["callbackBody"] == "object=${object}"

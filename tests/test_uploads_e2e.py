@@ -17,7 +17,7 @@ from alibabacloud_oss_v2.aio import AsyncClient
 from broker.auth import hash_api_key
 from broker.dev.stack import DevStack, dev_stack
 from broker.policies import load_policies
-from tests.conftest import POLICIES_DIR, FakeClock, start_test_server
+from tests.conftest import POLICIES_DIR, FakeClock, start_test_server, write_guarded_policies
 
 CALLER_KEYS = {"svc-a": "canary-e2e-svc-a", "alice": "canary-e2e-alice"}
 
@@ -129,17 +129,19 @@ async def test_presigned_put_lands_and_is_bound_to_key_and_content_type(stack: S
     """A presigned PUT stores the bytes; reused for another key or Content-Type it is refused."""
     signed = await stack.post(
         "/v1/presign",
-        {"policy": "avatar-upload", "key": "avatars/alice/me.png", "content_type": "image/png"},
+        {"policy": "avatar-upload", "key": "avatars/alice/me.png", "content_type": "image/png"}
+        | {"content_length": 6},
         caller="alice",
     )
     status, _, _ = await _send("PUT", signed["url"], signed["signed_headers"], b"\x89PNG-1")
     assert status == 200
     assert stack.dev.oss.read_object("examplebucket", "avatars/alice/me.png") == b"\x89PNG-1"
     other_key = signed["url"].replace("avatars/alice/me.png", "avatars/alice/other.png")
-    status, text, _ = await _send("PUT", other_key, signed["signed_headers"], b"x")
+    status, text, _ = await _send("PUT", other_key, signed["signed_headers"], b"xxxxxx")
     assert status == 403
     assert "SignatureDoesNotMatch" in text
-    status, text, _ = await _send("PUT", signed["url"], {"Content-Type": "text/html"}, b"<p>")
+    html = {"Content-Type": "text/html", "Content-Length": "6"}
+    status, text, _ = await _send("PUT", signed["url"], html, b"<p>hi!")
     assert status == 403
     assert "SignatureDoesNotMatch" in text
     assert stack.dev.oss.read_object("examplebucket", "avatars/alice/me.png") == b"\x89PNG-1"
@@ -159,7 +161,8 @@ async def test_clamped_url_dies_with_its_short_lived_token(
     stack.dev.services.policies = load_policies(tmp_path)
     signed = await stack.post(
         "/v1/presign",
-        {"policy": "long-urls", "key": "services/svc-a/big.bin", "expires_seconds": 3600},
+        {"policy": "long-urls", "key": "services/svc-a/big.bin", "expires_seconds": 3600}
+        | {"content_length": 5},
     )
     assert signed["clamped"] is True
     assert signed["requested_expires_seconds"] == 3600
@@ -168,7 +171,7 @@ async def test_clamped_url_dies_with_its_short_lived_token(
     status, _, _ = await _send("PUT", signed["url"], signed["signed_headers"], b"early")
     assert status == 200
     stack.clock.advance(101)
-    status, text, _ = await _send("PUT", signed["url"], signed["signed_headers"], b"late")
+    status, text, _ = await _send("PUT", signed["url"], signed["signed_headers"], b"late!")
     assert status == 403
     assert "expired" in text.lower()
 
@@ -186,7 +189,8 @@ async def test_three_part_multipart_upload_with_presigned_urls_only(stack: Stack
     for number, data in enumerate(parts, start=1):
         part = await stack.post(
             "/v1/presign",
-            {**base, "operation": "upload_part", "upload_id": upload_id, "part_number": number},
+            {**base, "operation": "upload_part", "upload_id": upload_id, "part_number": number}
+            | {"content_length": len(data)},
         )
         status, text, headers = await _send("PUT", part["url"], part["signed_headers"], data)
         assert status == 200, text
@@ -241,3 +245,155 @@ async def test_post_policy_form_uploads(stack: Stack, version: str) -> None:
     status, text = await post(b"x" * 1001)
     assert status == 400
     assert "EntityTooLarge" in text
+
+
+# --- upload guards and downloads: policies/README.md "Upload guards" -------------
+
+
+@pytest.fixture
+async def guarded(stack: Stack, tmp_path: Path) -> Stack:
+    """The stack serving guarded-uploads (no overwrites, 1000 bytes) and free-uploads."""
+    policies_dir = tmp_path / "policies"
+    policies_dir.mkdir()
+    stack.dev.services.policies = load_policies(write_guarded_policies(policies_dir))
+    return stack
+
+
+async def _upload(url: str, signed_headers: dict[str, str], data: bytes) -> tuple[int, str]:
+    """Send the signed headers as a browser's fetch() does: its own Content-Length, from data."""
+    sent = {name: value for name, value in signed_headers.items() if name != "Content-Length"}
+    status, text, _ = await _send("PUT", url, sent, data)
+    return status, text
+
+
+async def _presign_csv(stack: Stack, key: str, size: int) -> dict[str, Any]:
+    body = {"policy": "guarded-uploads", "key": key, "content_type": "text/csv"}
+    result: dict[str, Any] = await stack.post("/v1/presign", {**body, "content_length": size})
+    return result
+
+
+async def test_forbid_overwrite_refuses_a_second_presigned_put(guarded: Stack) -> None:
+    """Under forbid_overwrite a second presigned PUT to a key is 409 and the first bytes stay."""
+    key = "guarded/svc-a/day.csv"
+    first = await _presign_csv(guarded, key, 4)
+    assert await _upload(first["url"], first["signed_headers"], b"a,b\n") == (200, "")
+    second = await _presign_csv(guarded, key, 4)
+    status, text = await _upload(second["url"], second["signed_headers"], b"c,d\n")
+    assert (status, "FileAlreadyExists" in text) == (409, True), text
+    unforbidden = dict(second["signed_headers"])
+    del unforbidden["x-oss-forbid-overwrite"]  # the uploader cannot opt out: it is signed
+    status, text = await _upload(second["url"], unforbidden, b"c,d\n")
+    assert (status, "SignatureDoesNotMatch" in text) == (403, True), text
+    assert guarded.dev.oss.read_object("examplebucket", key) == b"a,b\n"
+
+
+async def test_forbid_overwrite_refuses_multipart_initiate_and_completion(guarded: Stack) -> None:
+    """Initiate onto an existing key is 409; so is Complete when the key appeared meanwhile."""
+    key, base = (
+        "guarded/svc-a/big.csv",
+        {"policy": "guarded-uploads", "key": "guarded/svc-a/big.csv"},
+    )
+    init = await guarded.post(
+        "/v1/presign", {**base, "operation": "initiate_multipart", "content_type": "text/csv"}
+    )
+    status, text, _ = await _send("POST", init["url"], init["signed_headers"])
+    assert status == 200, text
+    upload_id = text.split("<UploadId>")[1].split("</UploadId>")[0]
+    part_request = {"operation": "upload_part", "upload_id": upload_id, "part_number": 1}
+    part = await guarded.post("/v1/presign", {**base, **part_request, "content_length": 7})
+    status, text, headers = await _send("PUT", part["url"], part["signed_headers"], b"x,y,z\n.")
+    assert status == 200, text
+    put = await _presign_csv(guarded, key, 4)
+    assert await _upload(put["url"], put["signed_headers"], b"won\n") == (200, "")
+    done = await guarded.post(
+        "/v1/presign", {**base, "operation": "complete_multipart", "upload_id": upload_id}
+    )
+    xml = (
+        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber>"
+        f"<ETag>{headers['etag']}</ETag></Part></CompleteMultipartUpload>"
+    ).encode()
+    status, text, _ = await _send("POST", done["url"], done["signed_headers"], xml)
+    assert (status, "FileAlreadyExists" in text) == (409, True), text
+    status, text, _ = await _send("POST", init["url"], init["signed_headers"])
+    assert (status, "FileAlreadyExists" in text) == (409, True), text
+    assert guarded.dev.oss.read_object("examplebucket", key) == b"won\n"
+
+
+async def test_signed_content_length_binds_the_upload_size(guarded: Stack) -> None:
+    """A URL signed for 10 bytes takes exactly 10: 11 bytes, or no length, is refused."""
+    signed = await _presign_csv(guarded, "guarded/svc-a/ten.csv", 10)
+    assert signed["signed_headers"]["Content-Length"] == "10"
+    status, text = await _upload(signed["url"], signed["signed_headers"], b"0123456789!")
+    assert (status, "SignatureDoesNotMatch" in text) == (403, True), text
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"0123456789"
+
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=["Content-Type"]) as session,
+        session.put(signed["url"], headers={"Content-Type": "text/csv"}, data=stream()) as resp,
+    ):
+        assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
+        text = await resp.text()
+        assert (resp.status, "SignatureDoesNotMatch" in text) == (403, True), text
+    assert guarded.dev.oss.read_object("examplebucket", "guarded/svc-a/ten.csv") is None
+    assert await _upload(signed["url"], signed["signed_headers"], b"0123456789") == (200, "")
+
+
+async def test_raw_credentials_can_still_overwrite(guarded: Stack) -> None:
+    """forbid_overwrite binds signed URLs and forms only: RAM has no key for vended tokens."""
+    async with guarded.client.get(
+        "/v1/credentials/guarded-uploads", headers=guarded.auth("svc-a")
+    ) as resp:
+        creds = await resp.json()
+    client = _sdk(guarded, creds)
+    try:
+        for body in (b"first", b"second"):
+            await client.put_object(
+                oss.PutObjectRequest(bucket="examplebucket", key="guarded/svc-a/raw", body=body)
+            )
+    finally:
+        await client.close()
+    assert guarded.dev.oss.read_object("examplebucket", "guarded/svc-a/raw") == b"second"
+
+
+async def test_presigned_get_applies_its_signed_response_overrides(guarded: Stack) -> None:
+    """OSS answers a presigned GET with the overrides it was signed for, and refuses edits."""
+    key = "guarded/svc-a/report.csv"
+    put = await _presign_csv(guarded, key, 4)
+    assert await _upload(put["url"], put["signed_headers"], b"a,b\n") == (200, "")
+    overrides = {
+        "response_content_disposition": 'attachment; filename="report 2026.csv"',
+        "response_content_type": "text/csv; charset=utf-8",
+        "response_cache_control": "private, max-age=600",
+    }
+    get = await guarded.post(
+        "/v1/presign", {"policy": "guarded-uploads", "key": key, "method": "GET", **overrides}
+    )
+    status, text, headers = await _send("GET", get["url"], {})
+    assert (status, text) == (200, "a,b\n")
+    assert headers["content-disposition"] == overrides["response_content_disposition"]
+    assert headers["content-type"] == overrides["response_content_type"]
+    assert headers["cache-control"] == overrides["response_cache_control"]
+    inline = get["url"].replace("attachment%3B", "inline%3B")
+    assert inline != get["url"]
+    status, text, _ = await _send("GET", inline, {})
+    assert (status, "SignatureDoesNotMatch" in text) == (403, True), text
+
+
+async def test_presigned_head_and_delete(guarded: Stack) -> None:
+    """A presigned HEAD reads an object's headers; a presigned DELETE removes it."""
+    key = "guarded/svc-a/old.csv"
+    put = await _presign_csv(guarded, key, 4)
+    assert await _upload(put["url"], put["signed_headers"], b"a,b\n") == (200, "")
+    base = {"policy": "guarded-uploads", "key": key}
+    head = await guarded.post("/v1/presign", {**base, "method": "HEAD"})
+    status, text, headers = await _send("HEAD", head["url"], {})
+    assert (status, text, headers["content-length"]) == (200, "", "4")
+    assert headers["content-type"] == "text/csv"
+    delete = await guarded.post("/v1/presign", {**base, "method": "DELETE"})
+    status, _, _ = await _send("DELETE", delete["url"], {})
+    assert status == 204
+    assert guarded.dev.oss.read_object("examplebucket", key) is None
+    status, _, _ = await _send("HEAD", head["url"], {})
+    assert status == 404

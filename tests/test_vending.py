@@ -21,7 +21,12 @@ from tests.conftest import SOURCE_KEY_ID, SOURCE_SECRET, FakeClock, StsHarness, 
 
 ALICE = Principal("alice", ("browser",))
 SVC_A = Principal("svc-a", ("internal",))
-AVATAR = {"policy": "avatar-upload", "key": "avatars/alice/me.png", "content_type": "image/png"}
+AVATAR: dict[str, Any] = {
+    "policy": "avatar-upload",
+    "key": "avatars/alice/me.png",
+    "content_type": "image/png",
+    "content_length": 1024,  # avatar-upload limits object sizes: the size is signed
+}
 
 
 @pytest.fixture
@@ -156,7 +161,7 @@ async def test_presign_signs_a_put_for_a_key_under_the_prefix(
     assert signed.url.startswith(
         "https://examplebucket.oss-cn-hangzhou.aliyuncs.com/avatars/alice/me.png?"
     )
-    assert signed.signed_headers == {"Content-Type": "image/png"}
+    assert signed.signed_headers == {"Content-Type": "image/png", "Content-Length": "1024"}
     assert signed.expiration == datetime.fromtimestamp(clock(), UTC) + timedelta(seconds=600)
     assert (signed.expiry.seconds, signed.expiry.clamped) == (600, False)
 
@@ -189,6 +194,7 @@ async def test_presign_clamps_to_the_tokens_remaining_validity(
     """A URL never outlives the token that signs it: the lifetime is clamped and says so."""
     body = PresignBody.model_validate(
         {"policy": "service-uploads", "key": "services/svc-a/f", "expires_seconds": 3600}
+        | {"content_length": 1}
     )
     first = await vending.presign_url(services, SVC_A, body)
     clock.advance(30)  # 3570 s left: still above the 3540 s a fresh token is fetched for

@@ -24,7 +24,12 @@ __all__ = [
     "send_raw",
 ]
 
-PRESIGN = {"policy": "avatar-upload", "key": "avatars/alice/me.png", "content_type": "image/png"}
+PRESIGN = {
+    "policy": "avatar-upload",
+    "key": "avatars/alice/me.png",
+    "content_type": "image/png",
+    "content_length": 1024,
+}
 POST_POLICY = {"policy": "avatar-upload", "content_type": "image/png"}
 ALICE_KEY = CALLERS["alice"][0]
 

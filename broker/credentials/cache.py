@@ -27,6 +27,9 @@ Rules, each pinned by tests/credentials/test_cache.py:
 * The key is everything that shapes the credentials (role, rendered policy
   digest, duration, external id, session name), so two equal keys always mean
   interchangeable credentials and an edited policy gets a new entry.
+* ``purge(session_names)`` drops every entry of those callers (by their
+  ``RoleSessionName``, which is in the key) at once, and a fetch of theirs
+  still in flight is not stored when it lands (revocation).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ __all__ = [
     "CacheKey",
     "CacheResult",
     "CacheStats",
+    "CachedEntry",
     "CallLater",
     "Charge",
     "CredentialCache",
@@ -96,6 +100,8 @@ class CacheKey:
     duration_seconds: int
     external_id: str | None
     role_session_name: str
+    federation: str | None = None
+    """Who the credentials belong to when they come from the caller's own token."""
 
     @classmethod
     def for_request(cls, request: AssumeRoleRequest) -> CacheKey:
@@ -106,6 +112,7 @@ class CacheKey:
             duration_seconds=request.duration_seconds,
             external_id=request.external_id,
             role_session_name=request.role_session_name,
+            federation=request.federation,
         )
 
 
@@ -133,6 +140,16 @@ class CacheStats:
     refresh_failures: int = 0
     fetches: int = 0
     evictions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CachedEntry:
+    """What the admin channel shows of one cached entry: never the secret or the token."""
+
+    key: CacheKey
+    access_key_id: str
+    expires_at: float
+    serve_until: float
 
 
 @dataclass(slots=True)
@@ -168,6 +185,19 @@ class _Entries(TLRUCache[CacheKey, _Entry]):
     def held(self) -> int:
         """Entries in memory, expired or not (``len()`` would purge first)."""
         return Cache.__len__(self)
+
+    def held_for(self, session_names: frozenset[str]) -> list[tuple[CacheKey, _Entry]]:
+        """Every entry in memory (expired or not) of these callers' ``RoleSessionName``."""
+        return [
+            (key, Cache.__getitem__(self, key))
+            for key in list(Cache.__iter__(self))
+            if key.role_session_name in session_names
+        ]
+
+    def drop(self, key: CacheKey) -> None:
+        """Remove ``key`` now, expired or not."""
+        with contextlib.suppress(KeyError):  # TLRUCache removes, then raises if expired
+            del self[key]
 
 
 class _Purge:
@@ -249,10 +279,37 @@ class CredentialCache:
         self._purge = _Purge(self._entries, clock, call_later)
         self._inflight: dict[CacheKey, asyncio.Task[Credentials]] = {}
         self._paying: dict[CacheKey, asyncio.Event] = {}  # a request paying for a new fetch
+        self._discard: set[CacheKey] = set()  # purged while a fetch was in flight
 
     def __len__(self) -> int:
         """Entries held in memory."""
         return self._entries.held()
+
+    def entries(self, session_names: frozenset[str]) -> list[CachedEntry]:
+        """The entries held for these callers (by ``RoleSessionName``), without their secrets."""
+        return [
+            CachedEntry(
+                key,
+                entry.credentials.access_key_id,
+                entry.credentials.expires_at,
+                entry.serve_until,
+            )
+            for key, entry in self._entries.held_for(session_names)
+        ]
+
+    def purge(self, session_names: frozenset[str]) -> int:
+        """Drop every entry of these callers; their fetches in flight are not stored.  How many.
+
+        A scan of the entries (at most ``max_entries``): revocation is rare,
+        and an index would have to follow every LRU eviction and expiry.
+        """
+        doomed = self._entries.held_for(session_names)
+        for key, _ in doomed:
+            self._entries.drop(key)
+        self._discard.update(
+            key for key in self._inflight if key.role_session_name in session_names
+        )
+        return len(doomed)
 
     async def get(
         self,
@@ -393,6 +450,7 @@ class CredentialCache:
     def _finished(self, key: CacheKey, task: asyncio.Task[Credentials]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
+            self._discard.discard(key)
         if not task.cancelled():
             task.exception()  # mark retrieved: waiters (if any) already got it
 
@@ -410,6 +468,8 @@ class CredentialCache:
         return credentials
 
     def _store(self, key: CacheKey, credentials: Credentials) -> None:
+        if key in self._discard:  # purged while this fetch was in flight
+            return
         now = self._clock()
         expires_at = credentials.expires_at
         serve_until = expires_at - self._margin

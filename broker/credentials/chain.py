@@ -60,7 +60,7 @@ def build_chain(
     margin = settings.cache.refresh_margin_seconds
     sts = StsClient(settings.sts, credential=credential, clock=clock, min_validity_seconds=margin)
     budget = sts_budget(settings, metrics, clock, shared, process_share)
-    fetch = resilient(settings, metrics.instrument_sts(sts.assume_role), budget, clock)
+    fetch = resilient(settings, metrics.instrument_sts(sts.fetch), budget, clock)
     cache = _cache(settings, fetch, clock, shared)
     metrics.track_cache(cache)
     return CredentialChain(cache, sts, shared)

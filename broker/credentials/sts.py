@@ -1,5 +1,9 @@
 """The only importer of the STS SDK: ``assume_role()`` over real HTTP → ``Credentials``.
 
+``fetch()`` picks the call: ``assume_role_with_oidc()`` (AssumeRoleWithOIDC, the
+caller's own token, anonymous) for a request that carries ``federation``, else
+``assume_role()``; both always send the inline ``Policy``.
+
 SDK errors are translated here, exactly once, into the broker's error tree, by
 Alibaba's own rules (``_translate_response_error``, ``_translate_transport_error``):
 
@@ -23,10 +27,11 @@ SDK types never leave this module: the broker's own identity is a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import structlog
 from alibabacloud_credentials.client import Client as _SdkCredential
@@ -191,6 +196,74 @@ class StsClient:
             raise
         self.health.record(None)
         return credentials
+
+    async def fetch(self, request: AssumeRoleRequest) -> Credentials:
+        """AssumeRoleWithOIDC when the request carries the caller's token, else AssumeRole."""
+        if request.federation is not None:
+            return await self.assume_role_with_oidc(request)
+        return await self.assume_role(request)
+
+    async def assume_role_with_oidc(self, request: AssumeRoleRequest) -> Credentials:
+        """One AssumeRoleWithOIDC call with the caller's token, always with the inline ``Policy``.
+
+        The credentials never outlive the token they were got with: ``Expiration``
+        is capped to the token's ``exp`` (``_capped_to_token``).
+        """
+        token = request.oidc_token
+        if not request.policy or token is None or request.oidc_provider_arn is None:
+            raise UpstreamError("refusing to call AssumeRoleWithOIDC without policy and token")
+        started_at = self._clock()
+        if token.expires_at - started_at <= self._min_validity_seconds:
+            raise UpstreamError("the caller's OIDC token expires too soon to exchange at STS")
+        try:
+            response = await self._call_oidc(request, token.token, request.oidc_provider_arn)
+            parsed = self._parse(cast(Any, response), request, started_at)
+            credentials = self._capped_to_token(parsed, token.expires_at, request)
+        except UpstreamError as err:
+            self.health.record(err)
+            raise
+        except asyncio.CancelledError:
+            self.health.record(UpstreamTimeout())
+            raise
+        self.health.record(None)
+        return credentials
+
+    async def _call_oidc(
+        self, request: AssumeRoleRequest, token: str, provider_arn: str
+    ) -> sts_models.AssumeRoleWithOIDCResponse:
+        """The SDK's anonymous RPC call (``assume_role_with_oidcwith_options_async``)."""
+        sdk_request = sts_models.AssumeRoleWithOIDCRequest(
+            oidcprovider_arn=provider_arn,
+            oidctoken=token,
+            role_arn=request.role_arn,
+            role_session_name=request.role_session_name,
+            duration_seconds=request.duration_seconds,
+            policy=request.policy,
+        )
+        call = self._sdk.assume_role_with_oidcwith_options_async
+        try:
+            async with asyncio.timeout(self._settings.timeout_seconds):
+                return await call(sdk_request, self._runtime)
+        except TimeoutError as err:
+            raise UpstreamTimeout(role_arn=request.role_arn) from err
+        except ResponseException as err:
+            raise _translate_response_error(err, request.role_arn) from err
+        except UnretryableException as err:
+            raise _translate_transport_error(err, request.role_arn) from err
+
+    def _capped_to_token(
+        self, credentials: Credentials, token_expires_at: float, request: AssumeRoleRequest
+    ) -> Credentials:
+        """``credentials`` expiring no later than the token (whole seconds, rounded down)."""
+        cap = math.floor(token_expires_at)
+        if credentials.expires_at <= cap:
+            return credentials
+        if cap - self._clock() <= self._min_validity_seconds:
+            raise UpstreamError(
+                "the caller's OIDC token expires within the refresh margin",
+                role_arn=request.role_arn,
+            )
+        return dataclasses.replace(credentials, expiration=datetime.fromtimestamp(cap, UTC))
 
     async def _call(self, request: AssumeRoleRequest) -> sts_models.AssumeRoleResponse:
         sdk_request = sts_models.AssumeRoleRequest(

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from broker.admin import admin_channel
 from broker.http import routes
 from broker.http.connections import BrokerRunner, runner_options, ssl_context
 from broker.http.cors import cors_middleware
@@ -43,7 +44,14 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
 
         app.router.add_routes(demo_routes())
     app.cleanup_ctx.append(_close_cache)
+    app.cleanup_ctx.append(_admin_channel)
     return app
+
+
+async def _admin_channel(app: web.Application) -> AsyncIterator[None]:
+    """The revocation listener (Redis) and the local admin socket (``admin.socket_dir``)."""
+    async for _ in admin_channel(app[SERVICES]):
+        yield
 
 
 async def _close_cache(app: web.Application) -> AsyncIterator[None]:

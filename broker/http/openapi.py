@@ -21,6 +21,7 @@ from broker.errors import (
     AccessDenied,
     AuthenticationFailed,
     BrokerError,
+    IdentityProviderUnavailable,
     NotFound,
     RequestInvalid,
     RequestTooLarge,
@@ -45,10 +46,16 @@ _REQUEST_ID = f"^{REQUEST_ID_PATTERN}$"
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}, {"accessToken": []}]
 
 _ErrorClasses = tuple[type[BrokerError], ...]
-_CALLER = (RequestInvalid, AuthenticationFailed, TooManyRequests)
+_CALLER = (RequestInvalid, AuthenticationFailed, TooManyRequests, IdentityProviderUnavailable)
 _SCOPED = (*_CALLER, AccessDenied, TemplateValueRejected)
 _STS = (UpstreamError, UpstreamThrottled, UpstreamUnavailable, UpstreamTimeout)
-_RETRY_AFTER = (TooManyRequests, UpstreamThrottled, UpstreamUnavailable, UpstreamTimeout)
+_RETRY_AFTER = (
+    TooManyRequests,
+    UpstreamThrottled,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    IdentityProviderUnavailable,
+)
 _WHEN: dict[int, str] = {
     400: "Malformed input: parameter, body, or a token given twice.  (A request head the HTTP "
     "parser refuses, such as a header line over `listen.max_header_bytes` or one with a "
@@ -65,7 +72,8 @@ _WHEN: dict[int, str] = {
     502: "STS refused the call (a 4xx answer) or sent credentials the broker refuses (no or "
     "unparseable `Expiration`, already expired, or further out than asked for).  Not retried.",
     503: "STS is throttling, answering 5xx, unreachable or sent no usable reply, and retries "
-    "within `sts.retry.deadline_seconds` did not help; `Retry-After` says when to retry.",
+    "within `sts.retry.deadline_seconds` did not help; or (JWT callers) the identity "
+    "provider's keys cannot be loaded.  `Retry-After` says when to retry.",
     504: "STS did not answer within `sts.timeout_seconds` (the last attempt cut to what was left "
     "of `sts.retry.deadline_seconds`); `Retry-After` says when to retry.",
 }
@@ -491,4 +499,5 @@ def _policy_description() -> dict[str, Any]:
         max_url_expires_seconds={"type": "integer", "minimum": 1, "maximum": MAX_EXPIRES_SECONDS},
         content_types={"type": "array", "items": string},
         max_object_bytes={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
+        forbid_overwrite={"type": "boolean"},
     )

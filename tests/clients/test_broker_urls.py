@@ -18,7 +18,8 @@ OUTSIDE = "clients/someone-else/"
 def test_presigned_put_and_get_inside_the_prefix(dev: DevServer) -> None:
     """A broker-presigned PUT stores the body and a presigned GET reads it back."""
     key = f"{oss_location(dev.credentials())['Prefix']}broker-presigned.txt"
-    status, put = dev.post("/v1/presign", {"policy": "client-tests", "key": key, "method": "PUT"})
+    put_body = {"policy": "client-tests", "key": key, "method": "PUT", "content_length": 9}
+    status, put = dev.post("/v1/presign", put_body)
     assert status == 200, put
     sent = requests.put(put["url"], data=b"presigned", headers=put["signed_headers"], timeout=10)
     assert sent.status_code == 200, sent.text

@@ -520,3 +520,42 @@ async def test_a_fetch_that_made_no_sts_call_is_given_back(
     unbudgeted, tab = _cache(sts, clock), Tab()
     await unbudgeted.get(_request("carol"), charge=tab)
     assert (tab.taken, tab.given_back) == (1, 1)
+
+
+async def test_purge_drops_only_the_named_callers_entries(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """purge(names) removes every entry of those session names, no other; next get is a miss."""
+    cache = _cache(sts, clock)
+    await cache.get(_request("alice"))
+    await cache.get(_request("alice", duration=1800))
+    kept = (await cache.get(_request("bob"))).credentials
+    assert {entry.key.role_session_name for entry in cache.entries(frozenset({"alice"}))} == {
+        "alice"
+    }
+    assert cache.purge(frozenset({"alice"})) == 2
+    assert cache.entries(frozenset({"alice"})) == []
+    assert len(cache) == 1
+    assert (await cache.get(_request("bob"))).credentials == kept
+    assert (await cache.get(_request("alice"))).source == "miss"
+
+
+async def test_fetch_in_flight_when_purged_is_not_stored(sts: StsHarness, clock: FakeClock) -> None:
+    """A fetch of a purged caller that lands after the purge is returned once but never cached."""
+    started, release = asyncio.Event(), asyncio.Event()
+    fetch = _client(sts, clock).assume_role
+
+    async def held_fetch(request: AssumeRoleRequest) -> Credentials:
+        started.set()
+        await release.wait()
+        return await fetch(request)
+
+    cache = CredentialCache(held_fetch, clock=clock, jitter=lambda: 0.0)
+    pending = asyncio.create_task(cache.get(_request("alice")))
+    await started.wait()
+    assert cache.purge(frozenset({"alice"})) == 0
+    release.set()
+    await pending
+    assert len(cache) == 0
+    assert (await cache.get(_request("alice"))).source == "miss"
+    assert len(cache) == 1

@@ -5,6 +5,8 @@ Redis is a real ``redis-server`` started per test on a free port, not a fake.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -110,6 +112,55 @@ async def test_a_slow_command_times_out_as_unavailable(
         await redis.close()
     assert isinstance(caught.value.__cause__, TimeoutError)
     assert degraded(metrics, "lock") == 1
+
+
+async def test_a_busy_loop_does_not_turn_a_prompt_redis_into_a_timeout(
+    redis_server: RedisServer, metrics: Metrics
+) -> None:
+    """The loop hogged past the deadline while a cold client connects: the command still succeeds.
+
+    (With a plain ``asyncio.timeout`` the deadline fires before the handshake's
+    next step runs, and a healthy Redis counts as down.)
+    """
+    client = Redis.from_url(redis_server.url)  # cold: connect, handshake, then GET
+    redis = SharedRedis(client, metrics.shared_cache_degraded, operation_timeout_seconds=0.5)
+    loop = asyncio.get_running_loop()
+
+    async def get_behind_a_busy_loop(client: Redis) -> object:
+        loop.call_soon(time.sleep, 1.0)  # another callback holds the loop past the deadline
+        return await client.get("k")
+
+    try:
+        assert await redis.run("read", get_behind_a_busy_loop) is None
+    finally:
+        await redis.close()
+    assert degraded(metrics) == 0
+
+
+async def test_a_server_that_never_answers_times_out(metrics: Metrics) -> None:
+    """A peer that accepts and stays silent costs operation_timeout_seconds, not a hang."""
+    accepted: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda _, writer: accepted.append(writer), "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    settings = RedisSettings.model_validate(
+        {
+            "url": f"redis://127.0.0.1:{port}/0",
+            "encryption_keys_env": "KEYS",
+            "operation_timeout_seconds": 0.1,
+        }
+    )
+    redis = connect_redis(settings, metrics.shared_cache_degraded, {})
+    try:
+        with pytest.raises(SharedCacheUnavailable) as caught:
+            await redis.run("read", lambda client: client.get("k"))
+    finally:
+        await redis.close()
+        for writer in accepted:
+            writer.close()
+            await writer.wait_closed()
+        silent.close()
+        await silent.wait_closed()
+    assert isinstance(caught.value.__cause__, TimeoutError)
 
 
 async def test_nothing_listening_is_unavailable(metrics: Metrics) -> None:

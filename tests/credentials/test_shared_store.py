@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from redis.asyncio import Redis
@@ -42,6 +42,8 @@ from tests.conftest import (
 )
 from tests.credentials.test_redis import degraded
 from tests.credentials.test_sealing import keys_document, new_key
+
+T = TypeVar("T")
 
 ROLE = "acs:ram::1234567890123456:role/oss-service-uploads"
 PREFIX = "test-broker:"
@@ -257,7 +259,7 @@ async def test_values_in_redis_hold_no_plaintext_secrets(
         await services.cache.get(request_for(subject))
     keys = [key async for key in redis_client.scan_iter(f"{PREFIX}*")]
     blob = b"".join([await redis_client.dump(key) for key in keys])
-    assert len(keys) == 4  # three values and the STS budget's bucket
+    assert len(keys) == 7  # three values, their callers' sets and the STS budget's bucket
     assert len(sts.emulator.issued) == 3
     for issued in sts.emulator.issued.values():
         for secret in (issued.access_key_id, issued.access_key_secret, issued.security_token):
@@ -304,16 +306,115 @@ async def test_dead_lock_holder_is_taken_over_after_the_lock_expires(
     assert len({result.credentials for result in results}) == 1
 
 
-async def test_waiters_call_sts_themselves_after_wait_seconds(
+async def test_a_waiter_calls_sts_itself_after_wait_seconds_and_shares_the_result(
     make_replica: Callable[..., Services], redis_client: Redis, sts: StsHarness
 ) -> None:
-    """A lock outliving wait_seconds: each replica stops waiting and calls STS itself."""
-    replicas = [make_replica(wait_seconds=0.2), make_replica(wait_seconds=0.2)]
-    await redis_client.set(lock_key(replicas[0]), "a-stuck-replica", px=30_000)
+    """A lock outliving wait_seconds: the waiter calls STS itself, and publishes what it got.
+
+    One replica waits out the stuck lock; a second replica, asking after it,
+    reads that value (the lock is still stuck) instead of calling STS again.
+    """
+    first, second = make_replica(wait_seconds=0.2), make_replica(wait_seconds=0.2)
+    await redis_client.set(lock_key(first), "a-stuck-replica", px=30_000)
     with capture_logs() as logs:
-        await asyncio.gather(*(replica.cache.get(request_for()) for replica in replicas))
-    assert sts.emulator.assume_role_calls() == 2
-    assert [log["event"] for log in logs].count("shared_cache_wait_expired") == 2
+        waited = await first.cache.get(request_for())
+    assert sts.emulator.assume_role_calls() == 1
+    assert [log["event"] for log in logs].count("shared_cache_wait_expired") == 1
+    assert (await second.cache.get(request_for())).credentials == waited.credentials
+    assert sts.emulator.assume_role_calls() == 1
+
+
+class _ObservedRedis(SharedRedis):
+    """The real ``SharedRedis``, calling ``before(operation)`` first: a seam to order events."""
+
+    def __init__(self, *args: Any, before: Callable[[str], Awaitable[None]], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._before = before
+
+    async def run(self, operation: str, command: Callable[[Redis], Awaitable[T]]) -> T:
+        await self._before(operation)
+        return await super().run(operation, command)
+
+
+_KEYS = EncryptionKeys.parse(keys_document("k1", k1=new_key()), "test")
+
+
+def _observed_store(
+    redis_server: RedisServer, clock: FakeClock, before: Callable[[str], Awaitable[None]], **kw: Any
+) -> tuple[SharedCredentialStore, SharedRedis]:
+    """A replica's store (no L1) whose Redis calls ``before(operation)`` first."""
+    metrics = Metrics()
+    client = Redis.from_url(redis_server.url)
+    redis = _ObservedRedis(client, metrics.shared_cache_degraded, before=before)
+    return SharedCredentialStore(redis, _KEYS, clock=clock, key_prefix=PREFIX, **kw), redis
+
+
+async def test_a_new_lock_holder_reads_again_before_calling_sts(
+    redis_server: RedisServer, sts: StsHarness, clock: FakeClock
+) -> None:
+    """Read (miss), then the holder publishes and releases, then our lock: the value, no STS."""
+    holder_fetch = sts_fetch(sts, clock)
+    state: dict[str, Any] = {}
+
+    async def publish_before_our_first_lock(operation: str) -> None:
+        if operation == "lock" and "published" not in state:
+            state["published"] = await state["holder"].wrap(holder_fetch)(request_for())
+
+    waiter, redis = _observed_store(redis_server, clock, publish_before_our_first_lock)
+    holder, holder_redis = _observed_store(redis_server, clock, _nothing)
+    state["holder"] = holder
+    try:
+        got = await waiter.wrap(sts_fetch(sts, clock))(request_for())
+    finally:
+        await redis.close()
+        await holder_redis.close()
+    assert got == state["published"]
+    assert sts.emulator.assume_role_calls() == 1
+
+
+async def test_a_slow_holder_keeps_its_lease_and_waiters_wait_for_it(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    """A fetch outlasting lock_ttl: the lease is renewed, the waiter never takes over; 1 fetch."""
+    renewals = 0
+    renewing, lease_outlived_its_ttl = asyncio.Event(), asyncio.Event()
+
+    async def count_renewals(operation: str) -> None:
+        nonlocal renewals
+        renewals += operation == "renew"
+        if renewals:
+            renewing.set()
+        if renewals >= 4:  # a renewal every third of lock_ttl: 4/3 of the TTL have passed
+            lease_outlived_its_ttl.set()
+
+    fetched: list[Credentials] = []
+
+    async def slow_fetch(request: AssumeRoleRequest) -> Credentials:
+        async with asyncio.timeout(30):  # a guard against a hang, not a measurement
+            await lease_outlived_its_ttl.wait()
+        credentials = Credentials(
+            f"STS.{len(fetched)}", "s", "t", datetime.fromtimestamp(clock() + 3600, UTC)
+        )
+        fetched.append(credentials)
+        return credentials
+
+    options = {"lock_ttl_seconds": 3.0, "wait_seconds": 30, "refresh_margin_seconds": 60}
+    holder, holder_redis = _observed_store(redis_server, clock, count_renewals, **options)
+    waiter, waiter_redis = _observed_store(redis_server, clock, _nothing, **options)
+    try:
+        first = asyncio.create_task(holder.wrap(slow_fetch)(request_for()))
+        async with asyncio.timeout(30):  # a guard against a hang, not a measurement
+            await renewing.wait()  # the holder has the lock and is fetching
+        second = await waiter.wrap(slow_fetch)(request_for())
+        assert await first == second
+    finally:
+        await holder_redis.close()
+        await waiter_redis.close()
+    assert len(fetched) == 1
+
+
+async def _nothing(operation: str) -> None:
+    return None
 
 
 async def test_redis_stopped_mid_run_falls_back_to_sts(
@@ -339,14 +440,17 @@ async def test_redis_stopped_mid_run_falls_back_to_sts(
 async def test_unreachable_redis_costs_little(
     make_replica: Callable[..., Services], sts: StsHarness
 ) -> None:
-    """Nothing listening at the Redis URL: gets succeed quickly via STS."""
+    """Nothing listening at the Redis URL: gets succeed via STS, and Redis is then left alone."""
     replica = make_replica(url=f"redis://127.0.0.1:{free_port()}/0")
-    started = time.monotonic()
-    for subject in ("alice", "bob", "carol"):
-        await replica.cache.get(request_for(subject))
-    assert time.monotonic() - started < 2.0
+    with capture_logs() as logs:
+        for subject in ("alice", "bob", "carol"):
+            await replica.cache.get(request_for(subject))
     assert sts.emulator.assume_role_calls() == 3
     assert degraded(replica.metrics) >= 3
+    # One refused connection; the other operations within the next second skip Redis.
+    assert [(log["event"], log["error"]) for log in logs if "error" in log] == [
+        ("shared_cache_degraded", "ConnectionError")
+    ]
 
 
 async def test_cold_replica_honours_min_ttl_against_redis(

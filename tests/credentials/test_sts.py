@@ -17,9 +17,10 @@ from broker.credentials.sts import (
 )
 from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
 from broker.errors import UpstreamError, UpstreamThrottled, UpstreamTimeout, UpstreamUnavailable
-from broker.models import AssumeRoleRequest
+from broker.models import AssumeRoleRequest, OidcToken
 from broker.names import format_sts_time
 from tests.conftest import SOURCE_KEY_ID, SOURCE_SECRET, FakeClock, StsHarness, free_port
+from tests.oidc_tokens import PROVIDER_ARN, IdentityProvider, identity_provider
 
 ROLE = "acs:ram::1234567890123456:role/oss-avatar-upload"
 POLICY = json.dumps(
@@ -293,3 +294,77 @@ def test_source_credential_is_opaque_and_masked() -> None:
     text = repr(static_credential(SOURCE_KEY_ID, SOURCE_SECRET))
     assert SOURCE_KEY_ID not in text
     assert SOURCE_SECRET not in text
+
+
+# --- AssumeRoleWithOIDC (federation: oidc) -------------------------------------------------
+
+
+def _federated(clock: FakeClock, idp: IdentityProvider, **claims: object) -> AssumeRoleRequest:
+    token = idp.token(clock(), **claims)
+    expires = float(claims.get("exp", int(clock()) + 600))  # type: ignore[arg-type]
+    return _request(
+        role_session_name="u.alice",
+        oidc_provider_arn=PROVIDER_ARN,
+        federation=f"oidc {PROVIDER_ARN} {idp.issuer} alice",
+        oidc_token=OidcToken(token, idp.issuer, expires),
+    )
+
+
+@pytest.fixture
+def idp(sts: StsHarness) -> IdentityProvider:
+    provider = identity_provider()
+    sts.emulator.oidc_providers[PROVIDER_ARN] = provider.provider()
+    return provider
+
+
+async def test_federated_fetch_calls_assume_role_with_oidc_anonymously_with_the_policy(
+    sts: StsHarness, clock: FakeClock, idp: IdentityProvider
+) -> None:
+    """A federated request goes out as AssumeRoleWithOIDC: no AccessKey, the token, the Policy."""
+    credentials = await _client(sts, clock).fetch(_federated(clock, idp))
+    (call,) = sts.emulator.calls
+    assert call.params["Action"] == "AssumeRoleWithOIDC"
+    assert call.access_key_id == ""
+    assert call.params["OIDCProviderArn"] == PROVIDER_ARN
+    assert call.params["OIDCToken"] == "<redacted>"
+    assert call.params["Policy"] == POLICY
+    assert call.params["RoleSessionName"] == "u.alice"
+    assert sts.emulator.issued[credentials.access_key_id].policy == POLICY
+
+
+async def test_unfederated_fetch_still_calls_assume_role(sts: StsHarness, clock: FakeClock) -> None:
+    """Without federation, fetch is the broker's own signed AssumeRole."""
+    await _client(sts, clock).fetch(_request())
+    (call,) = sts.emulator.calls
+    assert call.access_key_id == SOURCE_KEY_ID
+    assert "Action" not in call.params
+
+
+async def test_federated_credentials_never_outlive_the_callers_token(
+    sts: StsHarness, clock: FakeClock, idp: IdentityProvider
+) -> None:
+    """STS grants DurationSeconds (900 s), but the token expires in 300 s: capped to the token."""
+    request = _federated(clock, idp, exp=int(clock()) + 300)
+    credentials = await _client(sts, clock).fetch(request)
+    assert credentials.expires_at == int(clock()) + 300
+    assert sts.emulator.issued[credentials.access_key_id].expires_at == clock() + 900
+
+
+async def test_a_token_about_to_expire_is_never_sent_to_sts(
+    sts: StsHarness, clock: FakeClock, idp: IdentityProvider
+) -> None:
+    """A token with less than the refresh margin left is refused before any call."""
+    request = _federated(clock, idp, exp=int(clock()) + 30)
+    with pytest.raises(UpstreamError, match="expires too soon"):
+        await _client(sts, clock).fetch(request)
+    assert sts.emulator.received == 0
+
+
+async def test_sts_refusing_the_token_is_a_non_retryable_upstream_error(
+    sts: StsHarness, clock: FakeClock, idp: IdentityProvider
+) -> None:
+    """STS's AuthenticationFail.* answer keeps its code and is not retried."""
+    with pytest.raises(UpstreamError) as caught:
+        await _client(sts, clock).fetch(_federated(clock, idp, aud="another-app"))
+    assert caught.value.retryable is False
+    assert caught.value.context["sts_code"] == "AuthenticationFail.OIDCToken.AudienceNotMatch"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from broker.auth import hash_api_key
 from broker.logs import configure_logging
 from tests.conftest import BrokerFactory, BrokerHarness, write_jwks
+from tests.test_oidc import SwitchableJwks
 
 ISSUER = "https://idp.example.com/"
 AUDIENCE = "upload-web"
@@ -38,6 +40,11 @@ async def broker(
         "groups_claim": "groups",
     }
     return await make_broker(auth={"jwt": settings})
+
+
+def _jwk(key: rsa.RSAPrivateKey) -> dict[str, Any]:
+    jwk: dict[str, Any] = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    return jwk | {"kid": "k1", "alg": "RS256", "use": "sig"}
 
 
 def _token(key: rsa.RSAPrivateKey, now: float, **claims: Any) -> str:
@@ -154,3 +161,30 @@ async def test_jwt_subject_equal_to_a_service_id_shares_nothing_with_it(
     assert user["AccessKeyId"] != service["AccessKeyId"]
     names = [call.params["RoleSessionName"] for call in broker.sts.emulator.calls]
     assert names == ["u.svc-reports", "svc-reports"]
+
+
+async def test_identity_provider_outage_is_503_and_over_when_it_is_back(
+    make_broker: BrokerFactory, signing_key: rsa.RSAPrivateKey
+) -> None:
+    """JWKS URL refusing connections: 503 IdentityProviderUnavailable + Retry-After; then 200."""
+    idp = SwitchableJwks({"keys": [_jwk(signing_key)]})
+    try:
+        settings = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": idp.url}
+        broker = await make_broker(auth={"jwt": settings | {"groups": ["browser"]}})
+        headers = {"Authorization": f"Bearer {_token(signing_key, broker.clock())}"}
+        async with broker.client.get("/v1/credentials/avatar-upload", headers=headers) as resp:
+            assert (resp.status, resp.headers["Retry-After"]) == (503, "5")
+            body = await resp.json()
+            assert body["error"]["code"] == body["ErrorCode"] == "IdentityProviderUnavailable"
+        status, _ = await broker.get_json("/v1/credentials/service-uploads", caller="svc-a")
+        assert status == 200  # API-key callers do not depend on the identity provider
+        await idp.switch_on()
+        broker.clock.advance(5)  # the retry interval, not a 60 s cooldown
+        async with broker.client.get("/v1/credentials/avatar-upload", headers=headers) as resp:
+            assert resp.status == 200
+        assert [call.params["RoleSessionName"] for call in broker.sts.emulator.calls] == [
+            "svc-a",
+            "u.alice",
+        ]
+    finally:
+        await idp.close()

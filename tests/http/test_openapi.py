@@ -218,6 +218,7 @@ def _success_cases() -> list[tuple[str, dict[str, Any]]]:
                     "policy": "avatar-upload",
                     "key": "avatars/alice/me.png",
                     "content_type": "image/png",
+                    "content_length": 1024,
                     "expires_seconds": 60,
                 }
             },

@@ -77,6 +77,7 @@ async def test_1000_presigns_in_a_row_are_all_served(make_broker: BrokerFactory)
     """A batch of 1,000 presigns by one caller over 500 s: all 200, two STS calls in all."""
     broker = await make_broker(quotas=DEFAULTS)
     body = {"policy": "avatar-upload", "key": "avatars/alice/a.png", "content_type": "image/png"}
+    body |= {"content_length": 1024}  # avatar-upload limits object sizes
     statuses = []
     for _ in range(1000):
         async with broker.client.post("/v1/presign", json=body, headers=broker.auth("alice")) as r:
@@ -125,6 +126,7 @@ async def test_min_ttl_refreshes_count_as_sts_calls_caused(
     status, _, _ = await _credentials(broker, "files-10", min_ttl_seconds="3540")
     assert status == 429
     presign = {"policy": "files-10", "key": "files-10/svc-a/f.bin", "expires_seconds": 3540}
+    presign |= {"content_length": 1}  # the size is signed: these policies limit it
     async with broker.client.post("/v1/presign", json=presign, headers=broker.auth("svc-a")) as r:
         assert r.status == 200
         signed = await r.json()

@@ -10,7 +10,7 @@ import string
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import alibabacloud_oss_v2 as oss
 import pytest
@@ -25,6 +25,7 @@ from tests.signing.sdk_oracle import (
     STS,
     T0,
     assert_matches_sdk,
+    oss2_sign_url,
     put_request,
     url_query,
 )
@@ -340,6 +341,54 @@ def test_put_object_signed_headers_match_sdk() -> None:
     signed = presign(STS, req, T0).signed_headers
     assert "Cache-Control" not in signed
     assert signed["x-oss-meta-Owner"] == "alice"
+
+
+# --- what oss2 (the other official Python client) signs ----------------------
+
+_OSS2_CASES = {
+    "delete": put_request("dir/a b.txt", method="DELETE"),
+    "head": put_request("dir/a b.txt", method="HEAD"),
+    "get-response-overrides": put_request(
+        "dir/a b.txt",
+        method="GET",
+        query={
+            "response-content-disposition": 'attachment; filename="a b.txt"',
+            "response-content-type": "text/csv; charset=utf-8",
+            "response-cache-control": "private, max-age=600",
+        },
+    ),
+    "put-signed-content-length": put_request(
+        "dir/a b.txt",
+        headers={
+            "Content-Type": "text/csv",
+            "Content-Length": "5",
+            "x-oss-forbid-overwrite": "true",
+        },
+        additional_headers=("content-length",),
+    ),
+}
+
+
+@pytest.mark.parametrize("req", _OSS2_CASES.values(), ids=_OSS2_CASES.keys())
+def test_signature_matches_oss2_sign_url(
+    req: PresignInput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DELETE, HEAD, a GET's response-* and a signed Content-Length sign as oss2's V4 sign_url."""
+    ours = urlsplit(presign(STS, req, T0).url)
+    theirs = urlsplit(oss2_sign_url(STS, req, T0, monkeypatch))
+    assert dict(parse_qsl(ours.query)) == dict(parse_qsl(theirs.query))
+    assert unquote(ours.path) == unquote(theirs.path)
+
+
+def test_signed_content_length_is_an_additional_header() -> None:
+    """Content-Length is signed only when named, and then returned to send unchanged."""
+    headers = {"Content-Type": "text/csv", "Content-Length": "5"}
+    plain = presign(STS, put_request(headers=headers), T0)
+    bound = presign(STS, put_request(headers=headers, additional_headers=("content-length",)), T0)
+    assert "x-oss-additional-headers" not in url_query(plain.url)
+    assert plain.signed_headers == {"Content-Type": "text/csv"}
+    assert url_query(bound.url)["x-oss-additional-headers"] == "content-length"
+    assert bound.signed_headers == headers
 
 
 def test_unsigned_headers_do_not_change_url() -> None:

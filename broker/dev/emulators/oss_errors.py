@@ -8,7 +8,8 @@ pages 0002-00000069 (AccessDenied "Request has expired.", Expires/ServerTime),
 0002-00000201 (V4 mismatch), 0002-00000705 (PostObject V1 mismatch),
 0002-00000209/210 (AdditionalHeaders), 0002-00000235 (x-oss-date ahead),
 0003-00000301 ("Access denied by authorizer's policy."), 0017-00000279 and
-0006-00000117 (x-oss-forbid-overwrite neither true nor false), 0006-00000226
+0006-00000117 (x-oss-forbid-overwrite neither true nor false), 0042-00000214
+(CompleteMultipartUpload onto an existing key under x-oss-forbid-overwrite), 0006-00000226
 (a field a PostObject condition names is missing), the PostObject error table
 (MalformedPOSTRequest, InvalidPolicyDocument, "Invalid according to Policy:
 Policy expired." / "...Policy Condition failed: [...]"), the callback pages

@@ -97,7 +97,9 @@ class MultipartUploads:
         else:
             listed = _parse_complete(body)
         chosen = _chosen_parts(upload, listed)
-        self._store.check_overwrite(request.headers, upload.bucket, upload.key)
+        self._store.check_overwrite(
+            request.headers, upload.bucket, upload.key, exists_ec="0042-00000214"
+        )
         digest = hashlib.md5(b"".join(hashlib.md5(part).digest() for part in chosen))  # noqa: S324
         etag = f'"{digest.hexdigest().upper()}-{len(chosen)}"'
         data = b"".join(chosen)

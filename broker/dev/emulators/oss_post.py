@@ -277,12 +277,20 @@ def parse_callback(fields: Mapping[str, str]) -> dict[str, Any] | None:
 
     ``success_action_redirect`` must be an http(s) URL; ``callback`` base64 JSON
     with ``callbackUrl`` and ``callbackBody``.  Checked before anything is stored.
+
+    An EMPTY field is taken as absent.  OSS documents neither case; S3, whose
+    POST form OSS follows, "acts as if the field is not present" when it cannot
+    interpret the redirect URL
+    (https://docs.aws.amazon.com/AmazonS3/latest/API/RESTObjectPOST.html).  The
+    broker pins both fields to "" in a form that may carry none
+    (``broker.uploads.pinned_post_fields``): this is the assumption it rests on
+    (were OSS to refuse an empty field, such uploads would fail, not gain a callback).
     """
     redirect = fields.get("success_action_redirect")
-    if redirect is not None and not _http_url(redirect):
+    if redirect and not _http_url(redirect):
         raise invalid_argument("success_action_redirect must be an http(s) URL.")
     raw = fields.get("callback")
-    if raw is None:
+    if not raw:
         return None
     try:
         parsed = json.loads(base64.b64decode(raw, validate=True).decode("utf-8"))

@@ -108,19 +108,26 @@ class ObjectStore:
             parent.rmdir()
 
     def check_overwrite(
-        self, headers: Mapping[str, str], bucket: str, key: str, invalid_ec: str = "0017-00000279"
+        self,
+        headers: Mapping[str, str],
+        bucket: str,
+        key: str,
+        invalid_ec: str = "0017-00000279",
+        exists_ec: str = "0026-00000003",
     ) -> None:
         """``x-oss-forbid-overwrite: true`` on an existing key is ``FileAlreadyExists``.
 
         Only ``true`` and ``false`` are valid (EC 0017-00000279 for the header,
-        0006-00000117 for the PostObject form field).
+        0006-00000117 for the PostObject form field).  CompleteMultipartUpload
+        onto an existing key has its own EC, 0042-00000214
+        (https://help.aliyun.com/en/oss/user-guide/0042-00000214).
         """
         forbid = (_header(headers, "x-oss-forbid-overwrite") or "false").lower()
         if forbid not in {"true", "false"}:
             message = "x-oss-forbid-overwrite must be true or false."
             raise OssError("InvalidArgument", message, ec=invalid_ec)
         if forbid == "true" and (bucket, key) in self._objects:
-            raise OssError("FileAlreadyExists", ec="0026-00000003")
+            raise OssError("FileAlreadyExists", ec=exists_ec)
 
     def _path(self, bucket: str, key: str) -> Path:
         """``storage_dir/<bucket>/<key>``, refused if it would leave the bucket's directory."""

@@ -1,4 +1,4 @@
-"""An STS emulator: answers ``AssumeRole`` over real HTTP as the official SDK expects.
+"""An STS emulator: answers ``AssumeRole`` (and ``AssumeRoleWithOIDC``) as the official SDK expects.
 
 The official async SDK (``alibabacloud_sts20150401`` on ``alibabacloud_tea_openapi``)
 sends ``POST /`` with the parameters in the query string and signs the request
@@ -7,9 +7,10 @@ with ACS3-HMAC-SHA256 (the "V3" signature).  The emulator checks the signature
 ``SignatureNonceUsed``, as OpenAPI answers), validates the parameters with
 STS's documented limits (``sts_params``), and issues random credentials that
 it remembers (``issued``, ``lookup_security_token``), so the OSS emulator can
-check the tokens it is shown.  Errors are STS's (``sts_errors`` lists their
-sources); ``sts_faults`` injects faults on demand, scriptable at run time over
-``/__emulator__/faults`` (so dev mode can show them too)::
+check the tokens it is shown.  ``AssumeRoleWithOIDC`` (RPC style, anonymous)
+is checked by ``sts_oidc`` against the ``oidc_providers`` given.  Errors are
+STS's (``sts_errors`` lists their sources); ``sts_faults`` injects faults on
+demand, scriptable at run time over ``/__emulator__/faults`` (so dev mode can show them too)::
 
     curl -X POST $STS/__emulator__/faults -d '{"every_nth": 2, "nth_outcome": "error:500"}'
     curl -X POST $STS/__emulator__/faults -d '{"sequence": ["throttle:Throttling.User", "ok"]}'
@@ -42,6 +43,7 @@ from aiohttp import web
 from broker.dev.emulators import serve_app
 from broker.dev.emulators.sts_errors import StsError, error_response, request_id
 from broker.dev.emulators.sts_faults import Outcome, Plan, StsFaults, fault_response
+from broker.dev.emulators.sts_oidc import OidcProvider, VerifiedToken, verify_oidc_request
 from broker.dev.emulators.sts_params import (
     DEFAULT_DURATION_SECONDS,
     MAX_DURATION_SECONDS,
@@ -58,6 +60,7 @@ from broker.models import Clock, system_clock
 
 __all__ = [
     "IssuedCredentials",
+    "OidcProvider",
     "RecordedCall",
     "StsEmulator",
     "StsFaults",
@@ -114,8 +117,10 @@ class StsEmulator:
         max_request_skew_seconds: float = 900.0,
         account_id: str = "1234567890123456",
         issued_lifetime_seconds: int | None = None,
+        oidc_providers: Mapping[str, OidcProvider] | None = None,
     ) -> None:
         self._access_keys = dict(access_keys)
+        self.oidc_providers = dict(oidc_providers or {})  # AssumeRoleWithOIDC, by provider ARN
         self._clock = clock
         self._lifetime_seconds = lifetime_seconds
         self._role_max = dict(role_max_duration_seconds or {})
@@ -166,6 +171,8 @@ class StsEmulator:
         if outcome is not None and outcome.early:
             self._record(request, params, f"fault:{outcome.label}")
             return await fault_response(request, outcome)
+        if params.get("Action") == _OIDC_ACTION:
+            return await self._answer_oidc(request, params, plan)
         try:
             self._authenticate(request, body, plan.clock_skew_seconds)
             if outcome is not None and outcome.refusal:
@@ -177,11 +184,31 @@ class StsEmulator:
             return error_response(request, err.status, err.code, err.message)
         return self._grant_response(request, params, grant, plan)
 
+    async def _answer_oidc(
+        self, request: web.Request, params: Mapping[str, str], plan: Plan
+    ) -> web.StreamResponse:
+        """AssumeRoleWithOIDC: anonymous; the token stands in for the signature (``sts_oidc``)."""
+        outcome = plan.outcome
+        try:
+            now = self._clock() + plan.clock_skew_seconds
+            token = verify_oidc_request(params, self.oidc_providers, self._account_id, now)
+            if outcome is not None and outcome.refusal:
+                self._record(request, params, f"fault:{outcome.label}")
+                return await fault_response(request, outcome)
+            # RoleSessionName is optional here (STS then names the session itself).
+            named = {"RoleSessionName": f"oidc.{token.subject}"[:64], **params}
+            grant = validate_params(named, self._account_id, self._role_max)
+        except StsError as err:
+            self._record(request, params, err.code)
+            return error_response(request, err.status, err.code, err.message)
+        return self._grant_response(request, params, grant, plan, token)
+
     def _record(self, request: web.Request, params: Mapping[str, str], outcome: str) -> None:
         headers = request.headers
+        kept = {k: ("<redacted>" if k == "OIDCToken" else v) for k, v in params.items()}
         self.calls.append(
             RecordedCall(
-                MappingProxyType(dict(params)),
+                MappingProxyType(kept),
                 caller_of(headers.get("Authorization", "")),
                 outcome,
                 nonce=headers.get("x-acs-signature-nonce", ""),
@@ -221,7 +248,12 @@ class StsEmulator:
         self._nonces[nonce] = now
 
     def _grant_response(
-        self, request: web.Request, params: Mapping[str, str], grant: Grant, plan: Plan
+        self,
+        request: web.Request,
+        params: Mapping[str, str],
+        grant: Grant,
+        plan: Plan,
+        oidc: VerifiedToken | None = None,
     ) -> web.Response:
         """Issue credentials and answer like STS (or spoil the answer, if the plan says so)."""
         spoiler = plan.outcome if plan.outcome is not None and plan.outcome.spoils else None
@@ -230,6 +262,8 @@ class StsEmulator:
             self._remember(issued)
         self._record(request, params, "issued" if spoiler is None else f"fault:{spoiler.label}")
         body = _success_body(self._account_id, grant, issued)
+        if oidc is not None:
+            body["OIDCTokenInfo"] = _token_info(oidc)
         if spoiler is not None:
             _spoil(body, spoiler)
         return web.json_response(body)
@@ -261,6 +295,20 @@ class StsEmulator:
 
 
 _EMULATOR: Final = web.AppKey("sts_emulator", StsEmulator)
+_OIDC_ACTION: Final = "AssumeRoleWithOIDC"
+
+
+def _token_info(token: VerifiedToken) -> dict[str, Any]:
+    """``OIDCTokenInfo`` of the reply (field names: the SDK's response model)."""
+    info: dict[str, Any] = {
+        "Subject": token.subject,
+        "Issuer": token.issuer,
+        "ClientIds": ",".join(token.client_ids),
+        "ExpirationTime": datetime.fromtimestamp(token.expires_at, UTC).strftime(_WIRE_TIME),
+    }
+    if token.issued_at is not None:
+        info["IssuanceTime"] = datetime.fromtimestamp(token.issued_at, UTC).strftime(_WIRE_TIME)
+    return info
 
 
 def _random_text(length: int) -> str:

@@ -184,6 +184,8 @@ const operations = {
   },
   async presign(ctx, step) {
     const request = { policy: ctx.scenario.policy, key: step.key, method: step.method ?? 'PUT' };
+    // A policy with max_object_bytes signs the upload's size: ask for this body's.
+    if (request.method === 'PUT') request.content_length = body(step).length;
     const signed = await brokerPost(ctx.scenario, '/v1/presign', request);
     if (signed.status !== 200) return { ok: false, status: signed.status, code: signed.body.error.code, by: 'broker' };
     const init = { method: signed.body.method, headers: signed.body.signed_headers };

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import alibabacloud_oss_v2 as oss
@@ -23,6 +24,8 @@ from tests.dev.emulators.conftest import (
     Harness,
     assume_role,
     error_xml,
+    in_thread,
+    oss2_bucket,
     presign,
     raw,
     sdk_client,
@@ -356,9 +359,15 @@ async def test_presigned_url_dated_beyond_the_skew_is_rejected(harness: Harness)
 
 
 def official_sign(
-    h: Harness, method: str, key: str, headers: dict[str, str], *, query: bool
+    h: Harness,
+    method: str,
+    key: str,
+    headers: dict[str, str],
+    *,
+    query: bool,
+    additional: frozenset[str] = frozenset({"cache-control"}),
 ) -> tuple[str, dict[str, str]]:
-    """Sign with the SDK's own SignerV4, Cache-Control as an additional signed header."""
+    """Sign with the SDK's own SignerV4, Cache-Control (or ``additional``) also signed."""
     request = HttpRequest(method, f"{h.url}/{BUCKET}/{key}", headers=dict(headers))
     credentials = OssCredentials(
         h.creds.access_key_id, h.creds.access_key_secret, h.creds.security_token
@@ -370,7 +379,7 @@ def official_sign(
         key=key,
         request=request,
         credentials=credentials,
-        additional_headers={"cache-control"},
+        additional_headers=set(additional),
     )
     context.auth_method_query = query
     SignerV4().sign(context)
@@ -665,7 +674,7 @@ async def test_forbid_overwrite_on_complete_multipart_upload(harness: Harness) -
                 )
             )
         )
-    assert (error.status_code, error.code) == (409, "FileAlreadyExists")
+    assert (error.status_code, error.code, error.ec) == (409, "FileAlreadyExists", "0042-00000214")
     assert harness.emulator.read_object(BUCKET, key) == b"first"
 
 
@@ -679,3 +688,66 @@ async def test_forbid_overwrite_must_be_true_or_false(harness: Harness) -> None:
     error = error_xml(body)
     assert (status, error["Code"], error["EC"]) == (400, "InvalidArgument", "0017-00000279")
     assert harness.emulator.read_object(BUCKET, "user/alice/f") is None
+
+
+async def test_forbid_overwrite_on_initiate_multipart_upload(harness: Harness) -> None:
+    """InitiateMultipartUpload with x-oss-forbid-overwrite onto an existing key: 409 at once."""
+    key = "user/alice/exists.bin"
+    async with sdk_client(harness) as client:
+        await client.put_object(oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"first"))
+        error = await service_error(
+            client.initiate_multipart_upload(
+                oss.InitiateMultipartUploadRequest(bucket=BUCKET, key=key, forbid_overwrite=True)
+            )
+        )
+    assert (error.status_code, error.code, error.ec) == (409, "FileAlreadyExists", "0026-00000003")
+
+
+async def test_signed_content_length_takes_exactly_that_many_bytes(harness: Harness) -> None:
+    """A URL whose additional headers sign Content-Length: 5 takes 5 bytes, not 6, not chunked."""
+    key = "user/alice/five.bin"
+    headers = {"Content-Length": "5"}
+    url, _ = official_sign(
+        harness, "PUT", key, headers, query=True, additional=frozenset({"content-length"})
+    )
+    assert "x-oss-additional-headers=content-length" in url
+    target = URL(url, encoded=True)
+    send = {"skip_auto_headers": ["Content-Type"]}
+    status, _, body = await raw("PUT", target, data=b"123456", **send)
+    assert (status, error_xml(body)["Code"]) == (403, "SignatureDoesNotMatch")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"12345"
+
+    status, _, body = await raw("PUT", target, data=chunks(), **send)
+    assert (status, error_xml(body)["Code"]) == (403, "SignatureDoesNotMatch")
+    assert harness.emulator.read_object(BUCKET, key) is None
+    status, _, _ = await raw("PUT", target, data=b"12345", **send)
+    assert status == 200
+    assert harness.emulator.read_object(BUCKET, key) == b"12345"
+
+
+async def test_presigned_head_answers_headers_without_a_body(harness: Harness) -> None:
+    """The SDK's presigned HEAD gets the object's length, type and ETag, and no body."""
+    key = "user/alice/head.txt"
+    async with sdk_client(harness) as client:
+        put = await client.put_object(
+            oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"12345", content_type="text/csv")
+        )
+    head = await presign(harness, oss.HeadObjectRequest(bucket=BUCKET, key=key))
+    assert head.method == "HEAD"
+    status, headers, body = await raw("HEAD", URL(head.url, encoded=True))
+    assert (status, body, headers["Content-Length"]) == (200, b"", "5")
+    assert (headers["Content-Type"], headers["ETag"]) == ("text/csv", put.etag)
+
+
+async def test_oss2_presigned_delete_removes_the_object(harness: Harness) -> None:
+    """oss2's V4 sign_url('DELETE') URL deletes the object (204); the object is gone."""
+    key = "user/alice/gone.txt"
+    async with sdk_client(harness) as client:
+        await client.put_object(oss.PutObjectRequest(bucket=BUCKET, key=key, body=b"x"))
+    url = await in_thread(lambda: oss2_bucket(harness, v4=True).sign_url("DELETE", key, 60))
+    status, _, _ = await raw("DELETE", URL(url, encoded=True))
+    assert status == 204
+    assert harness.emulator.read_object(BUCKET, key) is None
+    assert harness.emulator.requests[-1].operation == "DeleteObject"

@@ -306,6 +306,15 @@ async def test_invalid_applied_fields_are_invalid_argument(
     assert harness.emulator.read_object(BUCKET, "user/alice/form.txt") is None
 
 
+async def test_empty_callback_and_redirect_fields_are_taken_as_absent(harness: Harness) -> None:
+    """callback="" and success_action_redirect="" (how the broker pins "none"): a plain upload."""
+    fields = post_v4_fields(harness) | {"callback": "", "success_action_redirect": ""}
+    status, _, _ = await post_form(harness, fields, b"plain")
+    assert status == 201
+    assert harness.emulator.callbacks == []
+    assert harness.emulator.read_object(BUCKET, "user/alice/form.txt") == b"plain"
+
+
 async def test_success_action_redirect_answers_303_with_the_object(harness: Harness) -> None:
     """success_action_redirect: 303 to the URL with bucket, key and etag; the file is stored."""
     fields = post_v4_fields(harness) | {"success_action_redirect": "https://app.example/done?x=1"}

@@ -19,8 +19,10 @@ from alibabacloud_tea_openapi.utils import Utils as OpenApiUtils
 from alibabacloud_tea_openapi.utils_models import Config
 from darabonba.exceptions import UnretryableException
 from darabonba.request import DaraRequest
+from darabonba.runtime import RuntimeOptions
 
 from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
+from tests.oidc_tokens import PROVIDER_ARN, IdentityProvider, identity_provider, other_key
 
 ACCESS_KEY_ID = "LTAI5tEmulatorTestKey"
 ACCESS_KEY_SECRET = "emulator-test-secret-value"
@@ -630,3 +632,145 @@ async def test_remaining_switches_off_persistent_faults_only(emulator: StsEmulat
     assert third.label == "error:500"
     assert emulator.faults.always is None
     assert emulator.faults.every_nth == 3
+
+
+# --- AssumeRoleWithOIDC -------------------------------------------------------------------
+
+
+@pytest.fixture
+def idp() -> IdentityProvider:
+    return identity_provider()
+
+
+@pytest.fixture
+async def oidc_url(idp: IdentityProvider) -> AsyncIterator[tuple[StsEmulator, str]]:
+    emulator = StsEmulator(
+        access_keys={ACCESS_KEY_ID: ACCESS_KEY_SECRET},
+        clock=lambda: FIXED_NOW,
+        oidc_providers={PROVIDER_ARN: idp.provider(roles=(ROLE_ARN,))},
+    )
+    runner, url = await start_sts_emulator(emulator)
+    yield emulator, url
+    await runner.cleanup()
+
+
+def anonymous_client(base_url: str) -> StsSdkClient:
+    """An SDK client with no AccessKey at all: AssumeRoleWithOIDC is an anonymous call."""
+    config = Config(
+        endpoint=base_url.removeprefix("http://"), protocol="http", region_id="cn-hangzhou"
+    )
+    return StsSdkClient(config)
+
+
+async def assume_role_with_oidc(
+    base_url: str, token: str, **overrides: Any
+) -> sts_models.AssumeRoleWithOIDCResponse:
+    values: dict[str, Any] = {
+        "oidcprovider_arn": PROVIDER_ARN,
+        "oidctoken": token,
+        "role_arn": ROLE_ARN,
+        "role_session_name": "u.alice",
+        "duration_seconds": 900,
+        "policy": POLICY,
+    }
+    values.update(overrides)
+    request = sts_models.AssumeRoleWithOIDCRequest(**values)
+    return await anonymous_client(base_url).assume_role_with_oidcwith_options_async(
+        request, RuntimeOptions()
+    )
+
+
+async def test_assume_role_with_oidc_issues_credentials_for_a_good_token(
+    oidc_url: tuple[StsEmulator, str], idp: IdentityProvider
+) -> None:
+    """A valid token via the official SDK gets credentials and OIDCTokenInfo; Policy is kept."""
+    emulator, url = oidc_url
+    response = await assume_role_with_oidc(url, idp.token(FIXED_NOW))
+    body = response.body
+    assert body is not None
+    assert body.credentials is not None
+    assert body.oidctoken_info is not None
+    assert body.oidctoken_info.subject == "alice"
+    assert body.oidctoken_info.issuer == idp.issuer
+    issued = emulator.issued[body.credentials.access_key_id]
+    assert issued.policy == POLICY
+    assert issued.role_session_name == "u.alice"
+    assert epoch(body.credentials.expiration) == FIXED_NOW + 900
+    call = emulator.calls[-1]
+    assert call.outcome == "issued"
+    assert call.access_key_id == ""  # anonymous: no AccessKey was presented
+    assert call.params["Action"] == "AssumeRoleWithOIDC"
+    assert call.params["Policy"] == POLICY
+    assert call.params["OIDCToken"] == "<redacted>"  # the bearer token is never kept
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"exp": int(FIXED_NOW) - 1}, "AuthenticationFail.OIDCToken.Expired"),
+        ({"aud": "someone-else"}, "AuthenticationFail.OIDCToken.AudienceNotMatch"),
+        ({"iss": "https://evil.example.test"}, "AuthenticationFail.OIDCToken.IssuerNotMatch"),
+        ({"sub": None}, "AuthenticationFail.OIDCToken.Invalid"),
+    ],
+)
+async def test_bad_oidc_token_claims_get_sts_error_codes(
+    oidc_url: tuple[StsEmulator, str], idp: IdentityProvider, change: dict[str, Any], code: str
+) -> None:
+    """Expired, wrong audience or issuer, no subject: STS's code, nothing issued."""
+    emulator, url = oidc_url
+    with pytest.raises(ClientException) as caught:
+        await assume_role_with_oidc(url, idp.token(FIXED_NOW, **change))
+    assert caught.value.code == code
+    assert caught.value.status_code == 401
+    assert emulator.issued == {}
+
+
+async def test_token_signed_by_an_unpublished_key_is_invalid(
+    oidc_url: tuple[StsEmulator, str], idp: IdentityProvider
+) -> None:
+    """A token signed by another key: .InvalidSignature; one that is no JWT at all: .Invalid."""
+    _, url = oidc_url
+    cases = [
+        (idp.token(FIXED_NOW, key=other_key()), "AuthenticationFail.OIDCToken.InvalidSignature"),
+        ("not-a-jwt", "AuthenticationFail.OIDCToken.Invalid"),
+    ]
+    for token, code in cases:
+        with pytest.raises(ClientException) as caught:
+            await assume_role_with_oidc(url, token)
+        assert (caught.value.status_code, caught.value.code) == (401, code)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "code"),
+    [
+        (
+            {"oidcprovider_arn": "acs:ram::1234567890123456:oidc-provider/nope"},
+            401,
+            "AuthenticationFail.NoPermission",
+        ),
+        ({"oidcprovider_arn": "arn:aws:iam::1:oidc"}, 400, "InvalidParameter.OIDCProviderArn"),
+        ({"oidcprovider_arn": None}, 400, "MissingOIDCProviderArn"),
+        ({"role_arn": LONG_ROLE_ARN}, 401, "AuthenticationFail.NoPermission"),
+        ({"duration_seconds": 60}, 400, "InvalidParameter.DurationSeconds"),
+    ],
+)
+async def test_bad_oidc_request_parameters_get_sts_error_codes(
+    oidc_url: tuple[StsEmulator, str],
+    idp: IdentityProvider,
+    overrides: dict[str, Any],
+    status: int,
+    code: str,
+) -> None:
+    """Unknown or malformed provider, a role that does not trust it, STS's limits: STS's codes."""
+    _, url = oidc_url
+    with pytest.raises(ClientException) as caught:
+        await assume_role_with_oidc(url, idp.token(FIXED_NOW), **overrides)
+    assert (caught.value.status_code, caught.value.code) == (status, code)
+
+
+async def test_missing_oidc_token_is_refused(oidc_url: tuple[StsEmulator, str]) -> None:
+    """No OIDCToken at all: MissingOIDCToken."""
+    _, url = oidc_url
+    with pytest.raises(ClientException) as caught:
+        await assume_role_with_oidc(url, "", oidctoken=None)
+    assert caught.value.code == "MissingOIDCToken"
