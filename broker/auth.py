@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from broker import audit
 from broker.config import ApiKeyAllowSettings, RevokedSettings, Settings, api_key_hashes
 from broker.errors import AuthenticationFailed, RequestInvalid
 from broker.models import Allowance, Principal
@@ -304,6 +305,7 @@ class Authenticator:
             log.warning(
                 "caller_revoked", caller=principal.subject, auth_method=principal.auth_method
             )
+            audit.note_caller(principal)  # the refusal's audit record names who was refused
             raise AuthenticationFailed()
         return principal
 

@@ -221,6 +221,18 @@ async def test_refusals_for_authorization_reasons_are_recorded(
     assert await _metric(broker, "broker_audit_records_total", event="request_refused") == 3
 
 
+async def test_a_revoked_caller_is_named_in_its_refusal_record(
+    make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """A revoked key gets the unknown key's 401, but its refusal record says whose it was."""
+    sink = tmp_path / "audit.jsonl"
+    broker = await make_broker(audit={"sink": str(sink)}, auth={"revoked": {"callers": ["svc-a"]}})
+    status, body = await broker.get_json("/v1/credentials/service-uploads", caller="svc-a")
+    assert (status, body["error"]["code"]) == (401, "AuthenticationFailed")
+    (record,) = await _records(broker, sink)
+    assert (record["caller"], record["auth_method"], record["status"]) == ("svc-a", "api_key", 401)
+
+
 async def test_a_refused_cors_preflight_is_recorded(
     make_broker: BrokerFactory, tmp_path: Path
 ) -> None:
