@@ -119,6 +119,11 @@ class _Signer:
     def credentials(self) -> Credentials:
         return self.result.credentials
 
+    @property
+    def expires_at(self) -> datetime:
+        """When what it signs stops working."""
+        return self.signed_at + timedelta(seconds=self.expiry.seconds)
+
 
 def usable_scope(policies: PolicySet, principal: Principal, name: str) -> Scope:
     """The caller's scope of policy ``name``: the same 403 whether or not the policy exists.
@@ -185,15 +190,7 @@ async def issue_credentials(
         expires_in=int(creds.expires_at - services.clock()),
         cache=result.source,
     )
-    await services.audit.issued(
-        "credentials_issued",
-        principal,
-        scope,
-        creds,
-        cache=result.source,
-        expiration=creds.expiration_iso(),
-        expires_in=issued.expires_in,
-    )
+    await _audit_issued(services, principal, issued)
     _log_issued(issued)
     return issued
 
@@ -235,10 +232,8 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
         additional_headers=ADDITIONAL_HEADERS,
     )
     signed = signing.presign(signer.credentials, request, signer.signed_at)
-    audited = {"operation": operation, "key": key}
-    await _audit_signed(
-        services, "url_presigned", principal, scope, signer, signed.expiration, audited
-    )
+    what = {"operation": operation, "key": key}
+    await _audit_signed(services, "url_presigned", principal, scope, signer, **what)
     _log_signed("url_presigned", signer, operation=operation, key=key)
     return SignedUrl(
         signed.url, signed.method, signed.signed_headers, signed.expiration, signer.expiry
@@ -255,14 +250,10 @@ async def sign_post_policy(
         raise AccessDenied(f"policy {policy.name} does not allow uploads")
     form = post_policy_conditions(body, policy, scope.prefix)
     signer = await _signer(services, principal, scope, body.expires_seconds)
-    expiration = signer.signed_at + timedelta(seconds=signer.expiry.seconds)
+    expiration = signer.expires_at
     fields = _post_fields(body.signature_version, signer, policy, form.conditions, expiration)
-    audited = (
-        {"key": body.key} if body.key is not None else {"key_prefix": _key_prefix(body, scope)}
-    )
-    await _audit_signed(
-        services, "post_policy_signed", principal, scope, signer, expiration, audited
-    )
+    what = {"key": body.key} if body.key else {"key_prefix": _key_prefix(body, scope)}
+    await _audit_signed(services, "post_policy_signed", principal, scope, signer, **what)
     _log_signed("post_policy_signed", signer, key_condition=form.fields["key"])
     endpoint = oss_endpoint(services.settings.oss, policy)
     return SignedPostPolicy(
@@ -388,14 +379,29 @@ def _post_fields(
     )
 
 
+async def _audit_issued(
+    services: Services, principal: Principal, issued: IssuedCredentials
+) -> None:
+    """The audit record of credentials handed out (``AuditUnavailable``: none may be)."""
+    creds = issued.credentials
+    await services.audit.issued(
+        "credentials_issued",
+        principal,
+        issued.scope,
+        creds,
+        cache=issued.cache,
+        expiration=creds.expiration_iso(),
+        expires_in=issued.expires_in,
+    )
+
+
 async def _audit_signed(
     services: Services,
     event: audit.IssuanceEvent,
     principal: Principal,
     scope: Scope,
     signer: _Signer,
-    expiration: datetime,
-    detail: dict[str, str],
+    **detail: str,
 ) -> None:
     """The audit record of a URL or form: its own lifetime, the token that signed it."""
     await services.audit.issued(
@@ -404,7 +410,7 @@ async def _audit_signed(
         scope,
         signer.credentials,
         cache=signer.result.source,
-        expiration=format_sts_time(expiration),
+        expiration=format_sts_time(signer.expires_at),
         expires_in=signer.expiry.seconds,
         clamped=signer.expiry.clamped,
         **detail,
