@@ -230,7 +230,12 @@ async def test_a_url_signed_with_a_short_token_is_clamped_to_its_deadline(
     stack: Stack,
 ) -> None:
     """A presigned PUT from a 120 s token 30 s old lives 90 s: works at 119 s, refused at 121 s."""
-    body = {"policy": "quick-upload", "key": "uploads/alice/me.png", "content_type": "image/png"}
+    body = {
+        "policy": "quick-upload",
+        "key": "uploads/alice/me.png",
+        "content_type": "image/png",
+        "content_length": 3,  # the policy sets max_object_bytes: the size is signed
+    }
     async with stack.client.post("/v1/presign", json=body, headers=stack.auth("alice")) as resp:
         assert resp.status == 200
     stack.clock.advance(30)

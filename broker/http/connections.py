@@ -110,6 +110,8 @@ class _BrokerRequestHandler(RequestHandler):
     tests/http/test_connections.py pin the behaviour.
     """
 
+    __slots__ = ("_head_timer", "_policy")
+
     def __init__(self, manager: web.Server, *, policy: _ConnectionPolicy, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._policy = policy
