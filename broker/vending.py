@@ -37,6 +37,7 @@ from broker.errors import (
 from broker.models import AssumeRoleRequest, Credentials, Principal
 from broker.names import POLICY_NAME, POLICY_NAME_RULE, format_sts_time
 from broker.policies import Policy, PolicySet, Scope
+from broker.post_forms import post_policy_conditions
 from broker.scopes import NARROWING_PARAMETERS, narrow, parse_narrowing
 from broker.services import Services
 from broker.signing import OssEndpoint
@@ -49,7 +50,6 @@ from broker.uploads import (
     check_key,
     clamp_expiry,
     oss_endpoint,
-    post_policy_conditions,
     presign_headers,
     presign_query,
     resolve_operation,

@@ -28,15 +28,9 @@ from broker.dev.stack import DevStack, dev_stack
 from broker.errors import AccessDenied, RequestInvalid
 from broker.names import is_caller_id
 from broker.policies import Policy, PolicySet, load_policies
+from broker.post_forms import PostForm, post_policy_conditions
 from broker.signing import MAX_EXPIRES_SECONDS
-from broker.uploads import (
-    MAX_KEY_BYTES,
-    PostForm,
-    PostPolicyBody,
-    check_key,
-    clamp_expiry,
-    post_policy_conditions,
-)
+from broker.uploads import MAX_KEY_BYTES, PostPolicyBody, check_key, clamp_expiry
 from tests.conftest import POLICIES_DIR, BrokerHarness, FakeClock, start_test_server
 from tests.wire import POST_POLICY, PRESIGN, error_code, post_json
 

@@ -340,6 +340,31 @@ async def test_signed_content_length_binds_the_upload_size(guarded: Stack) -> No
     assert await _upload(signed["url"], signed["signed_headers"], b"0123456789") == (200, "")
 
 
+async def _post_form(host: str, fields: dict[str, str], content: bytes) -> tuple[int, str]:
+    data = aiohttp.FormData()
+    for name, value in fields.items():
+        data.add_field(name, value)
+    data.add_field("file", content, filename="day.csv", content_type="text/csv")
+    async with aiohttp.ClientSession() as session, session.post(host, data=data) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_forbid_overwrite_refuses_a_second_post_object(guarded: Stack) -> None:
+    """Under forbid_overwrite a second form upload to a key is 409; the pinned field is binding."""
+    key = "guarded/svc-a/form.csv"
+    body = {"policy": "guarded-uploads", "key": key, "content_type": "text/csv"}
+    first = await guarded.post("/v1/post-policy", body)
+    assert first["fields"]["x-oss-forbid-overwrite"] == "true"
+    assert await _post_form(first["host"], first["fields"], b"a,b\n") == (204, "")
+    second = await guarded.post("/v1/post-policy", body)
+    status, text = await _post_form(second["host"], second["fields"], b"c,d\n")
+    assert (status, "FileAlreadyExists" in text) == (409, True), text
+    unpinned = {**second["fields"], "x-oss-forbid-overwrite": "false"}
+    status, text = await _post_form(second["host"], unpinned, b"c,d\n")
+    assert (status, "Policy Condition failed" in text) == (403, True), text
+    assert guarded.dev.oss.read_object("examplebucket", key) == b"a,b\n"
+
+
 async def test_raw_credentials_can_still_overwrite(guarded: Stack) -> None:
     """forbid_overwrite binds signed URLs and forms only: RAM has no key for vended tokens."""
     async with guarded.client.get(

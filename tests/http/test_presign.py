@@ -485,3 +485,37 @@ async def test_downloads_and_deletes_are_clamped_like_uploads(
         True,
         3600,
     )
+
+
+@pytest.mark.parametrize(
+    ("policy", "asked", "pinned"),
+    [
+        ("guarded-uploads", None, "true"),
+        ("guarded-uploads", True, "true"),
+        ("free-uploads", None, "false"),
+        ("free-uploads", False, "false"),
+        ("free-uploads", True, "true"),
+    ],
+)
+async def test_post_policy_pins_forbid_overwrite_as_the_policy_says(
+    guarded: BrokerHarness, policy: str, asked: bool | None, pinned: str
+) -> None:
+    """A forbid_overwrite policy pins x-oss-forbid-overwrite to true; others pin what is asked."""
+    body: dict[str, Any] = {"policy": policy, "content_type": "text/csv"}
+    if asked is not None:
+        body["forbid_overwrite"] = asked
+    status, reply = await _post(guarded, "/v1/post-policy", body, caller="svc-a")
+    assert status == 200, reply
+    conditions = json.loads(base64.b64decode(reply["fields"]["policy"]))["conditions"]
+    assert ["eq", "$x-oss-forbid-overwrite", pinned] in conditions
+    assert reply["fields"]["x-oss-forbid-overwrite"] == pinned
+
+
+async def test_post_policy_may_not_ask_to_overwrite_under_forbid_overwrite(
+    guarded: BrokerHarness,
+) -> None:
+    """forbid_overwrite: false in a post-policy body is 403 under a forbid_overwrite policy."""
+    body = {"policy": "guarded-uploads", "content_type": "text/csv", "forbid_overwrite": False}
+    status, reply = await _post(guarded, "/v1/post-policy", body, caller="svc-a")
+    assert (status, reply["error"]["code"]) == (403, "AccessDenied")
+    assert "forbids overwriting" in reply["error"]["message"]

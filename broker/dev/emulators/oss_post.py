@@ -283,7 +283,7 @@ def parse_callback(fields: Mapping[str, str]) -> dict[str, Any] | None:
     interpret the redirect URL
     (https://docs.aws.amazon.com/AmazonS3/latest/API/RESTObjectPOST.html).  The
     broker pins both fields to "" in a form that may carry none
-    (``broker.uploads.pinned_post_fields``): this is the assumption it rests on
+    (``broker.post_forms.pinned_post_fields``): this is the assumption it rests on
     (were OSS to refuse an empty field, such uploads would fail, not gain a callback).
     """
     redirect = fields.get("success_action_redirect")
