@@ -135,11 +135,6 @@ class Auditor:
         self._second_text = ""
         self._failing = False
 
-    @property
-    def required(self) -> bool:
-        """Whether an issuance waits for its record (``audit.mode: required``)."""
-        return self._required
-
     async def issued(
         self,
         event: IssuanceEvent,
