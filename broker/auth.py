@@ -4,9 +4,11 @@ Callers send ``Authorization: Bearer <token>``; clients that cannot set
 headers (the official SDKs' credentials-URI provider) may send
 ``?access_token=<token>`` instead.  Neither is ever logged.
 
-API keys are held only as sha256 digests; a presented key is hashed and
-compared with ``hmac.compare_digest`` against every configured digest, so the
-time taken does not depend on which key (if any) matched.  A key configured
+API keys are held only as sha256 digests, in a table keyed by digest: a
+presented key is hashed once, looked up in O(1) whatever the number of keys,
+and the digest found is confirmed with ``hmac.compare_digest``.  The lookup's
+timing depends only on the presented key's sha256: at most it tells an
+attacker something of digests, from which no key can be recovered.  A key configured
 with ``allow`` yields a ``Principal`` carrying that ``Allowance``; the routes
 and the use cases refuse what it does not allow.
 
@@ -30,7 +32,7 @@ import structlog
 
 from broker import audit
 from broker.config import ApiKeyAllowSettings, RevokedSettings, Settings, api_key_hashes
-from broker.errors import AuthenticationFailed, RequestInvalid
+from broker.errors import AuthenticationFailed, ConfigError, RequestInvalid
 from broker.models import Allowance, Principal
 from broker.oidc import MAX_TOKEN_CHARS, JwtVerifier, looks_like_jwt
 
@@ -106,14 +108,8 @@ def _bounded(token: str) -> str:
     return token
 
 
-@dataclass(frozen=True, slots=True)
-class _Caller:
-    digest: bytes
-    principal: Principal
-
-
 class ApiKeyAuthenticator:
-    """Maps an API key to its caller, comparing sha256 digests in constant time."""
+    """Maps an API key to its caller by its sha256 digest: O(1) in the number of keys."""
 
     def __init__(
         self,
@@ -121,28 +117,38 @@ class ApiKeyAuthenticator:
         groups: Mapping[str, tuple[str, ...]],
         allow: Mapping[str, Allowance] | None = None,
     ) -> None:
-        """``keys`` is ``{caller id: key sha256 hex}``, ``groups`` and ``allow`` by caller id."""
+        """``keys`` is ``{caller id: key sha256 hex}``, ``groups`` and ``allow`` by caller id.
+
+        Two callers with one key would make the key's holder ambiguous: refused.
+        """
         allow = allow or {}
-        self._callers = tuple(
-            _Caller(
-                digest=bytes.fromhex(digest),
-                principal=Principal(
-                    subject=caller_id,
-                    groups=tuple(groups.get(caller_id, ())),
-                    allow=allow.get(caller_id),
-                ),
+        self._callers: dict[bytes, tuple[bytes, Principal]] = {}
+        owners: dict[bytes, str] = {}
+        for caller_id, digest_hex in keys.items():
+            digest = bytes.fromhex(digest_hex)
+            if digest in owners:
+                raise ConfigError(
+                    [
+                        f"auth.api_keys: {owners[digest]} and {caller_id} have the same key; "
+                        "give each caller its own"
+                    ]
+                )
+            owners[digest] = caller_id
+            principal = Principal(
+                caller_id, tuple(groups.get(caller_id, ())), allow=allow.get(caller_id)
             )
-            for caller_id, digest in keys.items()
-        )
+            self._callers[digest] = (digest, principal)
+
+    def __len__(self) -> int:
+        return len(self._callers)
 
     def authenticate(self, token: str) -> Principal | None:
-        """The caller whose key is ``token``, or ``None``.  Visits every key every time."""
+        """The caller whose key is ``token``, or ``None``."""
         presented = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        found: Principal | None = None
-        for caller in self._callers:
-            if hmac.compare_digest(caller.digest, presented):
-                found = caller.principal
-        return found
+        found = self._callers.get(presented)
+        if found is None or not hmac.compare_digest(found[0], presented):
+            return None
+        return found[1]
 
 
 def allowance(settings: ApiKeyAllowSettings | None) -> Allowance | None:

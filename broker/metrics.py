@@ -87,6 +87,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._finished: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.requests = Counter(
             "broker_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
@@ -156,6 +157,22 @@ class Metrics:
             registry=r,
         )
         r.register(_LogCollector())
+
+    def request_finished(self, route: str, status: int, seconds: float) -> None:
+        """Count one answered request and observe its latency.
+
+        The label children are bound once per (route, status) and reused: both
+        labels are bounded (route names, HTTP statuses), so this map is too.
+        """
+        children = self._finished.get((route, status))
+        if children is None:
+            children = (
+                self.requests.labels(route, str(status)),
+                self.request_seconds.labels(route),
+            )
+            self._finished[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def track_cache(self, cache: CredentialCache) -> None:
         """Export ``cache``'s counters and size."""

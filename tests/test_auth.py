@@ -30,7 +30,7 @@ from broker.auth import (
     role_session_name,
 )
 from broker.config import ApiKeyAllowSettings, Settings
-from broker.errors import AuthenticationFailed, RequestInvalid
+from broker.errors import AuthenticationFailed, ConfigError, RequestInvalid
 from broker.models import Allowance, Principal
 from broker.names import CALLER_ID_PATTERN, is_caller_id
 from broker.oidc import MAX_TOKEN_CHARS
@@ -139,13 +139,22 @@ def test_anything_but_the_exact_key_matches_nobody(token: str) -> None:
     assert ApiKeyAuthenticator(_KEYS, _GROUPS).authenticate(token) is None
 
 
-def test_every_configured_digest_is_compared() -> None:
-    """The compare loop has no early exit: with one key listed twice, the last caller matches."""
+def test_two_callers_with_one_key_are_refused() -> None:
+    """One key configured for two callers is a config error naming both (whose would it be?)."""
     digest = hash_api_key("shared")
-    authenticator = ApiKeyAuthenticator({"first": digest, "second": digest}, {})
-    principal = authenticator.authenticate("shared")
+    with pytest.raises(ConfigError, match="first and second have the same key"):
+        ApiKeyAuthenticator({"first": digest, "second": digest}, {})
+
+
+def test_the_last_of_a_thousand_keys_maps_to_its_caller() -> None:
+    """With 1,000 keys configured, the last one maps to its caller and an unknown key to none."""
+    keys = {f"svc-{i}": hash_api_key(f"key-{i}") for i in range(1000)}
+    authenticator = ApiKeyAuthenticator(keys, {})
+    assert len(authenticator) == 1000
+    principal = authenticator.authenticate("key-999")
     assert principal is not None
-    assert principal.subject == "second"
+    assert principal.subject == "svc-999"
+    assert authenticator.authenticate("key-1000") is None
 
 
 def test_restricted_key_carries_its_allowance() -> None:

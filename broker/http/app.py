@@ -25,10 +25,13 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
     ``demo`` adds the dev-mode upload page at ``/demo`` (``sts-broker dev`` only),
     imported only then: ``serve`` never loads ``broker.dev``.
     """
+    # request_context is outermost: every error below it becomes JSON.  CORS runs
+    # only when origins are configured (without them a preflight is CorsRejected
+    # by request_context, at no cost to other requests).
+    origins = services.settings.cors.allow_origins
+    middlewares = [request_context, *([cors_middleware(origins)] if origins else [])]
     app = web.Application(
-        # request_context is outermost: every error below it becomes JSON.
-        middlewares=[request_context, cors_middleware(services.settings.cors.allow_origins)],
-        client_max_size=services.settings.listen.max_body_bytes,
+        middlewares=middlewares, client_max_size=services.settings.listen.max_body_bytes
     )
     app[SERVICES] = services
     app.router.add_get("/v1/credentials/{policy}", routes.get_credentials, name="credentials")

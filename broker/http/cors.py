@@ -16,7 +16,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from broker.errors import AccessDenied
 
-__all__ = ["ALLOWED_HEADERS", "ALLOWED_METHODS", "cors_middleware"]
+__all__ = ["ALLOWED_HEADERS", "ALLOWED_METHODS", "CorsRejected", "cors_middleware", "is_preflight"]
 
 ALLOWED_METHODS = frozenset({"GET", "POST"})
 ALLOWED_HEADERS = frozenset({"authorization", "content-type", "x-request-id"})
@@ -41,7 +41,7 @@ def cors_middleware(allow_origins: Iterable[str]) -> Middleware:
         if origin is None:
             return await handler(request)
         permitted = origin.lower() in allowed
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        if is_preflight(request):
             return _preflight(request, origin, permitted)
         response = await handler(request)
         response.headers.add("Vary", "Origin")
@@ -51,6 +51,11 @@ def cors_middleware(allow_origins: Iterable[str]) -> Middleware:
         return response
 
     return cors
+
+
+def is_preflight(request: web.Request) -> bool:
+    """Whether ``request`` is a CORS preflight (``OPTIONS`` asking for a method)."""
+    return request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
 
 
 def _preflight(request: web.Request, origin: str, permitted: bool) -> web.StreamResponse:

@@ -26,6 +26,7 @@ from broker.errors import (
     RequestInvalid,
     RequestTooLarge,
 )
+from broker.http.cors import CorsRejected, is_preflight
 from broker.http.keys import SERVICES
 
 __all__ = [
@@ -81,8 +82,10 @@ def error_response(err: BrokerError, request_id: str, *, sts_compatible: bool) -
     )
 
 
-def _as_broker_error(exc: web.HTTPException) -> BrokerError:
+def _as_broker_error(request: web.Request, exc: web.HTTPException) -> BrokerError:
     cls = _HTTP_ERRORS.get(exc.status)
+    if cls is MethodNotAllowed and is_preflight(request):
+        return CorsRejected()  # no cors.allow_origins: no origin may call (cors.py)
     if cls is MethodNotAllowed:
         return MethodNotAllowed(allow=exc.headers.get("Allow", ""))
     if cls is not None:
@@ -140,7 +143,7 @@ async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse 
     except BrokerError as err:
         return err
     except web.HTTPException as exc:
-        return _as_broker_error(exc)
+        return _as_broker_error(request, exc)
     except ConnectionError:
         if not _client_gone(request):
             log.exception("request_crashed")
@@ -184,9 +187,7 @@ def _body_timed_out(request: web.Request) -> None:
 def _finish(request: web.Request, status: int, error_code: str | None, elapsed: float) -> None:
     """Count the request in the metrics and write its one ``request_finished`` line."""
     route = request.match_info.route.name or "unmatched"
-    metrics = request.app[SERVICES].metrics
-    metrics.requests.labels(route, str(status)).inc()
-    metrics.request_seconds.labels(route).observe(elapsed)
+    request.app[SERVICES].metrics.request_finished(route, status, elapsed)
     log.info(
         "request_finished",
         method=request.method,

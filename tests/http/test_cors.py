@@ -72,3 +72,18 @@ async def test_actual_request_from_allowed_origin_is_tagged(broker: BrokerHarnes
         assert resp.status == 200
         assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN
         assert "Origin" in resp.headers.getall("Vary")
+
+
+async def test_without_configured_origins_preflights_are_refused_and_replies_untagged(
+    make_broker: BrokerFactory,
+) -> None:
+    """No cors.allow_origins: a preflight is 403 CorsRejected and replies carry no CORS headers."""
+    plain = await make_broker()
+    status, headers = await _preflight(plain, ORIGIN)
+    assert status == 403
+    assert "Access-Control-Allow-Origin" not in headers
+    async with plain.client.options("/v1/presign", headers={"Origin": ORIGIN}) as resp:
+        assert resp.status == 405  # a plain OPTIONS is no preflight
+    async with plain.client.get("/healthz", headers={"Origin": ORIGIN}) as resp:
+        assert resp.status == 200
+        assert "Access-Control-Allow-Origin" not in resp.headers
