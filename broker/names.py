@@ -6,6 +6,8 @@ Each rule is kept as a pattern *body* (no anchors), so pydantic fields,
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from datetime import UTC, datetime
 
@@ -52,4 +54,10 @@ STS_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 def format_sts_time(moment: datetime) -> str:
     """``moment`` (aware) in the STS wire format, in UTC, to the second."""
-    return moment.astimezone(UTC).strftime(STS_TIME_FORMAT)
+    return _format_second(math.floor(moment.timestamp()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _format_second(second: int) -> str:
+    """One second's STS time text, formatted once (the hot paths format the same few)."""
+    return datetime.fromtimestamp(second, UTC).strftime(STS_TIME_FORMAT)

@@ -26,7 +26,7 @@ import structlog
 
 from broker import audit, signing
 from broker.auth import quota_key, role_session_name
-from broker.credentials.cache import CacheResult
+from broker.credentials.cache import CacheKey, CacheResult
 from broker.errors import (
     AccessDenied,
     AuthenticationFailed,
@@ -84,6 +84,8 @@ class IssuedCredentials:
     """Whole seconds of validity left when they were handed out."""
     cache: str
     """Where they came from: ``hit``, ``miss``, ``refresh`` or ``stale``."""
+    issued_at: float
+    """The clock when they were handed out (``expires_in`` counts from it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,14 +183,18 @@ async def issue_credentials(
     scope = _requested_scope(services.policies, principal, policy_name, narrowing or {})
     margin = services.settings.cache.refresh_margin_seconds
     min_ttl = _min_ttl(min_ttl_seconds, scope.policy.token_lifetime_seconds - margin)
-    result = await _credentials(services, principal, scope, min_ttl)
+    now = services.clock()
+    result = await _credentials(services, principal, scope, min_ttl, now=now)
+    if result.source != "hit":
+        now = services.clock()  # STS took time: ExpiresIn counts from now
     creds = result.credentials
     issued = IssuedCredentials(
         credentials=creds,
         scope=scope,
         endpoint=oss_endpoint(services.settings.oss, scope.policy),
-        expires_in=int(creds.expires_at - services.clock()),
+        expires_in=int(creds.expires_at - now),
         cache=result.source,
+        issued_at=now,
     )
     await _audit_issued(services, principal, issued)
     _log_issued(issued)
@@ -278,14 +284,19 @@ async def _credentials(
     scope: Scope,
     min_ttl: float,
     *,
+    now: float,
     min_ttl_is_preference: bool = False,
 ) -> CacheResult:
-    assume = _assume_request(services, principal, scope)
+    """A token for ``scope``: a fresh cache hit without building a request, else through STS."""
+    key = _cache_key(services, principal, scope, now)
     # A short-lived token never has more than its lifetime less the margin to give.
     margin = services.settings.cache.refresh_margin_seconds
     min_ttl = min(min_ttl, scope.policy.token_lifetime_seconds - margin)
+    hit = services.cache.fresh(key, min_ttl, now)
+    if hit is not None:
+        return hit
     result = await services.cache.get(
-        assume,
+        _assume_request(principal, scope, key),
         min_ttl_seconds=min_ttl,
         min_ttl_is_preference=min_ttl_is_preference,
         charge=services.sts_quota.charge(quota_key(principal)),
@@ -296,35 +307,55 @@ async def _credentials(
     return result
 
 
-def _assume_request(services: Services, principal: Principal, scope: Scope) -> AssumeRoleRequest:
-    """What to ask STS for: always the Policy; with ``federation: oidc``, the caller's own token.
+def _cache_key(services: Services, principal: Principal, scope: Scope, now: float) -> CacheKey:
+    """What the token for ``principal`` under ``scope`` is cached as (the Policy by digest).
 
-    The federated key names the provider, the token's issuer and the subject, so
-    two users never share credentials and one user's concurrent misses share one
-    call.  A token about to expire is refused here (401): STS must not get it.
+    With ``federation: oidc`` the key names the provider, the token's issuer and
+    the subject, so two users never share credentials and one user's concurrent
+    misses share one call.  A token about to expire is refused here (401): STS
+    must not get it.  Equal to ``CacheKey.for_request(_assume_request(...))``.
     """
     policy = scope.policy
-    assume = AssumeRoleRequest(
+    return CacheKey(
         role_arn=policy.role_arn,
-        policy=scope.document,
+        policy_digest=scope.digest,
         duration_seconds=policy.duration_seconds,
-        role_session_name=role_session_name(principal),
         external_id=policy.external_id,
+        role_session_name=role_session_name(principal),
         effective_lifetime_seconds=_effective_lifetime(services, policy),
+        federation=_federation(services, principal, policy, now),
     )
+
+
+def _federation(services: Services, principal: Principal, policy: Policy, now: float) -> str | None:
+    """Whose own token the credentials come from (``federation: oidc``), else ``None``."""
     if policy.federation != "oidc":
-        return assume
+        return None
     token = principal.oidc_token
     if principal.auth_method != "jwt" or token is None:
         raise AccessDenied(f"policy {policy.name} is federated: only OIDC (JWT) callers may use it")
-    if token.expires_at - services.clock() <= services.settings.cache.refresh_margin_seconds:
+    if token.expires_at - now <= services.settings.cache.refresh_margin_seconds:
         raise AuthenticationFailed("the bearer token expires too soon; get a fresh one")
-    federation = f"oidc {policy.oidc_provider_arn} {token.issuer} {principal.subject}"
+    return f"oidc {policy.oidc_provider_arn} {token.issuer} {principal.subject}"
+
+
+def _assume_request(principal: Principal, scope: Scope, key: CacheKey) -> AssumeRoleRequest:
+    """What to ask STS for (built only when STS may be called): always the Policy."""
+    assume = AssumeRoleRequest(
+        role_arn=key.role_arn,
+        policy=scope.document,
+        duration_seconds=key.duration_seconds,
+        role_session_name=key.role_session_name,
+        external_id=key.external_id,
+        effective_lifetime_seconds=key.effective_lifetime_seconds,
+    )
+    if key.federation is None:
+        return assume
     return dataclasses.replace(
         assume,
-        oidc_provider_arn=policy.oidc_provider_arn,
-        federation=federation,
-        oidc_token=token,
+        oidc_provider_arn=scope.policy.oidc_provider_arn,
+        federation=key.federation,
+        oidc_token=principal.oidc_token,
     )
 
 
@@ -353,8 +384,12 @@ async def _signer(
     wanted = wanted_validity(requested_seconds, policy)
     margin = services.settings.cache.refresh_margin_seconds
     min_ttl = min(wanted, policy.duration_seconds - margin)
-    result = await _credentials(services, principal, scope, min_ttl, min_ttl_is_preference=True)
     now = services.clock()
+    result = await _credentials(
+        services, principal, scope, min_ttl, now=now, min_ttl_is_preference=True
+    )
+    if result.source != "hit":
+        now = services.clock()  # STS took time: the URL's lifetime counts from now
     expiry = clamp_expiry(requested_seconds, policy, result.credentials.expires_at - now)
     return _Signer(result, datetime.fromtimestamp(now, UTC), expiry)
 

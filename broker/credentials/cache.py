@@ -339,6 +339,22 @@ class CredentialCache:
         wanted = replace(request, min_expires_at=now + min_ttl_seconds)
         return await self._refresh(key, wanted, entry, charge, fallback=min_ttl_is_preference)
 
+    def fresh(self, key: CacheKey, min_ttl_seconds: float, now: float) -> CacheResult | None:
+        """The hot path: the entry for ``key`` if it needs nothing done, else ``None``.
+
+        A hit that is servable, has ``min_ttl_seconds`` left and is not yet due
+        for its background refresh; anything else (a miss, a refresh) goes
+        through ``get``, which needs the whole ``AssumeRoleRequest``.  ``key``
+        must be ``CacheKey.for_request`` of the request ``get`` would be given.
+        """
+        entry = self._entries.lookup(key)
+        if entry is None or now >= entry.refresh_at:
+            return None
+        if entry.credentials.expires_at - now < min_ttl_seconds:
+            return None
+        self.stats.hits += 1
+        return CacheResult(entry.credentials, "hit")
+
     async def join(self) -> None:
         """Wait until no fetch or background refresh is in flight (for tests and shutdown)."""
         while pending := [task for task in self._inflight.values() if not task.done()]:

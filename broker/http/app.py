@@ -10,8 +10,9 @@ from broker.admin import admin_channel
 from broker.http import routes
 from broker.http.connections import BrokerRunner, runner_options, ssl_context
 from broker.http.cors import cors_middleware
-from broker.http.keys import SERVICES
+from broker.http.keys import REPLIES, SERVICES
 from broker.http.middleware import request_context
+from broker.http.replies import CredentialReplies
 from broker.services import Services
 
 # The runner, its options and the TLS context live in connections.py (how clients
@@ -34,6 +35,7 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
         middlewares=middlewares, client_max_size=services.settings.listen.max_body_bytes
     )
     app[SERVICES] = services
+    app[REPLIES] = CredentialReplies()
     app.router.add_get("/v1/credentials/{policy}", routes.get_credentials, name="credentials")
     app.router.add_post("/v1/presign", routes.create_presigned_url, name="presign")
     app.router.add_post("/v1/post-policy", routes.create_post_policy, name="post_policy")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from broker.http.replies import CredentialReplies
 from broker.services import Services
 
-__all__ = ["SERVICES"]
+__all__ = ["REPLIES", "SERVICES"]
 
 SERVICES = web.AppKey("services", Services)
+REPLIES = web.AppKey("credential_replies", CredentialReplies)

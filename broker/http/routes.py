@@ -6,7 +6,6 @@ import dataclasses
 import json
 from typing import Any, TypeVar
 
-import orjson
 import pydantic
 import structlog
 from aiohttp import web
@@ -16,16 +15,15 @@ from broker import audit, vending
 from broker.auth import extract_token, quota_key
 from broker.errors import AccessDenied, RequestInvalid
 from broker.http.client_address import client_address
-from broker.http.keys import SERVICES
+from broker.http.keys import REPLIES, SERVICES
 from broker.http.middleware import REQUEST_ID
 from broker.http.openapi import openapi_document
+from broker.http.replies import json_response as _json
 from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.models import Principal
 from broker.names import format_sts_time
 from broker.policies import Scope
-from broker.ram import RamGrant
 from broker.services import Services
-from broker.signing import OssEndpoint
 from broker.uploads import Expiry, PostPolicyBody, PresignBody, oss_endpoint
 
 __all__ = [
@@ -48,14 +46,6 @@ _ROUTE_TITLES = {
     "policies": "GET /v1/policies",
 }
 """What ``auth.api_keys[].allow.routes`` may name (``broker.config.ApiRoute``), for messages."""
-
-_JSON = {"Content-Type": "application/json"}
-_JSON_NO_STORE = {**_JSON, "Cache-Control": "no-store", "Pragma": "no-cache"}
-
-
-def _json(body: dict[str, Any], status: int = 200, *, no_store: bool = False) -> web.Response:
-    headers = _JSON_NO_STORE if no_store else _JSON
-    return web.Response(status=status, body=orjson.dumps(body), headers=headers)
 
 
 async def _authenticate(request: web.Request, services: Services) -> Principal:
@@ -98,13 +88,17 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
+"""Built once: ``json.loads`` with a hook builds a new decoder per call."""
+
+
 async def _parse(request: web.Request, model: type[_Body]) -> _Body:
     try:
         raw = await request.read()  # bounded by client_max_size: 413 past it
     except RequestPayloadError as err:
         raise RequestInvalid("the body could not be read (bad Content-Encoding?)") from err
     try:
-        data = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+        data = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise RequestInvalid("the body must be a JSON object") from err
     if not isinstance(data, dict):
@@ -134,71 +128,16 @@ async def get_credentials(request: web.Request) -> web.Response:
         request.query.getall("min_ttl_seconds", []),
         {name: request.query.getall(name, []) for name in vending.NARROWING_PARAMETERS},
     )
-    return _json(_credentials_reply(issued, request[REQUEST_ID]), no_store=True)
-
-
-def _credentials_reply(issued: vending.IssuedCredentials, request_id: str) -> dict[str, Any]:
-    """STS's shape, the credentials-URI provider's and the OSS mobile SDKs' at once.
-
-    Safe to hand unchanged to ali-oss's ``refreshSTSToken``: ali-oss lower-cases
-    the first letter of every top-level key and ``Object.assign``s them all into
-    its client options (ali-oss 6.23.0 lib/common/utils/setSTSToken.js,
-    formatObjKey.js), so no top-level key may name one of its options except
-    the credentials themselves; the OSS location sits under ``Oss``
-    (tests/http/test_credentials.py lists ali-oss's option names).
-    """
-    creds = issued.credentials
-    secrets = {
-        "AccessKeyId": creds.access_key_id,
-        "AccessKeySecret": creds.access_key_secret,
-        "SecurityToken": creds.security_token,
-        "Expiration": creds.expiration_iso(),
-    }
-    return {
-        "Code": "Success",
-        "StatusCode": 200,
-        "RequestId": request_id,
-        **secrets,
-        "ExpiresIn": issued.expires_in,
-        "Credentials": secrets,
-        "Oss": _oss_location(issued.endpoint, issued.scope),
-    }
-
-
-def _oss_location(endpoint: OssEndpoint, scope: Scope) -> dict[str, Any]:
-    """Where the credentials may be used, as a client configures itself.
-
-    ``Endpoint`` carries its scheme: alibabacloud-oss-v2 reads a bare host as
-    HTTPS (alibabacloud_oss_v2/endpoints.py ``add_scheme``), which fails against
-    an http:// emulator.  ``AddressStyle`` is alibabacloud-oss-v2's word
-    (``AddressStyle`` in alibabacloud_oss_v2/_client.py): ``virtual``
-    (bucket in the host), ``path`` (oss-v2 ``use_path_style``, oss2
-    ``is_path_style``, ali-oss ``sldEnable`` unless the endpoint is an IP
-    address: see docs/api.md) or ``cname`` (``use_cname``, ``is_cname``, ``cname``).
-    The bucket and prefix are the first (primary) grant's; ``Key`` is there
-    when the token was narrowed to one object, and ``Grants`` lists every
-    grant when there are several.
-    """
-    location: dict[str, Any] = {
-        "Bucket": scope.bucket,
-        "Region": scope.policy.region,
-        "Endpoint": endpoint.url,
-        "Prefix": scope.prefix,
-        "AddressStyle": endpoint.address_style,
-    }
-    if scope.key is not None:
-        location["Key"] = scope.key
-    if len(scope.grants) > 1:
-        location["Grants"] = [_grant_location(grant) for grant in scope.grants]
-    return location
-
-
-def _grant_location(grant: RamGrant) -> dict[str, Any]:
-    found: dict[str, Any] = {"Bucket": grant.bucket, "Prefix": grant.prefix}
-    if grant.key is not None:
-        found["Key"] = grant.key
-    found["Actions"] = list(grant.actions)
-    return found
+    replies = request.app[REPLIES]
+    body = replies.body(
+        issued.credentials,
+        issued.scope,
+        issued.endpoint,
+        issued.expires_in,
+        request[REQUEST_ID],
+        issued.issued_at,
+    )
+    return _json(body, no_store=True)
 
 
 async def create_presigned_url(request: web.Request) -> web.Response:

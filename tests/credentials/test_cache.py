@@ -559,3 +559,21 @@ async def test_fetch_in_flight_when_purged_is_not_stored(sts: StsHarness, clock:
     assert len(cache) == 0
     assert (await cache.get(_request("alice"))).source == "miss"
     assert len(cache) == 1
+
+
+async def test_fresh_serves_only_hits_that_need_nothing_done(
+    sts: StsHarness, clock: FakeClock
+) -> None:
+    """``fresh`` is a hit only while the entry is not due for refresh and has min_ttl left."""
+    cache = _cache(sts, clock)
+    key = CacheKey.for_request(_request())
+    assert cache.fresh(key, 0, clock()) is None  # a miss: get must fetch
+    first = (await cache.get(_request())).credentials
+    hit = cache.fresh(key, 0, clock())
+    assert hit is not None
+    assert (hit.credentials, hit.source) == (first, "hit")
+    assert cache.fresh(key, 901, clock()) is None  # more than it has left: get refreshes
+    clock.advance(451)  # due for its background refresh: get starts it
+    assert cache.fresh(key, 0, clock()) is None
+    assert cache.stats.hits == 1
+    assert sts.emulator.assume_role_calls() == 1
