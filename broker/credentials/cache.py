@@ -6,7 +6,8 @@ Rules, each pinned by tests/credentials/test_cache.py:
   after, and it leaves memory then, asked for or not: the entries are a
   ``cachetools.TLRUCache`` whose time-to-use is that moment on the injected
   clock, and since a TLRUCache only expires lazily, the cache wakes itself
-  (``loop.call_later``) when the earliest serving window ends and purges.
+  (``loop.call_later``) when the earliest serving window ends and purges
+  (both in ``entries.py``: ``Entries`` and ``Purge``).
   Past ``max_entries`` the least recently used entry is evicted.
 * Concurrent misses for one key share one in-flight AssumeRole (botocore's
   refresh lock, done with a shared task).  A caller that goes away does not
@@ -38,17 +39,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import heapq
-import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import structlog
-from cachetools import Cache, TLRUCache
 
 from broker.credentials.budget import count_sts_calls
+from broker.credentials.entries import CallLater, Entries, Entry, Purge
 from broker.errors import BrokerError, TooManyRequests, UpstreamError
 from broker.models import AssumeRoleRequest, Clock, Credentials, system_clock
 
@@ -70,14 +69,6 @@ Source = Literal["hit", "miss", "refresh", "stale"]
 
 _JITTER_SHARE = 0.2
 _REFRESH_RETRY_SECONDS = 10.0
-
-
-class _Cancellable(Protocol):
-    def cancel(self) -> None: ...
-
-
-CallLater = Callable[[float, Callable[[], None]], _Cancellable]
-"""``loop.call_later``'s shape: run a callback after a delay (seconds), cancellable."""
 
 
 class Charge(Protocol):
@@ -155,105 +146,6 @@ class CachedEntry:
     serve_until: float
 
 
-@dataclass(slots=True)
-class _Entry:
-    credentials: Credentials
-    serve_until: float
-    refresh_at: float
-
-
-def _serve_until(key: CacheKey, entry: _Entry, now: float) -> float:
-    return entry.serve_until
-
-
-class _Entries(TLRUCache[CacheKey, _Entry]):
-    """Entries that expire when their serving window ends; LRU evictions are counted."""
-
-    def __init__(self, max_entries: int, clock: Clock, stats: CacheStats) -> None:
-        super().__init__(max_entries, ttu=_serve_until, timer=clock)
-        self._stats = stats
-
-    def popitem(self) -> tuple[CacheKey, _Entry]:
-        item = super().popitem()  # only ever the least recently used, unexpired entry
-        self._stats.evictions += 1
-        return item
-
-    def lookup(self, key: CacheKey) -> _Entry | None:
-        """The entry for ``key`` unless its serving window has ended (one reading of the clock)."""
-        try:
-            return self[key]  # ``get`` would read the clock twice: ``in``, then ``[]``
-        except KeyError:
-            return None
-
-    def held(self) -> int:
-        """Entries in memory, expired or not (``len()`` would purge first)."""
-        return Cache.__len__(self)
-
-    def held_for(self, session_names: frozenset[str]) -> list[tuple[CacheKey, _Entry]]:
-        """Every entry in memory (expired or not) of these callers' ``RoleSessionName``."""
-        return [
-            (key, Cache.__getitem__(self, key))
-            for key in list(Cache.__iter__(self))
-            if key.role_session_name in session_names
-        ]
-
-    def drop(self, key: CacheKey) -> None:
-        """Remove ``key`` now, expired or not."""
-        with contextlib.suppress(KeyError):  # TLRUCache removes, then raises if expired
-            del self[key]
-
-
-class _Purge:
-    """Wakes the loop when the earliest serving window ends, to drop what has expired.
-
-    A ``TLRUCache`` only expires on access; this makes sure an entry leaves
-    memory on time even if nobody asks for it again.  Wake-ups are whole
-    seconds of the clock, without repeats, so there are never more of them
-    than seconds in the longest token lifetime.
-    """
-
-    def __init__(self, entries: _Entries, clock: Clock, call_later: CallLater | None) -> None:
-        self._entries = entries
-        self._clock = clock
-        self._call_later = call_later
-        self._due: list[int] = []  # a heap
-        self._pending: set[int] = set()
-        self._timer: _Cancellable | None = None
-        self._timer_at: int | None = None
-
-    def schedule(self, at: float) -> None:
-        """Make sure the loop wakes at ``at`` (clock time, rounded up to a whole second)."""
-        second = math.ceil(at)
-        if second not in self._pending:
-            self._pending.add(second)
-            heapq.heappush(self._due, second)
-        if self._timer_at is None or second < self._timer_at:
-            self._arm(second)
-
-    def run(self) -> None:
-        """Drop every expired entry, then wait for the next serving window to end."""
-        self._timer = self._timer_at = None
-        now = self._clock()
-        self._entries.expire(now)
-        while self._due and self._due[0] <= now:
-            self._pending.discard(heapq.heappop(self._due))
-        if self._due:
-            self._arm(self._due[0])
-
-    def cancel(self) -> None:
-        """Stop waking up (on close)."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._timer_at = None
-
-    def _arm(self, second: int) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        call_later = self._call_later or asyncio.get_running_loop().call_later
-        self._timer = call_later(max(0.0, second - self._clock()), self.run)
-        self._timer_at = second
-
-
 class CredentialCache:
     """Bounded LRU of credentials keyed by ``CacheKey``, filled through ``fetch``.
 
@@ -278,8 +170,8 @@ class CredentialCache:
         self._refresh_fraction = refresh_fraction
         self._jitter = jitter
         self.stats = CacheStats()
-        self._entries = _Entries(max_entries, clock, self.stats)
-        self._purge = _Purge(self._entries, clock, call_later)
+        self._entries = Entries(max_entries, clock, self.stats)
+        self._purge = Purge(self._entries, clock, call_later)
         self._inflight: dict[CacheKey, asyncio.Task[Credentials]] = {}
         self._paying: dict[CacheKey, asyncio.Event] = {}  # a request paying for a new fetch
         self._discard: set[CacheKey] = set()  # purged while a fetch was in flight
@@ -371,7 +263,7 @@ class CredentialCache:
                 await task
 
     def _hit(
-        self, key: CacheKey, request: AssumeRoleRequest, entry: _Entry, now: float
+        self, key: CacheKey, request: AssumeRoleRequest, entry: Entry, now: float
     ) -> CacheResult:
         self.stats.hits += 1
         if now >= entry.refresh_at:
@@ -382,7 +274,7 @@ class CredentialCache:
         self,
         key: CacheKey,
         request: AssumeRoleRequest,
-        entry: _Entry,
+        entry: Entry,
         charge: Charge | None,
         *,
         fallback: bool,
@@ -495,12 +387,12 @@ class CredentialCache:
         lifetime = max(0.0, expires_at - now)
         share = self._refresh_fraction * (1.0 - _JITTER_SHARE * self._jitter())
         refresh_at = min(expires_at - lifetime * share, serve_until)
-        self._entries[key] = _Entry(credentials, serve_until, refresh_at)
+        self._entries[key] = Entry(credentials, serve_until, refresh_at)
         if serve_until > now:  # a TLRUCache does not keep what has already expired
             self._purge.schedule(serve_until)
 
     def _refresh_in_background(
-        self, key: CacheKey, request: AssumeRoleRequest, entry: _Entry, now: float
+        self, key: CacheKey, request: AssumeRoleRequest, entry: Entry, now: float
     ) -> None:
         if key in self._inflight:
             return
