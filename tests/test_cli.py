@@ -20,6 +20,7 @@ import pytest
 from broker.auth import hash_api_key
 from broker.cli import main
 from broker.dev.emulators.sts import StsEmulator, start_sts_emulator
+from tests.cli_help import help_entries
 from tests.conftest import POLICIES_DIR, REPO
 
 STS_BROKER = str(Path(sys.executable).parent / "sts-broker")
@@ -151,22 +152,6 @@ def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return capsys.readouterr().out
 
 
-def _help_entries(text: str) -> dict[str, str]:
-    """Each option or argument in an argparse help text (two-space indent), with its help."""
-    entries: dict[str, str] = {}
-    name = ""
-    for line in text.splitlines():
-        entry = re.fullmatch(r"  (\S.*?)(?: {2,}(\S.*))?", line)
-        if entry is not None:
-            name = entry[1]
-            entries[name] = entry[2] or ""
-        elif name and line.startswith("   ") and line.strip():
-            entries[name] = f"{entries[name]} {line.strip()}".strip()
-        else:
-            name = ""
-    return entries
-
-
 def test_help_says_what_the_tool_does_its_commands_and_where_docs_are(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -186,7 +171,7 @@ def test_every_option_of_every_command_has_a_help_line(
     capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
     """Each option and argument that COMMAND --help lists comes with a line of help."""
-    entries = _help_entries(_help(capsys, command))
+    entries = help_entries(_help(capsys, command))
     assert "-h, --help" in entries
     assert len(entries) > 1
     assert [name for name, text in entries.items() if not text] == []

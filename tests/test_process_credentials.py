@@ -40,6 +40,7 @@ from broker.process_credentials import (
     base_url,
     main,
 )
+from tests.cli_help import help_entries
 from tests.conftest import CALLERS, REPO, BrokerHarness, free_port
 
 STS_BROKER = str(Path(sys.executable).parent / "sts-broker")
@@ -451,22 +452,6 @@ async def test_env_values_are_shell_quoted_against_injection(
     assert not (tmp_path / "PWNED").exists()
 
 
-def _help_entries(text: str) -> dict[str, str]:
-    """Each option in an argparse help text, with its help."""
-    entries: dict[str, str] = {}
-    name = ""
-    for line in text.splitlines():
-        entry = re.fullmatch(r"  (-\S.*?)(?: {2,}(\S.*))?", line)
-        if entry is not None:
-            name = entry[1]
-            entries[name] = entry[2] or ""
-        elif name and line.startswith("   ") and line.strip():
-            entries[name] = f"{entries[name]} {line.strip()}".strip()
-        else:
-            name = ""
-    return entries
-
-
 def test_help_says_where_the_key_comes_from_and_lists_exit_codes(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -475,7 +460,7 @@ def test_help_says_where_the_key_comes_from_and_lists_exit_codes(
         cli_main(["credentials", "--help"])
     assert exited.value.code == 0
     text = capsys.readouterr().out
-    entries = _help_entries(text)
+    entries = {name: line for name, line in help_entries(text).items() if name.startswith("-")}
     assert {"--policy POLICY", "--api-key-file FILE", "--min-ttl SECONDS"} <= set(entries)
     assert [name for name, help_text in entries.items() if not help_text] == []
     assert "never from the command line, where ps" in text
