@@ -135,6 +135,18 @@ def test_bound_context_is_merged_and_fields_win(stream: io.StringIO) -> None:
     assert second["policy"] == "from-context"
 
 
+def test_context_reader_agrees_with_structlogs_public_one(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound context read from structlog's own variables equals get_contextvars()."""
+    structlog.contextvars.bind_contextvars(caller="alice", worker=2)
+    structlog.contextvars.unbind_contextvars("worker")
+    expected = {"request_id": "0123456789abcdef0123456789abcdef", "caller": "alice"}
+    assert hot_log._bound_context() == structlog.contextvars.get_contextvars() == expected
+    monkeypatch.delattr(structlog.contextvars, "_CONTEXT_VARS")
+    assert hot_log._structlog_context()() == expected  # a structlog without it: the public call
+
+
 def test_background_lines_go_through_the_sink() -> None:
     """With the daemon's LogSink, lines from the loop and from outside it are written once each."""
     output = io.StringIO()
