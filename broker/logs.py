@@ -14,6 +14,9 @@ go through the same chain.  Two layers keep secrets out of the log:
 The daemon writes through ``broker.log_writer.LogSink``: a bounded buffer
 drained by one writer thread, so a slow or blocked stderr (a pipe nobody
 reads) never stops the event loop; past the bound lines are dropped and counted.
+The few lines every request writes skip structlog's generic chain:
+``broker.hot_log`` renders them with the same pieces (``hot_route``,
+``STAMPER``, ``redact_secrets``, ``render_json``, ``scrub_text``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ import functools
 import logging
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -38,8 +44,13 @@ from broker.log_writer import (
 
 __all__ = [
     "REDACTED",
+    "STAMPER",
+    "HotRoute",
+    "IsoTimeStamper",
     "configure_logging",
+    "hot_route",
     "redact_secrets",
+    "render_json",
     "scrub_named",
     "scrub_rendered",
     "scrub_text",
@@ -148,7 +159,9 @@ def _mask_key_secret(match: re.Match[str]) -> str:
 
 
 def _mask_run(run: str) -> str:
-    return _KEY_SECRET.sub(_mask_key_secret, _SHAPES.sub(REDACTED, run))
+    if "sk_" in run or "eyJ" in run or "CAIS" in run or "CAES" in run:  # what _SHAPES needs
+        run = _SHAPES.sub(REDACTED, run)
+    return _KEY_SECRET.sub(_mask_key_secret, run)
 
 
 def _mask_shapes(text: str) -> str:
@@ -191,12 +204,21 @@ def scrub_named(text: str) -> str:
     return text
 
 
+# Values that hold no others, by exact type: most values of a line, skipped without
+# an isinstance check (``Mapping`` is an ABC: checking it costs a lookup per value).
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_SEQUENCES = (list, tuple, set, frozenset)
+_CONTAINERS = (Mapping, *_SEQUENCES)
+
+
 def _mask(value: Any, depth: int = 0) -> Any:
     if depth > _MAX_DEPTH:
         return REDACTED
+    if type(value) in _SCALARS:
+        return value
     if isinstance(value, Mapping):
         return {k: REDACTED if _is_secret_key(k) else _mask(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
+    if isinstance(value, _SEQUENCES):
         return [_mask(item, depth + 1) for item in value]
     return value
 
@@ -208,7 +230,7 @@ def redact_secrets(
     for key, value in event_dict.items():
         if _is_secret_key(key):
             event_dict[key] = REDACTED
-        elif isinstance(value, Mapping | list | tuple | set | frozenset):
+        elif type(value) not in _SCALARS and isinstance(value, _CONTAINERS):
             event_dict[key] = _mask(value)
     return event_dict
 
@@ -222,16 +244,86 @@ def scrub_rendered(logger: Any, method_name: str, line: Any) -> Any:
     return scrub_text(line) if isinstance(line, str) else line
 
 
-def _orjson_dumps(value: Any, **_: Any) -> str:
-    return orjson.dumps(value, default=repr).decode()
+def render_json(event_dict: Mapping[str, Any]) -> str:
+    """The JSON line of an event (before the scrub): orjson, ``repr`` for what it cannot encode."""
+    return orjson.dumps(event_dict, default=repr).decode()
 
+
+def _orjson_dumps(value: Any, **_: Any) -> str:
+    return render_json(value)
+
+
+class IsoTimeStamper:
+    """structlog processor: ``timestamp`` as ``TimeStamper(fmt="iso", utc=True)`` writes it.
+
+    ``2026-12-02T06:20:01.405469Z`` (no fraction when the microseconds are 0,
+    as ``datetime.isoformat``); the date and time are formatted once per second
+    and only the microseconds appended per line.
+    """
+
+    __slots__ = ("_cached", "_clock")
+
+    def __init__(self, clock: Callable[[], int] = time.time_ns) -> None:
+        self._clock = clock  # nanoseconds since the epoch
+        self._cached = (-1, "")  # one tuple, swapped whole: safe across threads
+
+    def now(self) -> str:
+        """The current time, formatted."""
+        second, nanos = divmod(self._clock(), 1_000_000_000)
+        cached_second, text = self._cached
+        if second != cached_second:
+            text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._cached = (second, text)
+        micros = nanos // 1000
+        return f"{text}.{micros:06d}Z" if micros else f"{text}Z"
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event_dict["timestamp"] = self.now()
+        return event_dict
+
+
+STAMPER = IsoTimeStamper()
+"""The process's time stamper: the chain's and ``broker.hot_log``'s."""
 
 _SHARED: list[Any] = [
     structlog.contextvars.merge_contextvars,
     structlog.processors.add_log_level,
-    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    STAMPER,
 ]
 _TAIL: list[Any] = [structlog.processors.format_exc_info, redact_secrets]
+
+
+@dataclass(frozen=True, slots=True)
+class HotRoute:
+    """How ``broker.hot_log`` writes a line itself, as the chain ``configure_logging`` set up would.
+
+    ``processors`` is the list given to structlog: while structlog still runs
+    it, unchanged (``structlog.testing.capture_logs`` edits it in place,
+    ``reset_defaults`` or another ``configure`` replace it), the route holds.
+    """
+
+    processors: list[Any]
+    info_enabled: bool
+    write: Callable[[str], None]  # the chain's own writer: the sink's batcher, or the stream
+
+
+_ROUTE: list[HotRoute | None] = [None]
+
+
+def hot_route() -> HotRoute | None:
+    """The direct route for JSON lines, or ``None``: console output, or structlog reconfigured."""
+    route = _ROUTE[0]
+    if route is None:
+        return None
+    processors = route.processors
+    if (
+        structlog.get_config()["processors"] is not processors
+        or processors[-1] is not scrub_rendered
+    ):
+        return None
+    return route
 
 
 def configure_logging(
@@ -255,16 +347,17 @@ def configure_logging(
     sink = install_sink(stream, max_buffer_bytes) if background else None
     renderer = _renderer(fmt, stream)
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
-    factory: Any = structlog.PrintLoggerFactory(file=stream)
-    if sink is not None:
-        writer = LoopBatchedLogger(sink)
-        factory = lambda *_: writer  # noqa: E731 - structlog wants a callable
+    writer = structlog.PrintLogger(file=stream) if sink is None else LoopBatchedLogger(sink)
+    processors = [*_SHARED, *_TAIL, renderer, scrub_rendered]
     structlog.configure(
-        processors=[*_SHARED, *_TAIL, renderer, scrub_rendered],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=factory,
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=cache_loggers,
     )
+    json_lines = isinstance(renderer, structlog.processors.JSONRenderer)
+    route = HotRoute(processors, numeric_level <= logging.INFO, writer.msg)
+    _ROUTE[0] = route if json_lines else None
     handler = logging.StreamHandler(stream) if sink is None else SinkHandler(sink)
     handler.setFormatter(_stdlib_formatter(renderer))
     root = logging.getLogger()

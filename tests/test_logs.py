@@ -15,7 +15,9 @@ import re
 import secrets
 import string
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -24,7 +26,14 @@ import pytest
 import structlog
 
 from broker.auth import generate_api_key
-from broker.logs import REDACTED, configure_logging, redact_secrets, scrub_rendered, scrub_text
+from broker.logs import (
+    REDACTED,
+    IsoTimeStamper,
+    configure_logging,
+    redact_secrets,
+    scrub_rendered,
+    scrub_text,
+)
 from broker.reload import reload_policies
 from tests.conftest import CALLERS, SOURCE_SECRET, BrokerHarness
 
@@ -95,6 +104,41 @@ def test_redaction_masks_keys_at_any_depth_and_fragments_in_strings() -> None:
     assert "min_ttl_seconds=10" in text
 
 
+def test_redaction_reaches_into_every_container_type() -> None:
+    """Tuples, sets, frozensets and read-only mappings are searched like dicts and lists."""
+    event = {
+        "a": ({"token": "s1"},),
+        "b": {frozenset({("password", "s2")})},
+        "c": MappingProxyType({"cookie": "s3", "n": 1}),
+        "d": "plain",
+        "e": 1.5,
+        "f": None,
+    }
+    out = redact_secrets(None, "info", dict(event))
+    assert out["a"] == [{"token": REDACTED}]
+    assert out["c"] == {"cookie": REDACTED, "n": 1}
+    assert out["b"] == [[["password", "s2"]]]  # a pair in a set is not a mapping: the scrub's part
+    assert (out["d"], out["e"], out["f"]) == ("plain", 1.5, None)
+
+
+def _stock_stamp(nanos: int) -> str:
+    """What structlog's TimeStamper(fmt="iso", utc=True) writes for ``nanos``."""
+    moment = datetime.fromtimestamp(nanos // 10**9, UTC).replace(microsecond=nanos // 1000 % 10**6)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def test_time_stamper_writes_what_structlogs_does() -> None:
+    """The cached-per-second stamper matches TimeStamper's ISO UTC form, with or without micros."""
+    now = [1_764_657_601_405_469_123]
+    stamper = IsoTimeStamper(clock=lambda: now[0])
+    for nanos in (now[0], now[0] + 1_000_000, 1_764_657_602_000_000_999, 1_764_657_659_999_999_000):
+        now[0] = nanos
+        assert stamper(None, "info", {})["timestamp"] == _stock_stamp(nanos)
+    assert _stock_stamp(1_764_657_602_000_000_999) == "2025-12-02T06:40:02Z"
+    stock = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stock)
+
+
 async def test_no_secret_from_signing_metrics_or_reload(
     broker: BrokerHarness, log_output: io.StringIO, tmp_path: Path
 ) -> None:
@@ -161,6 +205,7 @@ _ALNUM = string.ascii_letters + string.digits
         ("{{'authorization': 'Bearer {}'}}", JWT),
         ("SecurityToken={}", STS_TOKEN),
         ("token in prose {} here", STS_TOKEN),
+        ("token in prose {} here", "CAES" + STS_TOKEN[4:]),
         ("AccessKeySecret: {}", STS_SECRET),
         ("an exception quoting {} alone", STS_SECRET),
         ("Basic {}", "dXNlcjpwYXNzd29yZA=="),

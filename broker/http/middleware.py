@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from broker import audit, names
+from broker import audit, hot_log, names
 from broker.errors import (
     BrokerError,
     MethodNotAllowed,
@@ -192,14 +192,14 @@ def _finish(request: web.Request, status: int, error_code: str | None, elapsed: 
     """Count the request in the metrics and write its one ``request_finished`` line."""
     route = request.match_info.route.name or "unmatched"
     request.app[SERVICES].metrics.request_finished(route, status, elapsed)
-    log.info(
-        "request_finished",
-        method=request.method,
-        path=request.path,  # never the query: it may carry access_token
-        status=status,
-        duration_ms=round(elapsed * 1000, 3),
-        error_code=error_code,
-    )
+    fields = {
+        "method": request.method,
+        "path": request.path,  # never the query: it may carry access_token
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 3),
+        "error_code": error_code,
+    }
+    hot_log.emit("request_finished", fields)  # structlog's chain, minus its generic cost
 
 
 def _reply_error(request: web.Request, err: BrokerError, request_id: str) -> web.Response:

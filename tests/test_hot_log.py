@@ -1,0 +1,220 @@
+"""The hot lines' direct renderer (broker/hot_log.py): structlog's line, its guards, its writer.
+
+``emit`` must write exactly the JSON object structlog's chain writes for the
+same event (bound context, level, timestamp format), with the same key
+redaction and line scrub, through the same writer, at the same level; and
+step aside for structlog whenever the chain is not the JSON one
+``configure_logging`` installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+import json
+import logging
+import re
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from broker import hot_log, logs
+from broker.auth import generate_api_key
+from broker.logs import REDACTED, configure_logging
+from tests.conftest import CALLERS, BrokerHarness
+
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?Z")
+API_KEY = generate_api_key()
+STS_TOKEN = "CAIS" + base64.b64encode(secrets.token_bytes(120)).decode()
+STS_SECRET = "wyLTSmsyPGP1ohvvw8xYgB29dlGI8KMiH2pKCNZ9"
+SIGNATURE = "c2lnbmF0dXJlLWNhbmFyeQ%3D%3D"
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """Logging configured as JSON at debug into a StringIO, a request_id bound; reset after."""
+    output = io.StringIO()
+    configure_logging("json", "debug", stream=output)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id="0123456789abcdef0123456789abcdef")
+    yield output
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()
+
+
+def _lines(output: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in output.getvalue().splitlines()]
+
+
+def _fields() -> dict[str, Any]:
+    return {
+        "method": "GET",
+        "path": "/v1/credentials/reports-read",
+        "status": 200,
+        "duration_ms": 0.412,
+        "error_code": None,
+        "nested": {"security_token": "s1", "ok": ["a", ("b", 1)]},
+        "note": f"Signature={SIGNATURE} and {API_KEY}",
+    }
+
+
+def test_fast_line_is_the_chains_line(stream: io.StringIO) -> None:
+    """The same event and fields give the same JSON object through emit as through structlog."""
+    structlog.get_logger("broker.http").info("request_finished", **_fields())
+    hot_log.emit("request_finished", _fields())
+    chain, fast = _lines(stream)
+    assert list(fast) == list(chain)  # same keys, in the same order
+    assert ISO_UTC.fullmatch(chain.pop("timestamp"))
+    assert ISO_UTC.fullmatch(fast.pop("timestamp"))
+    assert fast == chain
+    assert fast["nested"]["security_token"] == REDACTED
+    assert fast["request_id"] == "0123456789abcdef0123456789abcdef"
+    assert fast["level"] == "info"
+
+
+def test_secret_named_fields_are_redacted(stream: io.StringIO) -> None:
+    """A secret-named field, at the top or nested, is written as [redacted]."""
+    fields = {"AccessKeySecret": "plain-s1", "grants": [{"x-oss-signature": "plain-s2"}]}
+    hot_log.emit("credentials_issued", fields)
+    text = stream.getvalue()
+    assert "plain-s1" not in text
+    assert "plain-s2" not in text
+    (line,) = _lines(stream)
+    assert line["AccessKeySecret"] == REDACTED
+    assert line["grants"] == [{"x-oss-signature": REDACTED}]
+
+
+def test_canaries_in_values_are_scrubbed(stream: io.StringIO) -> None:
+    """An API key, an STS token and secret, a URL signature in any value never reach the line."""
+    fields = {
+        "path": f"/v1/x/{API_KEY}",
+        "cache": STS_TOKEN,
+        "bucket": f"quoting {STS_SECRET} alone",
+        "key": f"https://b.oss/k?OSSAccessKeyId=LTAI&Signature={SIGNATURE}&Expires=1",
+    }
+    hot_log.emit("url_presigned", fields)
+    text = stream.getvalue()
+    for canary in (API_KEY, STS_TOKEN, STS_SECRET, SIGNATURE):
+        assert canary not in text
+    assert text.count(REDACTED) == 4
+    assert _lines(stream)[0]["event"] == "url_presigned"
+
+
+def test_warning_level_writes_nothing() -> None:
+    """At level warning the hot (info) events write nothing, as structlog's filter would."""
+    output = io.StringIO()
+    configure_logging("json", "warning", stream=output)
+    try:
+        hot_log.emit("request_finished", _fields())
+        hot_log.emit("credentials_issued", {"bucket": "b"})
+        structlog.get_logger("x").warning("kept")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert [line["event"] for line in _lines(output)] == ["kept"]
+
+
+def test_bound_context_is_merged_and_fields_win(stream: io.StringIO) -> None:
+    """Bound contextvars (request_id, caller) are on the line; a field of the same name wins."""
+    structlog.contextvars.bind_contextvars(caller="alice", policy="from-context")
+    hot_log.emit("post_policy_signed", {"policy": "from-field"})
+    structlog.contextvars.unbind_contextvars("caller")
+    hot_log.emit("post_policy_signed", {})
+    first, second = _lines(stream)
+    assert first["caller"] == "alice"
+    assert first["policy"] == "from-field"
+    assert first["request_id"] == "0123456789abcdef0123456789abcdef"
+    assert "caller" not in second
+    assert second["policy"] == "from-context"
+
+
+def test_context_reader_agrees_with_structlogs_public_one(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound context read from structlog's own variables equals get_contextvars()."""
+    structlog.contextvars.bind_contextvars(caller="alice", worker=2)
+    structlog.contextvars.unbind_contextvars("worker")
+    expected = {"request_id": "0123456789abcdef0123456789abcdef", "caller": "alice"}
+    assert hot_log._bound_context() == structlog.contextvars.get_contextvars() == expected
+    monkeypatch.delattr(structlog.contextvars, "_CONTEXT_VARS")
+    assert hot_log._structlog_context()() == expected  # a structlog without it: the public call
+
+
+def test_background_lines_go_through_the_sink() -> None:
+    """With the daemon's LogSink, lines from the loop and from outside it are written once each."""
+    output = io.StringIO()
+    sink = configure_logging("json", "info", stream=output, background=True)
+    assert sink is not None
+
+    async def in_loop() -> None:
+        hot_log.emit("request_finished", {"status": 200})
+        hot_log.emit("credentials_issued", {"cache": "hit"})
+
+    try:
+        asyncio.run(in_loop())
+        hot_log.emit("url_presigned", {"key": "k"})
+        assert sink.flush(20.0)
+    finally:
+        sink.close()
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    events = [line["event"] for line in _lines(output)]
+    assert events == ["request_finished", "credentials_issued", "url_presigned"]
+
+
+def test_console_output_goes_through_structlog_scrubbed() -> None:
+    """On the console renderer the line is structlog's own, still scrubbed."""
+    output = io.StringIO()
+    configure_logging("console", "info", stream=output)
+    try:
+        hot_log.emit("request_finished", {"path": f"/p/{API_KEY}", "status": 200})
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    text = output.getvalue()
+    assert "request_finished" in text
+    assert not text.startswith("{")
+    assert API_KEY not in text
+
+
+def test_reconfigured_structlog_takes_the_lines_back(stream: io.StringIO) -> None:
+    """capture_logs sees the hot events; after reset_defaults nothing goes to the old stream."""
+    with capture_logs() as captured:
+        hot_log.emit("credentials_issued", {"cache": "miss"})
+    assert [entry["event"] for entry in captured] == ["credentials_issued"]
+    assert captured[0]["cache"] == "miss"
+    hot_log.emit("request_finished", {"status": 200})  # the route holds again
+    structlog.reset_defaults()
+    hot_log.emit("request_finished", {"status": 201})  # structlog's defaults: stdout
+    assert [line["status"] for line in _lines(stream)] == [200]
+
+
+async def test_real_requests_write_their_hot_lines_directly(
+    broker: BrokerHarness, stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A credentials request writes request_finished and credentials_issued via emit, no secret."""
+    route = logs.hot_route()
+    assert route is not None
+    direct: list[str] = []
+
+    def write(line: str) -> None:
+        direct.append(line)
+        route.write(line)
+
+    monkeypatch.setattr(logs, "_ROUTE", [dataclasses.replace(route, write=write)])
+    status, body = await broker.get_json("/v1/credentials/service-uploads", caller="svc-a")
+    assert status == 200
+    events = [json.loads(line) for line in direct]
+    assert [event["event"] for event in events] == ["credentials_issued", "request_finished"]
+    assert {event["caller"] for event in events} == {"svc-a"}
+    assert len({event["request_id"] for event in events}) == 1
+    text = stream.getvalue()
+    for canary in (body["AccessKeySecret"], body["SecurityToken"], CALLERS["svc-a"][0]):
+        assert canary not in text
