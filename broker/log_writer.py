@@ -67,9 +67,8 @@ class LogSink:
     ``log_lines_dropped``).  Writes go to the stream's file descriptor when it
     has one, so a writer stuck in ``write(2)`` holds no Python-level lock.
 
-    Audit records travel this sink like any line today.  ``write`` returns
-    ``False`` for a dropped line: the seam where a ``required`` audit sink can
-    refuse an issuance whose record could not be kept (the trust issue decides).
+    ``write`` returns ``False`` for a dropped line.  Audit records do not
+    travel this sink: they have their own writer (``broker.audit_writer``).
     """
 
     def __init__(
