@@ -257,6 +257,10 @@ class Auditor:
             return
 
         def settle(done: Sequence[Entry], error: str | None) -> None:
+            """In the writer thread: a plain success is counted here, the rest on the loop."""
+            if error is None and not self._failing and _nobody_waits(done):
+                self._count_written(done)  # prometheus counters are thread-safe
+                return
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 loop.call_soon_threadsafe(self._settle, done, error)
 
@@ -268,8 +272,7 @@ class Auditor:
         """On the loop: count the outcome, log a change of health, wake whoever waits."""
         records = [event for _, event, _ in entries if event is not None]
         if error is None and records:
-            for event, count in Counter(records).items():
-                self._written[event].inc(count)
+            self._count_written(entries)
             if self._failing:
                 self._failing = False
                 log.warning("audit_write_recovered", sink=self._settings.sink)
@@ -279,6 +282,10 @@ class Auditor:
         for _, _, waiter in entries:
             if waiter is not None and not waiter.done():
                 waiter.set_result(error)
+
+    def _count_written(self, entries: Sequence[Entry]) -> None:
+        for event, count in Counter(event for _, event, _ in entries if event is not None).items():
+            self._written[event].inc(count)
 
     def _note_failure(self, reason: str, records: int, error: str) -> None:
         if records:
@@ -369,3 +376,8 @@ def open_auditor(settings: AuditSettings, metrics: Metrics, clock: Clock) -> Aud
         fd, owns_fd=True, max_buffer_bytes=settings.max_buffer_bytes, fsync=settings.fsync
     )
     return Auditor(settings, writer, metrics, clock)
+
+
+def _nobody_waits(entries: Sequence[Entry]) -> bool:
+    """Whether no entry has a waiter (``best_effort`` records): nothing to wake on the loop."""
+    return all(waiter is None for _, _, waiter in entries)

@@ -11,6 +11,7 @@ are parsed in ``broker.templates``, a caller's scope is rendered in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -220,7 +221,7 @@ class Policy(pydantic.BaseModel):
         """How long a token lives: ``effective_lifetime_seconds``, else ``duration_seconds``."""
         return self.effective_lifetime_seconds or self.duration_seconds
 
-    @property
+    @functools.cached_property
     def binds_caller(self) -> bool:
         """Whether tokens are bound to the address that asked for them (``source_ip: caller``)."""
         blocks = (self.conditions, *(grant.conditions for grant in self._grants))

@@ -12,6 +12,7 @@ IPv4-mapped IPv6 peers (``::ffff:127.0.0.1``) are written as IPv4.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -25,6 +26,8 @@ def client_address(
     peer: str | None, forwarded_for: Iterable[str], trusted: Sequence[Network]
 ) -> str | None:
     """The client's address as text, or None when it cannot be known."""
+    if not trusted:  # the peer is the client: its canonical text, parsed once per address
+        return _peer_text(peer)
     address = _parse(peer)
     if address is None or not _is_trusted(address, trusted):
         return None if address is None else str(address)
@@ -40,6 +43,13 @@ def client_address(
     return str(_parse(entries[0]))
 
 
+@functools.lru_cache(maxsize=4096)
+def _peer_text(peer: str | None) -> str | None:
+    address = _parse(peer)
+    return None if address is None else str(address)
+
+
+@functools.lru_cache(maxsize=4096)
 def _parse(text: str | None) -> Address | None:
     try:
         address = ipaddress.ip_address(text or "")
