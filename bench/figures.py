@@ -103,7 +103,7 @@ def _throughput(
     if not _clean(ours, base):
         raw += "; NON-2xx OR SOCKET ERRORS SEEN"
     met = ratio >= minimum and _clean(ours, base)
-    return report.Figure(name, f"≥ {minimum:g}", f"{ratio:.2f}", raw, met)
+    return report.Figure(name, f"≥ {minimum:.2f}", f"{ratio:.2f}", raw, met)
 
 
 def _p99_figure(r: Results) -> report.Figure:

@@ -59,7 +59,12 @@ __all__ = ["main"]
 CREDENTIALS_PATH = "/v1/credentials/service-uploads"
 PRESIGN_PATH = "/v1/presign"
 PRESIGN_BODY = json.dumps(
-    {"policy": "service-uploads", "key": f"services/{SERVICE_ID}/bench.bin", "method": "PUT"},
+    {
+        "policy": "service-uploads",
+        "key": f"services/{SERVICE_ID}/bench.bin",
+        "method": "PUT",
+        "content_length": 1024,  # required: the policy sets max_object_bytes
+    },
     separators=(",", ":"),
 )
 COMMITTED_RESULTS = BENCH / "RESULTS.md"
