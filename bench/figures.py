@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cold_start
+import key_count
 import presign_inprocess
 import report
 from loadgen import WrkResult
@@ -52,6 +53,7 @@ class Results:
     rounds: dict[str, list[WrkResult]] = field(default_factory=dict)
     warmups: dict[str, WrkResult] = field(default_factory=dict)
     presign: list[presign_inprocess.CaseTiming] = field(default_factory=list)
+    key_check: key_count.KeyCountTiming | None = None
     memory: dict[str, float] = field(default_factory=dict)
     jwt: dict[str, Any] = field(default_factory=dict)
     sts_rate: float = 0.0
@@ -261,12 +263,24 @@ def _loop_rows(r: Results) -> list[report.Secondary]:
     return rows
 
 
+def _key_check_row(r: Results) -> report.Secondary:
+    k = r.key_check
+    assert k is not None
+    return report.Secondary(
+        f"API-key check in-process, {k.many:,} keys / {k.few} keys (bench/key_count.py)",
+        f"{k.many_us:.1f} µs / {k.few_us:.1f} µs",
+        f"`ApiKeyAuthenticator.authenticate` of the last key, no HTTP; {k.many_us - k.few_us:.1f}"
+        " µs more per request with the larger list (median of interleaved rounds' best)",
+    )
+
+
 def secondary(r: Results) -> list[report.Secondary]:
     """Figures reported for context, without a target."""
     warn, info, hello = r.rounds["creds_warning"], r.rounds["creds"], r.rounds["hello_get"]
     per_worker = r.sts_rate / 2
     return [
         *_loop_rows(r),
+        _key_check_row(r),
         report.Secondary(
             "Cached credentials / hello-world, `logging.level: warning`",
             f"{_median_ratio(warn, hello):.2f}",

@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any
 
 import cold_start
+import key_count
 import presign_inprocess
 import report
 from figures import (
@@ -117,6 +118,7 @@ def _measure(stack: Stack, plan: Plan) -> tuple[Results, list[Target]]:
     targets = _targets(stack, brokers, hello_url)
     _load_rounds(targets, plan, results)
     results.presign = _presign_inprocess(plan)
+    results.key_check = key_count.measure(plan.presign_rounds, many=MANY_KEYS)
     results.memory = _in_own_process("cache_memory.py", "--scopes", CACHED_SCOPES)
     results.jwt = _in_own_process("jwt_subjects.py", "--subjects", JWT_SUBJECTS)
     results.broker_rss_mb = _rss_mb(main_broker.child.pid)
