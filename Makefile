@@ -56,10 +56,14 @@ typecheck: $(TEST_STAMP)
 pytest: $(TEST_STAMP) $(SYSTEM) $(NODE_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: $(TEST_STAMP)  ## ratios against baselines measured in the same run; writes bench/RESULTS.md
+# make bench: ratios against baselines measured in the same run (interleaved rounds, medians).
+# Writes $(RESULTS), by default bench/results/latest.md (not tracked by git);
+# make bench RESULTS=bench/RESULTS.md overwrites the committed results, and says so.
+RESULTS ?= bench/results/latest.md
+bench: $(TEST_STAMP)  ## ratios against baselines of the same run; writes $(RESULTS)
 	bash tools/install-system-deps.sh
-	$(BIN)/python bench/run.py
-	$(BIN)/python bench/fleet.py --append bench/RESULTS.md
+	$(BIN)/python bench/run.py --output $(RESULTS)
+	$(BIN)/python bench/fleet.py --append $(RESULTS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache tests/clients/node/node_modules

@@ -276,7 +276,12 @@ def _append_section(path: Path, report: str, options: Options) -> None:
         f"--lifetime {options.lifetime} --seconds {options.seconds:g} --rate {options.rate:g}` "
         "(part of `make bench`)"
     )
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{text}{_SECTION}\n\n{command}\n\n{report}\n", encoding="utf-8")
+    if path.resolve() == (REPO / "bench" / "RESULTS.md").resolve():
+        print(f"*** fleet section written INTO THE COMMITTED {path} (overwritten) ***")
+    else:
+        print(f"fleet section written to {path}")
 
 
 def _options() -> Options:

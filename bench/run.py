@@ -1,68 +1,79 @@
 """``make bench``: the broker measured against baselines taken in the same run, as ratios.
 
-Run as ``.venv/bin/python bench/run.py [--quick] [--output FILE]``.  The machine
-is shared and noisy, so every HTTP figure is a ratio against a hello-world
-baseline (or the 1-process broker) measured in the same run, in interleaved
-rounds (A, B, A, B, ...), and the median of the per-round ratios is reported
-beside the raw numbers.  Everything runs on 127.0.0.1; every child process
-runs in its own process group and is stopped on exit or error.
+Run as ``.venv/bin/python bench/run.py [--quick] [--output FILE | --write-results]``.
+The machine is shared and noisy, so every HTTP figure is a ratio against a
+baseline measured in the same run (hello-world, the 2-key broker, the
+1-process broker), in interleaved rounds (A, B, C, ..., A, B, C, ...), and the
+median of the per-round ratios is reported beside the raw numbers.  Everything
+runs on 127.0.0.1; every child process runs in its own process group and is
+stopped on exit or error.  The figures and the report are in bench/figures.py.
 
-The full run writes ``bench/RESULTS.md``; ``--quick`` (short wrk runs, one
-round) only prints, unless ``--output`` is given.
+The report goes to the untracked ``bench/results/latest.md`` unless
+``--output`` names another file; ``--write-results`` overwrites the committed
+``bench/RESULTS.md`` and says so.  ``--quick`` (one round of 3 s) is for
+development.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import re
 import resource
+import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import cold_start
+import key_count
 import presign_inprocess
 import report
+from figures import (
+    CACHED_SCOPES,
+    COLD_REQUESTS,
+    CONNECTIONS,
+    JWT_SUBJECTS,
+    MANY_KEYS,
+    Plan,
+    Results,
+    figures,
+    notes,
+    secondary,
+)
 from loadgen import WrkResult, run_wrk, write_post_script, wrk_version
 from procs import get_body
-from stack import BENCH, SERVICE_ID, ApiKeys, Broker, Stack, caller_rate_limit
+from stack import BENCH, SERVICE_ID, ApiKeys, Broker, Stack
 
 __all__ = ["main"]
 
 CREDENTIALS_PATH = "/v1/credentials/service-uploads"
 PRESIGN_PATH = "/v1/presign"
 PRESIGN_BODY = json.dumps(
-    {"policy": "service-uploads", "key": f"services/{SERVICE_ID}/bench.bin", "method": "PUT"},
+    {
+        "policy": "service-uploads",
+        "key": f"services/{SERVICE_ID}/bench.bin",
+        "method": "PUT",
+        "content_length": 1024,  # required: the policy sets max_object_bytes
+    },
     separators=(",", ":"),
 )
-CONNECTIONS = 50
-COLD_REQUESTS = 1000
-CACHED_SCOPES = 100_000
+COMMITTED_RESULTS = BENCH / "RESULTS.md"
+DEFAULT_RESULTS = BENCH / "results" / "latest.md"
 _EVENT = re.compile(rb'"event": ?"([A-Za-z0-9_]+)"')
 
-
-@dataclass(frozen=True)
-class Plan:
-    """How long and how often to measure."""
-
-    wrk_seconds: int
-    warmup_seconds: int
-    rounds: int
-    presign_rounds: int
-
-
 FULL = Plan(wrk_seconds=10, warmup_seconds=2, rounds=3, presign_rounds=15)
-QUICK = Plan(wrk_seconds=2, warmup_seconds=1, rounds=1, presign_rounds=3)
+QUICK = Plan(wrk_seconds=3, warmup_seconds=1, rounds=1, presign_rounds=3)
 
 
 @dataclass(frozen=True)
@@ -76,55 +87,69 @@ class Target:
     script: Path | None = None
 
 
-@dataclass
-class Results:
-    """Everything one run measured."""
+@dataclass(frozen=True)
+class Brokers:
+    """The brokers under test (``other``: on the other event loop, if uvloop is installed)."""
 
-    plan: Plan
-    cold: cold_start.ColdResult | None = None
-    cold_sts_calls: int = -1
-    get_bytes: int = 0
-    post_bytes: int = 0
-    rounds: dict[str, list[WrkResult]] = field(default_factory=dict)
-    warmups: dict[str, WrkResult] = field(default_factory=dict)
-    presign: list[presign_inprocess.CaseTiming] = field(default_factory=list)
-    memory: dict[str, float] = field(default_factory=dict)
-    sts_rate: float = 0.0
-    sts_burst: float = 0.0
-    workers_warmup_sts_calls: int = 0
-    broker_rss_mb: float = 0.0
-    log_lines: int = 0
-    log_events: dict[str, int] = field(default_factory=dict)
-    requests_to_main: int = 0
-    warning_log_bytes: int = 0
+    main: Broker
+    many_keys: Broker
+    warning: Broker
+    two: Broker
+    other: Broker | None
 
 
 # --- the run ---
 
 
-def _measure(stack: Stack, plan: Plan) -> Results:
+def _measure(stack: Stack, plan: Plan) -> tuple[Results, list[Target]]:
     results = Results(plan)
     stack.start_sts()
-    main_broker = stack.start_broker("broker")
+    main_broker = stack.start_broker("broker")  # listen.event_loop: the default (auto)
     _cold(stack, main_broker, results)
     results.get_bytes, results.post_bytes = _reply_sizes(main_broker, stack.keys)
     hello_url = stack.start_hello(results.get_bytes, results.post_bytes)
-    warning = stack.start_broker("broker-warning", level="warning")
+    brokers = _start_brokers(stack, main_broker, results)
+    for broker in (main_broker, brokers.many_keys, brokers.warning, brokers.other):
+        if broker is not None:
+            _warm(broker, stack.keys, connections=1)
+    before = stack.sts_issued()
+    _warm(brokers.two, stack.keys, connections=20)  # new connections reach both workers
+    results.workers_warmup_sts_calls = stack.sts_issued() - before
+    targets = _targets(stack, brokers, hello_url)
+    _load_rounds(targets, plan, results)
+    results.presign = _presign_inprocess(plan)
+    results.key_check = key_count.measure(plan.presign_rounds, many=MANY_KEYS)
+    results.memory = _in_own_process("cache_memory.py", "--scopes", CACHED_SCOPES)
+    results.jwt = _in_own_process("jwt_subjects.py", "--subjects", JWT_SUBJECTS)
+    results.broker_rss_mb = _rss_mb(main_broker.child.pid)
+    _count_logs(results, main_broker, brokers.warning)
+    return results, targets
+
+
+def _other_loop(main_loop: str) -> str | None:
+    """The loop the main broker does not run on, if it can run here (uvloop installed)."""
+    if main_loop == "uvloop":
+        return "asyncio"
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else None
+
+
+def _start_brokers(stack: Stack, main: Broker, results: Results) -> Brokers:
+    results.main_loop = main.event_loop
+    results.other_loop = _other_loop(main.event_loop)
+    other = None
+    if results.other_loop is not None:
+        other = stack.start_broker(f"broker-{results.other_loop}", event_loop=results.other_loop)
+    print(f"[loops] main broker: {main.event_loop}; other: {results.other_loop}", flush=True)
     two = stack.start_broker("broker-2-workers", workers=2)
     results.sts_rate = two.settings.quotas.sts_calls_per_second
     results.sts_burst = two.settings.quotas.sts_burst
-    for broker in (main_broker, warning):
-        _warm(broker, stack.keys, connections=1)
-    before = stack.sts_issued()
-    _warm(two, stack.keys, connections=20)  # new connections reach both workers
-    results.workers_warmup_sts_calls = stack.sts_issued() - before
-    targets = _targets(stack, main_broker, warning, two, hello_url)
-    _load_rounds(targets, plan, results)
-    results.presign = _presign_inprocess(plan)
-    results.memory = _cache_memory()
-    results.broker_rss_mb = _rss_mb(main_broker.child.pid)
-    _count_logs(results, main_broker, warning)
-    return results
+    return Brokers(
+        main=main,
+        many_keys=stack.start_broker(f"broker-{MANY_KEYS}-keys", api_keys=MANY_KEYS),
+        warning=stack.start_broker("broker-warning", level="warning"),
+        two=two,
+        other=other,
+    )
 
 
 def _cold(stack: Stack, broker: Broker, results: Results) -> None:
@@ -163,24 +188,31 @@ def _warm(broker: Broker, keys: ApiKeys, connections: int) -> None:
         get_body(broker.url + PRESIGN_PATH, post, PRESIGN_BODY.encode())
 
 
-def _targets(stack: Stack, main: Broker, warning: Broker, two: Broker, hello: str) -> list[Target]:
+def _targets(stack: Stack, b: Brokers, hello: str) -> list[Target]:
+    """Every workload of a round, in the order they run."""
     auth = f"Authorization: Bearer {stack.keys.service}"
     script = write_post_script(stack.workdir / "presign.lua", PRESIGN_BODY, auth.split(": ", 1)[1])
-    return [
-        Target("hello_get", "hello-world GET", hello + CREDENTIALS_PATH, (auth,)),
-        Target("creds", "broker GET credentials (info log)", main.url + CREDENTIALS_PATH, (auth,)),
-        Target("hello_post", "hello-world POST", hello + PRESIGN_PATH, script=script),
-        Target("presign", "broker POST presign (info log)", main.url + PRESIGN_PATH, script=script),
-        Target(
-            "creds_warning",
-            "broker GET credentials (warning log)",
-            warning.url + CREDENTIALS_PATH,
-            (auth,),
-        ),
-        Target(
-            "creds_2w", "broker --workers 2 GET credentials", two.url + CREDENTIALS_PATH, (auth,)
-        ),
+
+    def get(key: str, label: str, base: str) -> Target:
+        return Target(key, label, base + CREDENTIALS_PATH, (auth,))
+
+    def post(key: str, label: str, base: str) -> Target:
+        return Target(key, label, base + PRESIGN_PATH, script=script)
+
+    targets = [
+        get("hello_get", "hello-world GET", hello),
+        get("creds", f"broker GET credentials ({b.main.event_loop})", b.main.url),
+        post("hello_post", "hello-world POST", hello),
+        post("presign", f"broker POST presign ({b.main.event_loop})", b.main.url),
+        get("creds_1000_keys", f"broker GET credentials, {MANY_KEYS} keys", b.many_keys.url),
     ]
+    if b.other is not None:
+        loop, url = b.other.event_loop, b.other.url
+        targets.append(get("creds_other", f"broker GET credentials ({loop})", url))
+        targets.append(post("presign_other", f"broker POST presign ({loop})", url))
+    targets.append(get("creds_warning", "broker GET credentials (warning log)", b.warning.url))
+    targets.append(get("creds_2w", "broker --workers 2 GET credentials", b.two.url))
+    return targets
 
 
 def _load_rounds(targets: Sequence[Target], plan: Plan, results: Results) -> None:
@@ -215,14 +247,16 @@ def _presign_inprocess(plan: Plan) -> list[presign_inprocess.CaseTiming]:
     return timings
 
 
-def _cache_memory() -> dict[str, float]:
-    """bench/cache_memory.py in its own process; its JSON line."""
-    print(f"\n[memory] CredentialCache with {CACHED_SCOPES:,} scopes (STS bypassed)", flush=True)
-    argv = [sys.executable, str(BENCH / "cache_memory.py"), "--scopes", str(CACHED_SCOPES)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=True)
-    memory: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  RSS {memory['rss_before_mb']:.1f} MB -> {memory['rss_after_mb']:.1f} MB", flush=True)
-    return memory
+def _in_own_process(script: str, flag: str, count: int) -> dict[str, Any]:
+    """bench/<script> <flag> <count> in its own process (a clean RSS); its last JSON line."""
+    print(f"\n[memory] bench/{script} {flag} {count:,}", flush=True)
+    argv = [sys.executable, str(BENCH / script), flag, str(count)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench/{script} exited with {done.returncode}:\n{done.stderr[-2000:]}")
+    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  RSS {found['rss_before_mb']:.1f} MB -> {found['rss_after_mb']:.1f} MB", flush=True)
+    return found
 
 
 def _rss_mb(pid: int) -> float:
@@ -248,214 +282,6 @@ def _count_logs(results: Results, main: Broker, warning: Broker) -> None:
     results.warning_log_bytes = warning.log_path.stat().st_size
 
 
-# --- the figures ---
-
-
-def _median_ratio(numerators: Sequence[WrkResult], denominators: Sequence[WrkResult]) -> float:
-    pairs = zip(numerators, denominators, strict=True)
-    return statistics.median(a.requests_per_second / b.requests_per_second for a, b in pairs)
-
-
-def _median(results: Sequence[WrkResult], attribute: str) -> float:
-    return statistics.median(getattr(r, attribute) for r in results)
-
-
-def _rounds_text(results: Sequence[WrkResult]) -> str:
-    return ", ".join(f"{r.requests_per_second:,.0f}" for r in results)
-
-
-def _clean(*groups: Sequence[WrkResult]) -> bool:
-    return all(r.clean for group in groups for r in group)
-
-
-def _throughput_figure(
-    name: str, target: str, minimum: float, ours: list[WrkResult], base: list[WrkResult]
-) -> report.Figure:
-    ratio = _median_ratio(ours, base)
-    raw = (
-        f"broker {_median(ours, 'requests_per_second'):,.0f} req/s "
-        f"(rounds {_rounds_text(ours)}) vs hello-world {_median(base, 'requests_per_second'):,.0f} "
-        f"req/s (rounds {_rounds_text(base)}); broker p50 {_median(ours, 'p50_ms'):.2f} ms, "
-        f"p99 {_median(ours, 'p99_ms'):.2f} ms; hello-world p99 {_median(base, 'p99_ms'):.2f} ms"
-    )
-    if not _clean(ours, base):
-        raw += "; NON-2xx OR SOCKET ERRORS SEEN"
-    return report.Figure(name, target, f"{ratio:.2f}", raw, ratio >= minimum and _clean(ours, base))
-
-
-def _http_figures(r: Results) -> list[report.Figure]:
-    creds, hello_get = r.rounds["creds"], r.rounds["hello_get"]
-    p99 = _median(creds, "p99_ms")
-    per_round = ", ".join(f"{x.p99_ms:.2f}" for x in creds)
-    return [
-        _throughput_figure(
-            "Cached `GET /v1/credentials/service-uploads` throughput / hello-world",
-            "≥ 0.75",
-            0.75,
-            creds,
-            hello_get,
-        ),
-        _throughput_figure(
-            "`POST /v1/presign` throughput / hello-world POST",
-            "≥ 0.6",
-            0.6,
-            r.rounds["presign"],
-            r.rounds["hello_post"],
-        ),
-        report.Figure(
-            f"p99 latency, cached credentials, {CONNECTIONS} connections",
-            "≤ 10 ms",
-            f"{p99:.2f} ms",
-            f"median of rounds; per round {per_round} ms; p50 {_median(creds, 'p50_ms'):.2f} ms",
-            p99 <= 10.0,
-        ),
-    ]
-
-
-def _presign_figure(r: Results) -> report.Figure:
-    slowest = min(r.presign, key=lambda t: t.speedup)
-    identical = all(t.identical for t in r.presign)
-    raw = "; ".join(
-        f"{t.name}: ours {t.ours_us:.2f} µs vs SDK {t.sdk_us:.1f} µs = {t.speedup:.1f}x"
-        for t in r.presign
-    )
-    value = f"{slowest.speedup:.1f}x (slowest case), byte-identical: {'yes' if identical else 'NO'}"
-    met = slowest.speedup >= 10.0 and identical
-    return report.Figure(
-        "In-process presign vs `alibabacloud-oss-v2` `presign()`",
-        "≥ 10x and byte-identical",
-        value,
-        raw,
-        met,
-    )
-
-
-def _cold_figure(r: Results) -> report.Figure:
-    cold = r.cold
-    assert cold is not None
-    raw = (
-        f"statuses {dict(cold.statuses)}; all {COLD_REQUESTS} served in {cold.seconds:.2f} s "
-        f"(per request p50 {cold.p50_ms:.0f} ms, max {cold.max_ms:.0f} ms); "
-        "counted at the emulator (GET /__emulator__/calls)"
-    )
-    return report.Figure(
-        f"STS calls for {COLD_REQUESTS:,} concurrent cold requests, one scope",
-        "= 1",
-        f"{r.cold_sts_calls}",
-        raw,
-        r.cold_sts_calls == 1 and cold.all_ok,
-    )
-
-
-def _memory_figure(r: Results) -> report.Figure:
-    m = r.memory
-    minutes = CACHED_SCOPES / r.sts_rate / 60
-    raw = (
-        f"before {m['rss_before_mb']:.1f} MB, after {m['rss_after_mb']:.1f} MB, "
-        f"delta {m['delta_mb']:.1f} MB for {int(m['entries']):,} entries "
-        f"(mean policy {m['mean_policy_chars']:.0f} chars). STS BYPASSED: an in-memory fetch "
-        f"returns STS-sized credentials, because {CACHED_SCOPES:,} real AssumeRole calls would "
-        f"take {minutes:.0f} min at the configured {r.sts_rate:g}/s budget"
-    )
-    after = m["rss_after_mb"]
-    return report.Figure(
-        f"RSS with {CACHED_SCOPES:,} cached scopes",
-        "≤ 250 MB",
-        f"{after:.0f} MB",
-        raw,
-        after <= 250,
-    )
-
-
-def _workers_figure(r: Results) -> report.Figure:
-    two, one = r.rounds["creds_2w"], r.rounds["creds"]
-    ratio = _median_ratio(two, one)
-    raw = (
-        f"2 workers {_median(two, 'requests_per_second'):,.0f} req/s (rounds {_rounds_text(two)}) "
-        f"vs 1 process {_median(one, 'requests_per_second'):,.0f} req/s; wrk -t1 competes for "
-        "the same 2 cores; 2-worker p99 "
-        f"{_median(two, 'p99_ms'):.2f} ms"
-    )
-    met = ratio >= 1.7 and _clean(two, one)
-    return report.Figure(
-        "`--workers 2` vs 1 process, cached credentials, 2 cores",
-        "≥ 1.7x",
-        f"{ratio:.2f}x",
-        raw,
-        met,
-    )
-
-
-def _secondary(r: Results) -> list[report.Secondary]:
-    warn, info, hello = r.rounds["creds_warning"], r.rounds["creds"], r.rounds["hello_get"]
-    per_worker = r.sts_rate / 2
-    return [
-        report.Secondary(
-            "Cached credentials / hello-world, `logging.level: warning`",
-            f"{_median_ratio(warn, hello):.2f}",
-            f"{_median(warn, 'requests_per_second'):,.0f} req/s (rounds {_rounds_text(warn)}), "
-            f"p99 {_median(warn, 'p99_ms'):.2f} ms; log written: {r.warning_log_bytes} bytes",
-        ),
-        report.Secondary(
-            "Cost of info logging: cached credentials at info / at warning",
-            f"{_median_ratio(info, warn):.2f}",
-            f"{r.log_lines:,} log lines from the info broker for ~{r.requests_to_main:,} "
-            f"requests ({r.log_lines / max(1, r.requests_to_main):.1f} per request); by event: "
-            + ", ".join(f"{event} {count:,}" for event, count in r.log_events.items()),
-        ),
-        report.Secondary(
-            "STS budget with `--workers 2`",
-            f"{per_worker:g}/s per worker",
-            f"quotas.sts_calls_per_second {r.sts_rate:g} in the config / 2 workers "
-            f"(sts_burst {r.sts_burst:g} -> {max(1.0, r.sts_burst / 2):g} each); each worker has "
-            f"its own cache: warming 2 scopes on 2 workers took {r.workers_warmup_sts_calls} "
-            "AssumeRole calls",
-        ),
-        report.Secondary(
-            "Broker RSS after the run (1 process, 2 scopes cached)",
-            f"{r.broker_rss_mb:.0f} MB",
-            "VmRSS of the info-level broker at the end",
-        ),
-    ]
-
-
-def _notes(r: Results) -> list[str]:
-    p = r.plan
-    return [
-        f"Each HTTP figure: {p.rounds} interleaved round(s) over 6 workloads (hello GET, broker "
-        f"GET, hello POST, broker POST, broker GET at warning level, 2-worker broker GET), each "
-        f"`wrk -t1 -c{CONNECTIONS} -d{p.wrk_seconds}s --latency` after a {p.warmup_seconds} s "
-        "warm-up; a ratio is the median of the per-round ratios, raw numbers are medians.",
-        f"hello-world (bench/hello.py, aiohttp, no access log) replies with JSON bodies of the "
-        f"broker's sizes: {r.get_bytes} B for credentials, {r.post_bytes} B for presign.",
-        "Brokers run `sts-broker serve --config <temp>` with `logging: {format: json, level: "
-        "info}` and stderr to a file (production logging on); a second broker at `level: "
-        "warning` gives the secondary figure.",
-        f"`quotas.caller_requests_per_second` is {caller_rate_limit():g}: 1e6 was asked for, "
-        "the config accepts at most that; `caller_burst` 1e6. No request was throttled unless "
-        "a row says NON-2xx.",
-        "STS is the emulator (bench/sts_server.py) in its own process on 127.0.0.1; the broker "
-        "signs its calls with the emulator's key from ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET.",
-        f"The cold burst is the first traffic a freshly started broker sees: {COLD_REQUESTS} "
-        "aiohttp requests at once (connector limit 1,000), before any warm-up.",
-        "The 2-core machine is shared: wrk, the broker(s) and the baseline run on the same "
-        "cores, so 2 workers cannot get 2 cores to themselves.",
-    ]
-
-
-def _render(r: Results, command: str, load_before: str, seconds: float) -> str:
-    figures = [
-        *_http_figures(r),
-        _presign_figure(r),
-        _cold_figure(r),
-        _memory_figure(r),
-        _workers_figure(r),
-    ]
-    facts = report.machine_facts(BENCH.parent, wrk_version(), load_before)
-    facts.append(("run time", f"{seconds:.0f} s"))
-    return report.render(command, facts, figures, _secondary(r), _notes(r))
-
-
 # --- entry point ---
 
 
@@ -473,16 +299,45 @@ def _exit_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short wrk runs, one round")
-    parser.add_argument("--output", type=Path, help="where to write the Markdown report")
+    parser.add_argument("--quick", action="store_true", help="one round of 3 s (development)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help="where to write the Markdown report (default: %(default)s, not tracked by git)",
+    )
+    where.add_argument(
+        "--write-results",
+        action="store_const",
+        const=COMMITTED_RESULTS,
+        dest="output",
+        help=f"overwrite the committed {COMMITTED_RESULTS.relative_to(BENCH.parent)}",
+    )
     return parser.parse_args(argv)
 
 
+def _render(r: Results, targets: Sequence[Target], command: str, load: str, seconds: float) -> str:
+    facts = report.machine_facts(BENCH.parent, wrk_version(), load)
+    facts.append(("run time", f"{seconds:.0f} s"))
+    workloads = [target.label for target in targets]
+    return report.render(command, facts, figures(r), secondary(r), notes(r, workloads))
+
+
+def _write(output: Path, text: str) -> None:
+    """Write the report; say loudly when that overwrote the committed bench/RESULTS.md."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
+    if output.resolve() == COMMITTED_RESULTS.resolve():
+        print(f"*** OVERWROTE THE COMMITTED {output}: review it before committing ***")
+    else:
+        print(f"written to {output} (bench/RESULTS.md, the committed copy, was not touched)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run every measurement, print the report, write it (full runs: bench/RESULTS.md)."""
+    """Run every measurement, print the report and write it (``--output``)."""
     args = _parse(argv)
     plan = QUICK if args.quick else FULL
-    output = args.output or (None if args.quick else BENCH / "RESULTS.md")
     _raise_open_files_limit()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     load_before = report.load_average()
@@ -491,13 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="sts-broker-bench-") as workdir,
         contextlib.ExitStack() as exits,
     ):
-        results = _measure(Stack(Path(workdir), exits, ApiKeys.generate()), plan)
-    command = "make bench" if not args.quick else ".venv/bin/python bench/run.py --quick"
-    text = _render(results, command, load_before, time.monotonic() - started)
+        results, targets = _measure(Stack(Path(workdir), exits, ApiKeys.generate()), plan)
+    command = shlex.join(["bench/run.py", *(sys.argv[1:] if argv is None else argv)])
+    text = _render(results, targets, command, load_before, time.monotonic() - started)
     print("\n" + text)
-    if output is not None:
-        output.write_text(text, encoding="utf-8")
-        print(f"written to {output}")
+    _write(args.output, text)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import sys
 import time
@@ -28,6 +29,7 @@ STS_BROKER = Path(sys.executable).parent / "sts-broker"
 SERVICE_ID = "svc-bench"  # group internal: service-uploads
 BROWSER_ID = "web-bench"  # group browser: avatar-upload
 WANTED_CALLER_RATE = 1e6
+_EVENT_LOOP = re.compile(r'"event_loop": ?"([a-z]+)"')
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Broker:
     url: str
     settings: Settings
     workers: int
+    event_loop: str
+    """What its ``broker_started`` line says it runs on (``?`` below info level)."""
+    api_keys: int
 
     @property
     def log_path(self) -> Path:
@@ -69,9 +74,22 @@ def caller_rate_limit() -> float:
     return min([WANTED_CALLER_RATE, *(float(le) for le in limits if le is not None)])
 
 
-def _config_text(port: int, sts_url: str, level: str, keys: ApiKeys) -> str:
+def _other_keys(count: int) -> str:
+    """``count`` further API keys (random digests of keys nobody holds), as config YAML."""
+    digests = (hash_api_key(secrets.token_urlsafe(24)) for _ in range(count))
+    return "".join(
+        f"    - id: bench-k{index:04d}\n      key_sha256: {digest}\n      groups: [internal]\n"
+        for index, digest in enumerate(digests)
+    )
+
+
+def _config_text(
+    port: int, sts_url: str, level: str, keys: ApiKeys, api_keys: int, event_loop: str | None
+) -> str:
+    """The bench broker's config: ``api_keys`` keys, the two callers' LAST in the list."""
+    loop = f", event_loop: {event_loop}" if event_loop else ""
     return (
-        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+        f"listen: {{host: 127.0.0.1, port: {port}{loop}}}\n"
         f"sts: {{endpoint: '{sts_url}', timeout_seconds: 5}}\n"
         f"policies_dir: {REPO / 'policies'}\n"
         "quotas:\n"
@@ -81,10 +99,11 @@ def _config_text(port: int, sts_url: str, level: str, keys: ApiKeys) -> str:
         "  sts_burst: 20\n"
         f"logging: {{format: json, level: {level}}}\n"
         "auth:\n  api_keys:\n"
+        + _other_keys(api_keys - 2)
+        + f"    - id: {BROWSER_ID}\n      key_sha256: {hash_api_key(keys.browser)}\n"
+        "      groups: [browser]\n"
         f"    - id: {SERVICE_ID}\n      key_sha256: {hash_api_key(keys.service)}\n"
         "      groups: [internal]\n"
-        f"    - id: {BROWSER_ID}\n      key_sha256: {hash_api_key(keys.browser)}\n"
-        "      groups: [browser]\n"
     )
 
 
@@ -123,15 +142,25 @@ class Stack:
         return self._start("hello-world", argv).read_line()
 
     def start_broker(
-        self, name: str, *, workers: int = 1, level: str = "info", extra_config: str = ""
+        self,
+        name: str,
+        *,
+        workers: int = 1,
+        level: str = "info",
+        extra_config: str = "",
+        api_keys: int = 2,
+        event_loop: str | None = None,
     ) -> Broker:
         """``sts-broker serve --config <temp config> --workers N``, ready to serve.
 
+        ``api_keys`` keys are configured (the two callers' are the last two);
+        ``event_loop`` sets ``listen.event_loop`` (None: the default, auto).
         ``extra_config`` is YAML appended to the config (top-level sections not set here).
         """
         port = free_port()
         config = self.workdir / f"{name}.yaml"
-        text = _config_text(port, self.sts_url, level, self.keys) + extra_config
+        text = _config_text(port, self.sts_url, level, self.keys, api_keys, event_loop)
+        text += extra_config
         config.write_text(text, encoding="utf-8")
         settings = load_settings(config)  # fail here, with the problem, if it is invalid
         argv = [str(STS_BROKER), "serve", "--config", str(config), "--workers", str(workers)]
@@ -139,9 +168,10 @@ class Stack:
         child = self._start(name, argv, env=_broker_env(), log_path=log_path, stdout_pipe=False)
         url = f"http://127.0.0.1:{port}"
         child.wait_http_ok(f"{url}/healthz")
+        loop = "?"
         if level == "info":
-            _wait_for_log(child, log_path, "broker_started", workers)
-        return Broker(name, child, url, settings, workers)
+            loop = _wait_for_log(child, log_path, "broker_started", workers)
+        return Broker(name, child, url, settings, workers, loop, api_keys)
 
     def sts_issued(self) -> int:
         """AssumeRole calls the emulator has answered with credentials so far."""
@@ -157,12 +187,14 @@ def _broker_env() -> dict[str, str]:
     return env
 
 
-def _wait_for_log(child: Child, log_path: Path, event: str, count: int) -> None:
-    """Wait (at most 30 s) until ``event`` was logged ``count`` times: every worker is up."""
+def _wait_for_log(child: Child, log_path: Path, event: str, count: int) -> str:
+    """Wait (at most 30 s) until ``event`` was logged ``count`` times; its ``event_loop``."""
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline:
-        if log_path.read_text(errors="replace").count(f'"{event}"') >= count:
-            return
+        text = log_path.read_text(errors="replace")
+        if text.count(f'"{event}"') >= count:
+            found = _EVENT_LOOP.search(text)
+            return found[1] if found else "?"
         if child.popen.poll() is not None:
             raise RuntimeError(f"{child.name} exited with {child.popen.returncode}")
         time.sleep(0.1)

@@ -26,6 +26,9 @@ from broker.admin_cli import add_admin_commands
 from broker.auth import generate_api_key, hash_api_key
 from broker.config import CacheSettings, Settings, load_settings
 from broker.errors import BrokerError, ConfigError
+from broker.event_loop import CHOICES as LOOP_CHOICES
+from broker.event_loop import install as install_event_loop
+from broker.event_loop import running_loop_name
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
 from broker.logs import configure_logging
 from broker.policies import PolicySet, load_policies
@@ -137,7 +140,18 @@ def _add_serve(sub: _Subparsers[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="worker processes sharing the port (SO_REUSEPORT); the STS budget is divided",
     )
+    _add_loop(serve, "(default: listen.event_loop in the config, itself auto by default)")
     serve.set_defaults(run=_cmd_serve)
+
+
+def _add_loop(parser: argparse.ArgumentParser, default_text: str) -> None:
+    """``--loop auto|asyncio|uvloop``: which event loop runs (broker/event_loop.py)."""
+    parser.add_argument(
+        "--loop",
+        choices=LOOP_CHOICES,
+        default=None,
+        help=f"the event loop: auto is uvloop when installed, else asyncio {default_text}",
+    )
 
 
 def _add_dev(sub: _Subparsers[argparse.ArgumentParser]) -> None:
@@ -162,6 +176,7 @@ def _add_dev(sub: _Subparsers[argparse.ArgumentParser]) -> None:
         help="dev only: the STS emulator issues tokens living SECONDS (e.g. 120) while the "
         "broker still requests 900..43200, to watch token rotation in minutes",
     )
+    _add_loop(dev, "(default: auto)")
     dev.set_defaults(run=_cmd_dev)
 
 
@@ -222,8 +237,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not 1 <= args.workers <= 64:
         print("--workers must be from 1 to 64", file=sys.stderr)
         return EXIT_CONFIG
+    loop = args.loop or settings.listen.event_loop
+    install_event_loop(loop)  # here too with --workers: a missing uvloop fails before any spawn
     if args.workers > 1:
-        return _run_workers(args.config, args.workers)
+        return _run_workers(args.config, args.workers, loop)
     _configure_daemon_logging(settings)
     port_hint = f"listen.port in {args.config}"
     asyncio.run(_serve(build_services(settings, policies), port_hint=port_hint))
@@ -242,7 +259,7 @@ def _configure_daemon_logging(settings: Settings) -> None:
     )
 
 
-def _run_workers(config: Path, workers: int) -> int:
+def _run_workers(config: Path, workers: int, loop: str) -> int:
     """Start ``workers`` processes on one port; forward SIGTERM/SIGINT/SIGHUP; exit when all do.
 
     Each worker keeps its own cache and gets ``1/workers`` of the STS call
@@ -250,7 +267,7 @@ def _run_workers(config: Path, workers: int) -> int:
     """
     context = multiprocessing.get_context("spawn")
     children = [
-        context.Process(target=_worker_main, args=(config, workers, index), daemon=False)
+        context.Process(target=_worker_main, args=(config, workers, index, loop), daemon=False)
         for index in range(workers)
     ]
     for child in children:
@@ -268,8 +285,9 @@ def _run_workers(config: Path, workers: int) -> int:
     return EXIT_OK if all(child.exitcode == 0 for child in children) else EXIT_FAILURE
 
 
-def _worker_main(config: Path, workers: int, index: int) -> None:
+def _worker_main(config: Path, workers: int, index: int, loop: str) -> None:
     settings = load_settings(config)
+    install_event_loop(loop)
     _configure_daemon_logging(settings)
     structlog.contextvars.bind_contextvars(worker=index)
     policies = load_policies(settings.policies_dir)
@@ -293,6 +311,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"sts-broker dev: {err}", file=sys.stderr)
             return EXIT_CONFIG
+    install_event_loop(args.loop or "auto")
     fmt = "console" if sys.stderr.isatty() else "json"
     configure_logging(fmt, "info", background=True, cache_loggers=True)
     storage_dir = args.storage_dir.resolve()
@@ -371,7 +390,8 @@ async def _serve(
     """
     listen = services.settings.listen
     runner, url = await _start(services, port_hint, demo=demo, reuse_port=reuse_port)
-    log.info("broker_started", url=url, policies=len(services.policies))
+    loop = running_loop_name()
+    log.info("broker_started", url=url, policies=len(services.policies), event_loop=loop)
     if banner is not None:
         banner(url)
     reloader = PolicyReloader(services)

@@ -116,6 +116,8 @@ class ListenSettings(_Section):
     keepalive_timeout_seconds: float = Field(default=75.0, gt=0, le=3600)
     shutdown_delay_seconds: float = Field(default=0.0, ge=0, le=60)
     shutdown_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    """``auto``: uvloop when installed (the ``fast`` extra), else asyncio's (broker.event_loop)."""
     tls: TlsSettings | None = None
     trusted_proxies: tuple[IPvAnyNetwork, ...] = ()
     """Networks of the reverse proxies in front of the broker: only from these is
