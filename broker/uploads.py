@@ -24,6 +24,7 @@ from broker.downloads import RESPONSE_OVERRIDES, response_overrides
 from broker.errors import AccessDenied, RequestInvalid
 from broker.names import POLICY_NAME_PATTERN
 from broker.policies import Policy
+from broker.scopes import BUCKET_PATTERN
 from broker.signing import MAX_EXPIRES_SECONDS, OssEndpoint
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "presign_query",
     "resolve_operation",
     "sub_resources",
+    "valid_key",
     "wanted_validity",
 ]
 
@@ -62,6 +64,11 @@ MAX_SINGLE_UPLOAD_BYTES = 5 * 1024**3  # OSS's limit for one PutObject / PostObj
 _MAX_METADATA_BYTES = 8 * 1024
 _MIME = r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$"
 _POLICY_NAME = f"^{POLICY_NAME_PATTERN}$"
+_BUCKET = f"^{BUCKET_PATTERN}$"
+_BUCKET_RULE = (
+    "The bucket of the grant to sign under; needed only when the policy's grants name "
+    "several buckets (400 BucketAmbiguous lists them), else that one bucket."
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _HEADER_VALUE = re.compile(r"^[\x20-\x7e]*$")
 
@@ -163,6 +170,7 @@ class PresignBody(_Body):
     """``POST /v1/presign``."""
 
     policy: Annotated[StrictStr, Field(pattern=_POLICY_NAME)]
+    bucket: Annotated[StrictStr, Field(pattern=_BUCKET, description=_BUCKET_RULE)] | None = None
     key: StrictStr = Field(min_length=1, max_length=MAX_KEY_BYTES)
     method: Literal["PUT", "GET", "HEAD", "POST", "DELETE"] | None = None
     operation: Operation | None = None
@@ -209,6 +217,7 @@ class PostPolicyBody(_Body):
     """``POST /v1/post-policy``."""
 
     policy: Annotated[StrictStr, Field(pattern=_POLICY_NAME)]
+    bucket: Annotated[StrictStr, Field(pattern=_BUCKET, description=_BUCKET_RULE)] | None = None
     key_prefix: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_KEY_BYTES)
     key: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_KEY_BYTES)
     expires_seconds: StrictInt | None = Field(default=None, ge=1, le=MAX_EXPIRES_SECONDS)
@@ -240,10 +249,18 @@ def resolve_operation(method: str | None, operation: str | None) -> str:
 
 
 def check_key(key: str, prefix: str) -> str:
-    """A valid object key under ``prefix``: 1..1023 UTF-8 bytes, no traversal or controls.
+    """A valid object key under ``prefix`` (``valid_key``), and not the prefix itself.
 
     Malformed keys are 400; a well-formed key outside the prefix is 403.
     """
+    valid_key(key)
+    if not key.startswith(prefix) or key == prefix:
+        raise AccessDenied(f"key is outside this caller's prefix {prefix}", prefix=prefix)
+    return key
+
+
+def valid_key(key: str) -> str:
+    """``key`` if it is 1..1023 UTF-8 bytes without traversal or controls; else 400."""
     try:
         size = len(key.encode("utf-8"))
     except UnicodeEncodeError as err:
@@ -254,8 +271,6 @@ def check_key(key: str, prefix: str) -> str:
         raise RequestInvalid("key may not start with '/' or contain '\\' or control characters")
     if any(segment in (".", "..") for segment in key.split("/")):
         raise RequestInvalid("key may not contain '.' or '..' segments")
-    if not key.startswith(prefix) or key == prefix:
-        raise AccessDenied(f"key is outside this caller's prefix {prefix}", prefix=prefix)
     return key
 
 

@@ -103,7 +103,7 @@ async def test_wrong_types_in_post_policy_are_400(
         ("/v1/presign", {**PRESIGN, "acl": "public-read"}),
         ("/v1/presign", {**PRESIGN, "Policy": "avatar-upload"}),
         ("/v1/presign", {**PRESIGN, "callback": {"url": "u", "body": "b", "host": "evil"}}),
-        ("/v1/post-policy", {**POST_POLICY, "bucket": "otherbucket"}),
+        ("/v1/post-policy", {**POST_POLICY, "Bucket": "otherbucket"}),
         ("/v1/post-policy", {**POST_POLICY, "conditions": [["starts-with", "$key", ""]]}),
     ],
 )

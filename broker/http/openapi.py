@@ -24,6 +24,7 @@ from broker.errors import (
     AuditUnavailable,
     AuthenticationFailed,
     BrokerError,
+    BucketAmbiguous,
     IdentityProviderUnavailable,
     NotFound,
     RequestInvalid,
@@ -61,6 +62,7 @@ _CALLER = (RequestInvalid, AuthenticationFailed, TooManyRequests, IdentityProvid
 _SCOPED = (*_CALLER, AccessDenied, TemplateValueRejected)
 _STS = (UpstreamError, UpstreamThrottled, UpstreamUnavailable, UpstreamTimeout)
 _ISSUING = (*_STS, AuditUnavailable)
+_SIGNING = (*_SCOPED, BucketAmbiguous, RequestTooLarge, *_ISSUING)
 _RETRY_AFTER = (
     TooManyRequests,
     UpstreamThrottled,
@@ -70,9 +72,11 @@ _RETRY_AFTER = (
     IdentityProviderUnavailable,
 )
 _WHEN: dict[int, str] = {
-    400: "Malformed input: parameter, body, or a token given twice.  (A request head the HTTP "
-    "parser refuses, such as a header line over `listen.max_header_bytes` or one with a "
-    "control byte, gets this 400 too, before any handler runs.)",
+    400: "Malformed input: parameter, body, or a token given twice; `BucketAmbiguous`: a "
+    "presign or post-policy request names no `bucket` under a policy with several.  (A "
+    "request head the HTTP parser refuses, such as a header line over "
+    "`listen.max_header_bytes` or one with a control byte, gets this 400 too, before any "
+    "handler runs.)",
     401: "No token, an unknown key or invalid JWT, or a scheme other than Bearer.",
     403: "The policy does not exist or may not be used by this caller (the same reply either "
     "way), the key or content type is outside what it allows, a value of the caller's "
@@ -230,12 +234,15 @@ def _presign_operation() -> dict[str, Any]:
     return {
         "operationId": "createPresignedUrl",
         "summary": "A V4 presigned URL for one operation on one key under the caller's prefix.",
+        "description": "Signed for the grant holding the key, in `bucket` (needed only when the "
+        "policy's grants name several buckets: 400 `BucketAmbiguous` otherwise); that grant's "
+        "actions decide (403 naming its prefix).",
         "security": _SECURED,
         "parameters": [_request_id_parameter()],
         "requestBody": _body(PresignBody),
         "responses": {
             "200": _ok("The presigned URL.", "PresignedUrl", no_store=True),
-            **_errors((*_SCOPED, RequestTooLarge, *_ISSUING)),
+            **_errors(_SIGNING),
         },
     }
 
@@ -244,12 +251,14 @@ def _post_policy_operation() -> dict[str, Any]:
     return {
         "operationId": "createPostPolicy",
         "summary": "Signed PostObject form fields for a browser upload.",
+        "description": "For the grant holding `key` or `key_prefix` (default: the first grant "
+        "allowing `put`), which must allow `put`; `bucket` as for `/v1/presign`.",
         "security": _SECURED,
         "parameters": [_request_id_parameter()],
         "requestBody": _body(PostPolicyBody),
         "responses": {
             "200": _ok("Post the fields plus `file` to `host`.", "PostPolicy", no_store=True),
-            **_errors((*_SCOPED, RequestTooLarge, *_ISSUING)),
+            **_errors(_SIGNING),
         },
     }
 
@@ -257,7 +266,9 @@ def _post_policy_operation() -> dict[str, Any]:
 def _policies_operation() -> dict[str, Any]:
     return {
         "operationId": "listPolicies",
-        "summary": "The policies this caller may use, with its rendered prefix.",
+        "summary": "The policies this caller may use, with its rendered prefixes.",
+        "description": "`bucket`, `prefix` and `actions` are the first (primary) grant's; "
+        "`grants` lists every grant, the primary first.",
         "security": _SECURED,
         "parameters": [_request_id_parameter()],
         "responses": {

@@ -207,4 +207,18 @@ def _policy_description() -> dict[str, Any]:
         content_types={"type": "array", "items": string},
         max_object_bytes={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
         forbid_overwrite={"type": "boolean"},
+        grants=_grants_description(actions),
     )
+
+
+def _grants_description(actions: dict[str, Any]) -> dict[str, Any]:
+    """``grants`` of ``GET /v1/policies``: every grant, rendered for the caller, in one shape."""
+    string = {"type": "string"}
+    key = {"anyOf": [string, {"type": "null"}], "description": "One object, or null: a prefix."}
+    return {
+        "type": "array",
+        "minItems": 1,
+        "items": closed_object(bucket=string, prefix=string, key=key, actions=actions),
+        "description": "Every grant, the primary first: `bucket`, rendered `prefix`, `key` "
+        "(null unless a grant covers one object) and `actions`.",
+    }
