@@ -39,6 +39,7 @@ __all__ = [
     "callback_header",
     "check_content_type",
     "check_key",
+    "check_part_size",
     "clamp_expiry",
     "oss_endpoint",
     "presign_headers",
@@ -182,7 +183,8 @@ class PresignBody(_Body):
         ge=0,
         le=MAX_SINGLE_UPLOAD_BYTES,
         description="put_object, upload_part: the exact size in bytes, signed as Content-Length; "
-        "required (and at most that) when the policy sets max_object_bytes.",
+        "required (and at most that) when the policy sets max_object_bytes.  With "
+        "multipart_part_bytes P, part n takes at most min(P, max_object_bytes - (n - 1) * P).",
     )
     headers: dict[StrictStr, StrictStr] = Field(default_factory=dict, max_length=8)
     metadata: dict[StrictStr, StrictStr] = Field(default_factory=dict, max_length=32)
@@ -340,8 +342,41 @@ def _guard_headers(body: PresignBody, policy: Policy, spec: OperationSpec) -> di
         return guards
     if limit is not None and body.content_length > limit:
         raise AccessDenied(f"content_length exceeds policy {policy.name}'s limit of {limit} bytes")
+    if spec.needs_part_number and body.part_number is not None:
+        check_part_size(policy, body.part_number, body.content_length)
     guards["Content-Length"] = str(body.content_length)
     return guards
+
+
+def check_part_size(policy: Policy, number: int, size: int) -> None:
+    """With ``multipart_part_bytes``, parts signed by the broker add up to ``max_object_bytes``.
+
+    Part ``n`` may hold at most min(P, M - (n - 1) * P) bytes (P the part size,
+    M the limit), so the parts 1..ceil(M / P) that can be signed at all hold at
+    most M bytes together, and no URL is signed for a part past them.  Sound
+    without any state: OSS keeps one part per number, a part uploaded again
+    under its number replaces the old one (UploadPart,
+    https://www.alibabacloud.com/help/en/oss/developer-reference/uploadpart;
+    the emulator's ``oss_multipart.py`` too), and a presigned ``upload_part``
+    URL cannot become UploadPartCopy: that needs an ``x-oss-copy-source``
+    header, and V4 signs every ``x-oss-*`` header sent
+    (alibabacloud_oss_v2/signer/v4.py ``_is_default_sign_header``).
+    """
+    part, limit = policy.multipart_part_bytes, policy.max_object_bytes
+    if part is None or limit is None:
+        return
+    room = min(part, limit - (number - 1) * part)
+    if room <= 0:
+        last = math.ceil(limit / part)
+        raise AccessDenied(
+            f"part_number {number} is past policy {policy.name}'s last part, {last}: "
+            f"objects of at most {limit} bytes in parts of {part} bytes"
+        )
+    if size > room:
+        raise AccessDenied(
+            f"content_length of part {number} may be at most {room} bytes under policy "
+            f"{policy.name} (parts of {part} bytes, objects of at most {limit} bytes)"
+        )
 
 
 def _extra_headers(headers: dict[str, str]) -> dict[str, str]:

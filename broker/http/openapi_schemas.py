@@ -206,6 +206,10 @@ def _policy_description() -> dict[str, Any]:
         max_url_expires_seconds={"type": "integer", "minimum": 1, "maximum": MAX_EXPIRES_SECONDS},
         content_types={"type": "array", "items": string},
         max_object_bytes={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
+        multipart_part_bytes={
+            "anyOf": [{"type": "integer", "minimum": 102400}, {"type": "null"}],
+            "description": "The part size presigned multipart uploads keep to (see `upload_part`).",
+        },
         forbid_overwrite={"type": "boolean"},
         grants=_grants_description(actions),
     )

@@ -263,6 +263,7 @@ def _describe(services: Services, scope: Scope) -> dict[str, Any]:
         "max_url_expires_seconds": policy.max_url_expires_seconds,
         "content_types": list(policy.content_types),
         "max_object_bytes": policy.max_object_bytes,
+        "multipart_part_bytes": policy.multipart_part_bytes,
         "forbid_overwrite": policy.forbid_overwrite,
         "grants": [_grant_description(grant) for grant in scope.grants],
     }
