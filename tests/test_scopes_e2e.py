@@ -29,7 +29,8 @@ KEYS = {"svc-a": "canary-scopes-svc-a", "alice": "canary-scopes-alice"}
 GROUPS = {"svc-a": ["internal"], "alice": ["browser"]}
 BUCKET = "examplebucket"
 
-# Test-only policies beside the shipped examples: one to publish reports/, one HTTPS-only.
+# Test-only policies beside the shipped examples: one to publish reports/, one HTTPS-only,
+# one granting two buckets.
 _EXTRA = {
     "reports-publisher.yaml": """
 name: reports-publisher
@@ -38,6 +39,21 @@ bucket: examplebucket
 region: cn-hangzhou
 prefix: "reports/"
 actions: [put]
+duration_seconds: 3600
+max_url_expires_seconds: 600
+callers: ["group:internal"]
+""",
+    "two-buckets.yaml": """
+name: two-buckets
+role_arn: acs:ram::1234567890123456:role/oss-two-buckets
+region: cn-hangzhou
+grants:
+  - bucket: examplebucket
+    prefix: "reports/"
+    actions: [get]
+  - bucket: otherbucket
+    prefix: "drop/${subject}/"
+    actions: [put]
 duration_seconds: 3600
 max_url_expires_seconds: 600
 callers: ["group:internal"]
@@ -346,3 +362,15 @@ async def test_a_multi_grant_policy_signs_forms_only_under_a_grant_with_put(stac
         assert (status, refused["error"]["code"]) == (403, "AccessDenied"), refused
         assert "does not allow uploads under examplebucket/reports/" in refused["error"]["message"]
     assert stack.dev.oss.read_object(BUCKET, "reports/out.csv") is None
+
+
+async def test_a_url_for_a_second_bucket_goes_to_that_bucket(stack: Stack) -> None:
+    """two-buckets: bucket=otherbucket signs a PUT that lands in otherbucket; none named is 400."""
+    body = {"policy": "two-buckets", "key": "drop/svc-a/in.csv"}
+    status, refused = await _sign(stack, "/v1/presign", body)
+    assert (status, refused["error"]["code"]) == (400, "BucketAmbiguous"), refused
+    status, signed = await _sign(stack, "/v1/presign", {**body, "bucket": "otherbucket"})
+    assert status == 200, signed
+    assert (await _send("PUT", signed["url"], signed["signed_headers"], b"a,b\n"))[0] == 200
+    assert stack.dev.oss.read_object("otherbucket", "drop/svc-a/in.csv") == b"a,b\n"
+    assert stack.dev.oss.read_object(BUCKET, "drop/svc-a/in.csv") is None
