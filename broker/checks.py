@@ -11,7 +11,10 @@
   receive a token with only ``duration_seconds * refresh_fraction`` left.  To
   leave it 15 minutes of use, a policy it fetches needs ``duration_seconds``
   of at least ``(900 + 900) / refresh_fraction`` (3600 with the defaults);
-  with 900 s every SDK call fetches again.
+  with 900 s every SDK call fetches again.  With ``effective_lifetime_seconds``
+  the token's ``Expiration`` is its ``acs:CurrentTime`` deadline
+  (``broker.credentials.deadline``), so that lifetime is the one compared,
+  and the one a warning names.
 * **Which policies are served to credential providers**: those an API key
   can fetch credentials for, i.e. whose ``callers`` name the key's id or one
   of its groups, unless the key's ``allow`` excludes the ``credentials`` route
@@ -82,7 +85,7 @@ def provider_lifetime_warnings(
     api_keys = None if settings is None else settings.auth.api_keys
     warnings = []
     for policy in policies:
-        if policy.duration_seconds >= minimum:
+        if policy.token_lifetime_seconds >= minimum:
             continue
         callers = providers_of(policy, api_keys)
         if callers:
@@ -96,25 +99,35 @@ def unchecked_group_policies(policies: Iterable[Policy]) -> list[str]:
     return [
         policy.name
         for policy in policies
-        if policy.duration_seconds < minimum
+        if policy.token_lifetime_seconds < minimum
         and all(caller.startswith("group:") for caller in policy.callers)
     ]
 
 
 def _short_lifetime(policy: Policy, callers: list[str], fraction: float, minimum: int) -> str:
-    duration = policy.duration_seconds
-    left = round(duration * fraction)
+    field, lifetime = _lifetime_field(policy)
+    left = round(lifetime * fraction)
     effect = "on every SDK call" if left <= PROVIDER_STALE_SECONDS else "every few minutes"
     who = ", ".join(callers[:3]) + (", ..." if len(callers) > 3 else "")
+    fix = f"choose duration_seconds: {minimum} or more"
+    if field == "effective_lifetime_seconds":
+        fix = f"leave effective_lifetime_seconds out and {fix}"
     return (
-        f"{_where(policy.source, ('duration_seconds',))}: warning: duration_seconds: {duration} "
+        f"{_where(policy.source, (field,))}: warning: {field}: {lifetime} "
         f"is too short for credential providers (API key {who} can fetch this policy): "
         f"alibabacloud-credentials and @alicloud/credentials fetch a new token "
         f"{PROVIDER_STALE_SECONDS} s before it expires and may be handed one with {left} s "
-        f"left, so they would call the broker {effect}; choose duration_seconds: {minimum} or "
-        f"more, or keep this policy for presigned URLs and post policies "
+        f"left, so they would call the broker {effect}; {fix}, "
+        f"or keep this policy for presigned URLs and post policies "
         f"(docs/api.md, Credential providers)"
     )
+
+
+def _lifetime_field(policy: Policy) -> tuple[str, int]:
+    """The field setting how long a token lives, and its value (the effective one if set)."""
+    if policy.effective_lifetime_seconds is not None:
+        return "effective_lifetime_seconds", policy.effective_lifetime_seconds
+    return "duration_seconds", policy.duration_seconds
 
 
 def allow_warnings(policies: PolicySet, settings: Settings) -> list[str]:

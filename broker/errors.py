@@ -5,6 +5,7 @@
     BrokerError                 500 InternalError
       ConfigError               start-up only: exit code 2, never an HTTP reply
       RequestInvalid            400 RequestInvalid (subclasses refine the code)
+        BucketAmbiguous         400 BucketAmbiguous  a multi-bucket policy, and no bucket named
       AuthenticationFailed      401 AuthenticationFailed
       AccessDenied              403 AccessDenied
         TemplateValueRejected   403 TemplateValueRejected  identity value unsafe for a prefix
@@ -42,6 +43,7 @@ __all__ = [
     "AuditUnavailable",
     "AuthenticationFailed",
     "BrokerError",
+    "BucketAmbiguous",
     "ConfigError",
     "IdentityProviderUnavailable",
     "MethodNotAllowed",
@@ -98,6 +100,16 @@ class RequestInvalid(BrokerError):
     status = 400
     code = "RequestInvalid"
     fmt = "the request is invalid"
+
+
+class BucketAmbiguous(RequestInvalid):
+    """A presign or post-policy request under a policy granting several buckets names none.
+
+    The message lists the buckets to choose from (the policy's own, not a secret).
+    """
+
+    code = "BucketAmbiguous"
+    fmt = "this policy grants several buckets; give bucket"
 
 
 class AuthenticationFailed(BrokerError):

@@ -122,6 +122,9 @@ class Policy(pydantic.BaseModel):
     max_url_expires_seconds: Annotated[StrictInt, between(1, 604800, "seconds")]
     content_types: ContentTypes = ()
     max_object_bytes: Annotated[StrictInt, between(1, 5368709120, "bytes")] | None = None
+    multipart_part_bytes: Annotated[StrictInt, between(102400, 5368709120, "bytes")] | None = None
+    """With ``max_object_bytes``: the part size presigned multipart uploads must keep to,
+    which bounds the assembled object (``broker.uploads``)."""
     callers: Callers
     external_id: ExternalId | None = None
     endpoint: Endpoint | None = None
@@ -241,6 +244,12 @@ class Policy(pydantic.BaseModel):
     def _check_federation(self) -> Policy:
         if (self.federation == "oidc") != (self.oidc_provider_arn is not None):
             raise ValueError("federation: oidc and oidc_provider_arn go together")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _check_part_size(self) -> Policy:
+        if self.multipart_part_bytes is not None and self.max_object_bytes is None:
+            raise ValueError("multipart_part_bytes bounds max_object_bytes: set both or neither")
         return self
 
 

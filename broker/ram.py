@@ -128,7 +128,14 @@ def with_deadline(document: str, deadline: str) -> str:
     """``document`` with ``DateLessThan`` ``acs:CurrentTime`` ``deadline`` in every Allow.
 
     ``deadline`` is ISO 8601 UTC to the second (``2026-11-21T05:00:00Z``), so
-    the result is as long as it is with ``DEADLINE_SAMPLE``.
+    the result is as long as it is with ``DEADLINE_SAMPLE``.  Sources: RAM
+    "Access Alibaba Cloud in a specified period of time",
+    https://www.alibabacloud.com/help/en/ram/user-guide/access-alibaba-cloud-in-a-specified-period-of-time
+    (the key ``acs:CurrentTime``, the operator ``DateLessThan``, the time in
+    ISO 8601 with its offset: ``Z`` is UTC's); RAM policy elements,
+    https://www.alibabacloud.com/help/doc-detail/93738.htm (``Condition``
+    holds it); OSS honours such an expiry in RAM policies and bucket policies
+    alike, https://help.aliyun.com/en/oss/user-guide/policy-statement-expiration.
     """
     data = json.loads(document)
     for statement in data["Statement"]:

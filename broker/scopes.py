@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from broker.errors import AccessDenied, RequestInvalid, TemplateValueRejected
+from broker.errors import AccessDenied, BucketAmbiguous, RequestInvalid, TemplateValueRejected
 from broker.models import Principal
 from broker.ram import MAX_POLICY_CHARS, Budget, RamGrant, measure, oss_policy_document
 from broker.templates import check_template_value, parse_template
@@ -43,6 +43,7 @@ __all__ = [
     "SAFE_PATH_RULE",
     "Narrowing",
     "Scope",
+    "grant_to_sign",
     "narrow",
     "parse_narrowing",
     "render_policy",
@@ -113,9 +114,7 @@ class Scope:
     def grant_for(self, key: str, bucket: str | None = None) -> RamGrant | None:
         """The first grant covering object ``key`` (in ``bucket``, if given), if any."""
         for grant in self.grants:
-            if bucket is not None and grant.bucket != bucket:
-                continue
-            if grant.key == key or (grant.key is None and key.startswith(grant.prefix)):
+            if (bucket is None or grant.bucket == bucket) and _holds(grant, key):
                 return grant
         return None
 
@@ -341,3 +340,50 @@ def _only(grants: Iterable[RamGrant], wanted: tuple[str, ...], name: str) -> lis
         raise AccessDenied(f"policy {name} does not grant {', '.join(missing)} there")
     kept = [replace(g, actions=tuple(a for a in g.actions if a in wanted)) for g in grants]
     return [grant for grant in kept if grant.actions]
+
+
+# --- signing: the grant a presigned URL or post policy is signed under ---
+
+
+def grant_to_sign(scope: Scope, path: str, action: str, bucket: str | None, doing: str) -> RamGrant:
+    """The grant of ``scope`` holding ``path`` (a key or key prefix) that allows ``action``.
+
+    ``bucket`` picks the grant's bucket; without it, the one bucket all grants
+    share (``BucketAmbiguous``, listing them, when they name several).  A path
+    no grant holds is a 403 naming the allowed prefixes; a path whose grants
+    do not allow ``action`` is a 403 naming ``doing`` and the grant's prefix.
+    """
+    chosen = _signing_bucket(scope, bucket)
+    in_bucket = [grant for grant in scope.grants if grant.bucket == chosen]
+    holding = [grant for grant in in_bucket if _holds(grant, path)]
+    if not holding:
+        places = sorted({grant.key or grant.prefix for grant in in_bucket})
+        allowed = ", ".join(places)
+        plural = "es" if len(places) > 1 else ""
+        raise AccessDenied(f"key is outside this caller's prefix{plural} {allowed}", prefix=allowed)
+    for grant in holding:
+        if action in grant.actions:
+            return grant
+    grant = holding[0]
+    raise AccessDenied(
+        f"policy {scope.policy.name} does not allow {doing} under {chosen}/{grant.prefix} "
+        f"(its grant there allows {', '.join(grant.actions)})"
+    )
+
+
+def _signing_bucket(scope: Scope, bucket: str | None) -> str:
+    buckets = sorted({grant.bucket for grant in scope.grants})
+    if bucket is None:
+        if len(buckets) > 1:
+            raise BucketAmbiguous(
+                f"policy {scope.policy.name} grants several buckets; give bucket: "
+                + ", ".join(buckets)
+            )
+        return buckets[0]
+    if bucket not in buckets:
+        raise AccessDenied(f"policy {scope.policy.name} grants nothing in bucket {bucket}")
+    return bucket
+
+
+def _holds(grant: RamGrant, path: str) -> bool:
+    return path == grant.key if grant.key is not None else path.startswith(grant.prefix)

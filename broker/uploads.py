@@ -24,6 +24,7 @@ from broker.downloads import RESPONSE_OVERRIDES, response_overrides
 from broker.errors import AccessDenied, RequestInvalid
 from broker.names import POLICY_NAME_PATTERN
 from broker.policies import Policy
+from broker.scopes import BUCKET_PATTERN
 from broker.signing import MAX_EXPIRES_SECONDS, OssEndpoint
 
 __all__ = [
@@ -38,12 +39,14 @@ __all__ = [
     "callback_header",
     "check_content_type",
     "check_key",
+    "check_part_size",
     "clamp_expiry",
     "oss_endpoint",
     "presign_headers",
     "presign_query",
     "resolve_operation",
     "sub_resources",
+    "valid_key",
     "wanted_validity",
 ]
 
@@ -62,6 +65,11 @@ MAX_SINGLE_UPLOAD_BYTES = 5 * 1024**3  # OSS's limit for one PutObject / PostObj
 _MAX_METADATA_BYTES = 8 * 1024
 _MIME = r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$"
 _POLICY_NAME = f"^{POLICY_NAME_PATTERN}$"
+_BUCKET = f"^{BUCKET_PATTERN}$"
+_BUCKET_RULE = (
+    "The bucket of the grant to sign under; needed only when the policy's grants name "
+    "several buckets (400 BucketAmbiguous lists them), else that one bucket."
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _HEADER_VALUE = re.compile(r"^[\x20-\x7e]*$")
 
@@ -163,6 +171,7 @@ class PresignBody(_Body):
     """``POST /v1/presign``."""
 
     policy: Annotated[StrictStr, Field(pattern=_POLICY_NAME)]
+    bucket: Annotated[StrictStr, Field(pattern=_BUCKET, description=_BUCKET_RULE)] | None = None
     key: StrictStr = Field(min_length=1, max_length=MAX_KEY_BYTES)
     method: Literal["PUT", "GET", "HEAD", "POST", "DELETE"] | None = None
     operation: Operation | None = None
@@ -174,7 +183,8 @@ class PresignBody(_Body):
         ge=0,
         le=MAX_SINGLE_UPLOAD_BYTES,
         description="put_object, upload_part: the exact size in bytes, signed as Content-Length; "
-        "required (and at most that) when the policy sets max_object_bytes.",
+        "required (and at most that) when the policy sets max_object_bytes.  With "
+        "multipart_part_bytes P, part n takes at most min(P, max_object_bytes - (n - 1) * P).",
     )
     headers: dict[StrictStr, StrictStr] = Field(default_factory=dict, max_length=8)
     metadata: dict[StrictStr, StrictStr] = Field(default_factory=dict, max_length=32)
@@ -209,6 +219,7 @@ class PostPolicyBody(_Body):
     """``POST /v1/post-policy``."""
 
     policy: Annotated[StrictStr, Field(pattern=_POLICY_NAME)]
+    bucket: Annotated[StrictStr, Field(pattern=_BUCKET, description=_BUCKET_RULE)] | None = None
     key_prefix: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_KEY_BYTES)
     key: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_KEY_BYTES)
     expires_seconds: StrictInt | None = Field(default=None, ge=1, le=MAX_EXPIRES_SECONDS)
@@ -240,10 +251,18 @@ def resolve_operation(method: str | None, operation: str | None) -> str:
 
 
 def check_key(key: str, prefix: str) -> str:
-    """A valid object key under ``prefix``: 1..1023 UTF-8 bytes, no traversal or controls.
+    """A valid object key under ``prefix`` (``valid_key``), and not the prefix itself.
 
     Malformed keys are 400; a well-formed key outside the prefix is 403.
     """
+    valid_key(key)
+    if not key.startswith(prefix) or key == prefix:
+        raise AccessDenied(f"key is outside this caller's prefix {prefix}", prefix=prefix)
+    return key
+
+
+def valid_key(key: str) -> str:
+    """``key`` if it is 1..1023 UTF-8 bytes without traversal or controls; else 400."""
     try:
         size = len(key.encode("utf-8"))
     except UnicodeEncodeError as err:
@@ -254,8 +273,6 @@ def check_key(key: str, prefix: str) -> str:
         raise RequestInvalid("key may not start with '/' or contain '\\' or control characters")
     if any(segment in (".", "..") for segment in key.split("/")):
         raise RequestInvalid("key may not contain '.' or '..' segments")
-    if not key.startswith(prefix) or key == prefix:
-        raise AccessDenied(f"key is outside this caller's prefix {prefix}", prefix=prefix)
     return key
 
 
@@ -325,8 +342,41 @@ def _guard_headers(body: PresignBody, policy: Policy, spec: OperationSpec) -> di
         return guards
     if limit is not None and body.content_length > limit:
         raise AccessDenied(f"content_length exceeds policy {policy.name}'s limit of {limit} bytes")
+    if spec.needs_part_number and body.part_number is not None:
+        check_part_size(policy, body.part_number, body.content_length)
     guards["Content-Length"] = str(body.content_length)
     return guards
+
+
+def check_part_size(policy: Policy, number: int, size: int) -> None:
+    """With ``multipart_part_bytes``, parts signed by the broker add up to ``max_object_bytes``.
+
+    Part ``n`` may hold at most min(P, M - (n - 1) * P) bytes (P the part size,
+    M the limit), so the parts 1..ceil(M / P) that can be signed at all hold at
+    most M bytes together, and no URL is signed for a part past them.  Sound
+    without any state: OSS keeps one part per number, a part uploaded again
+    under its number replaces the old one (UploadPart,
+    https://www.alibabacloud.com/help/en/oss/developer-reference/uploadpart;
+    the emulator's ``oss_multipart.py`` too), and a presigned ``upload_part``
+    URL cannot become UploadPartCopy: that needs an ``x-oss-copy-source``
+    header, and V4 signs every ``x-oss-*`` header sent
+    (alibabacloud_oss_v2/signer/v4.py ``_is_default_sign_header``).
+    """
+    part, limit = policy.multipart_part_bytes, policy.max_object_bytes
+    if part is None or limit is None:
+        return
+    room = min(part, limit - (number - 1) * part)
+    if room <= 0:
+        last = math.ceil(limit / part)
+        raise AccessDenied(
+            f"part_number {number} is past policy {policy.name}'s last part, {last}: "
+            f"objects of at most {limit} bytes in parts of {part} bytes"
+        )
+    if size > room:
+        raise AccessDenied(
+            f"content_length of part {number} may be at most {room} bytes under policy "
+            f"{policy.name} (parts of {part} bytes, objects of at most {limit} bytes)"
+        )
 
 
 def _extra_headers(headers: dict[str, str]) -> dict[str, str]:

@@ -38,7 +38,8 @@ from broker.models import AssumeRoleRequest, Credentials, Principal
 from broker.names import POLICY_NAME, POLICY_NAME_RULE, format_sts_time
 from broker.policies import Policy, PolicySet, Scope
 from broker.post_forms import post_policy_conditions
-from broker.scopes import NARROWING_PARAMETERS, narrow, parse_narrowing
+from broker.ram import RamGrant
+from broker.scopes import NARROWING_PARAMETERS, grant_to_sign, narrow, parse_narrowing
 from broker.services import Services
 from broker.signing import OssEndpoint
 from broker.uploads import (
@@ -53,6 +54,7 @@ from broker.uploads import (
     presign_headers,
     presign_query,
     resolve_operation,
+    valid_key,
     wanted_validity,
 )
 
@@ -211,32 +213,21 @@ def _requested_scope(
 
 
 async def presign_url(services: Services, principal: Principal, body: PresignBody) -> SignedUrl:
-    """A V4 presigned URL for one operation on one key under the caller's prefix.
+    """A V4 presigned URL for one operation on one key under one of the caller's prefixes.
 
-    The policy's upload guards and a GET's ``response-*`` overrides are signed
-    (``broker.uploads``): the URL's user can change none of them.
+    The URL is signed for the grant holding the key (``broker.scopes.grant_to_sign``),
+    whose actions decide.  The policy's upload guards and a GET's
+    ``response-*`` overrides are signed (``broker.uploads``): the URL's user can
+    change none of them.
     """
     scope = usable_scope(services.policies, principal, body.policy)
-    policy = scope.policy
     operation = resolve_operation(body.method, body.operation)
     spec = OPERATIONS[operation]
-    if spec.action not in policy.actions:
-        raise AccessDenied(f"policy {policy.name} does not allow {operation}")
-    key = check_key(body.key, scope.prefix)
-    headers = presign_headers(body, policy, operation)
-    query = presign_query(body, policy, operation)
+    grant = grant_to_sign(scope, valid_key(body.key), spec.action, body.bucket, operation)
+    key = check_key(body.key, grant.prefix)
+    request = _presign_input(services, scope.policy, body, operation, grant.bucket, key)
     signer = await _signer(services, principal, scope, body.expires_seconds)
-    request = signing.PresignInput(
-        method=spec.method,
-        bucket=policy.bucket,
-        key=key,
-        region=policy.region,
-        endpoint=oss_endpoint(services.settings.oss, policy),
-        expires_seconds=signer.expiry.seconds,
-        headers=headers,
-        query=query,
-        additional_headers=ADDITIONAL_HEADERS,
-    )
+    request = dataclasses.replace(request, expires_seconds=signer.expiry.seconds)
     signed = signing.presign(signer.credentials, request, signer.signed_at)
     what = {"operation": operation, "key": key}
     await _audit_signed(services, "url_presigned", principal, scope, signer, **what)
@@ -246,28 +237,66 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
     )
 
 
+def _presign_input(
+    services: Services, policy: Policy, body: PresignBody, operation: str, bucket: str, key: str
+) -> signing.PresignInput:
+    """What to sign, every header and query checked; its lifetime is set once a token signs."""
+    return signing.PresignInput(
+        method=OPERATIONS[operation].method,
+        bucket=bucket,
+        key=key,
+        region=policy.region,
+        endpoint=oss_endpoint(services.settings.oss, policy),
+        expires_seconds=0,
+        headers=presign_headers(body, policy, operation),
+        query=presign_query(body, policy, operation),
+        additional_headers=ADDITIONAL_HEADERS,
+    )
+
+
 async def sign_post_policy(
     services: Services, principal: Principal, body: PostPolicyBody
 ) -> SignedPostPolicy:
-    """PostObject form fields for uploads under the caller's prefix, signed V4 (or V1)."""
+    """PostObject form fields for uploads under one of the caller's prefixes, signed V4 (or V1).
+
+    The form is for the grant holding ``key`` or ``key_prefix`` (by default the
+    first grant allowing ``put``), in that grant's bucket.
+    """
     scope = usable_scope(services.policies, principal, body.policy)
     policy = scope.policy
-    if "put" not in policy.actions:
-        raise AccessDenied(f"policy {policy.name} does not allow uploads")
-    form = post_policy_conditions(body, policy, scope.prefix)
+    grant = _upload_grant(scope, body)
+    form = post_policy_conditions(body, policy, grant.prefix)
     signer = await _signer(services, principal, scope, body.expires_seconds)
-    expiration = signer.expires_at
-    fields = _post_fields(body.signature_version, signer, policy, form.conditions, expiration)
-    what = {"key": body.key} if body.key else {"key_prefix": _key_prefix(body, scope)}
+    fields = _post_fields(body, signer, (grant.bucket, policy.region), form.conditions)
+    what = {"key": body.key} if body.key else {"key_prefix": _key_prefix(body, grant)}
     await _audit_signed(services, "post_policy_signed", principal, scope, signer, **what)
     _log_signed("post_policy_signed", signer, key_condition=form.fields["key"])
     endpoint = oss_endpoint(services.settings.oss, policy)
     return SignedPostPolicy(
-        host=signing.bucket_url(endpoint, policy.bucket),
+        host=signing.bucket_url(endpoint, grant.bucket),
         fields={**form.fields, **fields},
-        expiration=expiration,
+        expiration=signer.expires_at,
         expiry=signer.expiry,
     )
+
+
+def _upload_grant(scope: Scope, body: PostPolicyBody) -> RamGrant:
+    """The grant a post policy uploads under: the one holding its key (prefix), with ``put``.
+
+    Without ``key`` or ``key_prefix``, the first grant allowing ``put`` (in
+    ``bucket``, if given) is the form's; ``grant_to_sign`` then checks it.
+    """
+    path = body.key if body.key is not None else body.key_prefix
+    if path is None:
+        path = _first_upload_prefix(scope, body.bucket)
+    return grant_to_sign(scope, valid_key(path), "put", body.bucket, "uploads")
+
+
+def _first_upload_prefix(scope: Scope, bucket: str | None) -> str:
+    for grant in scope.grants:
+        if "put" in grant.actions and bucket in (None, grant.bucket):
+            return grant.prefix
+    return scope.prefix  # allows no uploads: grant_to_sign refuses it, naming the grant
 
 
 def _min_ttl(values: Sequence[str], limit: int) -> int:
@@ -395,19 +424,20 @@ async def _signer(
 
 
 def _post_fields(
-    version: str, signer: _Signer, policy: Policy, conditions: list[Any], expiration: datetime
+    body: PostPolicyBody, signer: _Signer, where: tuple[str, str], conditions: list[Any]
 ) -> dict[str, str]:
-    """The signature fields, V4 unless the caller asked for V1 (old browser SDKs)."""
-    if version == "v1":
+    """The signature fields for ``where`` (bucket, region), V4 unless the body asks for V1."""
+    (bucket, region), expiration = where, signer.expires_at
+    if body.signature_version == "v1":  # old browser SDKs
         return signing.post_policy_v1(
             signer.credentials,
-            conditions=[{"bucket": policy.bucket}, *conditions],
+            conditions=[{"bucket": bucket}, *conditions],
             expiration=expiration,
         )
     return signing.post_policy_v4(
         signer.credentials,
-        bucket=policy.bucket,
-        region=policy.region,
+        bucket=bucket,
+        region=region,
         conditions=conditions,
         expiration=expiration,
         signing_time=signer.signed_at,
@@ -452,9 +482,9 @@ async def _audit_signed(
     )
 
 
-def _key_prefix(body: PostPolicyBody, scope: Scope) -> str:
-    """The key prefix a post policy allows: the caller's, or the narrower one asked for."""
-    return body.key_prefix if body.key_prefix is not None else scope.prefix
+def _key_prefix(body: PostPolicyBody, grant: RamGrant) -> str:
+    """The key prefix a post policy allows: its grant's, or the narrower one asked for."""
+    return body.key_prefix if body.key_prefix is not None else grant.prefix
 
 
 def _log_issued(issued: IssuedCredentials) -> None:

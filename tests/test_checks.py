@@ -65,6 +65,18 @@ def test_without_config_bare_ids_are_the_providers() -> None:
     assert unchecked_group_policies([policy, _policy(3600, ["group:x"], "q")]) == []
 
 
+def test_the_effective_lifetime_is_the_one_compared() -> None:
+    """A 3600 s policy cut to 300 s by effective_lifetime_seconds warns; uncut, it does not."""
+    cut = Policy.model_validate(
+        {**_policy(3600, ["svc-a"]).model_dump(), "effective_lifetime_seconds": 300}
+    )
+    assert provider_lifetime_warnings([_policy(3600, ["svc-a"])]) == []
+    [warning] = provider_lifetime_warnings([cut])
+    assert "warning: effective_lifetime_seconds: 300 is too short" in warning
+    grouped = cut.model_copy(update={"callers": ("group:internal",)})
+    assert unchecked_group_policies([grouped]) == ["p"]
+
+
 def test_with_config_api_keys_by_id_or_group_unless_allow_excludes() -> None:
     """Keys named or in a listed group count; allow without credentials or this policy does not."""
     settings = _settings(

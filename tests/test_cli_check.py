@@ -122,6 +122,40 @@ def test_short_policy_for_an_api_key_warns_and_exits_0(
     assert "choose duration_seconds: 3600 or more" in warning
 
 
+def _effective_policy(tmp_path: Path, duration: int, effective: int) -> Path:
+    """service-uploads for the API key svc-up, with ``duration`` and ``effective`` lifetimes."""
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    text = (POLICIES_DIR / "service-uploads.yaml").read_text()
+    text = text.replace("duration_seconds: 3600 ", f"duration_seconds: {duration} ")
+    text = text.replace('callers: ["group:internal"]', "callers: [svc-up]")
+    path = folder / "service-uploads.yaml"
+    path.write_text(f"{text}effective_lifetime_seconds: {effective}\n")
+    return path
+
+
+def test_a_short_effective_lifetime_warns_at_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """duration_seconds 3600 with effective_lifetime_seconds 300: the 300 s is what warns."""
+    path = _effective_policy(tmp_path, 3600, 300)
+    assert main(["check", str(path)]) == 0
+    [warning] = capsys.readouterr().err.splitlines()
+    line = _line_of(path, "effective_lifetime_seconds:")
+    assert warning.startswith(f"{path}:{line}: warning: effective_lifetime_seconds: 300 is too ")
+    assert "may be handed one with 150 s left" in warning
+    assert "leave effective_lifetime_seconds out and choose duration_seconds: 3600" in warning
+
+
+def test_a_long_enough_effective_lifetime_does_not_warn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """duration_seconds 7200 with effective_lifetime_seconds 3600 leaves providers enough."""
+    path = _effective_policy(tmp_path, 7200, 3600)
+    assert main(["check", str(path)]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def _config(tmp_path: Path, policies: Path, allow: str = "") -> Path:
     config = tmp_path / "broker.yaml"
     config.write_text(

@@ -11,10 +11,18 @@ from hypothesis import strategies as st
 
 from broker.dev.emulators.oss_ram import condition_values
 from broker.dev.emulators.ram import RequestContext, evaluate
-from broker.errors import AccessDenied, RequestInvalid
+from broker.errors import AccessDenied, BucketAmbiguous, RequestInvalid
 from broker.models import Principal
 from broker.policies import Policy, PolicySet
-from broker.scopes import Narrowing, Scope, narrow, parse_narrowing, render_policy, scope_for
+from broker.scopes import (
+    Narrowing,
+    Scope,
+    grant_to_sign,
+    narrow,
+    parse_narrowing,
+    render_policy,
+    scope_for,
+)
 
 BOUNDED = settings(max_examples=400, deadline=None, database=None)
 
@@ -87,6 +95,61 @@ def test_grant_for_finds_the_grant_holding_a_key() -> None:
     shared = scope.grant_for("shared/a", bucket="otherbucket")
     assert shared is not None
     assert shared.bucket == "otherbucket"
+
+
+# --- the grant a presigned URL or post policy is signed under ---
+
+ONE_BUCKET = make_policy(grants=BASE["grants"][:2])
+
+
+def test_grant_to_sign_picks_the_grant_holding_the_key_in_the_one_bucket() -> None:
+    """With one bucket, no bucket is needed: the grant holding the key and allowing the action."""
+    scope = scope_for(ONE_BUCKET, ALICE)
+    grant = grant_to_sign(scope, "services/alice/out.csv", "put", None, "put_object")
+    assert (grant.bucket, grant.prefix) == ("examplebucket", "services/alice/")
+    read = grant_to_sign(scope, "reports/q3.csv", "get", None, "get_object")
+    assert read.prefix == "reports/"
+
+
+def test_grant_to_sign_refuses_an_action_the_holding_grant_lacks() -> None:
+    """A put under a read-only grant's prefix is a 403 naming that grant's bucket and prefix."""
+    scope = scope_for(ONE_BUCKET, ALICE)
+    with pytest.raises(AccessDenied) as err:
+        grant_to_sign(scope, "reports/q3.csv", "put", None, "put_object")
+    assert err.value.message == (
+        "policy jobs does not allow put_object under examplebucket/reports/ "
+        "(its grant there allows get, list)"
+    )
+    with pytest.raises(AccessDenied, match="key is outside this caller's prefixes reports/, "):
+        grant_to_sign(scope, "services/bob/x", "get", None, "get_object")
+
+
+def test_grant_to_sign_asks_for_a_bucket_when_the_grants_name_several() -> None:
+    """Several buckets and none named: 400 BucketAmbiguous listing them; a named one decides."""
+    scope = scope_for(JOBS, ALICE)
+    with pytest.raises(BucketAmbiguous) as err:
+        grant_to_sign(scope, "shared/a.csv", "get", None, "get_object")
+    assert (err.value.status, err.value.code) == (400, "BucketAmbiguous")
+    assert err.value.message.endswith("give bucket: examplebucket, otherbucket")
+    shared = grant_to_sign(scope, "shared/a.csv", "get", "otherbucket", "get_object")
+    assert (shared.bucket, shared.prefix) == ("otherbucket", "shared/")
+    with pytest.raises(AccessDenied, match="outside this caller's prefix shared/"):
+        grant_to_sign(scope, "reports/a.csv", "get", "otherbucket", "get_object")
+    with pytest.raises(AccessDenied, match="grants nothing in bucket nobucket"):
+        grant_to_sign(scope, "shared/a.csv", "get", "nobucket", "get_object")
+
+
+def test_grant_to_sign_uses_any_holding_grant_that_allows_the_action() -> None:
+    """Overlapping grants: the URL is signed under the one that allows it, not just the first."""
+    grants = [
+        {"bucket": "examplebucket", "prefix": "data/", "actions": ["get"]},
+        {"bucket": "examplebucket", "prefix": "data/${subject}/", "actions": ["put"]},
+    ]
+    scope = scope_for(make_policy(grants=grants), ALICE)
+    grant = grant_to_sign(scope, "data/alice/x", "put", None, "put_object")
+    assert grant.prefix == "data/alice/"
+    with pytest.raises(AccessDenied, match="does not allow put_object under examplebucket/data/ "):
+        grant_to_sign(scope, "data/bob/x", "put", None, "put_object")
 
 
 def test_policy_conditions_and_grant_conditions_both_apply() -> None:

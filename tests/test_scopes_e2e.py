@@ -29,7 +29,8 @@ KEYS = {"svc-a": "canary-scopes-svc-a", "alice": "canary-scopes-alice"}
 GROUPS = {"svc-a": ["internal"], "alice": ["browser"]}
 BUCKET = "examplebucket"
 
-# Test-only policies beside the shipped examples: one to publish reports/, one HTTPS-only.
+# Test-only policies beside the shipped examples: one to publish reports/, one HTTPS-only,
+# one granting two buckets.
 _EXTRA = {
     "reports-publisher.yaml": """
 name: reports-publisher
@@ -38,6 +39,21 @@ bucket: examplebucket
 region: cn-hangzhou
 prefix: "reports/"
 actions: [put]
+duration_seconds: 3600
+max_url_expires_seconds: 600
+callers: ["group:internal"]
+""",
+    "two-buckets.yaml": """
+name: two-buckets
+role_arn: acs:ram::1234567890123456:role/oss-two-buckets
+region: cn-hangzhou
+grants:
+  - bucket: examplebucket
+    prefix: "reports/"
+    actions: [get]
+  - bucket: otherbucket
+    prefix: "drop/${subject}/"
+    actions: [put]
 duration_seconds: 3600
 max_url_expires_seconds: 600
 callers: ["group:internal"]
@@ -296,3 +312,65 @@ async def test_https_only_and_vpc_tokens_are_refused_over_plain_http(stack: Stac
         prefix = creds["Oss"]["Prefix"]
         async with _sdk(creds) as client:
             assert await _put(client, prefix + "x") == "AccessDenied", policy
+
+
+# --- presigned URLs and post policies for multi-grant policies ---
+
+
+async def _sign(stack: Stack, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    async with stack.client.post(path, json=body, headers=stack.auth("svc-a")) as resp:
+        return resp.status, await resp.json()
+
+
+async def _post_form(host: str, fields: dict[str, str], content: bytes) -> int:
+    data = aiohttp.FormData()
+    for name, value in fields.items():
+        data.add_field(name, value)
+    data.add_field("file", content, filename="out.csv", content_type="text/csv")
+    async with aiohttp.ClientSession() as session, session.post(host, data=data) as resp:
+        return resp.status
+
+
+async def test_a_multi_grant_policy_presigns_for_the_grant_holding_the_key(stack: Stack) -> None:
+    """report-jobs: GET URLs on reports/, PUT URLs in services/svc-a/ work; PUT reports/ is 403."""
+    await _publish_report(stack, "reports/2026/summary.csv", b"total,42\n")
+    get = {"policy": "report-jobs", "key": "reports/2026/summary.csv", "method": "GET"}
+    status, signed = await _sign(stack, "/v1/presign", get)
+    assert status == 200, signed
+    assert await _send("GET", signed["url"], {}) == (200, "total,42\n")
+    forged = {"policy": "report-jobs", "key": "reports/2026/forged.csv", "content_length": 1}
+    status, refused = await _sign(stack, "/v1/presign", forged)
+    assert (status, refused["error"]["code"]) == (403, "AccessDenied")
+    assert "does not allow put_object under examplebucket/reports/" in refused["error"]["message"]
+    own = {"policy": "report-jobs", "key": "services/svc-a/out.csv", "content_length": 4}
+    status, signed = await _sign(stack, "/v1/presign", own)
+    assert status == 200, signed
+    assert (await _send("PUT", signed["url"], signed["signed_headers"], b"a,b\n"))[0] == 200
+    assert stack.dev.oss.read_object(BUCKET, "services/svc-a/out.csv") == b"a,b\n"
+    assert stack.dev.oss.read_object(BUCKET, "reports/2026/forged.csv") is None
+
+
+async def test_a_multi_grant_policy_signs_forms_only_under_a_grant_with_put(stack: Stack) -> None:
+    """report-jobs: a form defaults to services/svc-a/ and uploads; one under reports/ is 403."""
+    status, form = await _sign(stack, "/v1/post-policy", {"policy": "report-jobs"})
+    assert status == 200, form
+    assert form["fields"]["key"] == "services/svc-a/${filename}"
+    assert await _post_form(form["host"], form["fields"], b"a,b\n") == 204
+    assert stack.dev.oss.read_object(BUCKET, "services/svc-a/out.csv") == b"a,b\n"
+    for where in ({"key_prefix": "reports/"}, {"key": "reports/out.csv"}):
+        status, refused = await _sign(stack, "/v1/post-policy", {"policy": "report-jobs", **where})
+        assert (status, refused["error"]["code"]) == (403, "AccessDenied"), refused
+        assert "does not allow uploads under examplebucket/reports/" in refused["error"]["message"]
+    assert stack.dev.oss.read_object(BUCKET, "reports/out.csv") is None
+
+
+async def test_a_url_for_a_second_bucket_goes_to_that_bucket(stack: Stack) -> None:
+    """two-buckets: bucket=otherbucket signs a PUT that lands in otherbucket; none named is 400."""
+    body = {"policy": "two-buckets", "key": "drop/svc-a/in.csv"}
+    status, refused = await _sign(stack, "/v1/presign", body)
+    assert (status, refused["error"]["code"]) == (400, "BucketAmbiguous"), refused
+    status, signed = await _sign(stack, "/v1/presign", {**body, "bucket": "otherbucket"})
+    assert status == 200, signed
+    assert (await _send("PUT", signed["url"], signed["signed_headers"], b"a,b\n"))[0] == 200
+    assert stack.dev.oss.read_object("otherbucket", "drop/svc-a/in.csv") == b"a,b\n"
+    assert stack.dev.oss.read_object(BUCKET, "drop/svc-a/in.csv") is None

@@ -30,7 +30,13 @@ from broker.names import is_caller_id
 from broker.policies import Policy, PolicySet, load_policies
 from broker.post_forms import PostForm, post_policy_conditions
 from broker.signing import MAX_EXPIRES_SECONDS
-from broker.uploads import MAX_KEY_BYTES, PostPolicyBody, check_key, clamp_expiry
+from broker.uploads import (
+    MAX_KEY_BYTES,
+    PostPolicyBody,
+    check_key,
+    check_part_size,
+    clamp_expiry,
+)
 from tests.conftest import POLICIES_DIR, BrokerHarness, FakeClock, start_test_server
 from tests.wire import POST_POLICY, PRESIGN, error_code, post_json
 
@@ -103,7 +109,7 @@ async def test_wrong_types_in_post_policy_are_400(
         ("/v1/presign", {**PRESIGN, "acl": "public-read"}),
         ("/v1/presign", {**PRESIGN, "Policy": "avatar-upload"}),
         ("/v1/presign", {**PRESIGN, "callback": {"url": "u", "body": "b", "host": "evil"}}),
-        ("/v1/post-policy", {**POST_POLICY, "bucket": "otherbucket"}),
+        ("/v1/post-policy", {**POST_POLICY, "Bucket": "otherbucket"}),
         ("/v1/post-policy", {**POST_POLICY, "conditions": [["starts-with", "$key", ""]]}),
     ],
 )
@@ -481,3 +487,71 @@ async def test_oss_gets_exactly_the_callback_the_policy_allows(oss: _Oss) -> Non
         _CALLBACK_URL,
     )
     assert recorded.callback["callbackBody"] == "object=${object}"
+
+
+# --- multipart_part_bytes: the parts the broker signs add up to max_object_bytes ---
+
+
+def _part_policy(limit: int, part: int) -> Policy:
+    return _avatar_policy().model_copy(
+        update={"max_object_bytes": limit, "multipart_part_bytes": part}
+    )
+
+
+def _room(policy: Policy, number: int) -> int:
+    """The largest content_length the broker signs for part ``number`` (0: none)."""
+    try:
+        check_part_size(policy, number, 0)
+    except AccessDenied:
+        return 0
+    low, high = 0, 5 * 1024**3
+    while low < high:  # bisect: check_part_size is monotone in the size
+        middle = (low + high + 1) // 2
+        try:
+            check_part_size(policy, number, middle)
+            low = middle
+        except AccessDenied:
+            high = middle - 1
+    return low
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(limit=st.integers(1, 5 * 1024**3), part=st.integers(102_400, 5 * 1024**3))
+def test_signable_parts_add_up_to_exactly_the_limit(limit: int, part: int) -> None:
+    """With multipart_part_bytes, the largest parts signable sum to max_object_bytes, no more."""
+    policy = _part_policy(limit, part)
+    last = math.ceil(limit / part)
+    rooms = [_room(policy, number) for number in (1, last, last + 1)]
+    assert rooms[0] == min(part, limit)
+    assert rooms[1] == limit - (last - 1) * part > 0
+    assert rooms[2] == 0
+    assert (last - 1) * part + rooms[1] == limit
+
+
+def test_part_size_refusals_say_what_is_allowed() -> None:
+    """Past the last part, or over its room: 403 naming the sizes; without the field, no bound."""
+    policy = _part_policy(250_000, 102_400)
+    check_part_size(policy, 3, 45_200)
+    with pytest.raises(AccessDenied, match="part 3 may be at most 45200 bytes"):
+        check_part_size(policy, 3, 45_201)
+    with pytest.raises(
+        AccessDenied, match="part_number 4 is past policy avatar-upload's last part, 3"
+    ):
+        check_part_size(policy, 4, 1)
+    unbounded = _avatar_policy().model_copy(update={"max_object_bytes": 250_000})
+    check_part_size(unbounded, 10_000, 250_000)
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"max_object_bytes": None}, "set both or neither"),
+        ({"multipart_part_bytes": 102_399}, "102399 is out of range"),
+    ],
+)
+def test_multipart_part_bytes_is_checked_at_load(changes: dict[str, Any], problem: str) -> None:
+    """multipart_part_bytes needs max_object_bytes and OSS's 100 KiB minimum part."""
+    data = {**_avatar_policy().model_dump(), "multipart_part_bytes": 102_400, **changes}
+    data = {key: value for key, value in data.items() if value is not None}
+    with pytest.raises(ValueError, match=problem):
+        Policy.model_validate(data)

@@ -422,3 +422,68 @@ async def test_presigned_head_and_delete(guarded: Stack) -> None:
     assert guarded.dev.oss.read_object("examplebucket", key) is None
     status, _, _ = await _send("HEAD", head["url"], {})
     assert status == 404
+
+
+# --- multipart_part_bytes: the assembled object is bounded too ---
+
+_PARTED_POLICY = """\
+name: parted-uploads
+role_arn: acs:ram::1234567890123456:role/oss-service-uploads
+bucket: examplebucket
+region: cn-hangzhou
+prefix: "parted/${subject}/"
+actions: [put, multipart]
+duration_seconds: 3600
+max_url_expires_seconds: 600
+max_object_bytes: 250000
+multipart_part_bytes: 102400
+callers: ["group:internal"]
+"""
+
+
+async def test_parts_signed_under_multipart_part_bytes_assemble_within_the_limit(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """250,000 bytes in 102,400-byte parts: parts 1-3 fill it exactly; more is never signed."""
+    policies_dir = tmp_path / "parted"
+    policies_dir.mkdir()
+    (policies_dir / "parted-uploads.yaml").write_text(_PARTED_POLICY)
+    stack.dev.services.policies = load_policies(policies_dir)
+    base = {"policy": "parted-uploads", "key": "parted/svc-a/big.bin"}
+    init = await stack.post("/v1/presign", {**base, "operation": "initiate_multipart"})
+    status, text, _ = await _send("POST", init["url"], init["signed_headers"])
+    assert status == 200, text
+    upload_id = text.split("<UploadId>")[1].split("</UploadId>")[0]
+    part = {**base, "operation": "upload_part", "upload_id": upload_id}
+
+    async def refused(number: int, size: int) -> str:
+        body = {**part, "part_number": number, "content_length": size}
+        async with stack.client.post("/v1/presign", json=body, headers=stack.auth("svc-a")) as resp:
+            assert resp.status == 403
+            return str((await resp.json())["error"]["message"])
+
+    assert "part 1 may be at most 102400 bytes" in await refused(1, 102_401)
+    assert "part 3 may be at most 45200 bytes" in await refused(3, 45_201)
+    assert "part_number 4 is past" in await refused(4, 1)
+    etags = []
+    for number, size in enumerate((102_400, 102_400, 45_200), start=1):
+        signed = await stack.post(
+            "/v1/presign", {**part, "part_number": number, "content_length": size}
+        )
+        data = bytes([number]) * size
+        status, text, headers = await _send("PUT", signed["url"], signed["signed_headers"], data)
+        assert status == 200, text
+        etags.append(headers["etag"])
+    listing = "".join(
+        f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>"
+        for n, etag in enumerate(etags, start=1)
+    )
+    xml = f"<CompleteMultipartUpload>{listing}</CompleteMultipartUpload>".encode()
+    done = await stack.post(
+        "/v1/presign", {**base, "operation": "complete_multipart", "upload_id": upload_id}
+    )
+    status, text, _ = await _send("POST", done["url"], done["signed_headers"], xml)
+    assert status == 200, text
+    stored = stack.dev.oss.read_object("examplebucket", "parted/svc-a/big.bin")
+    assert stored is not None
+    assert len(stored) == 250_000

@@ -5,6 +5,8 @@ from the exception classes and limits from the modules that enforce them, so
 the document cannot drift from the validation it describes.
 ``tests/http/test_openapi.py`` fails when a route of ``app.py`` is missing
 here, validates the document, and fuzzes a running broker against it.
+The component schemas (request bodies, replies, errors) are built in
+``broker.http.openapi_schemas``; this module builds the operations around them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from broker.errors import (
     AuditUnavailable,
     AuthenticationFailed,
     BrokerError,
+    BucketAmbiguous,
     IdentityProviderUnavailable,
     NotFound,
     RequestInvalid,
@@ -33,25 +36,25 @@ from broker.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from broker.names import REQUEST_ID_PATTERN
-from broker.policy_fields import Grant
+from broker.http.openapi_schemas import (
+    REQUEST_ID_REGEX,
+    SCHEMAS_REF,
+    component_schemas,
+    error_schema,
+    policy_name_pattern,
+)
 from broker.scopes import (
-    ACTION_NAMES,
     ACTIONS_PATTERN,
     BUCKET_PATTERN,
     KEY_PATTERN,
     MAX_KEY_CHARS,
     PREFIX_PATTERN,
 )
-from broker.signing import MAX_EXPIRES_SECONDS
-from broker.uploads import OPERATIONS, PostPolicyBody, PresignBody
+from broker.uploads import PostPolicyBody, PresignBody
 
 __all__ = ["openapi_document"]
 
 _JSON = "application/json"
-_SCHEMAS = "#/components/schemas/"
-_ISO_SECONDS = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"
-_REQUEST_ID = f"^{REQUEST_ID_PATTERN}$"
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}, {"accessToken": []}]
 
 _ErrorClasses = tuple[type[BrokerError], ...]
@@ -59,6 +62,7 @@ _CALLER = (RequestInvalid, AuthenticationFailed, TooManyRequests, IdentityProvid
 _SCOPED = (*_CALLER, AccessDenied, TemplateValueRejected)
 _STS = (UpstreamError, UpstreamThrottled, UpstreamUnavailable, UpstreamTimeout)
 _ISSUING = (*_STS, AuditUnavailable)
+_SIGNING = (*_SCOPED, BucketAmbiguous, RequestTooLarge, *_ISSUING)
 _RETRY_AFTER = (
     TooManyRequests,
     UpstreamThrottled,
@@ -68,9 +72,11 @@ _RETRY_AFTER = (
     IdentityProviderUnavailable,
 )
 _WHEN: dict[int, str] = {
-    400: "Malformed input: parameter, body, or a token given twice.  (A request head the HTTP "
-    "parser refuses, such as a header line over `listen.max_header_bytes` or one with a "
-    "control byte, gets this 400 too, before any handler runs.)",
+    400: "Malformed input: parameter, body, or a token given twice; `BucketAmbiguous`: a "
+    "presign or post-policy request names no `bucket` under a policy with several.  (A "
+    "request head the HTTP parser refuses, such as a header line over "
+    "`listen.max_header_bytes` or one with a control byte, gets this 400 too, before any "
+    "handler runs.)",
     401: "No token, an unknown key or invalid JWT, or a scheme other than Bearer.",
     403: "The policy does not exist or may not be used by this caller (the same reply either "
     "way), the key or content type is outside what it allows, a value of the caller's "
@@ -123,7 +129,7 @@ def _document() -> dict[str, Any]:
             "/openapi.json": {"get": _openapi_operation()},
         },
         "components": {
-            "schemas": {**_model_schemas(PresignBody, PostPolicyBody), **_response_schemas()},
+            "schemas": component_schemas(),
             "securitySchemes": {
                 "bearer": {
                     "type": "http",
@@ -173,7 +179,7 @@ def _credentials_operation() -> dict[str, Any]:
                 "in": "path",
                 "required": True,
                 "description": "The policy's name.",
-                "schema": {"type": "string", "pattern": _policy_name_pattern()},
+                "schema": {"type": "string", "pattern": policy_name_pattern()},
                 "example": "avatar-upload",
             },
             {
@@ -228,12 +234,15 @@ def _presign_operation() -> dict[str, Any]:
     return {
         "operationId": "createPresignedUrl",
         "summary": "A V4 presigned URL for one operation on one key under the caller's prefix.",
+        "description": "Signed for the grant holding the key, in `bucket` (needed only when the "
+        "policy's grants name several buckets: 400 `BucketAmbiguous` otherwise); that grant's "
+        "actions decide (403 naming its prefix).",
         "security": _SECURED,
         "parameters": [_request_id_parameter()],
         "requestBody": _body(PresignBody),
         "responses": {
             "200": _ok("The presigned URL.", "PresignedUrl", no_store=True),
-            **_errors((*_SCOPED, RequestTooLarge, *_ISSUING)),
+            **_errors(_SIGNING),
         },
     }
 
@@ -242,12 +251,14 @@ def _post_policy_operation() -> dict[str, Any]:
     return {
         "operationId": "createPostPolicy",
         "summary": "Signed PostObject form fields for a browser upload.",
+        "description": "For the grant holding `key` or `key_prefix` (default: the first grant "
+        "allowing `put`), which must allow `put`; `bucket` as for `/v1/presign`.",
         "security": _SECURED,
         "parameters": [_request_id_parameter()],
         "requestBody": _body(PostPolicyBody),
         "responses": {
             "200": _ok("Post the fields plus `file` to `host`.", "PostPolicy", no_store=True),
-            **_errors((*_SCOPED, RequestTooLarge, *_ISSUING)),
+            **_errors(_SIGNING),
         },
     }
 
@@ -255,7 +266,9 @@ def _post_policy_operation() -> dict[str, Any]:
 def _policies_operation() -> dict[str, Any]:
     return {
         "operationId": "listPolicies",
-        "summary": "The policies this caller may use, with its rendered prefix.",
+        "summary": "The policies this caller may use, with its rendered prefixes.",
+        "description": "`bucket`, `prefix` and `actions` are the first (primary) grant's; "
+        "`grants` lists every grant, the primary first.",
         "security": _SECURED,
         "parameters": [_request_id_parameter()],
         "responses": {
@@ -314,12 +327,6 @@ def _public(operation_id: str, summary: str, responses: dict[str, Any]) -> dict[
 # --- building blocks ---
 
 
-def _policy_name_pattern() -> str:
-    """The policy-name pattern, as the request models declare it."""
-    pattern: str = PresignBody.model_json_schema()["properties"]["policy"]["pattern"]
-    return pattern
-
-
 def _request_id_parameter() -> dict[str, Any]:
     return {
         "name": "X-Request-Id",
@@ -331,7 +338,7 @@ def _request_id_parameter() -> dict[str, Any]:
 
 
 def _body(model: type[BaseModel]) -> dict[str, Any]:
-    return {"required": True, "content": _json({"$ref": _SCHEMAS + model.__name__})}
+    return {"required": True, "content": _json({"$ref": SCHEMAS_REF + model.__name__})}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -340,7 +347,10 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _headers(*, no_store: bool = False, retry_after: bool = False) -> dict[str, Any]:
     headers: dict[str, Any] = {
-        "X-Request-Id": {"required": True, "schema": {"type": "string", "pattern": _REQUEST_ID}},
+        "X-Request-Id": {
+            "required": True,
+            "schema": {"type": "string", "pattern": REQUEST_ID_REGEX},
+        },
     }
     if no_store:
         headers["Cache-Control"] = {"required": True, "schema": {"const": "no-store"}}
@@ -357,7 +367,7 @@ def _ok(description: str, schema_name: str, *, no_store: bool = False) -> dict[s
     return {
         "description": description,
         "headers": _headers(no_store=no_store),
-        "content": _json({"$ref": _SCHEMAS + schema_name}),
+        "content": _json({"$ref": SCHEMAS_REF + schema_name}),
     }
 
 
@@ -382,174 +392,5 @@ def _error_response(
         "headers": _headers(
             no_store=True, retry_after=any(issubclass(cls, _RETRY_AFTER) for cls in members)
         ),
-        "content": _json(_error_schema(status, codes, sts_compatible=sts_compatible)),
+        "content": _json(error_schema(status, codes, sts_compatible=sts_compatible)),
     }
-
-
-def _error_schema(status: int, codes: list[str], *, sts_compatible: bool) -> dict[str, Any]:
-    code = {"type": "string", "enum": codes}
-    schema: dict[str, Any] = _object(
-        error=_object(
-            code=code,
-            message={"type": "string"},
-            request_id={"type": "string", "pattern": _REQUEST_ID},
-        )
-    )
-    if sts_compatible:
-        # The OSS mobile SDKs' auth-server format and the credentials-URI provider.
-        extra = {
-            "StatusCode": {"const": status},
-            "ErrorCode": code,
-            "ErrorMessage": {"type": "string"},
-            "Code": code,
-        }
-        schema["properties"].update(extra)
-        schema["required"].extend(extra)
-    return schema
-
-
-def _object(**properties: dict[str, Any]) -> dict[str, Any]:
-    """A closed JSON object whose properties are all required."""
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "required": list(properties),
-        "properties": properties,
-    }
-
-
-def _model_schemas(*models: type[BaseModel]) -> dict[str, Any]:
-    """The models' validation JSON Schemas, with their ``$defs`` hoisted into components."""
-    schemas: dict[str, Any] = {}
-    for model in models:
-        schema = model.model_json_schema(ref_template=_SCHEMAS + "{model}")
-        schemas.update(schema.pop("$defs", {}))
-        schemas[model.__name__] = schema
-    return schemas
-
-
-# --- response schemas ---
-
-
-def _response_schemas() -> dict[str, Any]:
-    string = {"type": "string"}
-    expiration = {"type": "string", "pattern": _ISO_SECONDS}
-    lifetime = {"type": "integer", "minimum": 1, "maximum": MAX_EXPIRES_SECONDS}
-    secrets = {
-        "AccessKeyId": string,
-        "AccessKeySecret": string,
-        "SecurityToken": string,
-        "Expiration": expiration,
-    }
-    return {
-        "Credentials": _object(
-            Code={"const": "Success"},
-            StatusCode={"const": 200},
-            RequestId={"type": "string", "pattern": _REQUEST_ID},
-            **secrets,
-            ExpiresIn={"type": "integer", "minimum": 0},
-            Credentials=_object(**secrets),
-            Oss=_oss_location(),
-        ),
-        "PresignedUrl": _object(
-            url={"type": "string", "format": "uri"},
-            method={"type": "string", "enum": sorted({op.method for op in OPERATIONS.values()})},
-            expiration=expiration,
-            expires_in=lifetime,
-            signed_headers={"type": "object", "additionalProperties": string},
-            clamped={"type": "boolean"},
-            requested_expires_seconds=lifetime,
-        ),
-        "PostPolicy": _object(
-            host={"type": "string", "format": "uri"},
-            fields={
-                "type": "object",
-                "required": ["key", "policy"],
-                "additionalProperties": string,
-            },
-            expiration=expiration,
-            expires_in=lifetime,
-            clamped={"type": "boolean"},
-            requested_expires_seconds=lifetime,
-        ),
-        "PolicyList": _object(policies={"type": "array", "items": _policy_description()}),
-        "Health": _object(status={"const": "ok"}),
-        "Readiness": _object(
-            status={"type": "string", "enum": ["ready", "not_ready"]},
-            checks={
-                "type": "object",
-                "required": ["policies_loaded", "source_credentials", "accepting_requests"],
-                "additionalProperties": {"type": "boolean"},
-            },
-            sts=_object(
-                state={"type": "string", "enum": ["unknown", "ok", "degraded"]},
-                consecutive_failures={"type": "integer", "minimum": 0},
-                cached_credentials={"type": "integer", "minimum": 0},
-            ),
-        ),
-    }
-
-
-_ENDPOINT_URL = {
-    "type": "string",
-    "pattern": "^https?://[^/?#@]+$",
-    "description": "The OSS endpoint with its scheme, e.g. `https://oss-cn-hangzhou.aliyuncs.com` "
-    "(`http://127.0.0.1:PORT` in dev mode): usable as given.",
-}
-_ADDRESS_STYLE = {
-    "type": "string",
-    "enum": ["virtual", "path", "cname"],
-    "description": "How to address the bucket: `virtual` (bucket in the host name), `path` "
-    "(bucket in the path; alibabacloud-oss-v2 `use_path_style`, ali-oss `sldEnable` except for an "
-    "IP-address endpoint) or `cname` "
-    "(the endpoint serves the bucket; oss-v2 `use_cname`, ali-oss `cname`).",
-}
-
-
-def _oss_location() -> dict[str, Any]:
-    string = {"type": "string"}
-    location = _object(
-        Bucket=string,
-        Region=string,
-        Endpoint=_ENDPOINT_URL,
-        Prefix=string,
-        AddressStyle=_ADDRESS_STYLE,
-    )
-    location["description"] = (
-        "Where the credentials may be used: the first (primary) grant's bucket and prefix.  "
-        "Breaking change: these fields were at the top level before; they moved so that the "
-        "reply is safe to return unchanged from ali-oss's `refreshSTSToken`, which merges every "
-        "top-level key into its client options."
-    )
-    key = {"type": "string", "description": "The one object the token was narrowed to (`key`)."}
-    actions = {"type": "array", "items": {"type": "string", "enum": list(ACTION_NAMES)}}
-    grant = _object(Bucket=string, Prefix=string, Actions=actions)
-    grant["properties"]["Key"] = key
-    grants = {
-        "type": "array",
-        "minItems": 2,
-        "items": grant,
-        "description": "Every grant, the primary first; only when the token carries several.",
-    }
-    location["properties"].update(Key=key, Grants=grants)
-    return location
-
-
-def _policy_description() -> dict[str, Any]:
-    actions = Grant.model_json_schema()["properties"]["actions"]
-    string = {"type": "string"}
-    return _object(
-        name={"type": "string", "pattern": _policy_name_pattern()},
-        description=string,
-        bucket=string,
-        region=string,
-        endpoint=_ENDPOINT_URL,
-        address_style=_ADDRESS_STYLE,
-        prefix=string,
-        actions=actions,
-        duration_seconds={"type": "integer", "minimum": 900, "maximum": 43200},
-        max_url_expires_seconds={"type": "integer", "minimum": 1, "maximum": MAX_EXPIRES_SECONDS},
-        content_types={"type": "array", "items": string},
-        max_object_bytes={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
-        forbid_overwrite={"type": "boolean"},
-    )

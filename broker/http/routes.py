@@ -178,7 +178,7 @@ def _clamping(expiry: Expiry) -> dict[str, Any]:
 
 
 async def list_policies(request: web.Request) -> web.Response:
-    """``GET /v1/policies``: the policies this caller may use, with its rendered prefix."""
+    """``GET /v1/policies``: the policies this caller may use, with its rendered prefixes."""
     services = request.app[SERVICES]
     principal = await _authenticate(request, services)
     usable = vending.usable_scopes(services.policies, principal)
@@ -186,6 +186,7 @@ async def list_policies(request: web.Request) -> web.Response:
 
 
 def _describe(services: Services, scope: Scope) -> dict[str, Any]:
+    """A usable policy: the primary grant's fields at the top (as before), and ``grants``."""
     policy = scope.policy
     endpoint = oss_endpoint(services.settings.oss, policy)
     return {
@@ -201,7 +202,19 @@ def _describe(services: Services, scope: Scope) -> dict[str, Any]:
         "max_url_expires_seconds": policy.max_url_expires_seconds,
         "content_types": list(policy.content_types),
         "max_object_bytes": policy.max_object_bytes,
+        "multipart_part_bytes": policy.multipart_part_bytes,
         "forbid_overwrite": policy.forbid_overwrite,
+        "grants": [_grant_description(grant) for grant in scope.grants],
+    }
+
+
+def _grant_description(grant: RamGrant) -> dict[str, Any]:
+    """One grant as ``GET /v1/policies`` lists it: always the same four fields."""
+    return {
+        "bucket": grant.bucket,
+        "prefix": grant.prefix,
+        "key": grant.key,
+        "actions": list(grant.actions),
     }
 
 

@@ -92,6 +92,36 @@ async def test_policies_lists_only_usable_ones_with_rendered_prefix(broker: Brok
     assert "ErrorCode" not in body  # mobile-SDK fields only on the credentials endpoint
 
 
+async def test_policies_list_every_grant_in_one_shape(broker: BrokerHarness) -> None:
+    """GET /v1/policies lists every grant (bucket, prefix, key, actions); the top is the primary."""
+    _, svc = await broker.get_json("/v1/policies", caller="svc-a")
+    described = {policy["name"]: policy for policy in svc["policies"]}
+    jobs = described["report-jobs"]
+    assert jobs["grants"] == [
+        {"bucket": "examplebucket", "prefix": "reports/", "key": None, "actions": ["get", "list"]},
+        {
+            "bucket": "examplebucket",
+            "prefix": "services/svc-a/",
+            "key": None,
+            "actions": ["put", "multipart", "get", "list"],
+        },
+    ]
+    assert (jobs["bucket"], jobs["prefix"], jobs["actions"]) == (
+        "examplebucket",
+        "reports/",
+        ["get", "list"],
+    )
+    uploads = described["service-uploads"]
+    assert uploads["grants"] == [
+        {
+            "bucket": uploads["bucket"],
+            "prefix": uploads["prefix"],
+            "key": None,
+            "actions": uploads["actions"],
+        }
+    ]
+
+
 async def test_credentials_replies_are_not_cacheable(broker: BrokerHarness) -> None:
     """Credential replies carry Cache-Control: no-store."""
     async with broker.client.get(

@@ -519,3 +519,67 @@ async def test_post_policy_may_not_ask_to_overwrite_under_forbid_overwrite(
     status, reply = await _post(guarded, "/v1/post-policy", body, caller="svc-a")
     assert (status, reply["error"]["code"]) == (403, "AccessDenied")
     assert "forbids overwriting" in reply["error"]["message"]
+
+
+# --- multi-grant policies: the grant holding the key signs ---
+
+_TWO_BUCKETS = """
+name: two-buckets
+role_arn: acs:ram::1234567890123456:role/oss-two-buckets
+region: cn-hangzhou
+grants:
+  - bucket: examplebucket
+    prefix: "reports/"
+    actions: [get]
+  - bucket: otherbucket
+    prefix: "drop/${subject}/"
+    actions: [put]
+duration_seconds: 3600
+max_url_expires_seconds: 600
+callers: ["group:internal"]
+"""
+
+
+@pytest.fixture
+async def two_buckets(make_broker: BrokerFactory, tmp_path: Path) -> BrokerHarness:
+    """A broker with two-buckets: read examplebucket/reports/, write otherbucket/drop/<caller>/."""
+    (tmp_path / "two-buckets.yaml").write_text(_TWO_BUCKETS)
+    return await make_broker(tmp_path)
+
+
+async def test_several_buckets_need_a_bucket_which_picks_the_grant(
+    two_buckets: BrokerHarness,
+) -> None:
+    """Without bucket: 400 BucketAmbiguous naming both; with it, the URL is for that bucket."""
+    body = {"policy": "two-buckets", "key": "drop/svc-a/x.csv", "content_length": 1}
+    status, reply = await _post(two_buckets, "/v1/presign", body, caller="svc-a")
+    assert (status, reply["error"]["code"]) == (400, "BucketAmbiguous"), reply
+    assert reply["error"]["message"].endswith("give bucket: examplebucket, otherbucket")
+    status, reply = await _post(
+        two_buckets, "/v1/presign", {**body, "bucket": "otherbucket"}, caller="svc-a"
+    )
+    assert status == 200, reply
+    assert urlsplit(reply["url"]).netloc == "otherbucket.oss-cn-hangzhou.aliyuncs.com"
+    wrong = {**body, "bucket": "examplebucket"}
+    status, reply = await _post(two_buckets, "/v1/presign", wrong, caller="svc-a")
+    assert (status, reply["error"]["code"]) == (403, "AccessDenied"), reply
+    assert _assume_role_calls(two_buckets) == 1  # refusals never reach STS
+
+
+async def test_a_post_policy_is_for_its_grants_bucket(two_buckets: BrokerHarness) -> None:
+    """A form for otherbucket's grant posts to that bucket and names it in V1's policy."""
+    body = {"policy": "two-buckets", "bucket": "otherbucket", "signature_version": "v1"}
+    status, reply = await _post(two_buckets, "/v1/post-policy", body, caller="svc-a")
+    assert status == 200, reply
+    assert reply["host"] == "https://otherbucket.oss-cn-hangzhou.aliyuncs.com"
+    conditions = json.loads(base64.b64decode(reply["fields"]["policy"]))["conditions"]
+    assert {"bucket": "otherbucket"} in conditions
+    assert ["starts-with", "$key", "drop/svc-a/"] in conditions
+    reads = {**body, "bucket": "examplebucket"}
+    status, reply = await _post(two_buckets, "/v1/post-policy", reads, caller="svc-a")
+    assert (status, reply["error"]["code"]) == (403, "AccessDenied"), reply
+    assert "does not allow uploads under examplebucket/reports/" in reply["error"]["message"]
+
+
+def _assume_role_calls(broker: BrokerHarness) -> int:
+    return broker.sts.emulator.assume_role_calls()
