@@ -25,16 +25,15 @@ from typing import Any
 import structlog
 
 from broker import audit, hot_log, signing
-from broker.auth import quota_key, role_session_name
-from broker.credentials.cache import CacheKey, CacheResult
+from broker.auth import quota_key
+from broker.credential_requests import assume_request, cache_key
+from broker.credentials.cache import CacheResult
 from broker.errors import (
     AccessDenied,
-    AuthenticationFailed,
-    BrokerError,
     RequestInvalid,
     TemplateValueRejected,
 )
-from broker.models import AssumeRoleRequest, Credentials, Principal
+from broker.models import Credentials, Principal
 from broker.names import POLICY_NAME, POLICY_NAME_RULE, format_sts_time
 from broker.policies import Policy, PolicySet, Scope
 from broker.post_forms import post_policy_conditions
@@ -317,15 +316,15 @@ async def _credentials(
     min_ttl_is_preference: bool = False,
 ) -> CacheResult:
     """A token for ``scope``: a fresh cache hit without building a request, else through STS."""
-    key = _cache_key(services, principal, scope, now)
-    # A short-lived token never has more than its lifetime less the margin to give.
     margin = services.settings.cache.refresh_margin_seconds
+    key = cache_key(principal, scope, now, refresh_margin=margin)
+    # A short-lived token never has more than its lifetime less the margin to give.
     min_ttl = min(min_ttl, scope.policy.token_lifetime_seconds - margin)
     hit = services.cache.fresh(key, min_ttl, now)
     if hit is not None:
         return hit
     result = await services.cache.get(
-        _assume_request(principal, scope, key),
+        assume_request(principal, scope, key),
         min_ttl_seconds=min_ttl,
         min_ttl_is_preference=min_ttl_is_preference,
         charge=services.sts_quota.charge(quota_key(principal)),
@@ -334,71 +333,6 @@ async def _credentials(
         services.metrics.stale_served.inc()
         log.warning("stale_credentials_served", access_key_id=result.credentials.access_key_id)
     return result
-
-
-def _cache_key(services: Services, principal: Principal, scope: Scope, now: float) -> CacheKey:
-    """What the token for ``principal`` under ``scope`` is cached as (the Policy by digest).
-
-    With ``federation: oidc`` the key names the provider, the token's issuer and
-    the subject, so two users never share credentials and one user's concurrent
-    misses share one call.  A token about to expire is refused here (401): STS
-    must not get it.  Equal to ``CacheKey.for_request(_assume_request(...))``.
-    """
-    policy = scope.policy
-    return CacheKey(
-        role_arn=policy.role_arn,
-        policy_digest=scope.digest,
-        duration_seconds=policy.duration_seconds,
-        external_id=policy.external_id,
-        role_session_name=role_session_name(principal),
-        effective_lifetime_seconds=_effective_lifetime(services, policy),
-        federation=_federation(services, principal, policy, now),
-    )
-
-
-def _federation(services: Services, principal: Principal, policy: Policy, now: float) -> str | None:
-    """Whose own token the credentials come from (``federation: oidc``), else ``None``."""
-    if policy.federation != "oidc":
-        return None
-    token = principal.oidc_token
-    if principal.auth_method != "jwt" or token is None:
-        raise AccessDenied(f"policy {policy.name} is federated: only OIDC (JWT) callers may use it")
-    if token.expires_at - now <= services.settings.cache.refresh_margin_seconds:
-        raise AuthenticationFailed("the bearer token expires too soon; get a fresh one")
-    return f"oidc {policy.oidc_provider_arn} {token.issuer} {principal.subject}"
-
-
-def _assume_request(principal: Principal, scope: Scope, key: CacheKey) -> AssumeRoleRequest:
-    """What to ask STS for (built only when STS may be called): always the Policy."""
-    assume = AssumeRoleRequest(
-        role_arn=key.role_arn,
-        policy=scope.document,
-        duration_seconds=key.duration_seconds,
-        role_session_name=key.role_session_name,
-        external_id=key.external_id,
-        effective_lifetime_seconds=key.effective_lifetime_seconds,
-    )
-    if key.federation is None:
-        return assume
-    return dataclasses.replace(
-        assume,
-        oidc_provider_arn=scope.policy.oidc_provider_arn,
-        federation=key.federation,
-        oidc_token=principal.oidc_token,
-    )
-
-
-def _effective_lifetime(services: Services, policy: Policy) -> int | None:
-    """The policy's effective lifetime, which the deadline is rendered from when STS is called."""
-    margin = services.settings.cache.refresh_margin_seconds
-    lifetime = policy.effective_lifetime_seconds
-    if lifetime is not None and lifetime <= margin:
-        # No token could ever be served (sts-broker check --config refuses this).
-        raise BrokerError(
-            f"policy {policy.name}: effective_lifetime_seconds ({lifetime}) must exceed "
-            f"cache.refresh_margin_seconds ({margin})"
-        )
-    return lifetime
 
 
 async def _signer(

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from broker import vending
-from broker.credentials.cache import CacheKey
 from broker.credentials.sts import static_credential
 from broker.errors import AccessDenied, RequestInvalid, UpstreamError
 from broker.models import Principal
@@ -272,22 +271,6 @@ async def test_post_policy_needs_a_policy_that_allows_uploads(
 
 
 # --- the hot path ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("principal", [ALICE, SVC_A])
-def test_the_hot_path_key_is_the_key_of_the_request_sts_would_get(
-    services: Services, clock: FakeClock, principal: Principal
-) -> None:
-    """For every usable policy, the key a hit is looked up by equals the full request's key."""
-    scopes = vending.usable_scopes(services.policies, principal)
-    assert scopes
-    for scope in scopes:
-        if scope.policy.federation == "oidc":
-            continue  # API-key callers cannot use these (tests/test_federation.py)
-        key = vending._cache_key(services, principal, scope, clock())
-        request = vending._assume_request(principal, scope, key)
-        assert request.policy == scope.document
-        assert CacheKey.for_request(request) == key
 
 
 async def test_a_hit_reads_no_sts_and_counts_expires_in_from_one_clock_reading(

@@ -23,6 +23,7 @@ from broker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from broker.models import Principal
 from broker.names import format_sts_time
 from broker.policies import Scope
+from broker.ram import RamGrant
 from broker.services import Services
 from broker.uploads import Expiry, PostPolicyBody, PresignBody, oss_endpoint
 
