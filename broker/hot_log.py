@@ -18,12 +18,21 @@ structlog as before.  Every other event keeps using structlog.
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from broker.logs import STAMPER, hot_route, redact_secrets, render_json, scrub_text
+from broker.logs import (
+    STAMPER,
+    hot_route,
+    is_secret_name,
+    redact_secrets,
+    render_json,
+    scrub_named,
+    scrub_text,
+)
 
 __all__ = ["emit"]
 
@@ -69,6 +78,48 @@ def emit(event: str, fields: dict[str, Any]) -> None:
     for name, value in _bound_context().items():  # merge_contextvars: fields win
         fields.setdefault(name, value)
     fields["level"] = "info"
+    if _plain_keys(tuple(fields)) and _scrub_values(fields):
+        fields["timestamp"] = STAMPER.now()  # ours, and never a secret's shape
+        route.write(render_json(fields))  # every value scrubbed on its own: same guarantees
+        return
     fields["timestamp"] = STAMPER.now()
     redact_secrets(None, "info", fields)
     route.write(scrub_text(render_json(fields)))
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_keys(keys: tuple[str, ...]) -> bool:
+    """Whether no key names a secret, so only values need scrubbing (the hot lines' few key sets).
+
+    A key that is a secret's name is redacted by ``redact_secrets``; one that
+    ``scrub_text`` would read as a name before its value (``id_token``) could
+    only be scrubbed on the whole line.  Either sends the line the slow way.
+    """
+    return not any(
+        is_secret_name(key) or scrub_named(f"{key}=value") != f"{key}=value" for key in keys
+    )
+
+
+def _scrub_values(fields: dict[str, Any]) -> bool:
+    """Scrub each string value in place, as the whole line's scan would; ``False`` for a container.
+
+    A secret shape is a run of token characters, which the JSON punctuation
+    around a value ends, so each value scanned alone is scanned as in the line.
+    The values seen again and again (paths, ids, prefixes) are scanned once.
+    """
+    for key, value in fields.items():
+        kind = type(value)
+        if kind is str:
+            fields[key] = _scrubbed(value) if len(value) <= _MEMO_CHARS else scrub_text(value)
+        elif kind not in _SCALARS:
+            return False
+    return True
+
+
+_SCALARS = frozenset({int, float, bool, type(None)})
+_MEMO_CHARS = 256
+
+
+@functools.lru_cache(maxsize=8192)
+def _scrubbed(value: str) -> str:
+    return scrub_text(value)

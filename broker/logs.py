@@ -49,6 +49,7 @@ __all__ = [
     "IsoTimeStamper",
     "configure_logging",
     "hot_route",
+    "is_secret_name",
     "redact_secrets",
     "render_json",
     "scrub_named",
@@ -139,12 +140,13 @@ _MAX_DEPTH = 8
 
 
 @functools.lru_cache(maxsize=4096)
-def _is_secret_name(key: str) -> bool:
+def is_secret_name(key: str) -> bool:
+    """Whether a field called ``key`` holds a secret (its value is always redacted)."""
     return key.lower().replace("-", "_") in _SECRET_KEYS
 
 
 def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and _is_secret_name(key)
+    return isinstance(key, str) and is_secret_name(key)
 
 
 def _keep_scheme(match: re.Match[str]) -> str:

@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 
 from broker import hot_log, logs
 from broker.auth import generate_api_key
-from broker.logs import REDACTED, configure_logging
+from broker.logs import REDACTED, configure_logging, render_json, scrub_text
 from tests.conftest import CALLERS, BrokerHarness
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?Z")
@@ -105,6 +105,35 @@ def test_canaries_in_values_are_scrubbed(stream: io.StringIO) -> None:
         assert canary not in text
     assert text.count(REDACTED) == 4
     assert _lines(stream)[0]["event"] == "url_presigned"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"/v1/x?access_token={API_KEY}",
+        f"Bearer {API_KEY}",
+        f"line one\n{STS_TOKEN}\tand {STS_SECRET}",
+        f'quoted "{SIGNATURE}" x-oss-signature={SIGNATURE}',
+        f"caf\u00e9 {STS_SECRET}",
+        "STS.NUnJbJ3bExampleKeyId",
+    ],
+)
+def test_values_scrubbed_one_by_one_read_as_the_whole_line_would(
+    stream: io.StringIO, value: str
+) -> None:
+    """Scrubbing each value alone gives the line scrubbing the whole rendered line gives."""
+    hot_log.emit("request_finished", {"path": value, "status": 200})
+    (line,) = _lines(stream)
+    whole = json.loads(scrub_text(render_json({"path": value})))
+    assert line["path"] == whole["path"]
+
+
+def test_a_key_read_as_a_secrets_name_takes_the_whole_line_scrub(stream: io.StringIO) -> None:
+    """A field such as id_token is masked as the whole-line scrub masks it (no shortcut)."""
+    hot_log.emit("request_finished", {"id_token": "opaque-but-secret", "status": 200})
+    (line,) = _lines(stream)
+    assert "opaque-but-secret" not in stream.getvalue()
+    assert line["status"] == 200
 
 
 def test_warning_level_writes_nothing() -> None:
