@@ -7,7 +7,9 @@ past the bound are dropped and counted, and a ``log_lines_dropped`` line (and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ import pytest
 import structlog
 
 from broker import log_writer
-from broker.log_writer import LogSink
+from broker.log_writer import LogSink, LoopBatchedLogger
 from broker.logs import configure_logging
 from broker.metrics import Metrics
 
@@ -167,3 +169,69 @@ def test_production_chain_reports_dropped_lines_in_the_log_and_metrics(
     notice = json.loads(next(line for line in text.splitlines() if "log_lines_dropped" in line))
     assert notice["dropped"] == dropped
     assert notice["level"] == "warning"
+
+
+# --- LoopBatchedLogger: lines gathered on the loop, handed over together ------------
+
+
+def _batched() -> tuple[io.StringIO, LogSink, LoopBatchedLogger]:
+    output = io.StringIO()
+    sink = LogSink(output)
+    return output, sink, LoopBatchedLogger(sink)
+
+
+def test_lines_of_one_loop_iteration_are_gathered_not_written_one_by_one() -> None:
+    """Lines logged on the loop wait for the hand-over; FLUSH_LINES of them go at once."""
+    output, sink, logger = _batched()
+
+    async def log_lines() -> tuple[int, int]:
+        logger.msg("first")
+        logger.msg("second")
+        queued_early = sink.buffered + len(output.getvalue())
+        for index in range(LoopBatchedLogger.FLUSH_LINES - 2):
+            logger.msg(f"line {index}")
+        assert sink.flush(10.0)
+        return queued_early, len(output.getvalue().splitlines())
+
+    try:
+        queued_early, written = asyncio.run(log_lines())
+    finally:
+        sink.close()
+    assert queued_early == 0
+    assert written == LoopBatchedLogger.FLUSH_LINES
+
+
+def test_gathered_lines_are_handed_over_by_the_timer() -> None:
+    """Without more lines, the gathered ones reach the stream soon after (bounded wait)."""
+    output, sink, logger = _batched()
+
+    async def log_and_wait() -> str:
+        logger.msg("alone")
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while "alone" not in output.getvalue() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(LoopBatchedLogger.FLUSH_SECONDS)
+            sink.flush(1.0)
+        return output.getvalue()
+
+    try:
+        assert asyncio.run(log_and_wait()) == "alone\n"
+    finally:
+        sink.close()
+
+
+def test_lines_of_an_ended_loop_come_before_later_ones_and_close_writes_the_rest() -> None:
+    """A loop that ends first: its lines precede later lines; close() writes what is left."""
+    output, sink, logger = _batched()
+
+    async def log(line: str) -> None:
+        logger.msg(line)
+
+    asyncio.run(log("from the first loop"))
+    logger.msg("from outside any loop")
+    asyncio.run(log("from the last loop"))
+    sink.close()
+    assert output.getvalue().splitlines() == [
+        "from the first loop",
+        "from outside any loop",
+        "from the last loop",
+    ]
