@@ -111,6 +111,8 @@ class LogSink:
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for everything queued to be written."""
+        for hand_over in self._flushers:
+            hand_over()
         with self._lock:
             return self._drained.wait_for(lambda: self._buffered == 0, timeout)
 
@@ -123,8 +125,6 @@ class LogSink:
 
         Lines still queued after that (the stream is blocked) are lost.
         """
-        for flush in self._flushers:
-            flush()
         deadline = time.monotonic() + timeout
         self.flush(timeout)
         with self._lock:
@@ -231,9 +231,18 @@ class LoopBatchedLogger:
     info = debug = warning = error = critical = exception = log = msg
 
     def flush(self) -> None:
-        """Hand every gathered line over now (the sink is closing, or a loop has ended)."""
+        """Hand over now what this thread's loop and every stopped loop have gathered.
+
+        A loop running in another thread keeps its lines: they are its own
+        thread's to hand over (its timer does, within ``FLUSH_SECONDS``).
+        """
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
         for loop in list(self._batches):
-            self._hand_over(loop)
+            if loop is current or not loop.is_running():
+                self._hand_over(loop)
 
     def _hand_over_closed(self) -> None:
         for loop in list(self._batches):

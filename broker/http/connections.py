@@ -110,27 +110,31 @@ class _BrokerRequestHandler(RequestHandler):
     tests/http/test_connections.py pin the behaviour.
     """
 
-    __slots__ = ("_head_timer", "_policy")
+    __slots__ = ("_head_started", "_head_timer", "_policy")
 
     def __init__(self, manager: web.Server, *, policy: _ConnectionPolicy, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._policy = policy
+        self._head_started: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._arm_head_timer()
+        self._head_begins()
 
     def data_received(self, data: bytes) -> None:
-        if data and self._head_timer is None and self._awaiting_request():
-            self._arm_head_timer()
+        if data and self._head_started is None and self._awaiting_request():
+            self._head_begins()
         parsed = self._request_count
         super().data_received(data)
         if self._request_count != parsed:
-            self._stop_head_timer()
+            self._head_started = None  # complete: the armed timer will find nothing to do
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_head_timer()
+        self._head_started = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def _awaiting_request(self) -> bool:
@@ -138,19 +142,27 @@ class _BrokerRequestHandler(RequestHandler):
         waiter = self._waiter
         return waiter is not None and not waiter.done() and not self._messages
 
-    def _arm_head_timer(self) -> None:
-        self._stop_head_timer()
-        delay = self._policy.header_timeout_seconds
-        self._head_timer = self._loop.call_later(delay, self._head_timed_out)
+    def _head_begins(self) -> None:
+        """A head starts arriving: note when, and arm the timer unless one is armed already.
 
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        One timer per connection at a time, re-armed only when it fires: a
+        keep-alive connection's requests cost no timer each.
+        """
+        self._head_started = self._loop.time()
+        if self._head_timer is None:
+            delay = self._policy.header_timeout_seconds
+            self._head_timer = self._loop.call_later(delay, self._head_check)
 
-    def _head_timed_out(self) -> None:
+    def _head_check(self) -> None:
+        """The timer fired: reap a head that took too long, or wait out the current one."""
         self._head_timer = None
-        if self._awaiting_request() and self.transport is not None:
+        started = self._head_started
+        if started is None or self.transport is None:
+            return
+        remaining = started + self._policy.header_timeout_seconds - self._loop.time()
+        if remaining > 0:
+            self._head_timer = self._loop.call_later(remaining, self._head_check)
+        elif self._awaiting_request():
             self._policy.reaped("header_timeout")
             self.force_close()
 

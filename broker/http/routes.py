@@ -10,6 +10,7 @@ import pydantic
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from multidict import MultiDict, MultiDictProxy, MultiMapping
 
 from broker import audit, vending
 from broker.auth import extract_token, quota_key
@@ -51,11 +52,12 @@ _ROUTE_TITLES = {
 
 async def _authenticate(request: web.Request, services: Services) -> Principal:
     principal = None
-    if "Authorization" not in request.headers and "access_token" not in request.query:
+    query = _query(request)
+    if "Authorization" not in request.headers and "access_token" not in query:
         peercert = request.transport.get_extra_info("peercert") if request.transport else None
         principal = services.authenticator.authenticate_certificate(peercert)
     if principal is None:
-        token = extract_token(request.headers.getall("Authorization", []), request.query)
+        token = extract_token(request.headers.getall("Authorization", []), query)
         principal = await services.authenticator.authenticate(token)
     principal = _with_source_ip(request, services, principal)
     structlog.contextvars.bind_contextvars(caller=principal.subject)
@@ -70,7 +72,33 @@ def _with_source_ip(request: web.Request, services: Services, principal: Princip
     trusted = services.settings.listen.trusted_proxies
     forwarded = request.headers.getall("X-Forwarded-For", []) if trusted else []
     address = client_address(request.remote, forwarded, trusted)
-    return dataclasses.replace(principal, source_ip=address)
+    if principal.source_ip == address:
+        return principal
+    key = (id(principal), address)
+    found = _ADDRESSED.get(key)
+    if found is not None and found[0] is principal:
+        return found[1]
+    addressed = dataclasses.replace(principal, source_ip=address)
+    if len(_ADDRESSED) >= _MAX_ADDRESSED:
+        _ADDRESSED.clear()
+    _ADDRESSED[key] = (principal, addressed)
+    return addressed
+
+
+_ADDRESSED: dict[tuple[int, str | None], tuple[Principal, Principal]] = {}
+"""Memo of ``_with_source_ip``: an API-key caller is one object, seen from few addresses.
+
+Keyed by the caller object's id and holding the object (``is`` guards a reused id).
+"""
+_MAX_ADDRESSED = 4096
+
+
+def _query(request: web.Request) -> MultiMapping[str]:
+    """The request's query, without parsing one the URL does not have."""
+    return request.query if request.query_string else _NO_QUERY
+
+
+_NO_QUERY: MultiMapping[str] = MultiDictProxy(MultiDict())
 
 
 def _check_route(request: web.Request, principal: Principal) -> None:
@@ -122,12 +150,13 @@ async def get_credentials(request: web.Request) -> web.Response:
     """``GET /v1/credentials/{policy}``: scoped STS credentials for this caller."""
     services = request.app[SERVICES]
     principal = await _authenticate(request, services)
+    query = _query(request)
     issued = await vending.issue_credentials(
         services,
         principal,
         request.match_info["policy"],
-        request.query.getall("min_ttl_seconds", []),
-        {name: request.query.getall(name, []) for name in vending.NARROWING_PARAMETERS},
+        query.getall("min_ttl_seconds", []),
+        {name: query.getall(name, []) for name in vending.NARROWING_PARAMETERS} if query else {},
     )
     replies = request.app[REPLIES]
     body = replies.body(
