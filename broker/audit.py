@@ -8,10 +8,11 @@ for what (policy, role, bucket, prefix or key, actions, the sha256 of the
 rendered policy) and what was handed out (AccessKeyId, expiry, cache source,
 the RequestId of the AssumeRole call that minted the token).  Never a secret:
 records are built from named fields only, and the log's scrub of named
-secrets (``access_token=``, signatures, ``Bearer``...) runs over every line as
-well; not its shape masking, which would hide the opaque identifiers a record
-must keep (JWT subjects, object keys).  The fields: docs/deployment.md,
-"Audit trail".
+secrets (``access_token=``, signatures, ``Bearer``...) runs over every line
+whose values may hold one; not its shape masking, which would hide the opaque
+identifiers a record must keep (JWT subjects, object keys).  The fields:
+docs/deployment.md, "Audit trail".  Rendering: ``broker.audit_render`` (an
+issuance's fixed fields are rendered once per caller, scope and token).
 
 Records never make the event loop wait on a write (``broker.audit_writer``)::
 
@@ -38,21 +39,18 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import orjson
 import structlog
 
+from broker.audit_render import AuditContext, IssuanceRenderer, render_line, who
 from broker.audit_writer import AuditWriter, Entry, open_file
 from broker.config import AUDIT_STREAMS, AuditSettings
 from broker.errors import AuditUnavailable, BrokerError, ConfigError
-from broker.logs import scrub_named
 from broker.metrics import Metrics
 from broker.models import Clock, Credentials, Principal
-from broker.ram import RamGrant
 from broker.scopes import Scope
 
 __all__ = [
@@ -76,17 +74,8 @@ REFUSAL_STATUSES = frozenset({401, 403})
 _STREAM_FDS = {"stdout": 1, "stderr": 2}
 _EVENTS = ("credentials_issued", "url_presigned", "post_policy_signed", "request_refused")
 _REASONS = ("write_error", "buffer_full", "timeout", "closed")
-
-
-@dataclass(slots=True)
-class AuditContext:
-    """Who is asking, from where, through which route: filled in as one request is handled."""
-
-    request_id: str | None = None
-    route: str | None = None
-    client_address: str | None = None
-    principal: Principal | None = None
-    policy: str | None = None
+_MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))
+"""A record's ``time`` ends in one of these (formatting them per record costs more)."""
 
 
 _NO_CONTEXT = AuditContext()
@@ -134,6 +123,7 @@ class Auditor:
         self._second = -1
         self._second_text = ""
         self._failing = False
+        self._render = IssuanceRenderer()
 
     async def issued(
         self,
@@ -148,16 +138,16 @@ class Auditor:
         **detail: object,
     ) -> None:
         """Record one issuance: what ``principal`` got under ``scope`` from ``token``."""
-        record = _issuance(_CONTEXT.get(), event, principal, scope, self._now())
-        record.update(detail)
-        record.update(
-            access_key_id=token.access_key_id,
-            expiration=expiration,
-            expires_in=expires_in,
-            cache=cache,
-            sts_request_id=token.sts_request_id,
+        line = self._render.line(
+            _CONTEXT.get(),
+            event,
+            self._now(),
+            principal,
+            scope,
+            token,
+            (expiration, expires_in, cache),
+            detail,
         )
-        line = self._line(record)
         if self._required:
             await self._written_within(self._settings.write_timeout_seconds, line, event)
         else:
@@ -166,9 +156,9 @@ class Auditor:
     def refused(self, err: BrokerError) -> None:
         """Record a refusal for authorization reasons (401/403) of the current request."""
         context = _CONTEXT.get()
-        record = _who(context, "refusal", "request_refused", self._now())
+        record = who(context, "refusal", "request_refused", self._now())
         record.update(status=err.status, error_code=err.code, reason=err.message)
-        self._hand(self._line(record), "request_refused", None)
+        self._hand(render_line(record), "request_refused", None)
 
     async def flushed(self) -> None:
         """Return once every record handed over so far has been written or has failed (counted)."""
@@ -203,23 +193,8 @@ class Auditor:
         if second != self._second:
             self._second = second
             self._second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
-
-    @staticmethod
-    def _line(record: dict[str, Any]) -> bytes:
-        """One JSON line, scrubbed of named secrets.
-
-        The scrub's patterns all need a trigger word inside a value (no key of a
-        record names a secret), so the whole line is scanned only when the
-        values are: a record's key names (``auth_method``) would trigger a slow
-        full scan on every line for nothing.  (The one list, ``actions``, holds
-        validated action names.)
-        """
-        text = orjson.dumps(record).decode()
-        values = "\n".join([value for value in record.values() if type(value) is str])
-        if scrub_named(values) != values:
-            text = scrub_named(text)
-        return (text + "\n").encode()
+        millis = int((now - second) * 1000)
+        return self._second_text + (_MILLIS[millis] if 0 <= millis < 1000 else f".{millis:03d}Z")
 
     async def _written_within(self, seconds: float | None, line: bytes, event: str | None) -> None:
         """Hand ``line`` over and wait until its batch is written; ``AuditUnavailable`` if not."""
@@ -293,56 +268,6 @@ class Auditor:
         if not self._failing:
             self._failing = True
             log.error("audit_write_failed", sink=self._settings.sink, reason=reason, error=error)
-
-
-def _who(context: AuditContext, kind: str, event: str, now: str) -> dict[str, Any]:
-    """The fields every record has: when, which request, who asked and from where."""
-    principal = context.principal
-    return {
-        "time": now,
-        "type": kind,
-        "event": event,
-        "request_id": context.request_id,
-        "route": context.route,
-        "client_address": context.client_address,
-        "caller": principal.subject if principal is not None else None,
-        "auth_method": principal.auth_method if principal is not None else None,
-        "policy": context.policy,
-    }
-
-
-def _issuance(
-    context: AuditContext, event: str, principal: Principal, scope: Scope, now: str
-) -> dict[str, Any]:
-    """Who got what: the scope as handed out (narrowed, if the request asked for less)."""
-    policy, primary = scope.policy, scope.grants[0]
-    record = _who(context, "issuance", event, now)
-    record.update(
-        caller=principal.subject,
-        auth_method=principal.auth_method,
-        policy=policy.name,
-        role_arn=policy.role_arn,
-        federation=policy.federation,
-        region=policy.region,
-        **_grant(primary),
-        narrowed=scope.narrowed,
-        policy_digest=scope.digest,
-    )
-    if len(scope.grants) > 1:
-        record["grants"] = [_grant(grant) for grant in scope.grants]
-    return record
-
-
-def _grant(grant: RamGrant) -> dict[str, Any]:
-    """A grant's bucket, prefix, actions, and key when it covers one object."""
-    fields: dict[str, Any] = {
-        "bucket": grant.bucket,
-        "prefix": grant.prefix,
-        "actions": list(grant.actions),
-    }
-    if grant.key is not None:
-        fields["key"] = grant.key
-    return fields
 
 
 def check_sink(settings: AuditSettings) -> None:

@@ -699,3 +699,25 @@ async def test_federated_issuance_says_so(tmp_path: Path, clock: FakeClock) -> N
         "alice",
     )
     assert "s" * 30 not in sink.read_text()
+
+
+@pytest.mark.parametrize(
+    "now",
+    [
+        1_700_000_000.0,
+        1_700_000_000.0005,
+        1_700_000_000.25,
+        1_700_000_000.9995,
+        1_700_000_059.999999,
+    ],
+)
+def test_record_times_are_formatted_to_the_millisecond_as_before(
+    tmp_path: Path, clock: FakeClock, now: float
+) -> None:
+    """``time`` reads as the former ``f"{second}.{millis:03d}Z"`` gave, the edges included."""
+    clock.now = now
+    auditor = open_auditor(AuditSettings(sink=str(tmp_path / "audit.jsonl")), Metrics(), clock)
+    second = int(now)
+    text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    assert auditor._now() == f"{text}.{int((now - second) * 1000):03d}Z"
+    auditor._writer.close()
