@@ -54,6 +54,8 @@ from broker.models import Clock, Credentials, Principal
 from broker.scopes import Scope
 
 __all__ = [
+    "HAND_OVER_LINES",
+    "HAND_OVER_SECONDS",
     "REFUSAL_STATUSES",
     "AuditContext",
     "Auditor",
@@ -74,6 +76,10 @@ REFUSAL_STATUSES = frozenset({401, 403})
 _STREAM_FDS = {"stdout": 1, "stderr": 2}
 _EVENTS = ("credentials_issued", "url_presigned", "post_policy_signed", "request_refused")
 _REASONS = ("write_error", "buffer_full", "timeout", "closed")
+HAND_OVER_SECONDS = 0.01
+"""How long ``best_effort`` records are gathered before the writer thread is woken."""
+HAND_OVER_LINES = 512
+"""Or how many: a batch this large is handed over at once."""
 _MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))
 """A record's ``time`` ends in one of these (formatting them per record costs more)."""
 
@@ -120,6 +126,7 @@ class Auditor:
         self._failed = {reason: metrics.audit_failures.labels(reason) for reason in _REASONS}
         self._pending: list[Entry] = []
         self._pending_loop: asyncio.AbstractEventLoop | None = None
+        self._soon = False  # a hand-over at the end of this loop iteration is scheduled
         self._second = -1
         self._second_text = ""
         self._failing = False
@@ -212,7 +219,14 @@ class Auditor:
     def _hand(
         self, line: bytes, event: str | None, waiter: asyncio.Future[str | None] | None
     ) -> None:
-        """Add a line to this loop iteration's batch, handed to the writer at its end."""
+        """Add a line to the batch handed to the writer within ``HAND_OVER_SECONDS``.
+
+        Each hand-over wakes the writer thread, which then competes with the
+        loop for the GIL, so ``best_effort`` records are gathered for up to 10 ms
+        (or ``HAND_OVER_LINES``); a line someone waits for (``required``, a
+        flush, closing) is handed over, with what was gathered, at the end of
+        this loop iteration.
+        """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -223,10 +237,14 @@ class Auditor:
             if self._pending:  # left by a loop that closed before handing them over
                 self._pending = [(text, name, None) for text, name, _ in self._pending]
             self._pending_loop = loop
-            loop.call_soon(self._hand_over, loop)
+            loop.call_later(HAND_OVER_SECONDS, self._hand_over, loop)
         self._pending.append((line, event, waiter))
+        if not self._soon and (waiter is not None or len(self._pending) >= HAND_OVER_LINES):
+            self._soon = True
+            loop.call_soon(self._hand_over, loop)
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._soon = False
         entries, self._pending = self._pending, []
         if not entries:
             return

@@ -721,3 +721,24 @@ def test_record_times_are_formatted_to_the_millisecond_as_before(
     text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     assert auditor._now() == f"{text}.{int((now - second) * 1000):03d}Z"
     auditor._writer.close()
+
+
+def test_best_effort_records_are_gathered_then_handed_over_together(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Refusals wait (up to HAND_OVER_SECONDS) to go in one write; a flush sends them at once."""
+    sink = tmp_path / "audit.jsonl"
+    auditor = open_auditor(AuditSettings(sink=str(sink)), Metrics(), clock)
+
+    async def scenario() -> tuple[int, int]:
+        for index in range(3):
+            audit.begin_request(f"req-gather-{index}", "credentials", "127.0.0.1")
+            auditor.refused(AccessDenied(policy="reports-read"))
+        written_early = len(auditor._pending)  # gathered, not yet handed to the writer
+        await auditor.flushed()
+        written = len(_lines(sink))
+        await auditor.close()
+        return written_early, written
+
+    assert asyncio.run(scenario()) == (3, 3)
+    assert audit.HAND_OVER_SECONDS <= 0.05
