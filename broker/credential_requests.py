@@ -27,7 +27,11 @@ def cache_key(principal: Principal, scope: Scope, now: float, *, refresh_margin:
     of ``now``) is refused here (401): STS must not get it.
     """
     policy = scope.policy
-    return CacheKey(
+    if policy.federation != "oidc":  # a function of the scope alone: built once per scope
+        found = _KEYS.get((id(scope), refresh_margin))
+        if found is not None and found[0] is scope:
+            return found[1]
+    key = CacheKey(
         role_arn=policy.role_arn,
         policy_digest=scope.digest,
         duration_seconds=policy.duration_seconds,
@@ -36,6 +40,17 @@ def cache_key(principal: Principal, scope: Scope, now: float, *, refresh_margin:
         effective_lifetime_seconds=_effective_lifetime(policy, refresh_margin),
         federation=_federation(principal, policy, now, refresh_margin),
     )
+    if key.federation is None:
+        if len(_KEYS) >= _MAX_KEYS:
+            _KEYS.clear()
+        _KEYS[(id(scope), refresh_margin)] = (scope, key)
+    return key
+
+
+_KEYS: dict[tuple[int, int], tuple[Scope, CacheKey]] = {}
+"""``cache_key`` memo: a scope (one caller's rendering of a policy, memoised by the
+policy set) always has the same key; the scope is held so a reused id cannot alias."""
+_MAX_KEYS = 16_384
 
 
 def assume_request(principal: Principal, scope: Scope, key: CacheKey) -> AssumeRoleRequest:
