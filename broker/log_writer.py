@@ -116,6 +116,11 @@ class LogSink:
         with self._lock:
             return self._drained.wait_for(lambda: self._buffered == 0, timeout)
 
+    @property
+    def capacity(self) -> int:
+        """The buffer's bound, in characters (``max_buffer_bytes``)."""
+        return self._max
+
     def before_close(self, flush: Callable[[], None]) -> None:
         """Have ``close`` call ``flush`` first (a writer holding lines back hands them over)."""
         self._flushers.append(flush)
@@ -195,18 +200,23 @@ class LoopBatchedLogger:
     Each hand-over wakes the writer thread, which then competes with the loop
     for the GIL; handing over once per loop iteration cost a busy broker about
     as much as rendering its lines.  So a loop's lines are kept for at most
-    ``FLUSH_SECONDS`` (or until ``FLUSH_LINES`` have gathered) and handed over
-    together.  Outside a running loop (other threads, start-up, exit) a line
-    goes to the sink at once; lines still gathered when the sink closes (the
-    loop ended first) are handed over then.
+    ``FLUSH_SECONDS`` (or until ``FLUSH_LINES`` lines or an eighth of the sink's
+    buffer, at most ``FLUSH_BYTES``, have gathered) and handed over together.
+    Outside a running loop (other threads, start-up, exit) a line goes to the
+    sink at once; lines still gathered when the sink closes (the loop ended
+    first) are handed over then.
     """
 
     FLUSH_SECONDS = 0.01
     FLUSH_LINES = 512
+    FLUSH_BYTES = 16 * 1024
 
     def __init__(self, sink: LogSink) -> None:
         self._sink = sink
+        # A batch is written (or dropped) whole: keep it well under the buffer's bound.
+        self._flush_chars = min(self.FLUSH_BYTES, sink.capacity // 8)
         self._batches: dict[asyncio.AbstractEventLoop, list[str]] = {}
+        self._chars: dict[asyncio.AbstractEventLoop, int] = {}
         sink.before_close(self.flush)
 
     def msg(self, message: str) -> None:
@@ -222,10 +232,12 @@ class LoopBatchedLogger:
             if self._batches:
                 self._hand_over_closed()
             self._batches[loop] = [message]
+            self._chars[loop] = len(message)
             loop.call_later(self.FLUSH_SECONDS, self._hand_over, loop)
             return
         batch.append(message)
-        if len(batch) >= self.FLUSH_LINES:
+        chars = self._chars[loop] = self._chars[loop] + len(message)
+        if len(batch) >= self.FLUSH_LINES or chars >= self._flush_chars:
             self._hand_over(loop)
 
     info = debug = warning = error = critical = exception = log = msg
@@ -250,6 +262,7 @@ class LoopBatchedLogger:
                 self._hand_over(loop)
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._chars.pop(loop, None)
         batch = self._batches.pop(loop, None)
         if batch:
             self._sink.write("\n".join(batch) + "\n", len(batch))
