@@ -115,6 +115,7 @@ class Stack:
         self.keys = keys
         self.sts_url = ""
         self._exits = exits
+        self.children: list[Child] = []
 
     def _start(
         self,
@@ -127,6 +128,7 @@ class Stack:
     ) -> Child:
         child = start_child(name, argv, env=env, log_path=log_path, stdout_pipe=stdout_pipe)
         self._exits.callback(child.stop)
+        self.children.append(child)
         return child
 
     def start_sts(self) -> str:
