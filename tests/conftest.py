@@ -27,6 +27,22 @@ from broker.services import Services, build_services
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES_DIR = REPO / "policies"
+TWO_BUCKETS_POLICY = """
+name: two-buckets
+role_arn: acs:ram::1234567890123456:role/oss-two-buckets
+region: cn-hangzhou
+grants:
+  - bucket: examplebucket
+    prefix: "reports/"
+    actions: [get]
+  - bucket: otherbucket
+    prefix: "drop/${subject}/"
+    actions: [put]
+duration_seconds: 3600
+max_url_expires_seconds: 600
+callers: ["group:internal"]
+"""
+"""A policy whose grants name two buckets (presign and post-policy pick by ``bucket``)."""
 
 SOURCE_KEY_ID = "LTAI-test-source-key"
 SOURCE_SECRET = "canary-source-secret-7f3a9c"

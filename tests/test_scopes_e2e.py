@@ -23,7 +23,7 @@ from alibabacloud_oss_v2.aio import AsyncClient
 from broker.auth import hash_api_key
 from broker.dev.stack import DevStack, dev_stack
 from broker.policies import load_policies
-from tests.conftest import POLICIES_DIR, FakeClock, start_test_server
+from tests.conftest import POLICIES_DIR, TWO_BUCKETS_POLICY, FakeClock, start_test_server
 
 KEYS = {"svc-a": "canary-scopes-svc-a", "alice": "canary-scopes-alice"}
 GROUPS = {"svc-a": ["internal"], "alice": ["browser"]}
@@ -43,21 +43,7 @@ duration_seconds: 3600
 max_url_expires_seconds: 600
 callers: ["group:internal"]
 """,
-    "two-buckets.yaml": """
-name: two-buckets
-role_arn: acs:ram::1234567890123456:role/oss-two-buckets
-region: cn-hangzhou
-grants:
-  - bucket: examplebucket
-    prefix: "reports/"
-    actions: [get]
-  - bucket: otherbucket
-    prefix: "drop/${subject}/"
-    actions: [put]
-duration_seconds: 3600
-max_url_expires_seconds: 600
-callers: ["group:internal"]
-""",
+    "two-buckets.yaml": TWO_BUCKETS_POLICY,
     "https-only.yaml": """
 name: https-only
 role_arn: acs:ram::1234567890123456:role/oss-service-uploads

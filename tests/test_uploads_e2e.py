@@ -62,6 +62,22 @@ async def _send(
         return resp.status, await resp.text(), {k.lower(): v for k, v in resp.headers.items()}
 
 
+async def _complete(
+    stack: Stack, base: dict[str, Any], upload_id: str, etags: list[str]
+) -> None:
+    """Complete a multipart upload through a presigned POST listing ``etags`` in order."""
+    listing = "".join(
+        f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>"
+        for n, etag in enumerate(etags, start=1)
+    )
+    xml = f"<CompleteMultipartUpload>{listing}</CompleteMultipartUpload>".encode()
+    done = await stack.post(
+        "/v1/presign", {**base, "operation": "complete_multipart", "upload_id": upload_id}
+    )
+    status, text, _ = await _send("POST", done["url"], done["signed_headers"], xml)
+    assert status == 200, text
+
+
 def _sdk(stack: Stack, creds: dict[str, Any], secret: str | None = None) -> AsyncClient:
     provider = oss.credentials.StaticCredentialsProvider(
         creds["AccessKeyId"], secret or creds["AccessKeySecret"], creds["SecurityToken"]
@@ -195,16 +211,7 @@ async def test_three_part_multipart_upload_with_presigned_urls_only(stack: Stack
         status, text, headers = await _send("PUT", part["url"], part["signed_headers"], data)
         assert status == 200, text
         etags.append(headers["etag"])
-    listing = "".join(
-        f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>"
-        for n, etag in enumerate(etags, start=1)
-    )
-    xml = f"<CompleteMultipartUpload>{listing}</CompleteMultipartUpload>".encode()
-    done = await stack.post(
-        "/v1/presign", {**base, "operation": "complete_multipart", "upload_id": upload_id}
-    )
-    status, text, _ = await _send("POST", done["url"], done["signed_headers"], xml)
-    assert status == 200, text
+    await _complete(stack, base, upload_id, etags)
     stored = stack.dev.oss.read_object("examplebucket", key)
     assert stored is not None
     assert hashlib.sha256(stored).digest() == hashlib.sha256(b"".join(parts)).digest()
@@ -474,16 +481,7 @@ async def test_parts_signed_under_multipart_part_bytes_assemble_within_the_limit
         status, text, headers = await _send("PUT", signed["url"], signed["signed_headers"], data)
         assert status == 200, text
         etags.append(headers["etag"])
-    listing = "".join(
-        f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>"
-        for n, etag in enumerate(etags, start=1)
-    )
-    xml = f"<CompleteMultipartUpload>{listing}</CompleteMultipartUpload>".encode()
-    done = await stack.post(
-        "/v1/presign", {**base, "operation": "complete_multipart", "upload_id": upload_id}
-    )
-    status, text, _ = await _send("POST", done["url"], done["signed_headers"], xml)
-    assert status == 200, text
+    await _complete(stack, base, upload_id, etags)
     stored = stack.dev.oss.read_object("examplebucket", "parted/svc-a/big.bin")
     assert stored is not None
     assert len(stored) == 250_000

@@ -14,7 +14,12 @@ import pytest
 
 from broker.models import Credentials
 from broker.signing import OssEndpoint, PresignInput
-from tests.conftest import BrokerFactory, BrokerHarness, write_guarded_policies
+from tests.conftest import (
+    TWO_BUCKETS_POLICY,
+    BrokerFactory,
+    BrokerHarness,
+    write_guarded_policies,
+)
 from tests.signing.sdk_oracle import sdk_presign, sdk_signer_presign
 
 
@@ -523,27 +528,12 @@ async def test_post_policy_may_not_ask_to_overwrite_under_forbid_overwrite(
 
 # --- multi-grant policies: the grant holding the key signs ---
 
-_TWO_BUCKETS = """
-name: two-buckets
-role_arn: acs:ram::1234567890123456:role/oss-two-buckets
-region: cn-hangzhou
-grants:
-  - bucket: examplebucket
-    prefix: "reports/"
-    actions: [get]
-  - bucket: otherbucket
-    prefix: "drop/${subject}/"
-    actions: [put]
-duration_seconds: 3600
-max_url_expires_seconds: 600
-callers: ["group:internal"]
-"""
 
 
 @pytest.fixture
 async def two_buckets(make_broker: BrokerFactory, tmp_path: Path) -> BrokerHarness:
     """A broker with two-buckets: read examplebucket/reports/, write otherbucket/drop/<caller>/."""
-    (tmp_path / "two-buckets.yaml").write_text(_TWO_BUCKETS)
+    (tmp_path / "two-buckets.yaml").write_text(TWO_BUCKETS_POLICY)
     return await make_broker(tmp_path)
 
 
