@@ -166,12 +166,8 @@ class RequestTooLarge(BrokerError):
     fmt = "request body too large"
 
 
-class TooManyRequests(BrokerError):
-    """This caller is over a per-caller quota (STS calls caused, or requests); retry later."""
-
-    status = 429
-    code = "TooManyRequests"
-    fmt = "too many requests; retry later"
+class _RetryLater(BrokerError):
+    """An error the caller should retry after ``retry_after`` seconds (sent as ``Retry-After``)."""
 
     def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
         self.retry_after = max(1, int(retry_after))
@@ -182,7 +178,15 @@ class TooManyRequests(BrokerError):
         return self.retry_after
 
 
-class AuditUnavailable(BrokerError):
+class TooManyRequests(_RetryLater):
+    """This caller is over a per-caller quota (STS calls caused, or requests); retry later."""
+
+    status = 429
+    code = "TooManyRequests"
+    fmt = "too many requests; retry later"
+
+
+class AuditUnavailable(_RetryLater):
     """``audit.mode: required`` and the audit record could not be written: nothing is issued."""
 
     status = 503
@@ -190,16 +194,8 @@ class AuditUnavailable(BrokerError):
     fmt = "the audit record could not be written, so nothing was issued; retry later"
     retryable = True
 
-    def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
-        self.retry_after = max(1, int(retry_after))
-        super().__init__(message, **context)
 
-    @property
-    def retry_after_seconds(self) -> int | None:
-        return self.retry_after
-
-
-class IdentityProviderUnavailable(BrokerError):
+class IdentityProviderUnavailable(_RetryLater):
     """The identity provider's keys (JWKS) cannot be loaded: the caller did nothing wrong.
 
     A JWT cannot be checked without them, so this is a 503 with ``Retry-After``
@@ -211,14 +207,6 @@ class IdentityProviderUnavailable(BrokerError):
     fmt = "the identity provider's signing keys cannot be loaded; retry later"
     retryable = True
 
-    def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
-        self.retry_after = max(1, int(retry_after))
-        super().__init__(message, **context)
-
-    @property
-    def retry_after_seconds(self) -> int | None:
-        return self.retry_after
-
 
 class UpstreamError(BrokerError):
     """STS refused the call (a 4xx answer) or answered with something unusable; not retried."""
@@ -228,19 +216,11 @@ class UpstreamError(BrokerError):
     fmt = "STS request failed"
 
 
-class _RetryableUpstream(UpstreamError):
+class _RetryableUpstream(_RetryLater, UpstreamError):
     """An STS failure worth retrying after ``retry_after`` seconds (sent as ``Retry-After``)."""
 
     status = 503
     retryable = True
-
-    def __init__(self, message: str | None = None, /, *, retry_after: int = 1, **context: Any):
-        self.retry_after = max(1, int(retry_after))
-        super().__init__(message, **context)
-
-    @property
-    def retry_after_seconds(self) -> int | None:
-        return self.retry_after
 
 
 class UpstreamThrottled(_RetryableUpstream):

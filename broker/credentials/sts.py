@@ -29,9 +29,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import structlog
 from alibabacloud_credentials.client import Client as _SdkCredential
@@ -66,6 +67,8 @@ __all__ = [
 ]
 
 log = structlog.get_logger("broker.credentials.sts")
+
+_Reply = TypeVar("_Reply")
 
 STS_MAX_CLOCK_SKEW_SECONDS = 900.0
 """How far OpenAPI lets a request's ``x-acs-date`` stray from its own clock (15 minutes;
@@ -245,15 +248,7 @@ class StsClient:
             policy=request.policy,
         )
         call = self._sdk.assume_role_with_oidcwith_options_async
-        try:
-            async with asyncio.timeout(self._settings.timeout_seconds):
-                return await call(sdk_request, self._runtime)
-        except TimeoutError as err:
-            raise UpstreamTimeout(role_arn=request.role_arn) from err
-        except ResponseException as err:
-            raise _translate_response_error(err, request.role_arn) from err
-        except UnretryableException as err:
-            raise _translate_transport_error(err, request.role_arn) from err
+        return await self._within_deadline(call(sdk_request, self._runtime), request.role_arn)
 
     def _capped_to_token(
         self, credentials: Credentials, token_expires_at: float, request: AssumeRoleRequest
@@ -277,15 +272,20 @@ class StsClient:
             policy=request.policy,
             external_id=request.external_id,
         )
+        call = self._sdk.assume_role_with_options_async
+        return await self._within_deadline(call(sdk_request, self._runtime), request.role_arn)
+
+    async def _within_deadline(self, call: Awaitable[_Reply], role_arn: str) -> _Reply:
+        """``call``'s reply within ``timeout_seconds``; SDK failures as the broker's errors."""
         try:
             async with asyncio.timeout(self._settings.timeout_seconds):
-                return await self._sdk.assume_role_with_options_async(sdk_request, self._runtime)
+                return await call
         except TimeoutError as err:
-            raise UpstreamTimeout(role_arn=request.role_arn) from err
+            raise UpstreamTimeout(role_arn=role_arn) from err
         except ResponseException as err:
-            raise _translate_response_error(err, request.role_arn) from err
+            raise _translate_response_error(err, role_arn) from err
         except UnretryableException as err:
-            raise _translate_transport_error(err, request.role_arn) from err
+            raise _translate_transport_error(err, role_arn) from err
 
     def _parse(
         self, response: sts_models.AssumeRoleResponse, request: AssumeRoleRequest, started_at: float
