@@ -27,7 +27,10 @@ def cache_key(principal: Principal, scope: Scope, now: float, *, refresh_margin:
     of ``now``) is refused here (401): STS must not get it.
     """
     policy = scope.policy
-    if policy.federation != "oidc":  # a function of the scope alone: built once per scope
+    # A function of the scope alone, built once per scope the policy set keeps
+    # (a narrowed scope is new for every request: nothing to gain from keeping it).
+    kept = policy.federation != "oidc" and not scope.narrowed
+    if kept:
         found = _KEYS.get((id(scope), refresh_margin))
         if found is not None and found[0] is scope:
             return found[1]
@@ -40,7 +43,7 @@ def cache_key(principal: Principal, scope: Scope, now: float, *, refresh_margin:
         effective_lifetime_seconds=_effective_lifetime(policy, refresh_margin),
         federation=_federation(principal, policy, now, refresh_margin),
     )
-    if key.federation is None:
+    if kept:
         if len(_KEYS) >= _MAX_KEYS:
             _KEYS.clear()
         _KEYS[(id(scope), refresh_margin)] = (scope, key)

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from broker import credential_requests
 from broker.credential_requests import assume_request, cache_key
 from broker.credentials.cache import CacheKey
 from broker.errors import AccessDenied, AuthenticationFailed
 from broker.models import OidcToken, Principal
 from broker.policies import load_policies
+from broker.scopes import Narrowing, narrow
 from tests.conftest import POLICIES_DIR
 
 NOW = 1_800_000_000.0
@@ -64,3 +66,16 @@ def test_a_federated_key_names_the_user_and_carries_their_token(tmp_path: Path) 
     api_key_caller = Principal("alice", ("browser",))
     with pytest.raises(AccessDenied):
         cache_key(api_key_caller, scope, NOW, refresh_margin=60)
+
+
+def test_a_narrowed_scope_has_its_own_key_and_is_not_kept() -> None:
+    """Narrowing changes the key (its digest), matches its request, and leaves no memo entry."""
+    policies = load_policies(POLICIES_DIR)
+    scope = policies.scope("avatar-upload", ALICE)
+    assert scope is not None
+    narrowed = narrow(scope, Narrowing(prefix="avatars/alice/2026/"))
+    kept_before = len(credential_requests._KEYS)
+    key = cache_key(ALICE, narrowed, NOW, refresh_margin=60)
+    assert key != cache_key(ALICE, scope, NOW, refresh_margin=60)
+    assert CacheKey.for_request(assume_request(ALICE, narrowed, key)) == key
+    assert len(credential_requests._KEYS) <= kept_before + 1  # the whole scope's, at most

@@ -74,6 +74,8 @@ def _with_source_ip(request: web.Request, services: Services, principal: Princip
     address = client_address(request.remote, forwarded, trusted)
     if principal.source_ip == address:
         return principal
+    if principal.auth_method == "jwt":  # a JWT caller is a new object per request
+        return dataclasses.replace(principal, source_ip=address)
     key = (id(principal), address)
     found = _ADDRESSED.get(key)
     if found is not None and found[0] is principal:
@@ -86,7 +88,8 @@ def _with_source_ip(request: web.Request, services: Services, principal: Princip
 
 
 _ADDRESSED: dict[tuple[int, str | None], tuple[Principal, Principal]] = {}
-"""Memo of ``_with_source_ip``: an API-key caller is one object, seen from few addresses.
+"""Memo of ``_with_source_ip``: an API-key or mTLS caller is one object, seen from few
+addresses (JWT callers are not kept: each request verifies a new one, token and all).
 
 Keyed by the caller object's id and holding the object (``is`` guards a reused id).
 """
