@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 # The scrub's cheap test: ``scrub_named(text)`` is ``text`` whenever it says no.
-from broker.logs import _has_named_secret, scrub_named
+from broker.logs import may_hold_named_secret, scrub_named
 from broker.models import Credentials, Principal
 from broker.ram import RamGrant
 from broker.scopes import Scope
@@ -156,7 +156,7 @@ def _middle(principal: Principal, scope: Scope, repeated: Sequence[object]) -> _
         scope=scope,
         caller=orjson.Fragment(rendered[len(_CALLER_KEY) : -1]),
         names=_names(tuple(fields)),
-        suspect=_has_named_secret("\n".join(values).lower()),
+        suspect=may_hold_named_secret("\n".join(values).lower()),
     )
 
 
@@ -202,7 +202,7 @@ class IssuanceRenderer:
             detail
             or middle.suspect
             # The values that change per record (``time``, digits, cannot hold a name):
-            or _has_named_secret(f"{context.request_id}\n{context.client_address}".lower())
+            or may_hold_named_secret(f"{context.request_id}\n{context.client_address}".lower())
         ):
             return _general(context, event, now, principal, scope, token, tail, detail)
         return orjson.dumps(
@@ -260,7 +260,7 @@ def _with_detail(args: _Args, detail: Mapping[str, object], caller: orjson.Fragm
     """
     context, event, now, _, _, token, tail = args
     values = (context.request_id, context.client_address, *detail.values())
-    if _has_named_secret("\n".join([str(value) for value in values]).lower()):
+    if may_hold_named_secret("\n".join([str(value) for value in values]).lower()):
         return _general(*args, detail)
     record: dict[str, object] = {
         "time": now,

@@ -6,8 +6,14 @@ structlog's generic chain, a third of a cached request's time.  ``emit``
 builds the same JSON object the chain would and applies the same guards::
 
     fields + event + bound context (request_id, caller...) + level + timestamp
-      → redact_secrets (secret keys, any depth) → orjson → scrub_text (secret shapes)
+      → no key names a secret, every value a string or a number:
+            scrub_text on each string value (memoised) → orjson
+      → otherwise, as the chain: redact_secrets (secret keys, any depth)
+            → orjson → scrub_text on the whole line
       → the chain's own writer (the sink's loop batcher, or the stream)
+
+The memo of scrubbed values holds values the lines carried (never written
+anywhere unscrubbed), at most 8,192 of them, each at most 256 characters.
 
 The level is the one ``configure_logging`` set; everything else (console
 output on a TTY, structlog not configured by ``configure_logging``, or

@@ -50,6 +50,7 @@ __all__ = [
     "configure_logging",
     "hot_route",
     "is_secret_name",
+    "may_hold_named_secret",
     "redact_secrets",
     "render_json",
     "scrub_named",
@@ -121,7 +122,7 @@ _CHAR_CLASSES = bytes(
 _ESCAPE_LETTERS = frozenset("nrt")
 
 
-def _has_named_secret(lowered: str) -> bool:
+def may_hold_named_secret(lowered: str) -> bool:
     """Whether ``lowered`` may hold a named secret (``_NAMED``, ``_SCHEME``): a cheap test first."""
     return (
         "token" in lowered
@@ -201,7 +202,7 @@ def scrub_named(text: str) -> str:
     identifiers on purpose (JWT subjects, object keys, request ids) that the
     shape masking would take for secrets.
     """
-    if _has_named_secret(text.lower()):
+    if may_hold_named_secret(text.lower()):
         text = _SCHEME.sub(_keep_scheme, _NAMED.sub(r"\1" + REDACTED, text))
     return text
 
