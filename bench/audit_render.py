@@ -31,14 +31,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the reference
 
-from broker import audit
+from broker import request_context
 from broker.audit import Auditor
-from broker.audit_render import AuditContext, IssuanceRenderer
+from broker.audit_render import IssuanceRenderer
 from broker.audit_writer import AuditWriter
 from broker.config import AuditSettings
 from broker.metrics import Metrics
 from broker.models import Credentials, Principal
 from broker.policies import load_policies
+from broker.request_context import RequestContext
 from broker.scopes import Scope
 from tests.test_audit_render import reference_issued
 
@@ -136,7 +137,7 @@ async def _run(once: Callable[[], None], calls: int, batch: int) -> float:
 
 async def _measure(calls: int, runs: int, batch: int) -> dict[str, float]:
     """µs per call, min of ``runs`` runs, the cases interleaved run by run."""
-    audit.begin_request("5f0c3b8e-6a55-4b1c-9a53-1f0e2d7c9b11", "credentials", "10.1.2.3")
+    request_context.begin("5f0c3b8e-6a55-4b1c-9a53-1f0e2d7c9b11", "credentials", "10.1.2.3")
     auditors = {"before": _auditor(_OldAuditor), "after": _auditor(Auditor)}
     cases = {name: _caller(auditor.issued) for name, auditor in auditors.items()}
     cases["floor"] = _caller(_never_waits)
@@ -152,7 +153,7 @@ async def _measure(calls: int, runs: int, batch: int) -> dict[str, float]:
 def _same_bytes() -> None:
     """The line of the sample record, old and new, must be identical."""
     principal, scope, token = _sample()
-    context = AuditContext("req-1", "credentials", "10.1.2.3", principal, "x")
+    context = RequestContext("req-1", "credentials", "10.1.2.3", principal, "x")
     args: tuple[Any, ...] = (
         context,
         "credentials_issued",

@@ -70,7 +70,8 @@ def main() -> None:
         print("| variant | req/s | CPU µs per request |\n| --- | ---: | ---: |")
         for _ in range(args.rounds):
             for name, child, base in targets:
-                path = "/v1/credentials/x" if name == "hello-world" else "/v1/credentials/service-uploads"
+                hello = name == "hello-world"
+                path = "/v1/credentials/x" if hello else "/v1/credentials/service-uploads"
                 before = _cpu_seconds(child.pid)
                 requests = _wrk(base + path, keys.service, args.seconds)
                 spent = _cpu_seconds(child.pid) - before

@@ -38,14 +38,14 @@ import contextlib
 import os
 from collections import Counter
 from collections.abc import Sequence
-from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 import structlog
 
-from broker.audit_render import AuditContext, IssuanceRenderer, render_line, who
+from broker import request_context
+from broker.audit_render import IssuanceRenderer, render_line, who
 from broker.audit_writer import AuditWriter, Entry, open_file
 from broker.config import AUDIT_STREAMS, AuditSettings
 from broker.errors import AuditUnavailable, BrokerError, ConfigError
@@ -57,13 +57,9 @@ __all__ = [
     "HAND_OVER_LINES",
     "HAND_OVER_SECONDS",
     "REFUSAL_STATUSES",
-    "AuditContext",
     "Auditor",
     "IssuanceEvent",
-    "begin_request",
     "check_sink",
-    "note_caller",
-    "note_policy",
     "open_auditor",
 ]
 
@@ -82,29 +78,6 @@ HAND_OVER_LINES = 512
 """Or how many: a batch this large is handed over at once."""
 _MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))
 """A record's ``time`` ends in one of these (formatting them per record costs more)."""
-
-
-_NO_CONTEXT = AuditContext()
-_CONTEXT: ContextVar[AuditContext] = ContextVar("broker_audit_context", default=_NO_CONTEXT)
-
-
-def begin_request(request_id: str, route: str | None, client_address: str | None) -> None:
-    """Start the audit context of a request (the middleware, once per request)."""
-    _CONTEXT.set(AuditContext(request_id, route, client_address))
-
-
-def note_caller(principal: Principal) -> None:
-    """The request's caller, once authenticated (for a refusal's record)."""
-    context = _CONTEXT.get()
-    if context is not _NO_CONTEXT:
-        context.principal = principal
-
-
-def note_policy(name: str) -> None:
-    """The policy the request names (for a refusal's record)."""
-    context = _CONTEXT.get()
-    if context is not _NO_CONTEXT:
-        context.policy = name
 
 
 class Auditor:
@@ -146,7 +119,7 @@ class Auditor:
     ) -> None:
         """Record one issuance: what ``principal`` got under ``scope`` from ``token``."""
         line = self._render.line(
-            _CONTEXT.get(),
+            request_context.current(),
             event,
             self._now(),
             principal,
@@ -162,7 +135,7 @@ class Auditor:
 
     def refused(self, err: BrokerError) -> None:
         """Record a refusal for authorization reasons (401/403) of the current request."""
-        context = _CONTEXT.get()
+        context = request_context.current()
         record = who(context, "refusal", "request_refused", self._now())
         record.update(status=err.status, error_code=err.code, reason=err.message)
         self._hand(render_line(record), "request_refused", None)

@@ -33,25 +33,15 @@ import orjson
 from broker.logs import may_hold_named_secret, scrub_named
 from broker.models import Credentials, Principal
 from broker.ram import RamGrant
+from broker.request_context import RequestContext
 from broker.scopes import Scope
 
-__all__ = ["AuditContext", "IssuanceRenderer", "issuance_record", "render_line", "who"]
+__all__ = ["IssuanceRenderer", "issuance_record", "render_line", "who"]
 
 _HEAD = ("time", "type", "event", "request_id", "route", "client_address")
 _TAIL = ("access_key_id", "expiration", "expires_in", "cache", "sts_request_id")
 _MAX_MEMO = 4096
 _CALLER_KEY = b'{"caller":'
-
-
-@dataclass(slots=True)
-class AuditContext:
-    """Who is asking, from where, through which route: filled in as one request is handled."""
-
-    request_id: str | None = None
-    route: str | None = None
-    client_address: str | None = None
-    principal: Principal | None = None
-    policy: str | None = None
 
 
 def render_line(record: Mapping[str, Any]) -> bytes:
@@ -70,7 +60,7 @@ def render_line(record: Mapping[str, Any]) -> bytes:
     return (text + "\n").encode()
 
 
-def who(context: AuditContext, kind: str, event: str, now: str) -> dict[str, Any]:
+def who(context: RequestContext, kind: str, event: str, now: str) -> dict[str, Any]:
     """The fields every record has: when, which request, who asked and from where."""
     principal = context.principal
     return {
@@ -87,7 +77,7 @@ def who(context: AuditContext, kind: str, event: str, now: str) -> dict[str, Any
 
 
 def issuance_record(
-    context: AuditContext, event: str, principal: Principal, scope: Scope, now: str
+    context: RequestContext, event: str, principal: Principal, scope: Scope, now: str
 ) -> dict[str, Any]:
     """Who got what: the scope as handed out (narrowed, if the request asked for less)."""
     record = who(context, "issuance", event, now)
@@ -140,7 +130,7 @@ class _Middle:
     """Whether a value it stands for may hold a named secret (then: the general path)."""
 
 
-_Args = tuple[AuditContext, str, str, Principal, Scope, Credentials, tuple[str, int, str]]
+_Args = tuple[RequestContext, str, str, Principal, Scope, Credentials, tuple[str, int, str]]
 """``IssuanceRenderer.line``'s arguments but the detail."""
 _Key = tuple[int, str, str, str, str | None, str, str, str, str | None]
 """scope id, caller, auth method; event, route, expiration, cache, AccessKeyId, STS RequestId."""
@@ -181,7 +171,7 @@ class IssuanceRenderer:
 
     def line(
         self,
-        context: AuditContext,
+        context: RequestContext,
         event: str,
         now: str,
         principal: Principal,
@@ -225,7 +215,7 @@ class IssuanceRenderer:
 
     def _middle_of(
         self,
-        context: AuditContext,
+        context: RequestContext,
         event: str,
         principal: Principal,
         scope: Scope,
@@ -281,7 +271,7 @@ def _with_detail(args: _Args, detail: Mapping[str, object], caller: orjson.Fragm
 
 
 def _general(
-    context: AuditContext,
+    context: RequestContext,
     event: str,
     now: str,
     principal: Principal,

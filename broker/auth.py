@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from broker import audit
+from broker import request_context
 from broker.config import ApiKeyAllowSettings, RevokedSettings, Settings, api_key_hashes
 from broker.errors import AuthenticationFailed, ConfigError, RequestInvalid
 from broker.models import Allowance, Principal
@@ -40,8 +40,6 @@ log = structlog.get_logger("broker.auth")
 
 _CONFIGURED_CALLERS = frozenset({"api_key", "mtls"})
 _MAX_SESSION_NAME = 64
-
-log = structlog.get_logger("broker.auth")
 
 __all__ = [
     "ApiKeyAuthenticator",
@@ -311,7 +309,7 @@ class Authenticator:
             log.warning(
                 "caller_revoked", caller=principal.subject, auth_method=principal.auth_method
             )
-            audit.note_caller(principal)  # the refusal's audit record names who was refused
+            request_context.note_caller(principal)  # the refusal's audit record names who
             raise AuthenticationFailed()
         return principal
 

@@ -30,8 +30,10 @@ from typing import Any
 
 import structlog
 
+from broker import request_context
 from broker.logs import (
     STAMPER,
+    HotRoute,
     hot_route,
     is_secret_name,
     redact_secrets,
@@ -46,9 +48,11 @@ _fallback = structlog.get_logger("broker.hot_log")
 
 
 def _structlog_context() -> Callable[[], dict[str, Any]]:
-    """What structlog's ``merge_contextvars`` would add: the bound context of this task.
+    """What structlog's ``merge_contextvars`` would add: the context bound with structlog.
 
-    structlog keeps one ``ContextVar`` per bound key in ``_CONTEXT_VARS``
+    Requests bind nothing there (their id, caller and policy are in
+    ``broker.request_context``); a worker binds its index once.  structlog
+    keeps one ``ContextVar`` per bound key in ``_CONTEXT_VARS``
     (.venv/lib/python3.11/site-packages/structlog/contextvars.py): reading
     those few is much cheaper than ``merge_contextvars``' walk over every
     variable of the context.  Without it, the public ``get_contextvars``.
@@ -59,9 +63,11 @@ def _structlog_context() -> Callable[[], dict[str, Any]]:
     if variables is None:
         return structlog.contextvars.get_contextvars
 
-    skip = len(structlog.contextvars.STRUCTLOG_KEY_PREFIX)  # "structlog_request_id"
+    skip = len(structlog.contextvars.STRUCTLOG_KEY_PREFIX)  # "structlog_worker"
 
     def bound() -> dict[str, Any]:
+        if not variables:
+            return _NOTHING
         # list(): one step under the GIL, should another thread bind a new key meanwhile
         values = {name: var.get(Ellipsis) for name, var in list(variables.items())}
         return {name[skip:]: value for name, value in values.items() if value is not Ellipsis}
@@ -69,28 +75,123 @@ def _structlog_context() -> Callable[[], dict[str, Any]]:
     return bound
 
 
+_NOTHING: dict[str, Any] = {}
 _bound_context = _structlog_context()
 
 
-def emit(event: str, fields: dict[str, Any]) -> None:
-    """Write the ``info`` line ``event`` with ``fields`` (the dict is taken over, not copied)."""
+def emit(event: str, fields: dict[str, Any], varying: dict[str, Any] | None = None) -> None:
+    """Write the ``info`` line ``event`` with ``fields`` (the dict is taken over, not copied).
+
+    ``varying``: fields that change from line to line (numbers, booleans,
+    ``None``), written after the others; ``fields`` are then those that repeat
+    (each name keeping one type of value), whose rendering is kept (``_prefix``)
+    with the request's caller and policy; the request id and the time follow.
+    """
     route = hot_route()
     if route is None or "exc_info" in fields:
-        _fallback.info(event, **fields)
+        _fallback.info(event, **fields, **(varying or {}))
         return
     if not route.info_enabled:
         return
+    context = request_context.current()
+    bound = _bound_context()
+    if varying is not None and "request_id" not in fields and _plain_values(varying):
+        principal = context.principal
+        key = (
+            event,
+            tuple(fields.items()),
+            principal.subject if principal is not None else None,
+            context.policy,
+            tuple(bound.items()) if bound else None,
+        )
+        try:
+            prefix = _PREFIXES.get(key)
+        except TypeError:  # a value that is a list or a dict: no template
+            prefix = ""
+        if prefix is None:
+            prefix = _prefix(key, event, fields, bound, context)
+        if prefix:
+            varying_json = render_json(varying)[1:-1] if varying else ""
+            request_id = context.log_request_id
+            ident = f',"request_id":"{request_id}"' if request_id is not None else ""
+            route.write(f'{prefix}{varying_json}{ident},"timestamp":"{STAMPER.now()}"}}')
+            return
+    if varying is not None:
+        fields.update(varying)
+    _emit_fields(route, event, fields, bound, context)
+
+
+def _emit_fields(
+    route: HotRoute,
+    event: str,
+    fields: dict[str, Any],
+    bound: dict[str, Any],
+    context: request_context.RequestContext,
+) -> None:
+    """One line of ``fields`` with event, context, level and time, as structlog's chain has it."""
     fields["event"] = event
-    for name, value in _bound_context().items():  # merge_contextvars: fields win
-        fields.setdefault(name, value)
+    _merge_context(fields, bound, context)
     fields["level"] = "info"
     if _plain_keys(tuple(fields)) and _scrub_values(fields):
+        if context.request_id is not None:  # scrubbed once, when the request began
+            fields.setdefault("request_id", context.log_request_id)
         fields["timestamp"] = STAMPER.now()  # ours, and never a secret's shape
         route.write(render_json(fields))  # every value scrubbed on its own: same guarantees
         return
+    if context.request_id is not None:
+        fields.setdefault("request_id", context.request_id)
     fields["timestamp"] = STAMPER.now()
     redact_secrets(None, "info", fields)
     route.write(scrub_text(render_json(fields)))
+
+
+def _merge_context(
+    fields: dict[str, Any], bound: dict[str, Any], context: request_context.RequestContext
+) -> None:
+    """structlog's bound context, then the request's caller and policy: a line's fields win."""
+    for name, value in bound.items():
+        fields.setdefault(name, value)
+    if context.principal is not None:
+        fields.setdefault("caller", context.principal.subject)
+    if context.policy is not None:
+        fields.setdefault("policy", context.policy)
+
+
+def _prefix(
+    key: _PrefixKey,
+    event: str,
+    fields: dict[str, Any],
+    bound: dict[str, Any],
+    context: request_context.RequestContext,
+) -> str:
+    """The repeating part of a line, rendered and scrubbed: ``{...,"level":"info",`` (or ``""``).
+
+    ``""`` when it has a key that must be redacted or a value that is no
+    scalar: such a line takes the general way every time.
+    """
+    line = dict(fields)
+    line["event"] = event
+    _merge_context(line, bound, context)
+    line["level"] = "info"
+    prefix = ""
+    if _plain_keys(tuple(line)) and _scrub_values(line):
+        prefix = render_json(line)[:-1] + ","
+    if len(_PREFIXES) >= _MAX_PREFIXES:
+        _PREFIXES.clear()
+    _PREFIXES[key] = prefix
+    return prefix
+
+
+_PrefixKey = tuple[str, tuple[tuple[str, Any], ...], str | None, str | None, object]
+_PREFIXES: dict[_PrefixKey, str] = {}
+"""Rendered, scrubbed beginnings of lines, by their fields and context: no secret is kept
+that the lines would not show (their values are scrubbed before they are rendered)."""
+_MAX_PREFIXES = 4096
+
+
+def _plain_values(varying: dict[str, Any]) -> bool:
+    """Whether every varying value is a scalar that is not a string (nothing to scrub)."""
+    return all(type(value) in _SCALARS for value in varying.values())
 
 
 @functools.lru_cache(maxsize=256)

@@ -41,6 +41,7 @@ from broker.log_writer import (
     SinkHandler,
     install_sink,
 )
+from broker.request_context import merge_request_context
 
 __all__ = [
     "REDACTED",
@@ -292,6 +293,7 @@ STAMPER = IsoTimeStamper()
 
 _SHARED: list[Any] = [
     structlog.contextvars.merge_contextvars,
+    merge_request_context,  # request_id, caller, policy (broker.request_context)
     structlog.processors.add_log_level,
     STAMPER,
 ]

@@ -65,7 +65,8 @@ class _CallerBuckets:
     def take(self, caller: str) -> float:
         """Take one token from ``caller``'s bucket: 0.0, or the seconds until one is due."""
         wait = self._bucket(caller).take()
-        self._drop_idle()
+        if len(self._buckets) > 1:  # alone, the bucket just used is never dropped
+            self._drop_idle()
         return wait
 
     def refund(self, caller: str) -> None:
@@ -78,8 +79,9 @@ class _CallerBuckets:
         bucket = self._buckets.get(caller)
         if bucket is None:
             bucket = TokenBucket(self.rate, self.burst, self._clock)
-            self._buckets[caller] = bucket
-        self._buckets.move_to_end(caller)
+            self._buckets[caller] = bucket  # added last: already the most recent
+        else:
+            self._buckets.move_to_end(caller)
         return bucket
 
     def _drop_idle(self) -> None:

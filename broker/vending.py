@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from broker import audit, hot_log, signing
+from broker import audit, hot_log, request_context, signing
 from broker.auth import quota_key
 from broker.credential_requests import assume_request, cache_key
 from broker.credentials.cache import CacheResult
@@ -136,8 +136,7 @@ def usable_scope(policies: PolicySet, principal: Principal, name: str) -> Scope:
     """
     if not POLICY_NAME.fullmatch(name):
         raise RequestInvalid(POLICY_NAME_RULE)
-    structlog.contextvars.bind_contextvars(policy=name)
-    audit.note_policy(name)
+    request_context.note_policy(name)
     allow = principal.allow
     if allow is not None and allow.policies is not None and name not in allow.policies:
         names = ", ".join(sorted(allow.policies))
@@ -328,6 +327,7 @@ async def _credentials(
         min_ttl_seconds=min_ttl,
         min_ttl_is_preference=min_ttl_is_preference,
         charge=services.sts_quota.charge(quota_key(principal)),
+        key=key,
     )
     if result.source == "stale":
         services.metrics.stale_served.inc()
@@ -431,10 +431,10 @@ def _log_issued(issued: IssuedCredentials) -> None:
         "policy_digest": scope.digest[:16],
         "access_key_id": creds.access_key_id,
         "expiration": creds.expiration_iso(),
-        "expires_in": issued.expires_in,
         "cache": issued.cache,
     }
-    hot_log.emit("credentials_issued", fields)  # structlog's chain, minus its generic cost
+    varying = {"expires_in": issued.expires_in}
+    hot_log.emit("credentials_issued", fields, varying)  # structlog's chain, minus its cost
 
 
 def _log_signed(event: str, signer: _Signer, **what: str) -> None:

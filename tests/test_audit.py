@@ -24,7 +24,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import audit
+from broker import audit, request_context
 from broker.audit import check_sink, open_auditor
 from broker.auth import hash_api_key
 from broker.cli import main
@@ -457,8 +457,8 @@ async def test_scrub_runs_over_every_line(tmp_path: Path, clock: FakeClock) -> N
     sink = tmp_path / "audit.jsonl"
     clock.now = 1_700_000_000.25
     auditor = open_auditor(AuditSettings(sink=str(sink)), Metrics(), clock)
-    audit.begin_request("req-12345678", "credentials", "127.0.0.1")
-    audit.note_caller(Principal("alice"))
+    request_context.begin("req-12345678", "credentials", "127.0.0.1")
+    request_context.note_caller(Principal("alice"))
     auditor.refused(AccessDenied("denied for access_token=canary-fragment-1234 and Bearer abc.def"))
     await auditor.close()
     (record,) = [json.loads(line) for line in sink.read_text().splitlines()]
@@ -634,12 +634,12 @@ def test_reopen_follows_a_rotated_file(tmp_path: Path, clock: FakeClock) -> None
     auditor = open_auditor(AuditSettings(sink=str(sink)), Metrics(), clock)
 
     async def scenario() -> None:
-        audit.begin_request("req-before-1", "credentials", "127.0.0.1")
+        request_context.begin("req-before-1", "credentials", "127.0.0.1")
         auditor.refused(AccessDenied(policy="reports-read"))
         await auditor.flushed()
         sink.rename(tmp_path / "audit.jsonl.1")
         auditor.reopen()
-        audit.begin_request("req-after-01", "credentials", "127.0.0.1")
+        request_context.begin("req-after-01", "credentials", "127.0.0.1")
         auditor.refused(AccessDenied(policy="reports-read"))
         await auditor.close()
 
@@ -732,7 +732,7 @@ def test_best_effort_records_are_gathered_then_handed_over_together(
 
     async def scenario() -> tuple[int, int]:
         for index in range(3):
-            audit.begin_request(f"req-gather-{index}", "credentials", "127.0.0.1")
+            request_context.begin(f"req-gather-{index}", "credentials", "127.0.0.1")
             auditor.refused(AccessDenied(policy="reports-read"))
         written_early = len(auditor._pending)  # gathered, not yet handed to the writer
         await auditor.flushed()

@@ -12,11 +12,12 @@ import orjson
 import pytest
 
 from broker import audit_render
-from broker.audit_render import AuditContext, IssuanceRenderer, render_line, who
+from broker.audit_render import IssuanceRenderer, render_line, who
 from broker.logs import REDACTED, scrub_named
 from broker.models import Credentials, Principal
 from broker.policies import load_policies
 from broker.ram import RamGrant
+from broker.request_context import RequestContext
 from broker.scopes import Scope
 from tests.conftest import POLICIES_DIR
 
@@ -140,8 +141,8 @@ def _cases() -> dict[str, tuple[Any, ...]]:
     keyed_multi = dataclasses.replace(multi, grants=(key_bound, *multi.grants))
     post = {"clamped": True, "key_prefix": "avatars/alice/"}
     secret_grant = RamGrant("examplebucket", f"{CANARY}/", ("get",))
-    context = AuditContext("5f0c3b8e-6a55-4b1c", "credentials", "10.1.2.3", None, "x")
-    presign = AuditContext("req-presign-1", "presign", "::1")
+    context = RequestContext("5f0c3b8e-6a55-4b1c", "credentials", "10.1.2.3", None, "x")
+    presign = RequestContext("req-presign-1", "presign", "::1")
     url = {"clamped": False, "operation": "PutObject", "key": "avatars/alice/é ☃.png"}
 
     def hit(**changes: Any) -> tuple[Any, ...]:
@@ -164,7 +165,7 @@ def _cases() -> dict[str, tuple[Any, ...]]:
         tail = ("2026-11-21T04:10:00Z", 600, "miss")
         return hit(**{**base, "tail": tail, "detail": url, **changes})
 
-    def request(**changes: Any) -> AuditContext:
+    def request(**changes: Any) -> RequestContext:
         return dataclasses.replace(context, **changes)
 
     return {
@@ -175,7 +176,7 @@ def _cases() -> dict[str, tuple[Any, ...]]:
         "several, key-bound first": hit(scope=keyed_multi),
         "jwt caller, oidc": hit(principal=ALICE, scope=oidc),
         "no sts request id": hit(token=_token(None)),
-        "no request context": hit(context=AuditContext()),
+        "no request context": hit(context=RequestContext()),
         "presigned url": signed(),
         "presign, key-bound grant": signed(principal=SERVICE, scope=narrowed),
         "post policy": signed(event="post_policy_signed", detail=post),
@@ -222,8 +223,8 @@ def test_a_named_secret_in_any_value_is_scrubbed_as_before(name: str) -> None:
 
 def test_refusal_records_render_as_before() -> None:
     """A refusal record (who + status, code, reason with a secret) has the former bytes."""
-    context = AuditContext("req-refused-1", "credentials", "127.0.0.1", ALICE, "avatar-upload")
-    for kind_context in (context, AuditContext()):
+    context = RequestContext("req-refused-1", "credentials", "127.0.0.1", ALICE, "avatar-upload")
+    for kind_context in (context, RequestContext()):
         record = who(kind_context, "refusal", "request_refused", NOW)
         record.update(status=403, error_code="AccessDenied", reason=f"denied for {CANARY}")
         expected = reference_who(kind_context, "refusal", "request_refused", NOW)

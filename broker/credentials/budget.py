@@ -140,10 +140,11 @@ class TokenBucket:
         """Take ``cost`` tokens: 0.0 if allowed, else seconds until they are available."""
         if cost > self.burst:
             raise ValueError(f"cost {cost} exceeds the bucket's burst {self.burst}")
-        wait = self.delay(cost)
-        if wait == 0.0:
+        self._refill()
+        if self._tokens >= cost:
             self._tokens -= cost
-        return wait
+            return 0.0
+        return (cost - self._tokens) / self.rate
 
     def reserve(self, cost: float = 1.0) -> float:
         """Take ``cost`` tokens now, into debt if need be; returns the wait until they are due."""

@@ -41,7 +41,7 @@ import contextlib
 import hashlib
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import structlog
@@ -95,6 +95,33 @@ class CacheKey:
     effective_lifetime_seconds: int | None = None
     federation: str | None = None
     """Who the credentials belong to when they come from the caller's own token."""
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        # Hashed once: every lookup hashes its key (three times, in the TLRU cache).
+        object.__setattr__(self, "_hash", hash(self.parts()))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(other) is not CacheKey:
+            return NotImplemented
+        return self._hash == other._hash and self.parts() == other.parts()
+
+    def parts(self) -> tuple[object, ...]:
+        """The fields that determine the credentials, in order (what the shared store digests)."""
+        return (
+            self.role_arn,
+            self.policy_digest,
+            self.duration_seconds,
+            self.external_id,
+            self.role_session_name,
+            self.effective_lifetime_seconds,
+            self.federation,
+        )
 
     @classmethod
     def for_request(cls, request: AssumeRoleRequest) -> CacheKey:
@@ -213,6 +240,7 @@ class CredentialCache:
         min_ttl_seconds: float = 0.0,
         min_ttl_is_preference: bool = False,
         charge: Charge | None = None,
+        key: CacheKey | None = None,
     ) -> CacheResult:
         """Credentials for ``request`` with at least ``min_ttl_seconds`` of validity left.
 
@@ -220,8 +248,10 @@ class CredentialCache:
         validity falls back to the cached entry (still inside its serving
         window) instead of raising: the caller clamps to what it has.
         ``charge`` pays for a fetch this request starts (none for a hit).
+        ``key``: ``CacheKey.for_request(request)``, if the caller has it (the
+        hot path's own object: its later lookups then find the entry by identity).
         """
-        key = CacheKey.for_request(request)
+        key = key if key is not None else CacheKey.for_request(request)
         now = self._clock()
         entry = self._entries.lookup(key)  # None once its serving window has ended
         if entry is None:

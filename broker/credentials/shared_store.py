@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import json
 import secrets
@@ -210,7 +209,7 @@ class SharedCredentialStore:
         return found
 
     def _slot(self, request: AssumeRoleRequest) -> _Slot:
-        fields = dataclasses.astuple(CacheKey.for_request(request))
+        fields = CacheKey.for_request(request).parts()
         digest = hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
         return _Slot(
             digest,

@@ -8,9 +8,10 @@ from aiohttp import web
 
 from broker.admin import admin_channel
 from broker.http import routes
+from broker.http.admissions import Admissions
 from broker.http.connections import BrokerRunner, runner_options, ssl_context
 from broker.http.cors import cors_middleware
-from broker.http.keys import REPLIES, SERVICES
+from broker.http.keys import ADMISSIONS, REPLIES, SERVICES
 from broker.http.middleware import request_context
 from broker.http.replies import CredentialReplies
 from broker.services import Services
@@ -36,6 +37,7 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
     )
     app[SERVICES] = services
     app[REPLIES] = CredentialReplies()
+    app[ADMISSIONS] = Admissions()
     app.router.add_get("/v1/credentials/{policy}", routes.get_credentials, name="credentials")
     app.router.add_post("/v1/presign", routes.create_presigned_url, name="presign")
     app.router.add_post("/v1/post-policy", routes.create_post_policy, name="post_policy")

@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -28,6 +29,8 @@ from broker.errors import (
 )
 from broker.http.cors import CorsRejected, is_preflight
 from broker.http.keys import SERVICES
+from broker.logs import scrub_text
+from broker.request_context import begin as begin_request
 
 __all__ = [
     "CLIENT_CLOSED_REQUEST",
@@ -102,62 +105,60 @@ def _as_broker_error(request: web.Request, exc: web.HTTPException) -> BrokerErro
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Assign a request id, turn every error into JSON, log one line per request."""
-    incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if names.REQUEST_ID.fullmatch(incoming) else new_request_id()
-    request[REQUEST_ID] = request_id
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    audit.begin_request(request_id, request.match_info.route.name, request.remote)
-    started = time.perf_counter()
-    deadline = _body_deadline(request)
-    try:
-        outcome = await _handle(request, handler)
-    except _ClientGone as gone:
-        _finish(request, gone.status, gone.code, time.perf_counter() - started)
-        return web.Response(status=gone.status)  # never delivered: the client has left
-    finally:
-        if deadline is not None:
-            deadline.cancel()
-    error = outcome if isinstance(outcome, BrokerError) else None
-    if error is not None and error.status in audit.REFUSAL_STATUSES:
-        request.app[SERVICES].audit.refused(error)
-    response: web.StreamResponse
-    if isinstance(outcome, BrokerError):
-        response = _reply_error(request, outcome, request_id)
+    incoming = request.headers.get("X-Request-Id")
+    if incoming is not None and names.REQUEST_ID.fullmatch(incoming):
+        request_id, log_id = incoming, scrub_text(incoming)  # the client's: it might be anything
     else:
-        response = outcome
-        response.headers["X-Request-Id"] = request_id
-    _finish(request, response.status, error.code if error else None, time.perf_counter() - started)
-    return response
-
-
-class _ClientGone(Exception):
-    """The client closed the connection before its request was read: its failure, not ours."""
-
-    def __init__(self, status: int, code: str) -> None:
-        super().__init__(code)
-        self.status = status
-        self.code = code
-
-
-async def _handle(request: web.Request, handler: Handler) -> web.StreamResponse | BrokerError:
-    """The handler's response, or the error to answer with; ``_ClientGone`` if nobody is left."""
+        request_id = log_id = new_request_id()  # lower-case hex: never a secret's shape
+    request[REQUEST_ID] = request_id
+    route = request.match_info.route.name
+    begin_request(request_id, route, request.remote, log_id)
+    started = time.perf_counter()
+    deadline = _body_deadline(request) if request.body_exists else None
     try:
-        return await handler(request)
+        outcome: web.StreamResponse | BrokerError = await handler(request)
     except BrokerError as err:
-        return err
+        outcome = err
     except web.HTTPException as exc:
-        return _as_broker_error(request, exc)
+        outcome = _as_broker_error(request, exc)
     except ConnectionError:
         if not _client_gone(request):
             log.exception("request_crashed")
-            return BrokerError()
-        if request.get(_BODY_TIMED_OUT):
-            raise _ClientGone(408, "RequestTimeout") from None
-        raise _ClientGone(CLIENT_CLOSED_REQUEST, "ClientDisconnected") from None
+            outcome = BrokerError()
+        else:
+            gone = _gone(request)
+            _finish(request, route, gone.status, gone.code, time.perf_counter() - started)
+            return web.Response(status=gone.status)  # never delivered: the client has left
     except Exception:
         log.exception("request_crashed")
-        return BrokerError()
+        outcome = BrokerError()
+    finally:
+        if deadline is not None:
+            deadline.cancel()
+    if isinstance(outcome, BrokerError):
+        if outcome.status in audit.REFUSAL_STATUSES:
+            request.app[SERVICES].audit.refused(outcome)
+        response: web.StreamResponse = _reply_error(request, outcome, request_id)
+        _finish(request, route, response.status, outcome.code, time.perf_counter() - started)
+        return response
+    outcome.headers["X-Request-Id"] = request_id
+    _finish(request, route, outcome.status, None, time.perf_counter() - started)
+    return outcome
+
+
+@dataclass(frozen=True, slots=True)
+class _ClientGone:
+    """The client closed the connection before its request was read: its failure, not ours."""
+
+    status: int
+    code: str
+
+
+def _gone(request: web.Request) -> _ClientGone:
+    """How a request whose client left is counted: 408 if its body timed out, else 499."""
+    if request.get(_BODY_TIMED_OUT):
+        return _ClientGone(408, "RequestTimeout")
+    return _ClientGone(CLIENT_CLOSED_REQUEST, "ClientDisconnected")
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -167,7 +168,7 @@ def _client_gone(request: web.Request) -> bool:
 
 def _body_deadline(request: web.Request) -> asyncio.TimerHandle | None:
     """Close the connection if the body has not all arrived within ``body_timeout_seconds``."""
-    if not request.body_exists or request.content.is_eof():
+    if request.content.is_eof():  # the caller checked ``body_exists``
         return None
     if _client_gone(request):  # left before its handler ran: aiohttp never fails the body then
         request.content.set_exception(ConnectionResetError("the client has left"))
@@ -188,18 +189,19 @@ def _body_timed_out(request: web.Request) -> None:
     request.content.set_exception(ConnectionResetError("the request body timed out"))
 
 
-def _finish(request: web.Request, status: int, error_code: str | None, elapsed: float) -> None:
+def _finish(
+    request: web.Request, route: str | None, status: int, error_code: str | None, elapsed: float
+) -> None:
     """Count the request in the metrics and write its one ``request_finished`` line."""
-    route = request.match_info.route.name or "unmatched"
-    request.app[SERVICES].metrics.request_finished(route, status, elapsed)
+    request.app[SERVICES].metrics.request_finished(route or "unmatched", status, elapsed)
     fields = {
         "method": request.method,
         "path": request.path,  # never the query: it may carry access_token
         "status": status,
-        "duration_ms": round(elapsed * 1000, 3),
         "error_code": error_code,
     }
-    hot_log.emit("request_finished", fields)  # structlog's chain, minus its generic cost
+    varying = {"duration_ms": round(elapsed * 1000, 3)}
+    hot_log.emit("request_finished", fields, varying)  # structlog's chain, minus its cost
 
 
 def _reply_error(request: web.Request, err: BrokerError, request_id: str) -> web.Response:

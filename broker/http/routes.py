@@ -7,16 +7,15 @@ import json
 from typing import Any, TypeVar
 
 import pydantic
-import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import MultiDict, MultiDictProxy, MultiMapping
 
-from broker import audit, vending
+from broker import request_context, vending
 from broker.auth import extract_token, quota_key
 from broker.errors import AccessDenied, RequestInvalid
 from broker.http.client_address import client_address
-from broker.http.keys import REPLIES, SERVICES
+from broker.http.keys import ADMISSIONS, REPLIES, SERVICES
 from broker.http.middleware import REQUEST_ID
 from broker.http.openapi import openapi_document
 from broker.http.replies import json_response as _json
@@ -51,19 +50,34 @@ _ROUTE_TITLES = {
 
 
 async def _authenticate(request: web.Request, services: Services) -> Principal:
-    principal = None
     query = _query(request)
-    if "Authorization" not in request.headers and "access_token" not in query:
+    headers = request.headers.getall("Authorization", ())
+    admissions = request.app[ADMISSIONS]
+    remembered = None
+    if len(headers) == 1 and not query:  # an API key seen before from here: decided once
+        remembered, principal, quota = admissions.admitted(request, services, headers[0])
+        if principal is not None:
+            return _admit(request, services, principal, quota)
+    principal = None
+    if not headers and "access_token" not in query:
         peercert = request.transport.get_extra_info("peercert") if request.transport else None
         principal = services.authenticator.authenticate_certificate(peercert)
     if principal is None:
-        token = extract_token(request.headers.getall("Authorization", []), query)
+        token = extract_token(headers, query)
         principal = await services.authenticator.authenticate(token)
     principal = _with_source_ip(request, services, principal)
-    structlog.contextvars.bind_contextvars(caller=principal.subject)
-    audit.note_caller(principal)
+    quota = quota_key(principal)
+    _admit(request, services, principal, quota)
+    if remembered is not None:
+        admissions.keep(remembered, services, principal, quota)
+    return principal
+
+
+def _admit(request: web.Request, services: Services, principal: Principal, quota: str) -> Principal:
+    """The caller, authenticated: noted (log, audit), its route allowed, its quota counted."""
+    request_context.note_caller(principal)
     _check_route(request, principal)
-    services.quotas.check(quota_key(principal))
+    services.quotas.check(quota)
     return principal
 
 
@@ -107,8 +121,10 @@ _NO_QUERY: MultiMapping[str] = MultiDictProxy(MultiDict())
 def _check_route(request: web.Request, principal: Principal) -> None:
     """A restricted API key may call only the routes its ``allow.routes`` lists."""
     allow = principal.allow
+    if allow is None or allow.routes is None:
+        return
     route = request.match_info.route.name or ""
-    if allow is not None and allow.routes is not None and route not in allow.routes:
+    if route not in allow.routes:
         allowed = ", ".join(_ROUTE_TITLES[name] for name in sorted(allow.routes))
         raise AccessDenied(f"this API key may only be used for {allowed}")
 
