@@ -1,21 +1,28 @@
 """A caller's token under a scope: what it is cached as, and what STS is asked for it.
 
 The hot path looks a token up by ``cache_key`` alone; ``assume_request`` is
-built only when STS may be called.  ``CacheKey.for_request(assume_request(...))``
+built only when STS may be called.  A plain request (no ``min_ttl_seconds``,
+no narrowing) of a configured caller resolves the same way every time under
+one configuration: ``keep_target`` remembers its scope, endpoint and key, and
+``known_target`` gives them back while they hold.  ``CacheKey.for_request(assume_request(...))``
 equals ``cache_key(...)`` by construction: the request is made from the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
+from broker import request_context
 from broker.auth import role_session_name
 from broker.credentials.cache import CacheKey
 from broker.errors import AccessDenied, AuthenticationFailed, BrokerError
 from broker.models import AssumeRoleRequest, Principal
-from broker.policies import Policy, Scope
+from broker.policies import Policy, PolicySet, Scope
+from broker.services import Services
+from broker.signing import OssEndpoint
 
-__all__ = ["assume_request", "cache_key"]
+__all__ = ["Target", "assume_request", "cache_key", "keep_target", "known_target"]
 
 
 def cache_key(principal: Principal, scope: Scope, now: float, *, refresh_margin: int) -> CacheKey:
@@ -98,3 +105,56 @@ def _effective_lifetime(policy: Policy, margin: int) -> int | None:
             f"cache.refresh_margin_seconds ({margin})"
         )
     return lifetime
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a caller's plain request for a policy resolves to, under one configuration."""
+
+    principal: Principal
+    policies: PolicySet
+    settings: object
+    scope: Scope
+    endpoint: OssEndpoint
+    key: CacheKey
+    min_ttl: int
+
+
+_TARGETS: dict[tuple[int, str], Target] = {}
+"""Plain credential requests (no query) already resolved, by caller object and policy name.
+
+The caller object is the one ``broker.http.admissions`` hands out for an API
+key (JWT callers are new objects per request and are not kept); an entry
+holds while the policy set and settings are the very objects it was resolved
+under (both are swapped whole on reload).  Holds no secret; bounded."""
+_MAX_TARGETS = 4096
+
+
+def known_target(services: Services, principal: Principal, name: str) -> Target | None:
+    """How a plain request by ``principal`` for policy ``name`` resolved before, if it holds."""
+    found = _TARGETS.get((id(principal), name))
+    if (
+        found is None
+        or found.principal is not principal
+        or found.policies is not services.policies
+        or found.settings is not services.settings
+    ):
+        return None
+    request_context.note_policy(name)  # as usable_scope would
+    return found
+
+
+def keep_target(
+    services: Services, principal: Principal, name: str, scope: Scope, endpoint: OssEndpoint
+) -> None:
+    """Remember how a plain request resolved (not for JWT callers nor federated policies)."""
+    policy = scope.policy
+    if principal.auth_method == "jwt" or policy.federation == "oidc":
+        return
+    margin = services.settings.cache.refresh_margin_seconds
+    key = cache_key(principal, scope, services.clock(), refresh_margin=margin)
+    min_ttl = min(0, policy.token_lifetime_seconds - margin)
+    if len(_TARGETS) >= _MAX_TARGETS:
+        _TARGETS.clear()
+    target = Target(principal, services.policies, services.settings, scope, endpoint, key, min_ttl)
+    _TARGETS[(id(principal), name)] = target

@@ -28,6 +28,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import structlog
 
 from broker import request_context
@@ -95,7 +96,7 @@ def emit(event: str, fields: dict[str, Any], varying: dict[str, Any] | None = No
         return
     context = request_context.current()
     bound = _bound_context()
-    if varying is not None and "request_id" not in fields and _plain_values(varying):
+    if varying is not None and "request_id" not in fields and _plain(varying):
         principal = context.principal
         key = (
             event,
@@ -111,7 +112,7 @@ def emit(event: str, fields: dict[str, Any], varying: dict[str, Any] | None = No
         if prefix is None:
             prefix = _prefix(key, event, fields, bound, context)
         if prefix:
-            varying_json = render_json(varying)[1:-1] if varying else ""
+            varying_json = orjson.dumps(varying).decode()[1:-1] if varying else ""
             request_id = context.log_request_id
             ident = f',"request_id":"{request_id}"' if request_id is not None else ""
             route.write(f'{prefix}{varying_json}{ident},"timestamp":"{STAMPER.now()}"}}')
@@ -189,9 +190,9 @@ that the lines would not show (their values are scrubbed before they are rendere
 _MAX_PREFIXES = 4096
 
 
-def _plain_values(varying: dict[str, Any]) -> bool:
-    """Whether every varying value is a scalar that is not a string (nothing to scrub)."""
-    return all(type(value) in _SCALARS for value in varying.values())
+def _plain(varying: dict[str, Any]) -> bool:
+    """Whether every varying value is a number, a boolean or ``None`` (nothing to scrub)."""
+    return _SCALARS.issuperset(map(type, varying.values()))
 
 
 @functools.lru_cache(maxsize=256)

@@ -209,7 +209,7 @@ class LoopBatchedLogger:
 
     FLUSH_SECONDS = 0.01
     FLUSH_LINES = 512
-    FLUSH_BYTES = 16 * 1024
+    FLUSH_BYTES = 64 * 1024
 
     def __init__(self, sink: LogSink) -> None:
         self._sink = sink

@@ -323,12 +323,16 @@ def hot_route() -> HotRoute | None:
     if route is None:
         return None
     processors = route.processors
-    if (
-        structlog.get_config()["processors"] is not processors
-        or processors[-1] is not scrub_rendered
-    ):
+    if _configured_processors() is not processors or processors[-1] is not scrub_rendered:
         return None
     return route
+
+
+def _configured_processors() -> Any:
+    """``structlog.get_config()["processors"]``, without building the whole dict per line."""
+    config = getattr(structlog._config, "_CONFIG", None)  # structlog/_config.py
+    found = getattr(config, "default_processors", None)
+    return found if found is not None else structlog.get_config()["processors"]
 
 
 def configure_logging(

@@ -26,7 +26,7 @@ import structlog
 
 from broker import audit, hot_log, request_context, signing
 from broker.auth import quota_key
-from broker.credential_requests import assume_request, cache_key
+from broker.credential_requests import assume_request, cache_key, keep_target, known_target
 from broker.credentials.cache import CacheResult
 from broker.errors import (
     AccessDenied,
@@ -180,6 +180,13 @@ async def issue_credentials(
     is replaced.  ``narrowing``: the values of ``NARROWING_PARAMETERS`` sent;
     the token covers that part of the scope only (``broker.scopes.narrow``).
     """
+    plain = not min_ttl_seconds and not narrowing
+    target = known_target(services, principal, policy_name) if plain else None
+    if target is not None:  # decided before: only the cache is left to ask
+        now = services.clock()
+        hit = services.cache.fresh(target.key, target.min_ttl, now)
+        if hit is not None:
+            return await _hand_out(services, principal, target.scope, target.endpoint, hit, now)
     scope = _requested_scope(services.policies, principal, policy_name, narrowing or {})
     margin = services.settings.cache.refresh_margin_seconds
     min_ttl = _min_ttl(min_ttl_seconds, scope.policy.token_lifetime_seconds - margin)
@@ -187,11 +194,26 @@ async def issue_credentials(
     result = await _credentials(services, principal, scope, min_ttl, now=now)
     if result.source != "hit":
         now = services.clock()  # STS took time: ExpiresIn counts from now
+    endpoint = oss_endpoint(services.settings.oss, scope.policy)
+    if plain:
+        keep_target(services, principal, policy_name, scope, endpoint)
+    return await _hand_out(services, principal, scope, endpoint, result, now)
+
+
+async def _hand_out(
+    services: Services,
+    principal: Principal,
+    scope: Scope,
+    endpoint: OssEndpoint,
+    result: CacheResult,
+    now: float,
+) -> IssuedCredentials:
+    """The credentials as handed out at ``now``: audited, logged."""
     creds = result.credentials
     issued = IssuedCredentials(
         credentials=creds,
         scope=scope,
-        endpoint=oss_endpoint(services.settings.oss, scope.policy),
+        endpoint=endpoint,
         expires_in=int(creds.expires_at - now),
         cache=result.source,
         issued_at=now,

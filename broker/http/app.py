@@ -12,7 +12,7 @@ from broker.http.admissions import Admissions
 from broker.http.connections import BrokerRunner, runner_options, ssl_context
 from broker.http.cors import cors_middleware
 from broker.http.keys import ADMISSIONS, REPLIES, SERVICES
-from broker.http.middleware import request_context
+from broker.http.middleware import UNMATCHED_PATH, layered, request_context, unmatched
 from broker.http.replies import CredentialReplies
 from broker.services import Services
 
@@ -27,29 +27,33 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
     ``demo`` adds the dev-mode upload page at ``/demo`` (``sts-broker dev`` only),
     imported only then: ``serve`` never loads ``broker.dev``.
     """
-    # request_context is outermost: every error below it becomes JSON.  CORS runs
-    # only when origins are configured (without them a preflight is CorsRejected
-    # by request_context, at no cost to other requests).
+    # Every handler runs inside request_context (every error below it becomes JSON)
+    # and, only when origins are configured, CORS; without them a preflight is
+    # CorsRejected by request_context.  They wrap each handler (``layered``) rather
+    # than run as aiohttp middlewares, which would add aiohttp's own per request.
     origins = services.settings.cors.allow_origins
-    middlewares = [request_context, *([cors_middleware(origins)] if origins else [])]
-    app = web.Application(
-        middlewares=middlewares, client_max_size=services.settings.listen.max_body_bytes
-    )
+    wrap = layered([request_context, *([cors_middleware(origins)] if origins else [])])
+    app = web.Application(client_max_size=services.settings.listen.max_body_bytes)
     app[SERVICES] = services
     app[REPLIES] = CredentialReplies()
     app[ADMISSIONS] = Admissions()
-    app.router.add_get("/v1/credentials/{policy}", routes.get_credentials, name="credentials")
-    app.router.add_post("/v1/presign", routes.create_presigned_url, name="presign")
-    app.router.add_post("/v1/post-policy", routes.create_post_policy, name="post_policy")
-    app.router.add_get("/v1/policies", routes.list_policies, name="policies")
-    app.router.add_get("/healthz", routes.healthz, name="healthz")
-    app.router.add_get("/readyz", routes.readyz, name="readyz")
-    app.router.add_get("/metrics", routes.metrics, name="metrics")
-    app.router.add_get("/openapi.json", routes.openapi, name="openapi")
+    add_get, add_post = app.router.add_get, app.router.add_post
+    add_get("/v1/credentials/{policy}", wrap(routes.get_credentials), name="credentials")
+    add_post("/v1/presign", wrap(routes.create_presigned_url), name="presign")
+    add_post("/v1/post-policy", wrap(routes.create_post_policy), name="post_policy")
+    add_get("/v1/policies", wrap(routes.list_policies), name="policies")
+    add_get("/healthz", wrap(routes.healthz), name="healthz")
+    add_get("/readyz", wrap(routes.readyz), name="readyz")
+    add_get("/metrics", wrap(routes.metrics), name="metrics")
+    add_get("/openapi.json", wrap(routes.openapi), name="openapi")
     if demo:
         from broker.dev.demo import demo_routes
 
-        app.router.add_routes(demo_routes())
+        app.router.add_routes(
+            [web.RouteDef(r.method, r.path, wrap(r.handler), r.kwargs) for r in demo_routes()]
+        )
+    # Last: whatever no route above takes, answered 404 (or 405) in the same JSON shape.
+    app.router.add_route("*", UNMATCHED_PATH, wrap(unmatched))
     app.cleanup_ctx.append(_close_audit)
     app.cleanup_ctx.append(_close_cache)
     app.cleanup_ctx.append(_admin_channel)

@@ -9,15 +9,17 @@ gets the connection closed, counted as 408 (``RequestTimeout``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from broker import audit, hot_log, names
 from broker.errors import (
@@ -36,9 +38,12 @@ __all__ = [
     "CLIENT_CLOSED_REQUEST",
     "REQUEST_ID",
     "STS_COMPATIBLE_ROUTES",
+    "UNMATCHED_PATH",
     "error_response",
+    "layered",
     "new_request_id",
     "request_context",
+    "unmatched",
 ]
 
 log = structlog.get_logger("broker.http")
@@ -100,6 +105,33 @@ def _as_broker_error(request: web.Request, exc: web.HTTPException) -> BrokerErro
     if 400 <= exc.status < 500:
         return RequestInvalid("the request could not be processed")
     return BrokerError()
+
+
+def layered(layers: Sequence[Middleware]) -> Callable[[Handler], Handler]:
+    """Wrap a handler in ``layers``, the first outermost, as aiohttp applies middlewares."""
+
+    def wrap(handler: Handler) -> Handler:
+        for layer in reversed(layers):
+            handler = functools.partial(layer, handler=handler)
+        return handler
+
+    return wrap
+
+
+UNMATCHED_PATH = "/{unmatched_path:.*}"
+"""The catch-all route, added last: every request no other route takes."""
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """404, or 405 with ``Allow`` when another route has the path (as aiohttp's router says)."""
+    allowed: set[str] = set()
+    catch_all = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not catch_all:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 @web.middleware

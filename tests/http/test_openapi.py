@@ -55,7 +55,7 @@ def _router_operations(app: Any) -> set[tuple[str, str]]:
     return {
         (route.method, route.resource.canonical)
         for route in app.router.routes()
-        if route.method != "HEAD"
+        if route.method not in ("HEAD", "*")  # "*": the catch-all answering 404/405
     }
 
 
