@@ -396,3 +396,17 @@ def test_a_secret_named_field_with_varying_is_redacted(
     assert cold["access_token"] == REDACTED
     assert (cold["status"], cold["duration_ms"]) == (200, 1.0)
     assert "opaque-but-secret" not in "".join(prefixes.values())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="emit(event, fields, {}) takes the prefix path with nothing to write after the "
+    'prefix\'s trailing comma: \'..."level":"info",,"timestamp":...\' is not JSON',
+)
+def test_an_empty_varying_writes_the_chains_line(
+    stream: io.StringIO, prefixes: dict[Any, str]
+) -> None:
+    """emit with varying={} writes a JSON line equal to the chain's (as varying=None does)."""
+    _chain_and_emit(_repeating(), {})
+    chain, cold, warm = (_timeless(line) for line in _lines(stream))
+    assert cold == warm == chain
