@@ -87,6 +87,8 @@ def emit(event: str, fields: dict[str, Any], varying: dict[str, Any] | None = No
     ``None``), written after the others; ``fields`` are then those that repeat
     (each name keeping one type of value), whose rendering is kept (``_prefix``)
     with the request's caller and policy; the request id and the time follow.
+    ``varying`` names none of ``fields`` nor ``event``, ``level``, ``request_id``,
+    ``timestamp``.  An empty ``varying`` is as ``None``.
     """
     route = hot_route()
     if route is None or "exc_info" in fields:
@@ -96,7 +98,7 @@ def emit(event: str, fields: dict[str, Any], varying: dict[str, Any] | None = No
         return
     context = request_context.current()
     bound = _bound_context()
-    if varying is not None and "request_id" not in fields and _plain(varying):
+    if varying and "request_id" not in fields and _plain(varying):
         principal = context.principal
         key = (
             event,
@@ -112,8 +114,8 @@ def emit(event: str, fields: dict[str, Any], varying: dict[str, Any] | None = No
         if prefix is None:
             prefix = _prefix(key, event, fields, bound, context)
         if prefix:
-            varying_json = orjson.dumps(varying).decode()[1:-1] if varying else ""
-            request_id = context.log_request_id
+            varying_json = orjson.dumps(varying).decode()[1:-1]
+            request_id = None if "request_id" in bound else context.log_request_id  # bound wins
             ident = f',"request_id":"{request_id}"' if request_id is not None else ""
             route.write(f'{prefix}{varying_json}{ident},"timestamp":"{STAMPER.now()}"}}')
             return
@@ -185,8 +187,9 @@ def _prefix(
 
 _PrefixKey = tuple[str, tuple[tuple[str, Any], ...], str | None, str | None, object]
 _PREFIXES: dict[_PrefixKey, str] = {}
-"""Rendered, scrubbed beginnings of lines, by their fields and context: no secret is kept
-that the lines would not show (their values are scrubbed before they are rendered)."""
+"""Rendered, scrubbed beginnings of lines, by their fields and context.  Keyed by the
+values as given (as ``_scrubbed`` is): a secret a client put in a path is held here,
+bounded, never written (the rendered prefix is scrubbed)."""
 _MAX_PREFIXES = 4096
 
 
