@@ -133,6 +133,30 @@ class Auditor:
         else:
             self._hand(line, event, None)
 
+    @property
+    def waits(self) -> bool:
+        """Whether an issuance waits for its record to be written (``audit.mode: required``)."""
+        return self._required
+
+    def handed(
+        self,
+        event: IssuanceEvent,
+        principal: Principal,
+        scope: Scope,
+        token: Credentials,
+        *,
+        cache: str,
+        expiration: str,
+        expires_in: int,
+    ) -> None:
+        """``issued`` without waiting, for ``best_effort`` (``waits`` False): the hot path's."""
+        if self._required:
+            raise RuntimeError("audit.mode required: use issued() and wait for the write")
+        context = request_context.current()
+        tail = (expiration, expires_in, cache)
+        line = self._render.line(context, event, self._now(), principal, scope, token, tail, {})
+        self._hand(line, event, None)
+
     def refused(self, err: BrokerError) -> None:
         """Record a refusal for authorization reasons (401/403) of the current request."""
         context = request_context.current()

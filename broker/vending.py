@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 import structlog
 
@@ -62,6 +62,7 @@ __all__ = [
     "IssuedCredentials",
     "SignedPostPolicy",
     "SignedUrl",
+    "cached_credentials",
     "issue_credentials",
     "presign_url",
     "sign_post_policy",
@@ -180,14 +181,47 @@ async def issue_credentials(
     is replaced.  ``narrowing``: the values of ``NARROWING_PARAMETERS`` sent;
     the token covers that part of the scope only (``broker.scopes.narrow``).
     """
+    if not min_ttl_seconds and not narrowing:
+        issued = cached_credentials(services, principal, policy_name)
+        if issued is not None:
+            return issued
+    return await _issue(services, principal, policy_name, min_ttl_seconds, narrowing or {})
+
+
+def cached_credentials(
+    services: Services, principal: Principal, policy_name: str
+) -> IssuedCredentials | None:
+    """``issue_credentials`` for a plain request, if it is decided and a fresh hit: at once.
+
+    ``None`` (the caller then awaits ``issue_credentials``) unless the request
+    resolved before (``known_target``), its token is a fresh hit and the audit
+    record need not be waited for: nothing is handed out then.
+    """
+    if services.audit.waits:
+        return None
+    target = known_target(services, principal, policy_name)
+    if target is None:
+        return None
+    now = services.clock()
+    hit = services.cache.fresh(target.key, target.min_ttl, now)
+    if hit is None:
+        return None
+    issued = _issued(target.scope, target.endpoint, hit, now)
+    services.audit.handed("credentials_issued", principal, target.scope, **_on_record(issued))
+    _log_issued(issued)
+    return issued
+
+
+async def _issue(
+    services: Services,
+    principal: Principal,
+    policy_name: str,
+    min_ttl_seconds: Sequence[str],
+    narrowing: Mapping[str, Sequence[str]],
+) -> IssuedCredentials:
+    """``issue_credentials`` the whole way: resolve the scope, then the cache (or STS)."""
     plain = not min_ttl_seconds and not narrowing
-    target = known_target(services, principal, policy_name) if plain else None
-    if target is not None:  # decided before: only the cache is left to ask
-        now = services.clock()
-        hit = services.cache.fresh(target.key, target.min_ttl, now)
-        if hit is not None:
-            return await _hand_out(services, principal, target.scope, target.endpoint, hit, now)
-    scope = _requested_scope(services.policies, principal, policy_name, narrowing or {})
+    scope = _requested_scope(services.policies, principal, policy_name, narrowing)
     margin = services.settings.cache.refresh_margin_seconds
     min_ttl = _min_ttl(min_ttl_seconds, scope.policy.token_lifetime_seconds - margin)
     now = services.clock()
@@ -209,8 +243,17 @@ async def _hand_out(
     now: float,
 ) -> IssuedCredentials:
     """The credentials as handed out at ``now``: audited, logged."""
+    issued = _issued(scope, endpoint, result, now)
+    await _audit_issued(services, principal, issued)
+    _log_issued(issued)
+    return issued
+
+
+def _issued(
+    scope: Scope, endpoint: OssEndpoint, result: CacheResult, now: float
+) -> IssuedCredentials:
     creds = result.credentials
-    issued = IssuedCredentials(
+    return IssuedCredentials(
         credentials=creds,
         scope=scope,
         endpoint=endpoint,
@@ -218,9 +261,6 @@ async def _hand_out(
         cache=result.source,
         issued_at=now,
     )
-    await _audit_issued(services, principal, issued)
-    _log_issued(issued)
-    return issued
 
 
 def _requested_scope(
@@ -404,16 +444,25 @@ async def _audit_issued(
     services: Services, principal: Principal, issued: IssuedCredentials
 ) -> None:
     """The audit record of credentials handed out (``AuditUnavailable``: none may be)."""
+    await services.audit.issued("credentials_issued", principal, issued.scope, **_on_record(issued))
+
+
+def _on_record(issued: IssuedCredentials) -> _Record:
+    """What an issuance's audit record says of the token handed out."""
     creds = issued.credentials
-    await services.audit.issued(
-        "credentials_issued",
-        principal,
-        issued.scope,
-        creds,
-        cache=issued.cache,
-        expiration=creds.expiration_iso(),
-        expires_in=issued.expires_in,
-    )
+    return {
+        "token": creds,
+        "cache": issued.cache,
+        "expiration": creds.expiration_iso(),
+        "expires_in": issued.expires_in,
+    }
+
+
+class _Record(TypedDict):
+    token: Credentials
+    cache: str
+    expiration: str
+    expires_in: int
 
 
 async def _audit_signed(

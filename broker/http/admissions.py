@@ -49,24 +49,29 @@ class Admissions:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def admitted(self, request: web.Request, services: Services, header: str) -> _Admitted:
-        """The caller a previous request with this header and address was, if it still holds."""
-        key = _key(request, services, header)
-        found = self._entries.get(key)
+    def admitted(
+        self, request: web.Request, services: Services, header: str
+    ) -> tuple[Principal | None, str]:
+        """The caller (and quota bucket) a previous request with this header and address was."""
+        found = self._entries.get(_key(request, services, header))
         if found is not None and found[0] == _generation(services):
-            return key, found[1], found[2]
-        return key, None, ""
+            return found[1], found[2]
+        return None, ""
 
-    def keep(self, key: _Key, services: Services, principal: Principal, quota: str) -> None:
-        """Remember that ``key`` is ``principal`` (API-key callers only), with its quota bucket."""
+    def keep(
+        self,
+        request: web.Request,
+        services: Services,
+        header: str,
+        principal: Principal,
+        quota: str,
+    ) -> None:
+        """Remember that ``header`` from here is ``principal`` (API-key callers only)."""
         if principal.auth_method != "api_key":
             return
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
-        self._entries[key] = (_generation(services), principal, quota)
-
-
-_Admitted = tuple[_Key, Principal | None, str]
+        self._entries[_key(request, services, header)] = (_generation(services), principal, quota)
 
 
 def _key(request: web.Request, services: Services, header: str) -> _Key:

@@ -50,14 +50,11 @@ _ROUTE_TITLES = {
 
 
 async def _authenticate(request: web.Request, services: Services) -> Principal:
+    remembered = _remembered(request, services)
+    if remembered is not None:
+        return remembered
     query = _query(request)
     headers = request.headers.getall("Authorization", ())
-    admissions = request.app[ADMISSIONS]
-    remembered = None
-    if len(headers) == 1 and not query:  # an API key seen before from here: decided once
-        remembered, principal, quota = admissions.admitted(request, services, headers[0])
-        if principal is not None:
-            return _admit(request, services, principal, quota)
     principal = None
     if not headers and "access_token" not in query:
         peercert = request.transport.get_extra_info("peercert") if request.transport else None
@@ -68,9 +65,20 @@ async def _authenticate(request: web.Request, services: Services) -> Principal:
     principal = _with_source_ip(request, services, principal)
     quota = quota_key(principal)
     _admit(request, services, principal, quota)
-    if remembered is not None:
-        admissions.keep(remembered, services, principal, quota)
+    if len(headers) == 1 and not query:
+        request.app[ADMISSIONS].keep(request, services, headers[0], principal, quota)
     return principal
+
+
+def _remembered(request: web.Request, services: Services) -> Principal | None:
+    """An API-key caller admitted before with this header from this address, admitted again."""
+    if request.query_string:
+        return None
+    headers = request.headers.getall("Authorization", ())
+    if len(headers) != 1:
+        return None
+    principal, quota = request.app[ADMISSIONS].admitted(request, services, headers[0])
+    return None if principal is None else _admit(request, services, principal, quota)
 
 
 def _admit(request: web.Request, services: Services, principal: Principal, quota: str) -> Principal:
@@ -168,15 +176,19 @@ def _describe_validation(err: pydantic.ValidationError) -> str:
 async def get_credentials(request: web.Request) -> web.Response:
     """``GET /v1/credentials/{policy}``: scoped STS credentials for this caller."""
     services = request.app[SERVICES]
-    principal = await _authenticate(request, services)
-    query = _query(request)
-    issued = await vending.issue_credentials(
-        services,
-        principal,
-        request.match_info["policy"],
-        query.getall("min_ttl_seconds", []),
-        {name: query.getall(name, []) for name in vending.NARROWING_PARAMETERS} if query else {},
-    )
+    name = request.match_info["policy"]
+    principal = _remembered(request, services)  # a cache hit of a known caller: no await
+    issued = vending.cached_credentials(services, principal, name) if principal else None
+    if issued is None:
+        principal = principal or await _authenticate(request, services)
+        query = _query(request)
+        issued = await vending.issue_credentials(
+            services,
+            principal,
+            name,
+            query.getall("min_ttl_seconds", []),
+            {n: query.getall(n, []) for n in vending.NARROWING_PARAMETERS} if query else {},
+        )
     replies = request.app[REPLIES]
     body = replies.body(
         issued.credentials,
