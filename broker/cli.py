@@ -378,10 +378,20 @@ def settle_heap() -> None:
     """Move what start-up built (modules, settings, policies) out of the collector's sight.
 
     Every full collection would otherwise walk those few hundred thousand
-    objects again; they live as long as the process (``gc.freeze``).
+    objects again; they live as long as the process (``gc.freeze``).  And
+    collect the youngest generation every ``GC_YOUNG_THRESHOLD`` allocations
+    instead of Python's 700: a request's objects are freed by reference
+    counting, but each young collection walks what is alive in flight, a
+    cost per collection, not per object, so fewer collections cost less.
     """
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations between two collections of the youngest generation (Python's default: 700)."""
 
 
 async def _serve(
