@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -118,16 +118,7 @@ class Auditor:
         **detail: object,
     ) -> None:
         """Record one issuance: what ``principal`` got under ``scope`` from ``token``."""
-        line = self._render.line(
-            request_context.current(),
-            event,
-            self._now(),
-            principal,
-            scope,
-            token,
-            (expiration, expires_in, cache),
-            detail,
-        )
+        line = self._line(event, principal, scope, token, (expiration, expires_in, cache), detail)
         if self._required:
             await self._written_within(self._settings.write_timeout_seconds, line, event)
         else:
@@ -152,10 +143,21 @@ class Auditor:
         """``issued`` without waiting, for ``best_effort`` (``waits`` False): the hot path's."""
         if self._required:
             raise RuntimeError("audit.mode required: use issued() and wait for the write")
-        context = request_context.current()
-        tail = (expiration, expires_in, cache)
-        line = self._render.line(context, event, self._now(), principal, scope, token, tail, {})
+        line = self._line(event, principal, scope, token, (expiration, expires_in, cache), {})
         self._hand(line, event, None)
+
+    def _line(
+        self,
+        event: IssuanceEvent,
+        principal: Principal,
+        scope: Scope,
+        token: Credentials,
+        tail: tuple[str, int, str],
+        detail: Mapping[str, object],
+    ) -> bytes:
+        """An issuance record of the current request, rendered; ``tail``: expiration, in, cache."""
+        context = request_context.current()
+        return self._render.line(context, event, self._now(), principal, scope, token, tail, detail)
 
     def refused(self, err: BrokerError) -> None:
         """Record a refusal for authorization reasons (401/403) of the current request."""

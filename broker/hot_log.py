@@ -132,10 +132,7 @@ def _emit_fields(
     context: request_context.RequestContext,
 ) -> None:
     """One line of ``fields`` with event, context, level and time, as structlog's chain has it."""
-    fields["event"] = event
-    _merge_context(fields, bound, context)
-    fields["level"] = "info"
-    if _plain_keys(tuple(fields)) and _scrub_values(fields):
+    if _completed(event, fields, bound, context):
         if context.request_id is not None:  # scrubbed once, when the request began
             fields.setdefault("request_id", context.log_request_id)
         fields["timestamp"] = STAMPER.now()  # ours, and never a secret's shape
@@ -146,6 +143,19 @@ def _emit_fields(
     fields["timestamp"] = STAMPER.now()
     redact_secrets(None, "info", fields)
     route.write(scrub_text(render_json(fields)))
+
+
+def _completed(
+    event: str,
+    fields: dict[str, Any],
+    bound: dict[str, Any],
+    context: request_context.RequestContext,
+) -> bool:
+    """``fields`` with event, context and level; scrubbed value by value if that may do (True)."""
+    fields["event"] = event
+    _merge_context(fields, bound, context)
+    fields["level"] = "info"
+    return _plain_keys(tuple(fields)) and _scrub_values(fields)
 
 
 def _merge_context(
@@ -173,12 +183,7 @@ def _prefix(
     scalar: such a line takes the general way every time.
     """
     line = dict(fields)
-    line["event"] = event
-    _merge_context(line, bound, context)
-    line["level"] = "info"
-    prefix = ""
-    if _plain_keys(tuple(line)) and _scrub_values(line):
-        prefix = render_json(line)[:-1] + ","
+    prefix = render_json(line)[:-1] + "," if _completed(event, line, bound, context) else ""
     if len(_PREFIXES) >= _MAX_PREFIXES:
         _PREFIXES.clear()
     _PREFIXES[key] = prefix
