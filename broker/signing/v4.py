@@ -27,6 +27,11 @@ What is signed, exactly as the SDK does it:
   header present (empty values too), lower-cased, values untrimmed; plus any
   *additional* header named by the caller and present with a value.  The SDK's
   ``Client`` never names additional headers, so ``host`` is not signed.
+
+Memos: no secret is a memo key.  What one token signs with (signing key
+states, encoded credential and token) is kept per credentials object, day and
+region until the first signature after the token expires (``key_state``);
+which headers are signed, in which order, is kept per set of header names.
 """
 
 from __future__ import annotations
