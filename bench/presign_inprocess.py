@@ -32,7 +32,10 @@ WARMUP_CALLS = 3000
 
 SIGNING_TIME = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 TOKEN = "CAIS" + "x/Yz+0123456789abcdefABCDEF" * 24  # an STS token is ~600 characters
-CREDS = Credentials("STS.NUgYrLnoC37mZZCNnAbez2YBb", "Secret+/xyz0123456789", TOKEN, SIGNING_TIME)
+# Valid for an hour after the signing time, as a token that signs is (an expired one's
+# signing state is never memoised: broker.signing.v4.key_state).
+EXPIRATION = SIGNING_TIME + timedelta(hours=1)
+CREDS = Credentials("STS.NUgYrLnoC37mZZCNnAbez2YBb", "Secret+/xyz0123456789", TOKEN, EXPIRATION)
 ENDPOINT = OssEndpoint("oss-cn-hangzhou.aliyuncs.com")
 UPLOAD_ID = "0004B9894A22E5B1888A1E29F8236E2D"
 

@@ -353,6 +353,12 @@ def grant_to_sign(scope: Scope, path: str, action: str, bucket: str | None, doin
     no grant holds is a 403 naming the allowed prefixes; a path whose grants
     do not allow ``action`` is a 403 naming ``doing`` and the grant's prefix.
     """
+    grants = scope.grants
+    if len(grants) == 1:  # the common one-grant policy: allowed at once, refused as below
+        grant = grants[0]
+        bucket_ok = bucket is None or bucket == grant.bucket
+        if bucket_ok and action in grant.actions and _holds(grant, path):
+            return grant
     chosen = _signing_bucket(scope, bucket)
     in_bucket = [grant for grant in scope.grants if grant.bucket == chosen]
     holding = [grant for grant in in_bucket if _holds(grant, path)]

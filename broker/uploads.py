@@ -271,7 +271,7 @@ def valid_key(key: str) -> str:
         raise RequestInvalid(f"key must be 1 to {MAX_KEY_BYTES} bytes of UTF-8")
     if key.startswith("/") or "\\" in key or _CONTROL.search(key):
         raise RequestInvalid("key may not start with '/' or contain '\\' or control characters")
-    if any(segment in (".", "..") for segment in key.split("/")):
+    if "." in key and ("/./" in f"/{key}/" or "/../" in f"/{key}/"):  # a "." or ".." segment
         raise RequestInvalid("key may not contain '.' or '..' segments")
     return key
 
@@ -292,8 +292,8 @@ def check_content_type(policy: Policy, content_type: str | None, *, required: bo
 def presign_headers(body: PresignBody, policy: Policy, operation: str) -> dict[str, str]:
     """The headers the uploader must send, all of them signed (``ADDITIONAL_HEADERS`` too)."""
     spec = OPERATIONS[operation]
-    for name in _OPTIONAL_FIELDS:
-        if _given(getattr(body, name)) and name not in spec.fields:
+    for name in _NOT_TAKEN[operation]:
+        if _given(getattr(body, name)):
             raise RequestInvalid(f"{operation} does not take {name}")
     if spec.uploads_content:
         check_content_type(policy, body.content_type, required=True)
@@ -304,8 +304,10 @@ def presign_headers(body: PresignBody, policy: Policy, operation: str) -> dict[s
         headers["Content-MD5"] = body.content_md5
     if body.storage_class:
         headers["x-oss-storage-class"] = body.storage_class
-    headers.update(_extra_headers(body.headers))
-    headers.update(_metadata_headers(body.metadata))
+    if body.headers:
+        headers.update(_extra_headers(body.headers))
+    if body.metadata:
+        headers.update(_metadata_headers(body.metadata))
     if body.callback is not None:
         headers["x-oss-callback"] = callback_header(policy, body.callback)
     headers.update(_guard_headers(body, policy, spec))
@@ -315,9 +317,21 @@ def presign_headers(body: PresignBody, policy: Policy, operation: str) -> dict[s
 def presign_query(body: PresignBody, policy: Policy, operation: str) -> dict[str, str | None]:
     """The signed query: multipart sub-resources, or a GET's checked ``response-*``."""
     query = sub_resources(operation, body)
-    overrides = {name: getattr(body, name) for name in RESPONSE_OVERRIDES}
-    query.update(response_overrides(policy, overrides))
+    if (  # response_overrides skips the fields not given: none given, nothing to do
+        body.response_content_type is not None
+        or body.response_content_disposition is not None
+        or body.response_cache_control is not None
+    ):
+        overrides = {name: getattr(body, name) for name in RESPONSE_OVERRIDES}
+        query.update(response_overrides(policy, overrides))
     return query
+
+
+_NOT_TAKEN = {
+    operation: tuple(name for name in _OPTIONAL_FIELDS if name not in spec.fields)
+    for operation, spec in OPERATIONS.items()
+}
+"""Per operation, the optional body fields it refuses (in ``_OPTIONAL_FIELDS`` order)."""
 
 
 def _given(value: object) -> bool:

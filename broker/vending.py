@@ -15,7 +15,6 @@ and nothing is handed out.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -287,8 +286,8 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
     key = check_key(body.key, grant.prefix)
     request = _presign_input(services, scope.policy, body, operation, grant.bucket, key)
     signer = await _signer(services, principal, scope, body.expires_seconds)
-    request = dataclasses.replace(request, expires_seconds=signer.expiry.seconds)
-    signed = signing.presign(signer.credentials, request, signer.signed_at)
+    expires = signer.expiry.seconds
+    signed = signing.presign(signer.credentials, request, signer.signed_at, expires_seconds=expires)
     what = {"operation": operation, "key": key}
     await _audit_signed(services, "url_presigned", principal, scope, signer, **what)
     _log_signed("url_presigned", signer, operation=operation, key=key)

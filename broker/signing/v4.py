@@ -27,6 +27,11 @@ What is signed, exactly as the SDK does it:
   header present (empty values too), lower-cased, values untrimmed; plus any
   *additional* header named by the caller and present with a value.  The SDK's
   ``Client`` never names additional headers, so ``host`` is not signed.
+
+Memos: no secret is a memo key.  What one token signs with (signing key
+states, encoded credential and token) is kept per credentials object, day and
+region until the first signature after the token expires (``key_state``);
+which headers are signed, in which order, is kept per set of header names.
 """
 
 from __future__ import annotations
@@ -52,10 +57,13 @@ if TYPE_CHECKING:
 __all__ = [
     "ALGORITHM",
     "MAX_EXPIRES_SECONDS",
+    "MAX_KEY_STATES",
+    "KeyState",
     "PresignInput",
     "PresignedUrl",
     "as_utc",
     "authorization_v4",
+    "key_state",
     "presign",
     "signing_key",
     "x_oss_date",
@@ -82,6 +90,7 @@ _ALL_TABLE = tuple(chr(b) if chr(b) in _UNRESERVED else f"%{b:02X}" for b in ran
 _PATH_TABLE = tuple("/" if b == ord("/") else _ALL_TABLE[b] for b in range(256))
 _ALL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")
 _PATH_SAFE = re.compile(r"[A-Za-z0-9_.~/-]*")
+_DEFAULT_SIGNED = frozenset({"content-type", "content-md5"})
 _IPAD = bytes(b ^ 0x36 for b in range(256))
 _OPAD = bytes(b ^ 0x5C for b in range(256))
 
@@ -123,9 +132,12 @@ class PresignedUrl:
     expiration: datetime
 
 
-@lru_cache(maxsize=4096)
 def signing_key(access_key_secret: str, date: str, region: str, product: str = "oss") -> bytes:
-    """The V4 signing key for one secret, day (``YYYYMMDD``), region and product."""
+    """The V4 signing key for one secret, day (``YYYYMMDD``), region and product.
+
+    Not memoised here (a memo keyed by secrets would outlive their tokens):
+    ``key_state`` keeps what one token signs with, until that token expires.
+    """
     key = ("aliyun_v4" + access_key_secret).encode()
     for part in (date, region, product, "aliyun_v4_request"):
         key = hmac.digest(key, part.encode(), "sha256")
@@ -133,11 +145,19 @@ def signing_key(access_key_secret: str, date: str, region: str, product: str = "
 
 
 def presign(
-    credentials: Credentials, request: PresignInput, signing_time: datetime
+    credentials: Credentials,
+    request: PresignInput,
+    signing_time: datetime,
+    *,
+    expires_seconds: int | None = None,
 ) -> PresignedUrl:
-    """Sign ``request`` into a query-string (presigned) URL, byte-identical to the SDK's."""
+    """Sign ``request`` into a query-string (presigned) URL, byte-identical to the SDK's.
+
+    ``expires_seconds``, when given, replaces ``request.expires_seconds`` (the
+    lifetime is often known only once a token is chosen).
+    """
     when = as_utc(signing_time)
-    expires = request.expires_seconds
+    expires = request.expires_seconds if expires_seconds is None else expires_seconds
     if not 0 < expires <= MAX_EXPIRES_SECONDS:
         raise ValueError(f"expires_seconds must be in 1..{MAX_EXPIRES_SECONDS}, not {expires}")
     method, bucket = request.method, request.bucket
@@ -149,14 +169,7 @@ def presign(
         raise ValueError("an object key must have 1 to 1024 characters")
 
     stamp = x_oss_date(when)
-    scope, credential, token, pads = _scope_state(
-        credentials.access_key_id,
-        credentials.access_key_secret,
-        credentials.security_token,
-        stamp[:8],
-        request.region,
-        request.product,
-    )
+    state = key_state(credentials, stamp[:8], request.region, request.product, when)
     signed, canonical_headers, additional = _signed_headers(
         request.headers, request.additional_headers
     )
@@ -164,8 +177,8 @@ def presign(
         request.query,
         stamp,
         expires,
-        credential,
-        token,
+        state.credential,
+        state.token,
         _quote_all(additional) if additional else "",
     )
     path = _quote_path(request.key)
@@ -173,12 +186,10 @@ def presign(
         f"{method}\n/{bucket}/{path}\n{canonical_query}\n"
         f"{canonical_headers}\n{additional}\n{_UNSIGNED}"
     )
-    signature = _signature(pads, stamp, scope, canonical)
+    signature = _signature(state.pads, stamp, state.scope, canonical)
     base = object_url_base(request.endpoint, bucket)
     url = f"{base}{path}?{url_query}&x-oss-signature={signature}"
-    if when.microsecond:
-        when = when.replace(microsecond=0)
-    expiration = when + _seconds(expires)
+    expiration = when + _lifetime(expires, when.microsecond)  # x-oss-date is to the second
     return PresignedUrl(url=url, method=method, signed_headers=signed, expiration=expiration)
 
 
@@ -217,8 +228,8 @@ def authorization_v4(
         f"{method}\n{_quote_path(uri)}\n{_join_query(sorted(_encode_query(query)))}\n"
         f"{canonical_headers}\n{additional}\n{_UNSIGNED}"
     )
-    pads = _hmac_pads(credentials.access_key_secret, stamp[:8], region, product)
-    signature = _signature(pads, stamp, scope, canonical)
+    state = key_state(credentials, stamp[:8], region, product, when)
+    signature = _signature(state.pads, stamp, scope, canonical)
     auth = f"{ALGORITHM} Credential={credentials.access_key_id}/{scope}"
     if additional:
         auth += f",AdditionalHeaders={additional}"
@@ -239,9 +250,9 @@ def x_oss_date(when: datetime) -> str:
     return "%04d%02d%02dT%02d%02d%02dZ" % (w.year, w.month, w.day, w.hour, w.minute, w.second)  # noqa: UP031
 
 
-@lru_cache(maxsize=1024)
-def _seconds(count: int) -> timedelta:
-    return timedelta(seconds=count)
+def _lifetime(seconds: int, microseconds: int) -> timedelta:
+    """``seconds`` counted from the start of the signing second (what x-oss-date says)."""
+    return timedelta(seconds=seconds, microseconds=-microseconds)
 
 
 @lru_cache(maxsize=1024)
@@ -266,7 +277,7 @@ def _quote(text: str) -> str:
 
 
 _quote_all = lru_cache(maxsize=4096)(_quote)
-"""``_quote`` for values that repeat across calls: tokens, credential scopes."""
+"""``_quote`` for names that repeat across calls (never for secrets: see ``key_state``)."""
 
 
 def _encode_query(query: Mapping[str, str | None]) -> list[tuple[str, str]]:
@@ -331,65 +342,129 @@ def _join_query(pairs: list[tuple[str, str]]) -> str:
 def _signed_headers(
     headers: Mapping[str, str], additional_names: Collection[str]
 ) -> tuple[dict[str, str], str, str]:
-    """(signed headers as given, canonical header block, ``;``-joined additional names)."""
+    """(signed headers as given, canonical header block, ``;``-joined additional names).
+
+    Which headers are signed, in which order, depends on their names only (and
+    on which additional ones are empty): that plan is memoised per names.
+    """
     if not headers:
         return {}, "", ""
+    names, values = tuple(headers), tuple(headers.values())
+    wanted = additional_names if isinstance(additional_names, tuple) else tuple(additional_names)
+    order, additional, optional = _header_plan(names, wanted, ())
+    if optional and not all(values[i] for i in optional):
+        empty = tuple(i for i in optional if not values[i])
+        order, additional, _ = _header_plan(names, wanted, empty)
+    block = "".join([f"{lower}:{values[i]}\n" for i, lower, _ in order])
+    return {name: values[i] for i, _, name in order}, block, additional
+
+
+_HeaderPlan = tuple[tuple[tuple[int, str, str], ...], str, tuple[int, ...]]
+
+
+@lru_cache(maxsize=1024)
+def _header_plan(
+    names: tuple[str, ...], additional_names: tuple[str, ...], empty: tuple[int, ...]
+) -> _HeaderPlan:
+    """The signed headers' (index, lower-cased name, name) sorted, the additional names, and
+    the indices of the additional headers that are signed only when they have a value.
+
+    ``empty``: the indices of headers whose value is empty.
+    """
+    lowered = [name.lower() for name in names]
     seen: set[str] = set()
-    signed: list[tuple[str, str, str]] = []
-    for name, value in headers.items():
-        lower = name.lower()
+    for name, lower in zip(names, lowered, strict=True):
         if lower in seen:
             raise ValueError(f"header {name!r} is given twice")
         seen.add(lower)
-        if lower.startswith("x-oss-") or lower == "content-type" or lower == "content-md5":
-            signed.append((lower, name, value))
-    additional = ""
-    if additional_names:
-        additional = _additional(headers, additional_names)
-        extra = additional.split(";")
-        signed += [(n.lower(), n, v) for n, v in headers.items() if n.lower() in extra]
-    signed.sort()
-    block = "".join([f"{lower}:{value}\n" for lower, _, value in signed])
-    return {name: value for _, name, value in signed}, block, additional
-
-
-def _additional(headers: Mapping[str, str], names: Collection[str]) -> str:
-    """The SDK's additional headers: named, not signed by default, present with a value."""
-    present = {name.lower(): value for name, value in headers.items() if value}
-    wanted = {name.lower() for name in names}
-    default = ("content-type", "content-md5")
-    return ";".join(
-        sorted(
-            n for n in wanted if n in present and not n.startswith("x-oss-") and n not in default
-        )
+    extra = {name.lower() for name in additional_names} - _DEFAULT_SIGNED
+    extra = {name for name in extra if not name.startswith("x-oss-")}
+    optional = tuple(i for i, lower in enumerate(lowered) if lower in extra)
+    extra &= {lower for i, lower in enumerate(lowered) if i not in empty}
+    signed = sorted(
+        (lower, i, names[i])
+        for i, lower in enumerate(lowered)
+        if lower.startswith("x-oss-") or lower in _DEFAULT_SIGNED or lower in extra
     )
+    order = tuple((i, lower, name) for lower, i, name in signed)
+    return order, ";".join(sorted(extra)), optional
 
 
-@lru_cache(maxsize=4096)
-def _hmac_pads(secret: str, date: str, region: str, product: str) -> tuple[_Hash, _Hash]:
-    """HMAC-SHA256 inner and outer states for one signing key (RFC 2104), hashed once.
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    """What one token signs with all day in one region: derived once, kept while it lives.
+
+    ``scope`` is ``date/region/product/aliyun_v4_request``; ``credential`` and
+    ``token`` are the percent-encoded ``x-oss-credential`` and
+    ``x-oss-security-token`` values ("" without a token); ``pads`` the HMAC
+    states of the V4 signing key.
+    """
+
+    credentials: Credentials
+    scope: str
+    credential: str
+    token: str
+    pads: tuple[_Hash, _Hash]
+
+
+MAX_KEY_STATES = 1024
+"""At most this many tokens' signing state is kept (one per access key id, day, region)."""
+_KEY_STATES: dict[tuple[str, str, str, str], KeyState] = {}
+_NO_EXPIRY = datetime.max.replace(tzinfo=UTC)
+_earliest_expiry = [_NO_EXPIRY]  # the soonest expiration among the kept states
+
+
+def key_state(
+    credentials: Credentials, date: str, region: str, product: str, when: datetime
+) -> KeyState:
+    """The signing state of ``credentials`` for ``date``, ``region`` and ``product``.
+
+    Memoised per (access key id, date, region, product), and only for the very
+    credentials object given (``is``): a replaced token, even under the same
+    access key id, never signs with another's state.  A state is dropped at
+    the first signature (``when``, the signing time: never a cached clock) after
+    its token expires, and the memo never holds more than ``MAX_KEY_STATES``.
+    """
+    if when >= _earliest_expiry[0]:
+        _drop_expired(when)
+    key = (credentials.access_key_id, date, region, product)
+    found = _KEY_STATES.get(key)
+    if found is not None and found.credentials is credentials:
+        return found
+    state = _key_state(credentials, date, region, product)
+    if credentials.expiration <= when:
+        return state  # already expired: used (the caller decides), never kept
+    if found is None and len(_KEY_STATES) >= MAX_KEY_STATES:
+        _KEY_STATES.pop(next(iter(_KEY_STATES)))  # the oldest
+    _KEY_STATES[key] = state
+    _earliest_expiry[0] = min(_earliest_expiry[0], credentials.expiration)
+    return state
+
+
+def _drop_expired(when: datetime) -> None:
+    for key in [k for k, state in _KEY_STATES.items() if state.credentials.expiration <= when]:
+        del _KEY_STATES[key]
+    soonest = (state.credentials.expiration for state in _KEY_STATES.values())
+    _earliest_expiry[0] = min(soonest, default=_NO_EXPIRY)
+
+
+def _key_state(credentials: Credentials, date: str, region: str, product: str) -> KeyState:
+    """HMAC-SHA256 inner and outer states of the signing key (RFC 2104), hashed once.
 
     Copying these per signature is several times cheaper than ``hmac.digest``,
     which re-derives them from the key on every call.
     """
-    block = signing_key(secret, date, region, product).ljust(64, b"\0")
-    return hashlib.sha256(block.translate(_IPAD)), hashlib.sha256(block.translate(_OPAD))
-
-
-@lru_cache(maxsize=4096)
-def _scope_state(
-    access_key_id: str, secret: str, token: str, date: str, region: str, product: str
-) -> tuple[str, str, str, tuple[_Hash, _Hash]]:
-    """What one set of credentials signs with all day in one region: computed once.
-
-    (scope, encoded x-oss-credential, encoded x-oss-security-token or "", HMAC pads)
-    """
     scope = f"{date}/{region}/{product}/aliyun_v4_request"
-    return (
+    secret = credentials.access_key_secret
+    block = signing_key(secret, date, region, product).ljust(64, b"\0")
+    pads = hashlib.sha256(block.translate(_IPAD)), hashlib.sha256(block.translate(_OPAD))
+    token = credentials.security_token
+    return KeyState(
+        credentials,
         scope,
-        _quote(f"{access_key_id}/{scope}"),
+        _quote(f"{credentials.access_key_id}/{scope}"),
         _quote(token) if token else "",
-        _hmac_pads(secret, date, region, product),
+        pads,
     )
 
 

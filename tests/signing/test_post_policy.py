@@ -13,6 +13,7 @@ import pytest
 
 from broker.models import Credentials
 from broker.signing import post_policy_v1, post_policy_v4
+from broker.signing.post_policy import policy_json
 from tests.signing.sdk_oracle import LONG_TERM, STS, T0
 
 # --- PostObject, checked by an independent implementation of the documented algorithm ---
@@ -113,3 +114,30 @@ def test_post_policy_v1_without_token() -> None:
     assert "x-oss-security-token" not in post_policy_v1(
         LONG_TERM, conditions=[], expiration=EXPIRES_AT
     )
+
+
+# --- the policy document's JSON: orjson where it writes what json.dumps writes ---
+
+_CHARS = [chr(c) for c in range(0x300)] + ["\u2028", "\u2029", "\ufeff", "😀", "中"]
+
+
+def test_policy_json_is_json_dumps_for_every_character() -> None:
+    """policy_json writes json.dumps's bytes for any character in keys and values."""
+    for char in _CHARS:
+        document = {"expiration": char, "conditions": [["eq", "$key", f"a{char}b"], {char: char}]}
+        assert policy_json(document) == json.dumps(document, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize(
+    "conditions",
+    [
+        [["content-length-range", 0, 2**70]],
+        [["content-length-range", 0.5, 1e16]],
+        [1e16, [[1.0]], {"a": {"b": 1.0}}],
+        [["eq", "$key", "x"], {"bucket": "b"}, True, None, -1],
+    ],
+)
+def test_policy_json_falls_back_where_orjson_would_differ(conditions: list[Any]) -> None:
+    """Floats, huge ints and deep nesting give json.dumps's bytes too."""
+    document = {"expiration": "2024-01-01T00:00:00.000Z", "conditions": conditions}
+    assert policy_json(document) == json.dumps(document, separators=(",", ":")).encode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import random
@@ -18,7 +19,7 @@ from alibabacloud_oss_v2.credentials import StaticCredentialsProvider
 from alibabacloud_oss_v2.signer import SignerV4
 
 from broker.models import Credentials
-from broker.signing import OssEndpoint, PresignInput, authorization_v4, presign, signing_key
+from broker.signing import OssEndpoint, PresignInput, authorization_v4, presign, signing_key, v4
 from tests.signing.sdk_oracle import (
     ALIYUN,
     LONG_TERM,
@@ -534,15 +535,85 @@ def test_invalid_key_length_is_refused(key: str) -> None:
         presign(STS, put_request(key), T0)
 
 
-def test_signing_key_is_the_documented_hmac_chain_and_cached() -> None:
-    """signing_key is the HMAC chain over "aliyun_v4"+secret, date, region, product; cached."""
+def test_signing_key_is_the_documented_hmac_chain() -> None:
+    """signing_key is the HMAC chain over "aliyun_v4"+secret, date, region, product."""
     expected = ("aliyun_v4" + "sk").encode()
     for part in ("20231217", "cn-hangzhou", "oss", "aliyun_v4_request"):
         expected = hmac.new(expected, part.encode(), hashlib.sha256).digest()
     assert signing_key("sk", "20231217", "cn-hangzhou") == expected
-    hits = signing_key.cache_info().hits
-    signing_key("sk", "20231217", "cn-hangzhou")
-    assert signing_key.cache_info().hits == hits + 1
+    assert not hasattr(signing_key, "cache_info")  # no memo keyed by secrets
+
+
+# --- the token-bound signing state memo ---
+
+
+def _token(key_id: str, secret: str, expiration: datetime = T0 + timedelta(hours=1)) -> Credentials:
+    return Credentials(key_id, secret, "tok-" + secret, expiration)
+
+
+def test_key_state_is_kept_for_the_same_credentials_object_only() -> None:
+    """The state is reused for the same credentials; a replaced token under the same id is not."""
+    first = _token("STS.same-id", "secret-one")
+    state = v4.key_state(first, "20240101", "cn-hangzhou", "oss", T0)
+    assert v4.key_state(first, "20240101", "cn-hangzhou", "oss", T0) is state
+    replaced = _token("STS.same-id", "secret-two")
+    other = v4.key_state(replaced, "20240101", "cn-hangzhou", "oss", T0)
+    assert other.credentials is replaced
+    assert other.token == "tok-secret-two"
+    request = put_request()
+    assert presign(replaced, request, T0).url != presign(first, request, T0).url
+    assert (
+        presign(replaced, request, T0).url
+        == presign(_token("STS.same-id", "secret-two"), request, T0).url
+    )
+
+
+def test_key_state_is_dropped_once_its_token_expires() -> None:
+    """At the first signature past a token's expiration its state (and secret) leaves the memo."""
+    creds = _token("STS.expiring", "secret-e", T0 + timedelta(seconds=10))
+    v4.key_state(creds, "20240101", "cn-hangzhou", "oss", T0)
+    assert any(s.credentials is creds for s in v4._KEY_STATES.values())
+    later = T0 + timedelta(seconds=10)
+    v4.key_state(_token("STS.other", "secret-o"), "20240101", "cn-hangzhou", "oss", later)
+    assert not any(s.credentials is creds for s in v4._KEY_STATES.values())
+
+
+def test_expired_credentials_are_never_kept() -> None:
+    """Credentials expired at the signing time still sign (the caller decides); never kept."""
+    creds = _token("STS.expired", "secret-x", T0)
+    v4.key_state(creds, "20240101", "cn-hangzhou", "oss", T0)
+    assert not any(s.credentials is creds for s in v4._KEY_STATES.values())
+
+
+def test_key_state_memo_is_bounded() -> None:
+    """However many tokens sign, the memo holds at most MAX_KEY_STATES of them."""
+    for n in range(v4.MAX_KEY_STATES + 50):
+        v4.key_state(_token(f"STS.n{n}", f"s{n}"), "20240101", "cn-hangzhou", "oss", T0)
+    assert len(v4._KEY_STATES) <= v4.MAX_KEY_STATES
+
+
+def test_empty_additional_header_is_not_signed_then_signed_with_a_value() -> None:
+    """The header plan memo tells an empty additional header from one with a value."""
+    req = put_request(headers={"Content-Length": "", "Content-Type": "text/plain"})
+    empty = presign(STS, _with(req, additional_headers=("content-length",)), T0)
+    assert "x-oss-additional-headers" not in empty.url
+    assert empty.signed_headers == {"Content-Type": "text/plain"}
+    req = put_request(headers={"Content-Length": "5", "Content-Type": "text/plain"})
+    filled = presign(STS, _with(req, additional_headers=("content-length",)), T0)
+    assert "x-oss-additional-headers=content-length" in filled.url
+    assert filled.signed_headers == {"Content-Length": "5", "Content-Type": "text/plain"}
+
+
+def test_expires_seconds_argument_overrides_the_request() -> None:
+    """presign(expires_seconds=n) signs exactly what a request with that lifetime signs."""
+    req = put_request(expires_seconds=60)
+    assert presign(STS, req, T0, expires_seconds=900) == presign(
+        STS, _with(req, expires_seconds=900), T0
+    )
+
+
+def _with(request: PresignInput, **changes: Any) -> PresignInput:
+    return dataclasses.replace(request, **changes)
 
 
 # --- random differential testing against the SDK ----------------------------
