@@ -49,7 +49,7 @@ def _stub(variant: str) -> None:
         hot_log.hot_route = route_without_writer  # type: ignore[assignment]
         variant = "const"
     if variant in ("no-log", "const-no-log"):
-        hot_log.emit = lambda event, fields: None  # type: ignore[assignment]
+        hot_log.emit = lambda event, fields, varying=None: None  # type: ignore[assignment]
     if variant in ("const", "const-no-log", "bare"):
         routes.get_credentials = _constant  # type: ignore[assignment]
     if variant == "bare":
