@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import gc
 import multiprocessing
 import os
 import signal
@@ -29,7 +28,7 @@ from broker.config import CacheSettings, Settings, load_settings
 from broker.errors import BrokerError, ConfigError
 from broker.event_loop import CHOICES as LOOP_CHOICES
 from broker.event_loop import install as install_event_loop
-from broker.event_loop import running_loop_name
+from broker.event_loop import running_loop_name, settle_heap
 from broker.http.app import BrokerRunner, make_app, runner_options, ssl_context
 from broker.logs import configure_logging
 from broker.policies import PolicySet, load_policies
@@ -372,26 +371,6 @@ def _lifetime_line(seconds: int | None) -> str:
         f"  token lifetime: {seconds} s as issued by the STS emulator (dev only; the broker "
         "still requests 900..43200 s)\n"
     )
-
-
-def settle_heap() -> None:
-    """Move what start-up built (modules, settings, policies) out of the collector's sight.
-
-    Every full collection would otherwise walk those few hundred thousand
-    objects again; they live as long as the process (``gc.freeze``).  And
-    collect the youngest generation every ``GC_YOUNG_THRESHOLD`` allocations
-    instead of Python's 700: a request's objects are freed by reference
-    counting, but each young collection walks what is alive in flight, a
-    cost per collection, not per object, so fewer collections cost less.
-    """
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
-
-
-GC_YOUNG_THRESHOLD = 10_000
-"""Allocations between two collections of the youngest generation (Python's default: 700)."""
 
 
 async def _serve(

@@ -23,17 +23,16 @@ from typing import Any, TypedDict
 
 import structlog
 
-from broker import audit, hot_log, request_context, signing
+from broker import audit, hot_log, signing
 from broker.auth import quota_key
+from broker.caller_scopes import usable_scope
 from broker.credential_requests import assume_request, cache_key, keep_target, known_target
 from broker.credentials.cache import CacheResult
 from broker.errors import (
-    AccessDenied,
     RequestInvalid,
-    TemplateValueRejected,
 )
 from broker.models import Credentials, Principal
-from broker.names import POLICY_NAME, POLICY_NAME_RULE, format_sts_time
+from broker.names import format_sts_time
 from broker.policies import Policy, PolicySet, Scope
 from broker.post_forms import post_policy_conditions
 from broker.ram import RamGrant
@@ -65,8 +64,6 @@ __all__ = [
     "issue_credentials",
     "presign_url",
     "sign_post_policy",
-    "usable_scope",
-    "usable_scopes",
 ]
 
 log = structlog.get_logger("broker.vending")
@@ -126,44 +123,6 @@ class _Signer:
     def expires_at(self) -> datetime:
         """When what it signs stops working."""
         return self.signed_at + timedelta(seconds=self.expiry.seconds)
-
-
-def usable_scope(policies: PolicySet, principal: Principal, name: str) -> Scope:
-    """The caller's scope of policy ``name``: the same 403 whether or not the policy exists.
-
-    A restricted API key naming a policy outside its ``allow.policies`` gets a
-    403 saying so (the list is the key's own configuration, not a secret).
-    """
-    if not POLICY_NAME.fullmatch(name):
-        raise RequestInvalid(POLICY_NAME_RULE)
-    request_context.note_policy(name)
-    allow = principal.allow
-    if allow is not None and allow.policies is not None and name not in allow.policies:
-        names = ", ".join(sorted(allow.policies))
-        raise AccessDenied(f"this API key may only be used for the policies: {names}")
-    scope = policies.scope(name, principal)
-    if scope is None:
-        raise AccessDenied(policy=name)
-    return scope
-
-
-def usable_scopes(policies: PolicySet, principal: Principal) -> list[Scope]:
-    """Every policy this caller may use, rendered.
-
-    Left out: those its identity cannot render, and those bound to the
-    caller's address when the request's address is unknown.
-    """
-    usable = []
-    for policy in policies:
-        if principal.allow is not None and not principal.allow.allows_policy(policy.name):
-            continue
-        try:
-            scope = policies.scope(policy.name, principal)
-        except (TemplateValueRejected, RequestInvalid):
-            continue
-        if scope is not None:
-            usable.append(scope)
-    return usable
 
 
 async def issue_credentials(

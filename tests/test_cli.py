@@ -469,18 +469,3 @@ async def test_serve_on_a_taken_port_says_so_in_one_line(
     assert f"port {taken_port} on 127.0.0.1 is already in use" in lines[0]
     assert f"listen.port in {config}" in lines[0]
 
-
-def test_settle_heap_freezes_start_up_and_collects_the_young_less_often() -> None:
-    """settle_heap moves start-up objects out of the collector and raises the young threshold."""
-    import gc
-
-    from broker.cli import GC_YOUNG_THRESHOLD, settle_heap
-
-    before = gc.get_threshold()
-    try:
-        settle_heap()
-        assert gc.get_freeze_count() > 0
-        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*before)

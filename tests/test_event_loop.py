@@ -183,3 +183,19 @@ async def test_loop_flag_overrides_the_config_in_every_worker(tmp_path: Path) ->
         assert {line["worker"] for line in lines} == {0, 1}
         assert {line["event_loop"] for line in lines} == {"asyncio"}
         assert await _healthz(port) == 200
+
+
+def test_settle_heap_freezes_start_up_and_collects_the_young_less_often() -> None:
+    """settle_heap moves start-up objects out of the collector and raises the young threshold."""
+    import gc
+
+    from broker.event_loop import GC_YOUNG_THRESHOLD, settle_heap
+
+    before = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

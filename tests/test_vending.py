@@ -137,23 +137,6 @@ async def test_unusable_policies_are_refused_before_sts(
     assert sts.emulator.calls == []
 
 
-def test_usable_scopes_are_the_callers_policies_rendered(services: Services) -> None:
-    """Each caller sees the policies it may use, with its own prefix."""
-    alice = {
-        scope.policy.name: scope.prefix for scope in vending.usable_scopes(services.policies, ALICE)
-    }
-    svc_a = {
-        scope.policy.name: scope.prefix for scope in vending.usable_scopes(services.policies, SVC_A)
-    }
-    assert alice == {"avatar-upload": "avatars/alice/", "quick-upload": "uploads/alice/"}
-    assert svc_a == {  # pinned-reads binds tokens to an address, and SVC_A has none
-        "report-jobs": "reports/",
-        "reports-read": "reports/",
-        "service-uploads": "services/svc-a/",
-        "vpc-ingest": "ingest/svc-a/",
-    }
-
-
 # --- presign a URL -------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from multidict import MultiDict, MultiDictProxy, MultiMapping
 
 from broker import request_context, vending
 from broker.auth import extract_token, quota_key
+from broker.caller_scopes import usable_scopes
 from broker.errors import AccessDenied, RequestInvalid
 from broker.http.client_address import client_address
 from broker.http.keys import ADMISSIONS, REPLIES, SERVICES
@@ -279,7 +280,7 @@ async def list_policies(request: web.Request) -> web.Response:
     """``GET /v1/policies``: the policies this caller may use, with its rendered prefixes."""
     services = request.app[SERVICES]
     principal = await _authenticate(request, services)
-    usable = vending.usable_scopes(services.policies, principal)
+    usable = usable_scopes(services.policies, principal)
     return _json({"policies": [_describe(services, scope) for scope in usable]})
 
 
