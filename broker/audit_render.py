@@ -185,33 +185,10 @@ class IssuanceRenderer:
         ``now`` is ``Auditor._now()``'s text (digits: never tested for secrets).
         """
         middle = self._middle_of(context, event, principal, scope, token, tail)
-        if detail and not middle.suspect and middle.names.isdisjoint(detail):
-            args = (context, event, now, principal, scope, token, tail)
-            return _with_detail(args, detail, middle.caller)
-        if (
-            detail
-            or middle.suspect
-            # The values that change per record (``time``, digits, cannot hold a name):
-            or may_hold_named_secret(f"{context.request_id}\n{context.client_address}".lower())
-        ):
+        if middle.suspect or not middle.names.isdisjoint(detail):
             return _general(context, event, now, principal, scope, token, tail, detail)
-        return orjson.dumps(
-            {
-                "time": now,
-                "type": "issuance",
-                "event": event,
-                "request_id": context.request_id,
-                "route": context.route,
-                "client_address": context.client_address,
-                "caller": middle.caller,
-                "access_key_id": token.access_key_id,
-                "expiration": tail[0],
-                "expires_in": tail[1],
-                "cache": tail[2],
-                "sts_request_id": token.sts_request_id,
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
+        args = (context, event, now, principal, scope, token, tail)
+        return _with_detail(args, detail, middle.caller)
 
     def _middle_of(
         self,
@@ -242,15 +219,17 @@ class IssuanceRenderer:
 
 
 def _with_detail(args: _Args, detail: Mapping[str, object], caller: orjson.Fragment) -> bytes:
-    """The line of a record with detail fields (presigned URLs, post policies).
+    """The line of a record around its rendered middle, with its detail fields if any.
 
     The values that change per record are tested (``time``, digits, and
     ``expires_in``, a number, cannot hold a name), the detail's formatted: a
     false alarm only sends the record down the general path.
     """
     context, event, now, _, _, token, tail = args
-    values = (context.request_id, context.client_address, *detail.values())
-    if may_hold_named_secret("\n".join([str(value) for value in values]).lower()):
+    varying = f"{context.request_id}\n{context.client_address}"
+    if detail:
+        varying += "\n" + "\n".join([str(value) for value in detail.values()])
+    if may_hold_named_secret(varying.lower()):
         return _general(*args, detail)
     record: dict[str, object] = {
         "time": now,

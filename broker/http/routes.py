@@ -52,9 +52,11 @@ _ROUTE_TITLES = {
 
 
 async def _authenticate(request: web.Request, services: Services) -> Principal:
-    remembered = _remembered(request, services)
-    if remembered is not None:
-        return remembered
+    return _remembered(request, services) or await _authenticated(request, services)
+
+
+async def _authenticated(request: web.Request, services: Services) -> Principal:
+    """The caller, authenticated the whole way (and remembered, for an API key)."""
     query = _query(request)
     headers = request.headers.getall("Authorization", ())
     principal = None
@@ -218,7 +220,7 @@ async def get_credentials(request: web.Request) -> web.Response:
     principal = _remembered(request, services)  # a cache hit of a known caller: no await
     issued = vending.cached_credentials(services, principal, name) if principal else None
     if issued is None:
-        principal = principal or await _authenticate(request, services)
+        principal = principal or await _authenticated(request, services)
         query = _query(request)
         issued = await vending.issue_credentials(
             services,
