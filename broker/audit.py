@@ -45,7 +45,7 @@ from typing import Literal
 import structlog
 
 from broker import request_context
-from broker.audit_render import IssuanceRenderer, render_line, who
+from broker.audit_render import IssuanceRenderer, RecordParts, render_line, who
 from broker.audit_writer import AuditWriter, Entry, open_file
 from broker.config import AUDIT_STREAMS, AuditSettings
 from broker.errors import AuditUnavailable, BrokerError, ConfigError
@@ -145,6 +145,29 @@ class Auditor:
             raise RuntimeError("audit.mode required: use issued() and wait for the write")
         line = self._line(event, principal, scope, token, (expiration, expires_in, cache), {})
         self._hand(line, event, None)
+
+    def record_parts(
+        self,
+        event: IssuanceEvent,
+        principal: Principal,
+        scope: Scope,
+        token: Credentials,
+        *,
+        cache: str,
+        expiration: str,
+    ) -> RecordParts | None:
+        """The current request's records of this issuance, but their time, request id and
+        ``expires_in`` (``IssuanceRenderer.spliced``): for ``handed_parts``."""
+        context = request_context.current()
+        return self._render.spliced(context, event, principal, scope, token, expiration, cache)
+
+    def handed_parts(
+        self, event: IssuanceEvent, parts: RecordParts, request_id: str, expires_in: int
+    ) -> None:
+        """``handed`` for the record ``parts`` make with ``request_id`` and ``expires_in``."""
+        if self._required:
+            raise RuntimeError("audit.mode required: use issued() and wait for the write")
+        self._hand(parts.line(self._now(), request_id, expires_in), event, None)
 
     def _line(
         self,

@@ -36,7 +36,7 @@ from broker.ram import RamGrant
 from broker.request_context import RequestContext
 from broker.scopes import Scope
 
-__all__ = ["IssuanceRenderer", "issuance_record", "render_line", "who"]
+__all__ = ["IssuanceRenderer", "RecordParts", "issuance_record", "render_line", "who"]
 
 _HEAD = ("time", "type", "event", "request_id", "route", "client_address")
 _TAIL = ("access_key_id", "expiration", "expires_in", "cache", "sts_request_id")
@@ -216,6 +216,56 @@ class IssuanceRenderer:
                 self._middles.clear()
             middle = self._middles[key] = _middle(principal, scope, key[3:])
         return middle
+
+    def spliced(
+        self,
+        context: RequestContext,
+        event: str,
+        principal: Principal,
+        scope: Scope,
+        token: Credentials,
+        expiration: str,
+        cache: str,
+    ) -> RecordParts | None:
+        """The bytes of ``line``'s records of this request's caller, route and address around
+        their time, request id and ``expires_in`` (``RecordParts``); ``None`` when such records
+        take the general path (a value that may hold a named secret)."""
+        tail = (expiration, 0, cache)
+        middle = self._middle_of(context, event, principal, scope, token, tail)
+        if middle.suspect or may_hold_named_secret(str(context.client_address).lower()):
+            return None
+        marked = RequestContext("R", context.route, context.client_address)
+        line = _with_detail((marked, event, "T", principal, scope, token, tail), {}, middle.caller)
+        at_id, at_in = line.find(b',"request_id":"R",'), line.find(b',"expires_in":0,')
+        if not line.startswith(b'{"time":"T",') or at_id < 0 or at_in < 0:
+            return None
+        return RecordParts(line[10 : at_id + 15], line[at_id + 16 : at_in + 14], line[at_in + 15 :])
+
+
+@dataclass(frozen=True, slots=True)
+class RecordParts:
+    """An issuance record's bytes but its time, request id and ``expires_in``."""
+
+    after_time: bytes
+    """``","type":...,"request_id":"``."""
+    after_request_id: bytes
+    """``","route":...,"expires_in":``."""
+    after_expires_in: bytes
+    """``,"cache":...}`` and the newline."""
+
+    def line(self, now: str, request_id: str, expires_in: int) -> bytes:
+        """The record at ``now`` (``Auditor``'s text) of ``request_id`` (one of ours: hex)."""
+        return b"".join(
+            (
+                b'{"time":"',
+                now.encode(),
+                self.after_time,
+                request_id.encode(),
+                self.after_request_id,
+                str(expires_in).encode(),
+                self.after_expires_in,
+            )
+        )
 
 
 def _with_detail(args: _Args, detail: Mapping[str, object], caller: orjson.Fragment) -> bytes:

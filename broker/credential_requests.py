@@ -22,7 +22,7 @@ from broker.policies import Policy, PolicySet, Scope
 from broker.services import Services
 from broker.signing import OssEndpoint
 
-__all__ = ["Target", "assume_request", "cache_key", "keep_target", "known_target"]
+__all__ = ["Target", "assume_request", "cache_key", "keep_target", "kept_target", "known_target"]
 
 
 def cache_key(principal: Principal, scope: Scope, now: float, *, refresh_margin: int) -> CacheKey:
@@ -132,6 +132,14 @@ _MAX_TARGETS = 4096
 
 def known_target(services: Services, principal: Principal, name: str) -> Target | None:
     """How a plain request by ``principal`` for policy ``name`` resolved before, if it holds."""
+    found = kept_target(services, principal, name)
+    if found is not None:
+        request_context.note_policy(name)  # as usable_scope would
+    return found
+
+
+def kept_target(services: Services, principal: Principal, name: str) -> Target | None:
+    """``known_target``, without noting the policy in the request context."""
     found = _TARGETS.get((id(principal), name))
     if (
         found is None
@@ -140,7 +148,6 @@ def known_target(services: Services, principal: Principal, name: str) -> Target 
         or found.settings is not services.settings
     ):
         return None
-    request_context.note_policy(name)  # as usable_scope would
     return found
 
 

@@ -43,7 +43,7 @@ from broker.logs import (
     scrub_text,
 )
 
-__all__ = ["emit"]
+__all__ = ["emit", "finish", "line_route", "line_start", "varying_json"]
 
 _fallback = structlog.get_logger("broker.hot_log")
 
@@ -98,30 +98,74 @@ def emit(event: str, fields: dict[str, Any], varying: dict[str, Any] | None = No
         return
     context = request_context.current()
     bound = _bound_context()
-    if varying and "request_id" not in fields and _plain(varying):
-        principal = context.principal
-        key = (
-            event,
-            tuple(fields.items()),
-            principal.subject if principal is not None else None,
-            context.policy,
-            tuple(bound.items()) if bound else None,
-        )
-        try:
-            prefix = _PREFIXES.get(key)
-        except TypeError:  # a value that is a list or a dict: no template
-            prefix = ""
-        if prefix is None:
-            prefix = _prefix(key, event, fields, bound, context)
-        if prefix:
-            varying_json = orjson.dumps(varying).decode()[1:-1]
-            request_id = None if "request_id" in bound else context.log_request_id  # bound wins
-            ident = f',"request_id":"{request_id}"' if request_id is not None else ""
-            route.write(f'{prefix}{varying_json}{ident},"timestamp":"{STAMPER.now()}"}}')
+    if varying and _plain(varying):
+        start = _start(event, fields, bound, context)
+        if start:
+            finish(route, start, varying_json(varying), bound, context)
             return
     if varying is not None:
         fields.update(varying)
     _emit_fields(route, event, fields, bound, context)
+
+
+def line_route() -> tuple[HotRoute, dict[str, Any]] | None:
+    """The route ``emit`` writes info lines by, and structlog's bound context; ``None`` if
+    lines are not written here now (structlog's chain renders them, or info is off)."""
+    route = hot_route()
+    if route is None or not route.info_enabled:
+        return None
+    return route, _bound_context()
+
+
+def line_start(event: str, fields: dict[str, Any], bound: dict[str, Any]) -> str:
+    """How ``emit`` begins the line ``event`` with the repeating ``fields`` in this request's
+    context (``bound`` from ``line_route``): ``{...,"level":"info",`` rendered and scrubbed,
+    or ``""`` when such a line is rendered another way (``emit`` then knows which)."""
+    return _start(event, fields, bound, request_context.current())
+
+
+def finish(
+    route: HotRoute,
+    start: str,
+    varying: str,
+    bound: dict[str, Any],
+    context: request_context.RequestContext,
+) -> None:
+    """Write the line ``start`` began: ``varying`` (``varying_json``), request id and time."""
+    request_id = None if "request_id" in bound else context.log_request_id  # bound wins
+    ident = f',"request_id":"{request_id}"' if request_id is not None else ""
+    route.write(f'{start}{varying}{ident},"timestamp":"{STAMPER.now()}"}}')
+
+
+def varying_json(varying: dict[str, Any]) -> str:
+    """``varying``'s fields as they follow a line's start: ``"duration_ms":1.5``."""
+    return orjson.dumps(varying).decode()[1:-1]
+
+
+def _start(
+    event: str,
+    fields: dict[str, Any],
+    bound: dict[str, Any],
+    context: request_context.RequestContext,
+) -> str:
+    """The kept start of a line (``_prefix``), or ``""``."""
+    if "request_id" in fields or "exc_info" in fields:
+        return ""
+    principal = context.principal
+    key = (
+        event,
+        tuple(fields.items()),
+        principal.subject if principal is not None else None,
+        context.policy,
+        tuple(bound.items()) if bound else None,
+    )
+    try:
+        prefix = _PREFIXES.get(key)
+    except TypeError:  # a value that is a list or a dict: no template
+        return ""
+    if prefix is None:
+        prefix = _prefix(key, event, fields, bound, context)
+    return prefix
 
 
 def _emit_fields(

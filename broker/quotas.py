@@ -123,6 +123,13 @@ class CallerQuotas:
     def __len__(self) -> int:
         return 0 if self._buckets is None else len(self._buckets)
 
+    def try_take(self, caller: str) -> bool:
+        """Count one request by ``caller`` if its quota allows; ``False`` (nothing counted) if not.
+
+        For a caller that then goes on to ``check``, which refuses (and reports) the request.
+        """
+        return self._buckets is None or self._buckets.take(caller) == 0.0
+
     def check(self, caller: str) -> None:
         """Count one request by ``caller``; raise ``TooManyRequests`` if over its quota."""
         if self._buckets is None:

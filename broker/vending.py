@@ -62,6 +62,7 @@ __all__ = [
     "SignedUrl",
     "cached_credentials",
     "issue_credentials",
+    "issued_fields",
     "presign_url",
     "sign_post_policy",
 ]
@@ -451,19 +452,23 @@ def _key_prefix(body: PostPolicyBody, grant: RamGrant) -> str:
 
 
 def _log_issued(issued: IssuedCredentials) -> None:
-    creds, scope = issued.credentials, issued.scope
-    fields = {
+    fields = issued_fields(issued.scope, issued.credentials, issued.cache)
+    varying = {"expires_in": issued.expires_in}
+    hot_log.emit("credentials_issued", fields, varying)  # structlog's chain, minus its cost
+
+
+def issued_fields(scope: Scope, token: Credentials, cache: str) -> dict[str, Any]:
+    """The repeating fields of a ``credentials_issued`` line (``expires_in`` follows them)."""
+    return {
         "bucket": scope.bucket,
         "prefix": scope.prefix,
         "grants": len(scope.grants),
         "narrowed": scope.narrowed,
         "policy_digest": scope.digest[:16],
-        "access_key_id": creds.access_key_id,
-        "expiration": creds.expiration_iso(),
-        "cache": issued.cache,
+        "access_key_id": token.access_key_id,
+        "expiration": token.expiration_iso(),
+        "cache": cache,
     }
-    varying = {"expires_in": issued.expires_in}
-    hot_log.emit("credentials_issued", fields, varying)  # structlog's chain, minus its cost
 
 
 def _log_signed(event: str, signer: _Signer, **what: str) -> None:

@@ -269,13 +269,20 @@ class CredentialCache:
         through ``get``, which needs the whole ``AssumeRoleRequest``.  ``key``
         must be ``CacheKey.for_request`` of the request ``get`` would be given.
         """
+        credentials = self.servable(key, min_ttl_seconds, now)
+        if credentials is None:
+            return None
+        self.stats.hits += 1
+        return CacheResult(credentials, "hit")
+
+    def servable(self, key: CacheKey, min_ttl_seconds: float, now: float) -> Credentials | None:
+        """What ``fresh`` would serve, without counting a hit (its caller counts one it serves)."""
         entry = self._entries.lookup(key)
         if entry is None or now >= entry.refresh_at:
             return None
         if entry.credentials.expires_at - now < min_ttl_seconds:
             return None
-        self.stats.hits += 1
-        return CacheResult(entry.credentials, "hit")
+        return entry.credentials
 
     async def join(self) -> None:
         """Wait until no fetch or background refresh is in flight (for tests and shutdown)."""

@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from broker.admin import admin_channel
-from broker.http import routes
+from broker.http import fast_lane, routes
 from broker.http.admissions import Admissions
 from broker.http.connections import BrokerRunner, runner_options, ssl_context
 from broker.http.cors import cors_middleware
-from broker.http.keys import ADMISSIONS, REPLIES, SERVICES
+from broker.http.fast_lane import FastLane
+from broker.http.keys import ADMISSIONS, FAST_LANE, REPLIES, SERVICES
 from broker.http.middleware import UNMATCHED_PATH, layered, request_context, unmatched
 from broker.http.replies import CredentialReplies
 from broker.services import Services
@@ -38,7 +39,10 @@ def make_app(services: Services, *, demo: bool = False) -> web.Application:
     app[REPLIES] = CredentialReplies()
     app[ADMISSIONS] = Admissions()
     add_get, add_post = app.router.add_get, app.router.add_post
-    add_get("/v1/credentials/{policy}", wrap(routes.get_credentials), name="credentials")
+    # A cached credentials request of a known API-key caller is answered in one step;
+    # the lane hands every other request to the general way (fast_lane.py).
+    lane = app[FAST_LANE] = FastLane(wrap(routes.get_credentials), cors=bool(origins))
+    add_get("/v1/credentials/{policy}", lane.handle, name=fast_lane.ROUTE)
     add_post("/v1/presign", wrap(routes.create_presigned_url), name="presign")
     add_post("/v1/post-policy", wrap(routes.create_post_policy), name="post_policy")
     add_get("/v1/policies", wrap(routes.list_policies), name="policies")

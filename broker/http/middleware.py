@@ -40,8 +40,12 @@ __all__ = [
     "STS_COMPATIBLE_ROUTES",
     "UNMATCHED_PATH",
     "error_response",
+    "finish_request",
+    "finished_fields",
     "layered",
+    "log_finished",
     "new_request_id",
+    "reply_error",
     "request_context",
     "unmatched",
 ]
@@ -159,7 +163,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             outcome = BrokerError()
         else:
             gone = _gone(request)
-            _finish(request, route, gone.status, gone.code, time.perf_counter() - started)
+            finish_request(request, route, gone.status, gone.code, time.perf_counter() - started)
             return web.Response(status=gone.status)  # never delivered: the client has left
     except Exception:
         log.exception("request_crashed")
@@ -170,11 +174,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     if isinstance(outcome, BrokerError):
         if outcome.status in audit.REFUSAL_STATUSES:
             request.app[SERVICES].audit.refused(outcome)
-        response: web.StreamResponse = _reply_error(request, outcome, request_id)
-        _finish(request, route, response.status, outcome.code, time.perf_counter() - started)
+        response: web.StreamResponse = reply_error(request, outcome, request_id)
+        finish_request(request, route, response.status, outcome.code, time.perf_counter() - started)
         return response
     outcome.headers["X-Request-Id"] = request_id
-    _finish(request, route, outcome.status, None, time.perf_counter() - started)
+    finish_request(request, route, outcome.status, None, time.perf_counter() - started)
     return outcome
 
 
@@ -221,22 +225,32 @@ def _body_timed_out(request: web.Request) -> None:
     request.content.set_exception(ConnectionResetError("the request body timed out"))
 
 
-def _finish(
+def finish_request(
     request: web.Request, route: str | None, status: int, error_code: str | None, elapsed: float
 ) -> None:
     """Count the request in the metrics and write its one ``request_finished`` line."""
     request.app[SERVICES].metrics.request_finished(route or "unmatched", status, elapsed)
-    fields = {
-        "method": request.method,
-        "path": request.path,  # never the query: it may carry access_token
+    log_finished(request, status, error_code, elapsed)
+
+
+def log_finished(request: web.Request, status: int, error_code: str | None, elapsed: float) -> None:
+    """Write the request's ``request_finished`` line."""
+    varying = {"duration_ms": round(elapsed * 1000, 3)}
+    fields = finished_fields(request.method, request.path, status, error_code)
+    hot_log.emit("request_finished", fields, varying)
+
+
+def finished_fields(method: str, path: str, status: int, error_code: str | None) -> dict[str, Any]:
+    """The repeating fields of a ``request_finished`` line (``path``: never the query)."""
+    return {
+        "method": method,
+        "path": path,  # request.path: the query may carry access_token
         "status": status,
         "error_code": error_code,
     }
-    varying = {"duration_ms": round(elapsed * 1000, 3)}
-    hot_log.emit("request_finished", fields, varying)  # structlog's chain, minus its cost
 
 
-def _reply_error(request: web.Request, err: BrokerError, request_id: str) -> web.Response:
+def reply_error(request: web.Request, err: BrokerError, request_id: str) -> web.Response:
     route = request.match_info.route
     sts_compatible = getattr(route, "name", None) in STS_COMPATIBLE_ROUTES
     if err.status >= 500:
