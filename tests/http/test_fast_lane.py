@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import structlog
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -396,6 +397,36 @@ async def test_another_forwarded_address_goes_the_general_way(lane_broker: LaneF
     assert on_second.body["AccessKeyId"] == elsewhere.body["AccessKeyId"]
 
 
+async def _from(harness: LaneHarness, address: str, path: str) -> tuple[int, Any, int]:
+    """GET ``path`` as svc-a from the loopback ``address``: status, body, and whether served."""
+    served = harness.lane.served
+    connector = aiohttp.TCPConnector(local_addr=(address, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(
+            harness.broker.client.make_url(path), headers=harness.broker.auth("svc-a")
+        ) as resp,
+    ):
+        return resp.status, await resp.json(), harness.lane.served - served
+
+
+async def test_another_client_address_goes_the_general_way(lane: LaneHarness) -> None:
+    """Admitted from 127.0.0.1, the same key from 127.0.0.2 is not served until admitted there."""
+    path = "/v1/credentials/pinned-reads"
+    assert (await _from(lane, "127.0.0.1", path))[0] == 200
+    status, here, served = await _from(lane, "127.0.0.1", path)
+    assert (status, served) == (200, 1)
+    status, there, served = await _from(lane, "127.0.0.2", path)
+    assert (status, served) == (200, 0)
+    assert there["AccessKeyId"] != here["AccessKeyId"]
+    status, again, served = await _from(lane, "127.0.0.2", path)
+    assert (status, served, again["AccessKeyId"]) == (200, 1, there["AccessKeyId"])
+    assert [_bound_to(call.params["Policy"]) for call in lane.broker.sts.emulator.calls] == [
+        "127.0.0.1",
+        "127.0.0.2",
+    ]
+
+
 async def test_a_jwt_caller_goes_the_general_way(
     lane_broker: LaneFactory, tmp_path: Path, signing_key: rsa.RSAPrivateKey
 ) -> None:
@@ -454,26 +485,27 @@ async def test_an_entry_due_for_refresh_goes_the_general_way(lane: LaneHarness) 
     assert due.body["ExpiresIn"] == 3600 - 2200
     await lane.broker.services.cache.join()
     assert lane.broker.sts.emulator.assume_role_calls() == 2
-    fresh = await lane.send()
+    fresh, _ = await lane.lane_then_general()  # the new token's record and lines, not the old's
     assert (fresh.status, fresh.served) == (200, 1)
     assert fresh.body["AccessKeyId"] != warm.body["AccessKeyId"]
     assert fresh.body["ExpiresIn"] == 3600
+    assert [record["access_key_id"] for record in fresh.audit] == [fresh.body["AccessKeyId"]]
 
 
+@pytest.mark.parametrize("origin", [ORIGIN, "https://evil.example.com"])
 async def test_an_origin_with_cors_configured_goes_the_general_way(
-    lane_broker: LaneFactory,
+    lane_broker: LaneFactory, origin: str
 ) -> None:
-    """cors.allow_origins set and an Origin header: not served; the reply has the CORS headers."""
+    """cors.allow_origins set and an Origin: not served; Vary and (if allowed) the CORS headers."""
     harness = await lane_broker(cors={"allow_origins": [ORIGIN]})
     assert (await harness.send()).status == 200
-    on, _ = await harness.lane_then_general(headers={"Origin": ORIGIN})
+    on, _ = await harness.lane_then_general(headers={"Origin": origin})
     assert (on.status, on.served) == (200, 0)
-    assert on.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert on.headers["Vary"] == "Origin"
+    assert on.headers.get("Access-Control-Allow-Origin") == (origin if origin == ORIGIN else None)
     without_origin, _ = await harness.lane_then_general()
-    assert (without_origin.served, "Access-Control-Allow-Origin" in without_origin.headers) == (
-        1,
-        False,
-    )
+    assert without_origin.served == 1
+    assert not {"Vary", "Access-Control-Allow-Origin"} & without_origin.headers.keys()
 
 
 async def test_a_logging_reconfiguration_reaches_the_lanes_lines(lane: LaneHarness) -> None:
@@ -552,12 +584,11 @@ async def test_expires_in_is_exact_to_the_second_as_the_clock_moves(lane: LaneHa
     clock = lane.broker.clock
     for step in (1, 0.25, 0.5, 0.25, 0.999, 0.001, 59, 600.5, 0.5, 1):
         clock.advance(step)
-        on = await lane.send()
-        off = await lane.send(enabled=False)
+        on, _ = await lane.lane_then_general()
         assert on.served == 1
         assert on.body["Expiration"] == warm.body["Expiration"]
         expected = int(expires_at - clock.now)
-        assert on.body["ExpiresIn"] == off.body["ExpiresIn"] == expected, step
+        assert on.body["ExpiresIn"] == expected, step
         assert [record["expires_in"] for record in on.audit] == [expected]
         assert [line.get("expires_in") for line in on.logs] == [expected, None]
 
