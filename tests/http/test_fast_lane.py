@@ -612,6 +612,41 @@ async def test_no_secret_reaches_logs_output_or_audit(
         assert canary not in written
 
 
+async def test_the_daemons_log_chain_gets_the_general_paths_lines_and_no_secret(
+    lane: LaneHarness,
+) -> None:
+    """Through the daemon's LogSink: lane and general lines equal, no key or secret written."""
+    output = io.StringIO()
+    sink = configure_logging("json", "info", stream=output, background=True)
+    assert sink is not None
+    canaries = [key for key, _ in CALLERS.values()]
+    ids: dict[bool, list[str]] = {True: [], False: []}
+    try:
+        assert (await lane.send()).status == 200
+        served = lane.lane.served
+        for enabled in (True, False, True, False):
+            lane.lane.enabled = enabled
+            async with lane.broker.client.get(CREDENTIALS, headers=lane.broker.auth("svc-a")) as r:
+                body = await r.json()
+            ids[enabled].append(body["RequestId"])
+            canaries += [body["AccessKeySecret"], body["SecurityToken"]]
+        assert lane.lane.served - served == 2
+    finally:
+        sink.close()  # hands this loop's gathered lines over, then writes them all
+    text = output.getvalue()
+    lines = [json.loads(line) for line in text.splitlines()]
+    by_request = {
+        enabled: [[line for line in lines if line.get("request_id") == rid] for rid in rids]
+        for enabled, rids in ids.items()
+    }
+    for groups in by_request.values():
+        for group in groups:
+            assert [line["event"] for line in group] == ["credentials_issued", "request_finished"]
+    assert _normalised(by_request[True]) == _normalised(by_request[False])
+    for canary in canaries:
+        assert canary not in text
+
+
 async def test_each_lane_reply_has_one_hit_record_with_its_request_id(lane: LaneHarness) -> None:
     """Every lane-served request: exactly one credentials_issued record, cache hit, its id."""
     assert (await lane.send()).status == 200
