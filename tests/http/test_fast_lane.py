@@ -33,6 +33,7 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.auth import Revocations
+from broker.config import QuotaSettings
 from broker.http.fast_lane import FastLane
 from broker.http.keys import FAST_LANE, REPLIES
 from broker.logs import configure_logging
@@ -270,6 +271,34 @@ async def test_other_callers_and_policies_are_the_general_paths_reply(
     assert (on.status, on.served) == (200, 1)
     if policy == "report-jobs":
         assert len(on.body["Oss"]["Grants"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        (f"{CREDENTIALS}?", {}),  # an empty query
+        ("/v1/credentials/service%2Duploads", {}),  # the policy name percent-encoded
+        (CREDENTIALS, {"Content-Length": "0"}),  # an empty body, said so
+        (CREDENTIALS, {"Origin": ORIGIN}),  # an Origin, no CORS configured
+        (CREDENTIALS, {"X-Forwarded-For": "198.51.100.1"}),  # no trusted proxy: ignored
+    ],
+    ids=["empty-query", "encoded-name", "content-length-0", "origin", "untrusted-xff"],
+)
+async def test_edge_shapes_of_a_plain_request_are_the_general_paths_reply(
+    lane: LaneHarness, path: str, headers: dict[str, str]
+) -> None:
+    """Plain requests in other shapes (empty query, encoded name...): served, as the general."""
+    assert (await lane.send()).status == 200
+    on, _ = await lane.lane_then_general(path, headers=headers)
+    assert (on.status, on.served) == (200, 1)  # every condition of the lane holds
+
+
+async def test_default_quotas_the_lane_is_the_general_path(lane_broker: LaneFactory) -> None:
+    """With no request rate configured (the default), the lane serves as the general path."""
+    harness = await lane_broker(quotas=QuotaSettings().model_dump())
+    assert (await harness.send()).status == 200
+    on, _ = await harness.lane_then_general()
+    assert (on.status, on.served) == (200, 1)
 
 
 async def test_a_bound_worker_index_is_on_both_lines_of_both_runs(
