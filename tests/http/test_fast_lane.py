@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.auth import Revocations
+from broker.auth import Revocations, hash_api_key
 from broker.config import QuotaSettings
 from broker.http.fast_lane import FastLane
 from broker.http.keys import FAST_LANE, REPLIES
@@ -60,6 +60,7 @@ signing_key = test_jwt.signing_key  # fixture: the identity provider's RSA key
 CREDENTIALS = "/v1/credentials/service-uploads"
 ORIGIN = "https://app.example.com"
 CLIENT_REQUEST_ID = "client-req-0001"
+ODD_KEY = "canary-apikey-odd-4f0b"
 NORMALISED_FIELDS = frozenset({"request_id", "RequestId", "timestamp", "time", "duration_ms"})
 """Fields that differ between two runs of one request by nature: ids, clocks, durations."""
 NORMALISED_HEADERS = frozenset({"x-request-id", "date"})
@@ -330,6 +331,39 @@ async def test_a_redis_backed_cache_hit_is_the_general_paths_reply(
     on, _ = await harness.lane_then_general()
     assert (on.status, on.served) == (200, 1)
     assert harness.broker.sts.emulator.assume_role_calls() == 1
+
+
+async def test_a_caller_named_like_a_secret_is_the_general_paths_reply(
+    lane_broker: LaneFactory,
+) -> None:
+    """A key id holding "auth" and "token" (its record is rendered whole): the general's reply."""
+    keys = [
+        {"id": caller, "key_sha256": hash_api_key(key), "groups": list(groups)}
+        for caller, (key, groups) in CALLERS.items()
+    ]
+    keys.append(
+        {"id": "svc-auth-token", "key_sha256": hash_api_key(ODD_KEY), "groups": ["internal"]}
+    )
+    harness = await lane_broker(auth={"api_keys": keys})
+    odd = {"Authorization": f"Bearer {ODD_KEY}"}
+    assert (await harness.send(caller=None, headers=odd)).status == 200
+    on, _ = await harness.lane_then_general(caller=None, headers=odd)
+    assert (on.status, on.served) == (200, 1)
+    assert on.body["Oss"]["Prefix"] == "services/svc-auth-token/"
+    assert [record["caller"] for record in on.audit] == ["svc-auth-token"]
+
+
+async def test_a_bound_list_value_gives_the_general_paths_lines(lane_broker: LaneFactory) -> None:
+    """A non-scalar value bound in structlog's context (lines rendered whole): equal lines."""
+    structlog.contextvars.bind_contextvars(tags=["blue", "green"])
+    try:
+        harness = await lane_broker()
+        assert (await harness.send()).status == 200
+        on, _ = await harness.lane_then_general()
+    finally:
+        structlog.contextvars.unbind_contextvars("tags")
+    assert on.served == 1
+    assert [line["tags"] for line in on.logs] == [["blue", "green"]] * 2
 
 
 # 2. Fallbacks -------------------------------------------------------------------------------
