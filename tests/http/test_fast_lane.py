@@ -384,6 +384,10 @@ async def test_a_client_request_id_goes_the_general_way(lane: LaneHarness) -> No
     for run in (on, off):
         assert run.headers["X-Request-Id"] == run.body["RequestId"] == CLIENT_REQUEST_ID
         assert {line["request_id"] for line in run.logs} == {CLIENT_REQUEST_ID}
+    after = await lane.send()  # likely on the same kept-alive connection: nothing carried over
+    assert after.served == 1
+    assert {line["request_id"] for line in after.logs} == {after.body["RequestId"]}
+    assert after.body["RequestId"] != CLIENT_REQUEST_ID
 
 
 async def test_an_unusable_client_request_id_goes_the_general_way(lane: LaneHarness) -> None:
