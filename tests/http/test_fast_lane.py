@@ -698,8 +698,9 @@ async def test_the_daemons_log_chain_gets_the_general_paths_lines_and_no_secret(
             ids[enabled].append(body["RequestId"])
             canaries += [body["AccessKeySecret"], body["SecurityToken"]]
         assert lane.lane.served - served == 2
+        assert sink.flush(30.0)  # this loop's gathered lines handed over, then all written
     finally:
-        sink.close()  # hands this loop's gathered lines over, then writes them all
+        sink.close()
     text = output.getvalue()
     lines = [json.loads(line) for line in text.splitlines()]
     by_request = {
