@@ -62,7 +62,7 @@ pytest: $(TEST_STAMP) $(SYSTEM) $(NODE_STAMP)
 RESULTS ?= bench/results/latest.md
 bench: $(TEST_STAMP)  ## ratios against baselines of the same run; writes $(RESULTS)
 	bash tools/install-system-deps.sh
-	$(BIN)/python bench/run.py --output $(RESULTS)
+	$(BIN)/python bench/run.py --output $(RESULTS) $(if $(ROUNDS),--rounds $(ROUNDS))
 	$(BIN)/python bench/fleet.py --append $(RESULTS)
 
 clean:

@@ -3,6 +3,7 @@
 Used by ``bench/cost_breakdown.py`` only; never by the product.  ``VARIANT``:
 
 * ``full``: the broker as shipped;
+* ``no-lane``: the broker with its cached-credentials lane off (every request the general way);
 * ``no-log``: the per-request log lines not written (``hot_log.emit`` a no-op);
 * ``const``: the credentials handler replies a constant body (no auth, no use case);
 * ``const-no-log``: both;
@@ -22,6 +23,7 @@ from aiohttp import web
 import broker.cli as cli
 import broker.hot_log as hot_log
 import broker.http.app as app_module
+import broker.http.fast_lane as fast_lane
 import broker.http.routes as routes
 
 _BODY = b'{"x":"' + b"a" * 1350 + b'"}'
@@ -37,9 +39,25 @@ async def _pass_through(request: web.Request, handler: Any) -> web.StreamRespons
     return response
 
 
+def _lane_off() -> None:
+    """Every ``FastLane`` made from now on sends every request the general way."""
+    made = fast_lane.FastLane.__init__
+
+    def init(self: fast_lane.FastLane, *args: Any, **kwargs: Any) -> None:
+        made(self, *args, **kwargs)
+        self.enabled = False
+
+    fast_lane.FastLane.__init__ = init  # type: ignore[method-assign]
+
+
 def _stub(variant: str) -> None:
+    if variant != "full":  # every variant but the broker as shipped measures the general path
+        _lane_off()
+    if variant == "no-lane":
+        return
     if variant == "const-log-unwritten":
         import broker.logs as logs
+
         real = logs.hot_route
 
         def route_without_writer() -> Any:

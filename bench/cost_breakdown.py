@@ -23,7 +23,9 @@ from pathlib import Path
 import stack as bench_stack
 from procs import Child
 
-VARIANTS = tuple(os.environ.get("VARIANTS", "bare,const,const-no-log,no-log,full").split(","))
+VARIANTS = tuple(
+    os.environ.get("VARIANTS", "bare,const,const-no-log,no-log,no-lane,full").split(",")
+)
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 

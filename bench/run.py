@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import re
@@ -300,6 +301,12 @@ def _exit_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round of 3 s (development)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"interleaved wrk rounds (default {FULL.rounds}; steadier medians when noisy)",
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "--output",
@@ -338,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run every measurement, print the report and write it (``--output``)."""
     args = _parse(argv)
     plan = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        plan = dataclasses.replace(plan, rounds=max(1, args.rounds))
     _raise_open_files_limit()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     load_before = report.load_average()

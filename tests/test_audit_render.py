@@ -269,3 +269,33 @@ def test_the_fast_path_renders_a_plain_record_without_the_scrub(
     monkeypatch.setattr(audit_render, "_general", general)
     assert renderer.line(*CASES["hit"]) == reference_issued(*CASES["hit"])
     assert renderer.line(*CASES["presigned url"]) == reference_issued(*CASES["presigned url"])
+
+
+_NO_DETAIL = [name for name, args in CASES.items() if not args[7]]
+
+
+@pytest.mark.parametrize("name", _NO_DETAIL)
+def test_spliced_parts_give_the_records_bytes_or_nothing(name: str) -> None:
+    """``spliced`` parts with a time, hex request id and lifetime make ``line``'s very bytes."""
+    context, event, now, principal, scope, token, tail, _ = CASES[name]
+    ours = dataclasses.replace(context, request_id="0123456789abcdef0123456789abcdef")
+    renderer = IssuanceRenderer()
+    parts = renderer.spliced(ours, event, principal, scope, token, tail[0], tail[2])
+    if parts is None:  # a value that may hold a named secret: the general path, every time
+        assert name.startswith("secret in") or name == "no request context"
+        return
+    expected = reference_issued(ours, event, now, principal, scope, token, tail, {})
+    assert parts.line(now, ours.request_id, tail[1]) == expected
+    seven = reference_issued(ours, event, now, principal, scope, token, (tail[0], 7, tail[2]), {})
+    assert parts.line(now, ours.request_id, 7) == seven
+
+
+def test_spliced_parts_hold_no_secret_of_the_token() -> None:
+    """The kept parts carry the AccessKeyId, never the secret nor the SecurityToken."""
+    context, event, _, principal, scope, token, tail, _ = CASES["hit"]
+    parts = IssuanceRenderer().spliced(context, event, principal, scope, token, tail[0], tail[2])
+    assert parts is not None
+    kept = parts.after_time + parts.after_request_id + parts.after_expires_in
+    assert token.access_key_id.encode() in kept
+    assert token.access_key_secret.encode() not in kept
+    assert token.security_token.encode() not in kept

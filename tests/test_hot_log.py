@@ -405,3 +405,48 @@ def test_an_empty_varying_writes_the_chains_line(
     _chain_and_emit(_repeating(), {})
     chain, cold, warm = (_timeless(line) for line in _lines(stream))
     assert cold == warm == chain
+
+
+def _started_line(fields: dict[str, Any], varying: dict[str, Any]) -> None:
+    """In a request: emit's line, then the same line from ``line_start`` + ``finish``."""
+    request_context.begin("fedcba9876543210fedcba9876543210", "credentials", "127.0.0.1")
+    request_context.note_caller(Principal("svc-a"))
+    request_context.note_policy("reports-read")
+    hot_log.emit("request_finished", dict(fields), dict(varying))
+    found = hot_log.line_route()
+    assert found is not None
+    route, bound = found
+    start = hot_log.line_start("request_finished", dict(fields), bound)
+    assert start
+    context = request_context.current()
+    hot_log.finish(route, start, hot_log.varying_json(varying), bound, context)
+
+
+def test_a_line_from_its_kept_start_is_emits_line(stream: io.StringIO) -> None:
+    """``line_start`` + ``finish`` write emit's line, byte for byte but the timestamp."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(worker=1)
+    contextvars.copy_context().run(_started_line, _repeating() | {"error_code": None}, {"d": 0.5})
+    emitted, started = stream.getvalue().splitlines()
+    stamp = re.compile(r'"timestamp":"[^"]+"')
+    assert stamp.sub("", emitted) == stamp.sub("", started)
+    assert json.loads(started)["worker"] == 1
+
+
+def test_a_canary_in_a_kept_start_is_scrubbed(stream: io.StringIO) -> None:
+    """A secret shape in a repeating field is scrubbed in the start, as in emit's line."""
+    fields = _repeating() | {"path": f"/v1/credentials/{API_KEY}", "error_code": None}
+    contextvars.Context().run(_started_line, fields, {"d": 1})
+    assert API_KEY not in stream.getvalue()
+    assert len(stream.getvalue().splitlines()) == 2
+
+
+def test_no_line_route_when_lines_are_not_written_here() -> None:
+    """Console output or info off: ``line_route`` is None (callers then use ``emit``)."""
+    for fmt, level in (("console", "info"), ("json", "warning")):
+        configure_logging(fmt, level, stream=io.StringIO())
+        try:
+            assert hot_log.line_route() is None
+        finally:
+            structlog.reset_defaults()
+            logging.getLogger().handlers.clear()

@@ -40,6 +40,20 @@ def test_callers_have_separate_quotas(clock: FakeClock) -> None:
     quotas.check("bob")
 
 
+def test_try_take_counts_what_check_would_and_reports_nothing(clock: FakeClock) -> None:
+    """``try_take`` takes a token while there is one; past that False, with no rejection counted."""
+    rejected: list[None] = []
+    quotas = CallerQuotas(1.0, 2.0, clock, on_reject=lambda: rejected.append(None))
+    assert quotas.try_take("alice")
+    assert quotas.try_take("alice")
+    assert not quotas.try_take("alice")
+    assert rejected == []
+    with pytest.raises(TooManyRequests):  # the general path's check then refuses, and reports
+        quotas.check("alice")
+    assert len(rejected) == 1
+    assert CallerQuotas(None, None, clock).try_take("alice")  # no quota: always
+
+
 @pytest.mark.parametrize(("rate", "retry_after"), [(0.25, 4), (2.0, 1), (0.3, 4)])
 def test_refusal_carries_retry_after_rounded_up(
     clock: FakeClock, rate: float, retry_after: int

@@ -90,13 +90,13 @@ class _ConnectionPolicy:
 
     def refused(self, status: int, exc: BaseException | None, request_id: str) -> None:
         """A request head aiohttp could not parse: counted, logged without its bytes."""
-        self.metrics.requests.labels(_UNPARSED_ROUTE, str(status)).inc()
+        self.metrics.requests.count(_UNPARSED_ROUTE, status)
         reason = type(exc).__name__ if exc is not None else None
         log.info("request_refused", status=status, reason=reason, request_id=request_id)
 
     def crashed(self, status: int, exc: BaseException | None, request_id: str) -> None:
         """An error outside the middleware (a bug): counted and logged with its traceback."""
-        self.metrics.requests.labels(_UNHANDLED_ROUTE, str(status)).inc()
+        self.metrics.requests.count(_UNHANDLED_ROUTE, status)
         log.error("request_crashed", status=status, request_id=request_id, **_exception_fields(exc))
 
 

@@ -182,19 +182,7 @@ class FastLane:
         request_id = request[REQUEST_ID]
         expires_in = int(token.expires_at - now)
         kept = self._kept(request, services, principal, target, token)
-        if kept.record is not None:
-            services.audit.handed_parts("credentials_issued", kept.record, request_id, expires_in)
-        else:
-            expiration = token.expiration_iso()
-            services.audit.handed(
-                "credentials_issued",
-                principal,
-                target.scope,
-                token,
-                cache="hit",
-                expiration=expiration,
-                expires_in=expires_in,
-            )
+        _audit(services, principal, kept, request_id, expires_in)
         lines = _current(kept)
         if lines is None:
             fields = issued_fields(target.scope, token, "hit")
@@ -242,6 +230,24 @@ class FastLane:
             self._kept_by_target.clear()
         self._kept_by_target[id(target)] = kept
         return kept
+
+
+def _audit(
+    services: Services, principal: Principal, kept: _Kept, request_id: str, expires_in: int
+) -> None:
+    """The issuance's audit record, from ``kept``'s parts when it has them."""
+    if kept.record is not None:
+        services.audit.handed_parts("credentials_issued", kept.record, request_id, expires_in)
+        return
+    services.audit.handed(
+        "credentials_issued",
+        principal,
+        kept.target.scope,
+        kept.token,
+        cache="hit",
+        expiration=kept.token.expiration_iso(),
+        expires_in=expires_in,
+    )
 
 
 def _current(kept: _Kept) -> _Lines | None:

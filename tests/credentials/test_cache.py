@@ -561,6 +561,19 @@ async def test_fetch_in_flight_when_purged_is_not_stored(sts: StsHarness, clock:
     assert len(cache) == 1
 
 
+async def test_servable_is_fresh_without_counting_a_hit(sts: StsHarness, clock: FakeClock) -> None:
+    """``servable`` answers as ``fresh`` does (the same token, or None) and counts nothing."""
+    cache = _cache(sts, clock)
+    key = CacheKey.for_request(_request())
+    assert cache.servable(key, 0, clock()) is None
+    first = (await cache.get(_request())).credentials
+    assert cache.servable(key, 0, clock()) is first
+    assert cache.servable(key, 901, clock()) is None
+    clock.advance(451)
+    assert cache.servable(key, 0, clock()) is None
+    assert (cache.stats.hits, cache.stats.misses) == (0, 1)
+
+
 async def test_fresh_serves_only_hits_that_need_nothing_done(
     sts: StsHarness, clock: FakeClock
 ) -> None:
