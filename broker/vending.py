@@ -35,6 +35,7 @@ from broker.models import Credentials, Principal
 from broker.names import format_sts_time
 from broker.policies import Policy, PolicySet, Scope
 from broker.post_forms import post_policy_conditions
+from broker.presign_targets import signing_scope, url_plan
 from broker.ram import RamGrant
 from broker.scopes import NARROWING_PARAMETERS, grant_to_sign, narrow, parse_narrowing
 from broker.services import Services
@@ -238,15 +239,23 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
     ``response-*`` overrides are signed (``broker.uploads``): the URL's user can
     change none of them.
     """
-    scope = usable_scope(services.policies, principal, body.policy)
+    scope = signing_scope(services, principal, body.policy)
     operation = resolve_operation(body.method, body.operation)
     spec = OPERATIONS[operation]
     grant = grant_to_sign(scope, valid_key(body.key), spec.action, body.bucket, operation)
     key = check_key(body.key, grant.prefix)
-    request = _presign_input(services, scope.policy, body, operation, grant.bucket, key)
+    policy = scope.policy
+    endpoint = oss_endpoint(services.settings.oss, policy)
+    plan = url_plan(
+        scope,
+        endpoint,
+        grant.bucket,
+        body,
+        lambda: _presign_input(endpoint, policy, body, operation, grant.bucket, key),
+    )
     signer = await _signer(services, principal, scope, body.expires_seconds)
     expires = signer.expiry.seconds
-    signed = signing.presign(signer.credentials, request, signer.signed_at, expires_seconds=expires)
+    signed = signing.presign_planned(plan, signer.credentials, key, signer.signed_at, expires)
     what = {"operation": operation, "key": key}
     await _audit_signed(services, "url_presigned", principal, scope, signer, **what)
     _log_signed("url_presigned", signer, operation=operation, key=key)
@@ -256,7 +265,7 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
 
 
 def _presign_input(
-    services: Services, policy: Policy, body: PresignBody, operation: str, bucket: str, key: str
+    endpoint: OssEndpoint, policy: Policy, body: PresignBody, operation: str, bucket: str, key: str
 ) -> signing.PresignInput:
     """What to sign, every header and query checked; its lifetime is set once a token signs."""
     return signing.PresignInput(
@@ -264,7 +273,7 @@ def _presign_input(
         bucket=bucket,
         key=key,
         region=policy.region,
-        endpoint=oss_endpoint(services.settings.oss, policy),
+        endpoint=endpoint,
         expires_seconds=0,
         headers=presign_headers(body, policy, operation),
         query=presign_query(body, policy, operation),
@@ -280,7 +289,7 @@ async def sign_post_policy(
     The form is for the grant holding ``key`` or ``key_prefix`` (by default the
     first grant allowing ``put``), in that grant's bucket.
     """
-    scope = usable_scope(services.policies, principal, body.policy)
+    scope = signing_scope(services, principal, body.policy)
     policy = scope.policy
     grant = _upload_grant(scope, body)
     form = post_policy_conditions(body, policy, grant.prefix)
