@@ -24,12 +24,18 @@ from typing import Any
 from broker import request_context, signing
 from broker.caller_scopes import usable_scope
 from broker.models import Principal
-from broker.policies import PolicySet, Scope
+from broker.policies import Policy, PolicySet, Scope
 from broker.services import Services
 from broker.signing import OssEndpoint
-from broker.uploads import PresignBody
+from broker.uploads import (
+    ADDITIONAL_HEADERS,
+    OPERATIONS,
+    PresignBody,
+    presign_headers,
+    presign_query,
+)
 
-__all__ = ["MAX_PLANS", "MAX_SCOPES", "signing_scope", "url_plan"]
+__all__ = ["MAX_PLANS", "MAX_SCOPES", "presign_input", "signing_scope", "url_plan"]
 
 MAX_SCOPES = 4096
 MAX_PLANS = 4096
@@ -109,3 +115,20 @@ def url_plan(
         _PLANS.clear()
     _PLANS[key] = (scope, plan)
     return plan
+
+
+def presign_input(
+    endpoint: OssEndpoint, policy: Policy, body: PresignBody, operation: str, bucket: str, key: str
+) -> signing.PresignInput:
+    """What to sign, every header and query checked; its lifetime is set once a token signs."""
+    return signing.PresignInput(
+        method=OPERATIONS[operation].method,
+        bucket=bucket,
+        key=key,
+        region=policy.region,
+        endpoint=endpoint,
+        expires_seconds=0,
+        headers=presign_headers(body, policy, operation),
+        query=presign_query(body, policy, operation),
+        additional_headers=ADDITIONAL_HEADERS,
+    )

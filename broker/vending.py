@@ -16,7 +16,7 @@ and nothing is handed out.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
@@ -33,15 +33,14 @@ from broker.errors import (
 )
 from broker.models import Credentials, Principal
 from broker.names import format_sts_time
-from broker.policies import Policy, PolicySet, Scope
+from broker.policies import PolicySet, Scope
 from broker.post_forms import post_policy_conditions
-from broker.presign_targets import signing_scope, url_plan
+from broker.presign_targets import presign_input, signing_scope, url_plan
 from broker.ram import RamGrant
 from broker.scopes import NARROWING_PARAMETERS, grant_to_sign, narrow, parse_narrowing
 from broker.services import Services
 from broker.signing import OssEndpoint
 from broker.uploads import (
-    ADDITIONAL_HEADERS,
     OPERATIONS,
     Expiry,
     PostPolicyBody,
@@ -49,8 +48,6 @@ from broker.uploads import (
     check_key,
     clamp_expiry,
     oss_endpoint,
-    presign_headers,
-    presign_query,
     resolve_operation,
     valid_key,
     wanted_validity,
@@ -251,9 +248,12 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
         endpoint,
         grant.bucket,
         body,
-        lambda: _presign_input(endpoint, policy, body, operation, grant.bucket, key),
+        lambda: presign_input(endpoint, policy, body, operation, grant.bucket, key),
     )
-    signer = await _signer(services, principal, scope, body.expires_seconds)
+    requested = body.expires_seconds
+    signer = _fresh_signer(services, principal, scope, requested) or await _signer(
+        services, principal, scope, requested
+    )
     expires = signer.expiry.seconds
     signed = signing.presign_planned(plan, signer.credentials, key, signer.signed_at, expires)
     what = {"operation": operation, "key": key}
@@ -261,23 +261,6 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
     _log_signed("url_presigned", signer, operation=operation, key=key)
     return SignedUrl(
         signed.url, signed.method, signed.signed_headers, signed.expiration, signer.expiry
-    )
-
-
-def _presign_input(
-    endpoint: OssEndpoint, policy: Policy, body: PresignBody, operation: str, bucket: str, key: str
-) -> signing.PresignInput:
-    """What to sign, every header and query checked; its lifetime is set once a token signs."""
-    return signing.PresignInput(
-        method=OPERATIONS[operation].method,
-        bucket=bucket,
-        key=key,
-        region=policy.region,
-        endpoint=endpoint,
-        expires_seconds=0,
-        headers=presign_headers(body, policy, operation),
-        query=presign_query(body, policy, operation),
-        additional_headers=ADDITIONAL_HEADERS,
     )
 
 
@@ -293,7 +276,10 @@ async def sign_post_policy(
     policy = scope.policy
     grant = _upload_grant(scope, body)
     form = post_policy_conditions(body, policy, grant.prefix)
-    signer = await _signer(services, principal, scope, body.expires_seconds)
+    requested = body.expires_seconds
+    signer = _fresh_signer(services, principal, scope, requested) or await _signer(
+        services, principal, scope, requested
+    )
     fields = _post_fields(body, signer, (grant.bucket, policy.region), form.conditions)
     what = {"key": body.key} if body.key else {"key_prefix": _key_prefix(body, grant)}
     await _audit_signed(services, "post_policy_signed", principal, scope, signer, **what)
@@ -364,6 +350,24 @@ async def _credentials(
     return result
 
 
+def _fresh_signer(
+    services: Services, principal: Principal, scope: Scope, requested_seconds: int | None
+) -> _Signer | None:
+    """``_signer``'s result at once when the cached token is a fresh hit, else ``None``."""
+    policy = scope.policy
+    margin = services.settings.cache.refresh_margin_seconds
+    wanted = wanted_validity(requested_seconds, policy)
+    # As _signer then _credentials bound it: the wanted lifetime, as far as a token gives.
+    min_ttl = min(wanted, policy.duration_seconds - margin, policy.token_lifetime_seconds - margin)
+    now = services.clock()
+    key = cache_key(principal, scope, now, refresh_margin=margin)
+    hit = services.cache.fresh(key, min_ttl, now)
+    if hit is None:
+        return None
+    expiry = clamp_expiry(requested_seconds, policy, hit.credentials.expires_at - now)
+    return _Signer(hit, datetime.fromtimestamp(now, UTC), expiry)
+
+
 async def _signer(
     services: Services, principal: Principal, scope: Scope, requested_seconds: int | None
 ) -> _Signer:
@@ -432,16 +436,16 @@ class _Record(TypedDict):
     expires_in: int
 
 
-async def _audit_signed(
+def _audit_signed(
     services: Services,
     event: audit.IssuanceEvent,
     principal: Principal,
     scope: Scope,
     signer: _Signer,
     **detail: str,
-) -> None:
-    """The audit record of a URL or form: its own lifetime, the token that signed it."""
-    await services.audit.issued(
+) -> Awaitable[None]:
+    """The audit record of a URL or form (awaited): its own lifetime, the token that signed it."""
+    return services.audit.issued(
         event,
         principal,
         scope,
