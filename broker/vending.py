@@ -45,8 +45,8 @@ from broker.uploads import (
     Expiry,
     PostPolicyBody,
     PresignBody,
-    check_key,
     clamp_expiry,
+    key_under,
     oss_endpoint,
     resolve_operation,
     valid_key,
@@ -112,15 +112,18 @@ class _Signer:
     result: CacheResult
     signed_at: datetime
     expiry: Expiry
+    expires_at: datetime
+    """When what it signs stops working (``_signed_by``)."""
 
     @property
     def credentials(self) -> Credentials:
         return self.result.credentials
 
-    @property
-    def expires_at(self) -> datetime:
-        """When what it signs stops working."""
-        return self.signed_at + timedelta(seconds=self.expiry.seconds)
+
+def _signed_by(result: CacheResult, now: float, expiry: Expiry) -> _Signer:
+    """The signer of ``result``'s token at ``now``, for ``expiry``."""
+    signed_at = datetime.fromtimestamp(now, UTC)
+    return _Signer(result, signed_at, expiry, signed_at + timedelta(seconds=expiry.seconds))
 
 
 async def issue_credentials(
@@ -239,8 +242,9 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
     scope = signing_scope(services, principal, body.policy)
     operation = resolve_operation(body.method, body.operation)
     spec = OPERATIONS[operation]
-    grant = grant_to_sign(scope, valid_key(body.key), spec.action, body.bucket, operation)
-    key = check_key(body.key, grant.prefix)
+    key = valid_key(body.key)
+    grant = grant_to_sign(scope, key, spec.action, body.bucket, operation)
+    key_under(key, grant.prefix)
     policy = scope.policy
     endpoint = oss_endpoint(services.settings.oss, policy)
     plan = url_plan(
@@ -365,7 +369,7 @@ def _fresh_signer(
     if hit is None:
         return None
     expiry = clamp_expiry(requested_seconds, policy, hit.credentials.expires_at - now)
-    return _Signer(hit, datetime.fromtimestamp(now, UTC), expiry)
+    return _signed_by(hit, now, expiry)
 
 
 async def _signer(
@@ -387,7 +391,7 @@ async def _signer(
     if result.source != "hit":
         now = services.clock()  # STS took time: the URL's lifetime counts from now
     expiry = clamp_expiry(requested_seconds, policy, result.credentials.expires_at - now)
-    return _Signer(result, datetime.fromtimestamp(now, UTC), expiry)
+    return _signed_by(result, now, expiry)
 
 
 def _post_fields(
