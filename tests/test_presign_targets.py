@@ -204,3 +204,16 @@ async def test_urls_from_a_kept_plan_equal_unplanned_urls(
         )
         when = signed.expiration - timedelta(seconds=signed.expiry.seconds)
         assert signed.url == signing.presign(token.credentials, request, when).url
+
+
+def test_a_callback_is_part_of_the_shape(services: Services) -> None:
+    """Bodies with the same callback share a plan; another callback URL or body is planned anew."""
+    builds: list[int] = []
+    callback = {"url": "https://cb.example/", "body": "a=b"}
+    for key in ("avatars/alice/1.png", "avatars/alice/2.png"):
+        body = {**AVATAR, "key": key, "callback": callback}
+        _plan(services, PresignBody.model_validate(body), builds)
+    assert len(builds) == 1
+    for changed in ({**callback, "url": "https://evil.example/"}, {**callback, "body": "c=d"}):
+        _plan(services, PresignBody.model_validate({**AVATAR, "callback": changed}), builds)
+    assert len(builds) == 3
