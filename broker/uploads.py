@@ -41,6 +41,7 @@ __all__ = [
     "check_key",
     "check_part_size",
     "clamp_expiry",
+    "key_under",
     "oss_endpoint",
     "presign_headers",
     "presign_query",
@@ -255,7 +256,11 @@ def check_key(key: str, prefix: str) -> str:
 
     Malformed keys are 400; a well-formed key outside the prefix is 403.
     """
-    valid_key(key)
+    return key_under(valid_key(key), prefix)
+
+
+def key_under(key: str, prefix: str) -> str:
+    """``check_key`` for a key ``valid_key`` passed already: under ``prefix``, not it (403)."""
     if not key.startswith(prefix) or key == prefix:
         raise AccessDenied(f"key is outside this caller's prefix {prefix}", prefix=prefix)
     return key

@@ -16,7 +16,7 @@ and nothing is handed out.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
@@ -33,23 +33,21 @@ from broker.errors import (
 )
 from broker.models import Credentials, Principal
 from broker.names import format_sts_time
-from broker.policies import Policy, PolicySet, Scope
+from broker.policies import PolicySet, Scope
 from broker.post_forms import post_policy_conditions
+from broker.presign_targets import presign_input, signing_scope, url_plan
 from broker.ram import RamGrant
 from broker.scopes import NARROWING_PARAMETERS, grant_to_sign, narrow, parse_narrowing
 from broker.services import Services
 from broker.signing import OssEndpoint
 from broker.uploads import (
-    ADDITIONAL_HEADERS,
     OPERATIONS,
     Expiry,
     PostPolicyBody,
     PresignBody,
-    check_key,
     clamp_expiry,
+    key_under,
     oss_endpoint,
-    presign_headers,
-    presign_query,
     resolve_operation,
     valid_key,
     wanted_validity,
@@ -115,15 +113,18 @@ class _Signer:
     result: CacheResult
     signed_at: datetime
     expiry: Expiry
+    expires_at: datetime
+    """When what it signs stops working (``_signed_by``)."""
 
     @property
     def credentials(self) -> Credentials:
         return self.result.credentials
 
-    @property
-    def expires_at(self) -> datetime:
-        """When what it signs stops working."""
-        return self.signed_at + timedelta(seconds=self.expiry.seconds)
+
+def _signed_by(result: CacheResult, now: float, expiry: Expiry) -> _Signer:
+    """The signer of ``result``'s token at ``now``, for ``expiry``."""
+    signed_at = datetime.fromtimestamp(now, UTC)
+    return _Signer(result, signed_at, expiry, signed_at + timedelta(seconds=expiry.seconds))
 
 
 async def issue_credentials(
@@ -239,37 +240,32 @@ async def presign_url(services: Services, principal: Principal, body: PresignBod
     ``response-*`` overrides are signed (``broker.uploads``): the URL's user can
     change none of them.
     """
-    scope = usable_scope(services.policies, principal, body.policy)
+    scope = signing_scope(services, principal, body.policy)
     operation = resolve_operation(body.method, body.operation)
     spec = OPERATIONS[operation]
-    grant = grant_to_sign(scope, valid_key(body.key), spec.action, body.bucket, operation)
-    key = check_key(body.key, grant.prefix)
-    request = _presign_input(services, scope.policy, body, operation, grant.bucket, key)
-    signer = await _signer(services, principal, scope, body.expires_seconds)
+    key = valid_key(body.key)
+    grant = grant_to_sign(scope, key, spec.action, body.bucket, operation)
+    key_under(key, grant.prefix)
+    policy = scope.policy
+    endpoint = oss_endpoint(services.settings.oss, policy)
+    plan = url_plan(
+        scope,
+        endpoint,
+        grant.bucket,
+        body,
+        lambda: presign_input(endpoint, policy, body, operation, grant.bucket, key),
+    )
+    requested = body.expires_seconds
+    signer = _fresh_signer(services, principal, scope, requested) or await _signer(
+        services, principal, scope, requested
+    )
     expires = signer.expiry.seconds
-    signed = signing.presign(signer.credentials, request, signer.signed_at, expires_seconds=expires)
+    signed = signing.presign_planned(plan, signer.credentials, key, signer.signed_at, expires)
     what = {"operation": operation, "key": key}
     await _audit_signed(services, "url_presigned", principal, scope, signer, **what)
     _log_signed("url_presigned", signer, operation=operation, key=key)
     return SignedUrl(
         signed.url, signed.method, signed.signed_headers, signed.expiration, signer.expiry
-    )
-
-
-def _presign_input(
-    services: Services, policy: Policy, body: PresignBody, operation: str, bucket: str, key: str
-) -> signing.PresignInput:
-    """What to sign, every header and query checked; its lifetime is set once a token signs."""
-    return signing.PresignInput(
-        method=OPERATIONS[operation].method,
-        bucket=bucket,
-        key=key,
-        region=policy.region,
-        endpoint=oss_endpoint(services.settings.oss, policy),
-        expires_seconds=0,
-        headers=presign_headers(body, policy, operation),
-        query=presign_query(body, policy, operation),
-        additional_headers=ADDITIONAL_HEADERS,
     )
 
 
@@ -281,11 +277,14 @@ async def sign_post_policy(
     The form is for the grant holding ``key`` or ``key_prefix`` (by default the
     first grant allowing ``put``), in that grant's bucket.
     """
-    scope = usable_scope(services.policies, principal, body.policy)
+    scope = signing_scope(services, principal, body.policy)
     policy = scope.policy
     grant = _upload_grant(scope, body)
     form = post_policy_conditions(body, policy, grant.prefix)
-    signer = await _signer(services, principal, scope, body.expires_seconds)
+    requested = body.expires_seconds
+    signer = _fresh_signer(services, principal, scope, requested) or await _signer(
+        services, principal, scope, requested
+    )
     fields = _post_fields(body, signer, (grant.bucket, policy.region), form.conditions)
     what = {"key": body.key} if body.key else {"key_prefix": _key_prefix(body, grant)}
     await _audit_signed(services, "post_policy_signed", principal, scope, signer, **what)
@@ -356,6 +355,24 @@ async def _credentials(
     return result
 
 
+def _fresh_signer(
+    services: Services, principal: Principal, scope: Scope, requested_seconds: int | None
+) -> _Signer | None:
+    """``_signer``'s result at once when the cached token is a fresh hit, else ``None``."""
+    policy = scope.policy
+    margin = services.settings.cache.refresh_margin_seconds
+    wanted = wanted_validity(requested_seconds, policy)
+    # As _signer then _credentials bound it: the wanted lifetime, as far as a token gives.
+    min_ttl = min(wanted, policy.duration_seconds - margin, policy.token_lifetime_seconds - margin)
+    now = services.clock()
+    key = cache_key(principal, scope, now, refresh_margin=margin)
+    hit = services.cache.fresh(key, min_ttl, now)
+    if hit is None:
+        return None
+    expiry = clamp_expiry(requested_seconds, policy, hit.credentials.expires_at - now)
+    return _signed_by(hit, now, expiry)
+
+
 async def _signer(
     services: Services, principal: Principal, scope: Scope, requested_seconds: int | None
 ) -> _Signer:
@@ -375,7 +392,7 @@ async def _signer(
     if result.source != "hit":
         now = services.clock()  # STS took time: the URL's lifetime counts from now
     expiry = clamp_expiry(requested_seconds, policy, result.credentials.expires_at - now)
-    return _Signer(result, datetime.fromtimestamp(now, UTC), expiry)
+    return _signed_by(result, now, expiry)
 
 
 def _post_fields(
@@ -424,16 +441,16 @@ class _Record(TypedDict):
     expires_in: int
 
 
-async def _audit_signed(
+def _audit_signed(
     services: Services,
     event: audit.IssuanceEvent,
     principal: Principal,
     scope: Scope,
     signer: _Signer,
     **detail: str,
-) -> None:
-    """The audit record of a URL or form: its own lifetime, the token that signed it."""
-    await services.audit.issued(
+) -> Awaitable[None]:
+    """The audit record of a URL or form (awaited): its own lifetime, the token that signed it."""
+    return services.audit.issued(
         event,
         principal,
         scope,

@@ -36,6 +36,8 @@ from broker.uploads import (
     check_key,
     check_part_size,
     clamp_expiry,
+    key_under,
+    valid_key,
 )
 from tests.conftest import POLICIES_DIR, BrokerHarness, FakeClock, start_test_server
 from tests.wire import POST_POLICY, PRESIGN, error_code, post_json
@@ -272,6 +274,22 @@ def test_check_key_never_accepts_a_key_outside_the_prefix(data: st.DataObject, p
     assert not any(segment in (".", "..") for segment in key.split("/"))
     assert not any(ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F for char in key)
     assert 1 <= len(key.encode("utf-8")) <= MAX_KEY_BYTES
+
+
+@_BOUNDED
+@given(data=st.data(), prefix=_prefixes)
+def test_key_under_after_valid_key_decides_as_check_key(data: st.DataObject, prefix: str) -> None:
+    """valid_key then key_under (the presign path) accepts and refuses exactly as check_key."""
+    key = data.draw(_keys_near(prefix))
+    try:
+        expected: object = check_key(key, prefix)
+    except (RequestInvalid, AccessDenied) as err:
+        expected = (type(err), err.message)
+    try:
+        got: object = key_under(valid_key(key), prefix)
+    except (RequestInvalid, AccessDenied) as err:
+        got = (type(err), err.message)
+    assert got == expected
 
 
 @_BOUNDED

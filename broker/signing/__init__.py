@@ -16,8 +16,11 @@ from broker.signing.v4 import (
     MAX_EXPIRES_SECONDS,
     PresignedUrl,
     PresignInput,
+    PresignPlan,
     authorization_v4,
     presign,
+    presign_plan,
+    presign_planned,
     signing_key,
 )
 
@@ -27,11 +30,14 @@ __all__ = [
     "Addressing",
     "OssEndpoint",
     "PresignInput",
+    "PresignPlan",
     "PresignedUrl",
     "authorization_v4",
     "bucket_url",
     "post_policy_v1",
     "post_policy_v4",
     "presign",
+    "presign_plan",
+    "presign_planned",
     "signing_key",
 ]

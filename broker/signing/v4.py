@@ -30,16 +30,18 @@ What is signed, exactly as the SDK does it:
 
 Memos: no secret is a memo key.  What one token signs with (signing key
 states, encoded credential and token) is kept per credentials object, day and
-region until the first signature after the token expires (``key_state``);
-which headers are signed, in which order, is kept per set of header names.
+region until the first signature after the token expires
+(``broker.signing.key_states``); which headers are signed, in which order, is
+kept per set of header names.  ``presign_plan`` does, once, all of a URL's
+work that depends on neither its key, nor its token, nor the time: a caller
+may keep the plan (it holds no secret) and sign many keys with it
+(``presign_planned``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
-import string
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -49,7 +51,11 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from broker.models import Credentials
+from broker.signing.encoding import quote as _quote
+from broker.signing.encoding import quote_path as _quote_path
+from broker.signing.encoding import quote_repeated as _quote_all
 from broker.signing.endpoints import OssEndpoint, object_url_base
+from broker.signing.key_states import MAX_KEY_STATES, KeyState, key_state, signing_key
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -60,11 +66,14 @@ __all__ = [
     "MAX_KEY_STATES",
     "KeyState",
     "PresignInput",
+    "PresignPlan",
     "PresignedUrl",
     "as_utc",
     "authorization_v4",
     "key_state",
     "presign",
+    "presign_plan",
+    "presign_planned",
     "signing_key",
     "x_oss_date",
 ]
@@ -83,16 +92,7 @@ _SIGNATURE_PARAMS = frozenset(
 )
 # The SDK's bucket-name rule (validation.is_valid_bucket_name).
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
-# Percent-encoding as urllib.parse.quote does it: unreserved characters stay,
-# every other UTF-8 byte becomes %XX (upper-case hex).
-_UNRESERVED = frozenset(string.ascii_letters + string.digits + "_.-~")
-_ALL_TABLE = tuple(chr(b) if chr(b) in _UNRESERVED else f"%{b:02X}" for b in range(256))
-_PATH_TABLE = tuple("/" if b == ord("/") else _ALL_TABLE[b] for b in range(256))
-_ALL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")
-_PATH_SAFE = re.compile(r"[A-Za-z0-9_.~/-]*")
 _DEFAULT_SIGNED = frozenset({"content-type", "content-md5"})
-_IPAD = bytes(b ^ 0x36 for b in range(256))
-_OPAD = bytes(b ^ 0x5C for b in range(256))
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,18 +132,6 @@ class PresignedUrl:
     expiration: datetime
 
 
-def signing_key(access_key_secret: str, date: str, region: str, product: str = "oss") -> bytes:
-    """The V4 signing key for one secret, day (``YYYYMMDD``), region and product.
-
-    Not memoised here (a memo keyed by secrets would outlive their tokens):
-    ``key_state`` keeps what one token signs with, until that token expires.
-    """
-    key = ("aliyun_v4" + access_key_secret).encode()
-    for part in (date, region, product, "aliyun_v4_request"):
-        key = hmac.digest(key, part.encode(), "sha256")
-    return key
-
-
 def presign(
     credentials: Credentials,
     request: PresignInput,
@@ -154,43 +142,98 @@ def presign(
     """Sign ``request`` into a query-string (presigned) URL, byte-identical to the SDK's.
 
     ``expires_seconds``, when given, replaces ``request.expires_seconds`` (the
-    lifetime is often known only once a token is chosen).
+    lifetime is often known only once a token is chosen).  The same as
+    ``presign_planned`` with ``presign_plan(request)``.
     """
-    when = as_utc(signing_time)
     expires = request.expires_seconds if expires_seconds is None else expires_seconds
-    if not 0 < expires <= MAX_EXPIRES_SECONDS:
-        raise ValueError(f"expires_seconds must be in 1..{MAX_EXPIRES_SECONDS}, not {expires}")
+    _check_expires(expires)
+    plan = presign_plan(request)
+    return presign_planned(plan, credentials, request.key, signing_time, expires)
+
+
+@dataclass(frozen=True, slots=True)
+class PresignPlan:
+    """What a presigned URL signs besides its key, token, time and lifetime (``presign_plan``).
+
+    ``query_url`` and ``query_sorted``: the encoded sub-resources in the given
+    and in sorted order ("" without any); ``merge``: one of them sorts among
+    the signer's own keys, so the canonical query is sorted per signature.
+    """
+
+    method: str
+    bucket: str
+    region: str
+    product: str
+    url_base: str
+    signed_headers: Mapping[str, str]
+    canonical_headers: str
+    additional: str
+    additional_query: str
+    query_pairs: tuple[tuple[str, str], ...]
+    query_url: str
+    query_sorted: str
+    merge: bool
+
+
+def presign_plan(request: PresignInput) -> PresignPlan:
+    """Everything ``request`` signs that is neither its key nor its lifetime, checked.
+
+    Holds no secret: a plan may be kept and signed with (``presign_planned``)
+    for any key, token and time.
+    """
     method, bucket = request.method, request.bucket
     if method not in _METHODS:
         raise ValueError(f"unsupported method {method!r}")
     if not _is_valid_bucket(bucket):
         raise ValueError(f"invalid bucket name {bucket!r}")
-    if not 0 < len(request.key) <= 1024:
-        raise ValueError("an object key must have 1 to 1024 characters")
-
-    stamp = x_oss_date(when)
-    state = key_state(credentials, stamp[:8], request.region, request.product, when)
     signed, canonical_headers, additional = _signed_headers(
         request.headers, request.additional_headers
     )
-    url_query, canonical_query = _query_strings(
-        request.query,
-        stamp,
-        expires,
-        state.credential,
-        state.token,
+    pairs = _encode_query(request.query)
+    ordered = sorted(pairs)
+    return PresignPlan(
+        method,
+        bucket,
+        request.region,
+        request.product,
+        object_url_base(request.endpoint, bucket),
+        MappingProxyType(signed),
+        canonical_headers,
+        additional,
         _quote_all(additional) if additional else "",
+        tuple(pairs),
+        _join_query(pairs),
+        _join_query(ordered),
+        bool(ordered) and ordered[-1][0] >= "x-oss-additional-headers",  # the signer's least
     )
-    path = _quote_path(request.key)
+
+
+def presign_planned(
+    plan: PresignPlan, credentials: Credentials, key: str, signing_time: datetime, expires: int
+) -> PresignedUrl:
+    """``key`` presigned as ``plan`` says, with ``credentials``, at ``signing_time``."""
+    when = as_utc(signing_time)
+    _check_expires(expires)
+    if not 0 < len(key) <= 1024:
+        raise ValueError("an object key must have 1 to 1024 characters")
+    stamp = x_oss_date(when)
+    state = key_state(credentials, stamp[:8], plan.region, plan.product, when)
+    url_query, canonical_query = _query_strings(plan, stamp, expires, state.credential, state.token)
+    path = _quote_path(key)
     canonical = (
-        f"{method}\n/{bucket}/{path}\n{canonical_query}\n"
-        f"{canonical_headers}\n{additional}\n{_UNSIGNED}"
+        f"{plan.method}\n/{plan.bucket}/{path}\n{canonical_query}\n"
+        f"{plan.canonical_headers}\n{plan.additional}\n{_UNSIGNED}"
     )
     signature = _signature(state.pads, stamp, state.scope, canonical)
-    base = object_url_base(request.endpoint, bucket)
-    url = f"{base}{path}?{url_query}&x-oss-signature={signature}"
+    url = f"{plan.url_base}{path}?{url_query}&x-oss-signature={signature}"
     expiration = when + _lifetime(expires, when.microsecond)  # x-oss-date is to the second
-    return PresignedUrl(url=url, method=method, signed_headers=signed, expiration=expiration)
+    signed = dict(plan.signed_headers)
+    return PresignedUrl(url=url, method=plan.method, signed_headers=signed, expiration=expiration)
+
+
+def _check_expires(expires: int) -> None:
+    if not 0 < expires <= MAX_EXPIRES_SECONDS:
+        raise ValueError(f"expires_seconds must be in 1..{MAX_EXPIRES_SECONDS}, not {expires}")
 
 
 def authorization_v4(
@@ -260,26 +303,6 @@ def _is_valid_bucket(bucket: str) -> bool:
     return _BUCKET_RE.fullmatch(bucket) is not None
 
 
-def _quote_path(text: str) -> str:
-    """``urllib.parse.quote(text, safe="/")``, twice as fast."""
-    if _PATH_SAFE.fullmatch(text):
-        return text
-    table = _PATH_TABLE
-    return "".join([table[byte] for byte in text.encode()])
-
-
-def _quote(text: str) -> str:
-    """``urllib.parse.quote(text, safe="")``: only unreserved characters stay."""
-    if _ALL_SAFE.fullmatch(text):
-        return text
-    table = _ALL_TABLE
-    return "".join([table[byte] for byte in text.encode()])
-
-
-_quote_all = lru_cache(maxsize=4096)(_quote)
-"""``_quote`` for names that repeat across calls (never for secrets: see ``key_state``)."""
-
-
 def _encode_query(query: Mapping[str, str | None]) -> list[tuple[str, str]]:
     pairs = []
     for name, value in query.items():
@@ -290,19 +313,15 @@ def _encode_query(query: Mapping[str, str | None]) -> list[tuple[str, str]]:
 
 
 def _query_strings(
-    query: Mapping[str, str | None],
-    stamp: str,
-    expires: int,
-    credential: str,
-    token: str,
-    additional: str,
+    plan: PresignPlan, stamp: str, expires: int, credential: str, token: str
 ) -> tuple[str, str]:
     """(URL query in the SDK's order, sorted canonical query), both without x-oss-signature.
 
-    Values come in already encoded.  The signer's own pairs follow the
-    sub-resources in the URL; their sorted order is fixed, so they are written
-    directly and only the sub-resources are sorted.
+    The sub-resources come encoded (and joined) in ``plan``.  The signer's own
+    pairs follow them in the URL; their sorted order is fixed, so they are
+    written directly and only the sub-resources are sorted (in ``plan``).
     """
+    additional = plan.additional_query
     token_pair = f"&x-oss-security-token={token}" if token else ""
     additional_pair = f"&x-oss-additional-headers={additional}" if additional else ""
     signer_query = (
@@ -314,15 +333,14 @@ def _query_strings(
         f"&x-oss-date={stamp}&x-oss-expires={expires}{token_pair}"
         f"&x-oss-signature-version={ALGORITHM}"
     )
-    if not query:
+    if not plan.query_pairs:
         return signer_query, signer_canonical
-    pairs = _encode_query(query)
-    url_query = f"{_join_query(pairs)}&{signer_query}"
-    pairs.sort()
-    if pairs[-1][0] < "x-oss-additional-headers":  # the least of the signer's keys
-        return url_query, f"{_join_query(pairs)}&{signer_canonical}"
+    url_query = f"{plan.query_url}&{signer_query}"
+    if not plan.merge:
+        return url_query, f"{plan.query_sorted}&{signer_canonical}"
     # A sub-resource sorting among the signer's keys (x-oss-process...): merge them.
-    pairs += [
+    pairs = [
+        *plan.query_pairs,
         ("x-oss-signature-version", ALGORITHM),
         ("x-oss-date", stamp),
         ("x-oss-expires", str(expires)),
@@ -388,84 +406,6 @@ def _header_plan(
     )
     order = tuple((i, lower, name) for lower, i, name in signed)
     return order, ";".join(sorted(extra)), optional
-
-
-@dataclass(frozen=True, slots=True)
-class KeyState:
-    """What one token signs with all day in one region: derived once, kept while it lives.
-
-    ``scope`` is ``date/region/product/aliyun_v4_request``; ``credential`` and
-    ``token`` are the percent-encoded ``x-oss-credential`` and
-    ``x-oss-security-token`` values ("" without a token); ``pads`` the HMAC
-    states of the V4 signing key.
-    """
-
-    credentials: Credentials
-    scope: str
-    credential: str
-    token: str
-    pads: tuple[_Hash, _Hash]
-
-
-MAX_KEY_STATES = 1024
-"""At most this many tokens' signing state is kept (one per access key id, day, region)."""
-_KEY_STATES: dict[tuple[str, str, str, str], KeyState] = {}
-_NO_EXPIRY = datetime.max.replace(tzinfo=UTC)
-_earliest_expiry = [_NO_EXPIRY]  # the soonest expiration among the kept states
-
-
-def key_state(
-    credentials: Credentials, date: str, region: str, product: str, when: datetime
-) -> KeyState:
-    """The signing state of ``credentials`` for ``date``, ``region`` and ``product``.
-
-    Memoised per (access key id, date, region, product), and only for the very
-    credentials object given (``is``): a replaced token, even under the same
-    access key id, never signs with another's state.  A state is dropped at
-    the first signature (``when``, the signing time: never a cached clock) after
-    its token expires, and the memo never holds more than ``MAX_KEY_STATES``.
-    """
-    if when >= _earliest_expiry[0]:
-        _drop_expired(when)
-    key = (credentials.access_key_id, date, region, product)
-    found = _KEY_STATES.get(key)
-    if found is not None and found.credentials is credentials:
-        return found
-    state = _key_state(credentials, date, region, product)
-    if credentials.expiration <= when:
-        return state  # already expired: used (the caller decides), never kept
-    if found is None and len(_KEY_STATES) >= MAX_KEY_STATES:
-        _KEY_STATES.pop(next(iter(_KEY_STATES)))  # the oldest
-    _KEY_STATES[key] = state
-    _earliest_expiry[0] = min(_earliest_expiry[0], credentials.expiration)
-    return state
-
-
-def _drop_expired(when: datetime) -> None:
-    for key in [k for k, state in _KEY_STATES.items() if state.credentials.expiration <= when]:
-        del _KEY_STATES[key]
-    soonest = (state.credentials.expiration for state in _KEY_STATES.values())
-    _earliest_expiry[0] = min(soonest, default=_NO_EXPIRY)
-
-
-def _key_state(credentials: Credentials, date: str, region: str, product: str) -> KeyState:
-    """HMAC-SHA256 inner and outer states of the signing key (RFC 2104), hashed once.
-
-    Copying these per signature is several times cheaper than ``hmac.digest``,
-    which re-derives them from the key on every call.
-    """
-    scope = f"{date}/{region}/{product}/aliyun_v4_request"
-    secret = credentials.access_key_secret
-    block = signing_key(secret, date, region, product).ljust(64, b"\0")
-    pads = hashlib.sha256(block.translate(_IPAD)), hashlib.sha256(block.translate(_OPAD))
-    token = credentials.security_token
-    return KeyState(
-        credentials,
-        scope,
-        _quote(f"{credentials.access_key_id}/{scope}"),
-        _quote(token) if token else "",
-        pads,
-    )
 
 
 def _signature(pads: tuple[_Hash, _Hash], stamp: str, scope: str, canonical: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,13 @@ from urllib.parse import parse_qs, urlsplit
 import alibabacloud_oss_v2 as oss
 import pytest
 
+from broker.auth import Revocations
 from broker.models import Credentials
+from broker.policies import load_policies
+from broker.revocation import revoke
 from broker.signing import OssEndpoint, PresignInput
 from tests.conftest import (
+    POLICIES_DIR,
     TWO_BUCKETS_POLICY,
     BrokerFactory,
     BrokerHarness,
@@ -529,7 +534,6 @@ async def test_post_policy_may_not_ask_to_overwrite_under_forbid_overwrite(
 # --- multi-grant policies: the grant holding the key signs ---
 
 
-
 @pytest.fixture
 async def two_buckets(make_broker: BrokerFactory, tmp_path: Path) -> BrokerHarness:
     """A broker with two-buckets: read examplebucket/reports/, write otherbucket/drop/<caller>/."""
@@ -573,3 +577,39 @@ async def test_a_post_policy_is_for_its_grants_bucket(two_buckets: BrokerHarness
 
 def _assume_role_calls(broker: BrokerHarness) -> int:
     return broker.sts.emulator.assume_role_calls()
+
+
+_PRESIGN: dict[str, Any] = {
+    "policy": "avatar-upload",
+    "key": "avatars/alice/me.png",
+    "content_type": "image/png",
+    "content_length": 1024,
+}
+_POST_POLICY = {"policy": "avatar-upload", "content_type": "image/png"}
+
+
+async def test_a_revocation_refuses_the_next_presign_and_post_policy(
+    broker: BrokerHarness,
+) -> None:
+    """Signing memos kept or not, a revoked caller's very next presign and form are 401."""
+    for _ in range(2):
+        assert (await _post(broker, "/v1/presign", _PRESIGN))[0] == 200
+        assert (await _post(broker, "/v1/post-policy", _POST_POLICY))[0] == 200
+    await revoke(broker.services, Revocations(callers=frozenset({"alice"})))
+    for path, body in (("/v1/presign", _PRESIGN), ("/v1/post-policy", _POST_POLICY)):
+        status, reply = await _post(broker, path, body)
+        assert (status, reply["error"]["code"]) == (401, "AuthenticationFailed")
+
+
+async def test_a_policy_reload_takes_effect_on_the_next_presign(
+    broker: BrokerHarness, tmp_path: Path
+) -> None:
+    """A reload that removes the policy: the next presign and form are 403, not a kept scope."""
+    for _ in range(2):
+        assert (await _post(broker, "/v1/presign", _PRESIGN))[0] == 200
+        assert (await _post(broker, "/v1/post-policy", _POST_POLICY))[0] == 200
+    shutil.copy(POLICIES_DIR / "reports-read.yaml", tmp_path)
+    broker.services.policies = load_policies(tmp_path)  # what a reload swaps in
+    for path, body in (("/v1/presign", _PRESIGN), ("/v1/post-policy", _POST_POLICY)):
+        status, reply = await _post(broker, path, body)
+        assert (status, reply["error"]["code"]) == (403, "AccessDenied")

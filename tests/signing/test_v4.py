@@ -19,7 +19,15 @@ from alibabacloud_oss_v2.credentials import StaticCredentialsProvider
 from alibabacloud_oss_v2.signer import SignerV4
 
 from broker.models import Credentials
-from broker.signing import OssEndpoint, PresignInput, authorization_v4, presign, signing_key, v4
+from broker.signing import (
+    OssEndpoint,
+    PresignInput,
+    authorization_v4,
+    key_states,
+    presign,
+    signing_key,
+    v4,
+)
 from tests.signing.sdk_oracle import (
     ALIYUN,
     LONG_TERM,
@@ -572,24 +580,24 @@ def test_key_state_is_dropped_once_its_token_expires() -> None:
     """At the first signature past a token's expiration its state (and secret) leaves the memo."""
     creds = _token("STS.expiring", "secret-e", T0 + timedelta(seconds=10))
     v4.key_state(creds, "20240101", "cn-hangzhou", "oss", T0)
-    assert any(s.credentials is creds for s in v4._KEY_STATES.values())
+    assert any(s.credentials is creds for s in key_states._KEY_STATES.values())
     later = T0 + timedelta(seconds=10)
     v4.key_state(_token("STS.other", "secret-o"), "20240101", "cn-hangzhou", "oss", later)
-    assert not any(s.credentials is creds for s in v4._KEY_STATES.values())
+    assert not any(s.credentials is creds for s in key_states._KEY_STATES.values())
 
 
 def test_expired_credentials_are_never_kept() -> None:
     """Credentials expired at the signing time still sign (the caller decides); never kept."""
     creds = _token("STS.expired", "secret-x", T0)
     v4.key_state(creds, "20240101", "cn-hangzhou", "oss", T0)
-    assert not any(s.credentials is creds for s in v4._KEY_STATES.values())
+    assert not any(s.credentials is creds for s in key_states._KEY_STATES.values())
 
 
 def test_key_state_memo_is_bounded() -> None:
     """However many tokens sign, the memo holds at most MAX_KEY_STATES of them."""
     for n in range(v4.MAX_KEY_STATES + 50):
         v4.key_state(_token(f"STS.n{n}", f"s{n}"), "20240101", "cn-hangzhou", "oss", T0)
-    assert len(v4._KEY_STATES) <= v4.MAX_KEY_STATES
+    assert len(key_states._KEY_STATES) <= v4.MAX_KEY_STATES
 
 
 def test_empty_additional_header_is_not_signed_then_signed_with_a_value() -> None:
@@ -747,3 +755,51 @@ def test_url_query_is_parseable() -> None:
         "x-oss-security-token",
         "x-oss-signature",
     ]
+
+
+# --- a kept plan signs as presign does ---------------------------------------
+
+
+def test_a_kept_plan_signs_every_key_token_and_time_as_presign() -> None:
+    """One presign_plan signed with 300 random keys, tokens, times, lifetimes equals presign."""
+    rng = random.Random(18)
+    for _ in range(30):
+        _, req, _ = _random_case(rng)
+        plan = v4.presign_plan(req)
+        for _ in range(10):
+            creds, other, when = _random_case(rng)
+            key, expires = other.key, other.expires_seconds
+            fresh = presign(creds, _with(req, key=key), when, expires_seconds=expires)
+            assert v4.presign_planned(plan, creds, key, when, expires) == fresh
+
+
+def test_a_plan_holds_no_key_token_or_time() -> None:
+    """A plan's fields are the same whatever key and lifetime the request it came from had."""
+    one = v4.presign_plan(put_request("a/one.txt", expires_seconds=60))
+    other = v4.presign_plan(put_request("b/other.txt", expires_seconds=900))
+    assert one == other
+    values = [getattr(one, field.name) for field in dataclasses.fields(one)]
+    assert not any("one.txt" in str(value) for value in values)
+
+
+def test_a_plan_refuses_what_presign_refuses() -> None:
+    """A bad method or bucket is refused when planning; a bad key or lifetime when signing."""
+    with pytest.raises(ValueError, match="unsupported method"):
+        v4.presign_plan(_with(put_request(), method="PATCH"))
+    with pytest.raises(ValueError, match="invalid bucket"):
+        v4.presign_plan(put_request(bucket="Bad_Bucket"))
+    plan = v4.presign_plan(put_request())
+    with pytest.raises(ValueError, match="object key"):
+        v4.presign_planned(plan, STS, "", T0, 60)
+    with pytest.raises(ValueError, match="expires_seconds"):
+        v4.presign_planned(plan, STS, "k", T0, 0)
+
+
+def test_the_signed_headers_handed_out_are_a_copy_of_the_plans() -> None:
+    """Changing the signed headers of one URL changes no other URL signed with the same plan."""
+    plan = v4.presign_plan(put_request(headers={"Content-Type": "text/plain"}))
+    first = v4.presign_planned(plan, STS, "k1", T0, 60)
+    first.signed_headers["Content-Type"] = "text/html"
+    assert v4.presign_planned(plan, STS, "k2", T0, 60).signed_headers == {
+        "Content-Type": "text/plain"
+    }
