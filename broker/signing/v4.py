@@ -142,13 +142,39 @@ def presign(
     """Sign ``request`` into a query-string (presigned) URL, byte-identical to the SDK's.
 
     ``expires_seconds``, when given, replaces ``request.expires_seconds`` (the
-    lifetime is often known only once a token is chosen).  The same as
-    ``presign_planned`` with ``presign_plan(request)``.
+    lifetime is often known only once a token is chosen).  The same URL as
+    ``presign_planned`` with ``presign_plan(request)`` (pinned by the tests),
+    without building a plan to keep.
     """
+    when = as_utc(signing_time)
     expires = request.expires_seconds if expires_seconds is None else expires_seconds
     _check_expires(expires)
-    plan = presign_plan(request)
-    return presign_planned(plan, credentials, request.key, signing_time, expires)
+    method, bucket = request.method, request.bucket
+    if method not in _METHODS:
+        raise ValueError(f"unsupported method {method!r}")
+    if not _is_valid_bucket(bucket):
+        raise ValueError(f"invalid bucket name {bucket!r}")
+    if not 0 < len(request.key) <= 1024:
+        raise ValueError("an object key must have 1 to 1024 characters")
+    stamp = x_oss_date(when)
+    state = key_state(credentials, stamp[:8], request.region, request.product, when)
+    signed, canonical_headers, additional = _signed_headers(
+        request.headers, request.additional_headers
+    )
+    signer = _signer_strings(
+        stamp, expires, state.credential, state.token, _quote_all(additional) if additional else ""
+    )
+    url_query, canonical_query = _query_strings(request.query, signer)
+    path = _quote_path(request.key)
+    canonical = (
+        f"{method}\n/{bucket}/{path}\n{canonical_query}\n"
+        f"{canonical_headers}\n{additional}\n{_UNSIGNED}"
+    )
+    signature = _signature(state.pads, stamp, state.scope, canonical)
+    base = object_url_base(request.endpoint, bucket)
+    url = f"{base}{path}?{url_query}&x-oss-signature={signature}"
+    expiration = when + _lifetime(expires, when.microsecond)  # x-oss-date is to the second
+    return PresignedUrl(url=url, method=method, signed_headers=signed, expiration=expiration)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +244,8 @@ def presign_planned(
         raise ValueError("an object key must have 1 to 1024 characters")
     stamp = x_oss_date(when)
     state = key_state(credentials, stamp[:8], plan.region, plan.product, when)
-    url_query, canonical_query = _query_strings(plan, stamp, expires, state.credential, state.token)
+    signer = _signer_strings(stamp, expires, state.credential, state.token, plan.additional_query)
+    url_query, canonical_query = _planned_query_strings(plan, signer)
     path = _quote_path(key)
     canonical = (
         f"{plan.method}\n/{plan.bucket}/{path}\n{canonical_query}\n"
@@ -312,16 +339,18 @@ def _encode_query(query: Mapping[str, str | None]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _query_strings(
-    plan: PresignPlan, stamp: str, expires: int, credential: str, token: str
-) -> tuple[str, str]:
-    """(URL query in the SDK's order, sorted canonical query), both without x-oss-signature.
+_SignerArgs = tuple[str, int, str, str, str]
+_SignerStrings = tuple[str, str, _SignerArgs]
 
-    The sub-resources come encoded (and joined) in ``plan``.  The signer's own
-    pairs follow them in the URL; their sorted order is fixed, so they are
-    written directly and only the sub-resources are sorted (in ``plan``).
+
+def _signer_strings(
+    stamp: str, expires: int, credential: str, token: str, additional: str
+) -> _SignerStrings:
+    """The signer's own query pairs in the URL's order and in sorted order (and its args).
+
+    Values come in already encoded; their sorted order is fixed, so they are
+    written directly.
     """
-    additional = plan.additional_query
     token_pair = f"&x-oss-security-token={token}" if token else ""
     additional_pair = f"&x-oss-additional-headers={additional}" if additional else ""
     signer_query = (
@@ -333,14 +362,13 @@ def _query_strings(
         f"&x-oss-date={stamp}&x-oss-expires={expires}{token_pair}"
         f"&x-oss-signature-version={ALGORITHM}"
     )
-    if not plan.query_pairs:
-        return signer_query, signer_canonical
-    url_query = f"{plan.query_url}&{signer_query}"
-    if not plan.merge:
-        return url_query, f"{plan.query_sorted}&{signer_canonical}"
-    # A sub-resource sorting among the signer's keys (x-oss-process...): merge them.
-    pairs = [
-        *plan.query_pairs,
+    return signer_query, signer_canonical, (stamp, expires, credential, token, additional)
+
+
+def _merged(pairs: list[tuple[str, str]], args: _SignerArgs) -> str:
+    """The canonical query of sub-resources sorting among the signer's keys (x-oss-process...)."""
+    stamp, expires, credential, token, additional = args
+    pairs += [
         ("x-oss-signature-version", ALGORITHM),
         ("x-oss-date", stamp),
         ("x-oss-expires", str(expires)),
@@ -350,7 +378,35 @@ def _query_strings(
         pairs.append(("x-oss-security-token", token))
     if additional:
         pairs.append(("x-oss-additional-headers", additional))
-    return url_query, _join_query(sorted(pairs))
+    return _join_query(sorted(pairs))
+
+
+def _query_strings(query: Mapping[str, str | None], signer: _SignerStrings) -> tuple[str, str]:
+    """(URL query in the SDK's order, sorted canonical query), both without x-oss-signature.
+
+    The sub-resources precede the signer's own pairs in the URL; only they
+    are sorted, unless one sorts among the signer's keys.
+    """
+    signer_query, signer_canonical, args = signer
+    if not query:
+        return signer_query, signer_canonical
+    pairs = _encode_query(query)
+    url_query = f"{_join_query(pairs)}&{signer_query}"
+    pairs.sort()
+    if pairs[-1][0] < "x-oss-additional-headers":  # the least of the signer's keys
+        return url_query, f"{_join_query(pairs)}&{signer_canonical}"
+    return url_query, _merged(pairs, args)
+
+
+def _planned_query_strings(plan: PresignPlan, signer: _SignerStrings) -> tuple[str, str]:
+    """``_query_strings`` with the sub-resources encoded, joined and sorted in ``plan``."""
+    signer_query, signer_canonical, args = signer
+    if not plan.query_pairs:
+        return signer_query, signer_canonical
+    url_query = f"{plan.query_url}&{signer_query}"
+    if not plan.merge:
+        return url_query, f"{plan.query_sorted}&{signer_canonical}"
+    return url_query, _merged(list(plan.query_pairs), args)
 
 
 def _join_query(pairs: list[tuple[str, str]]) -> str:
