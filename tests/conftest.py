@@ -198,17 +198,32 @@ async def make_broker(
     clock: FakeClock,
 ) -> BrokerFactory:
     async def factory(policies_dir: Path = POLICIES_DIR, **overrides: Any) -> BrokerHarness:
-        settings = make_settings(sts.url, policies_dir, **overrides)
-        services = build_services(
-            settings,
-            load_policies(settings.policies_dir),
-            credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
-            clock=clock,
-        )
+        services = emulated_services(sts, clock, policies_dir, **overrides)
         client = await aiohttp_client(await start_test_server(services))
         return BrokerHarness(client, services, sts, clock)
 
     return factory
+
+
+def emulated_services(
+    sts: StsHarness, clock: FakeClock, policies_dir: Path = POLICIES_DIR, **overrides: Any
+) -> Services:
+    """The broker's services against the STS emulator, on the test clock (no HTTP)."""
+    settings = make_settings(sts.url, policies_dir, **overrides)
+    return build_services(
+        settings,
+        load_policies(settings.policies_dir),
+        credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
+        clock=clock,
+    )
+
+
+@pytest.fixture
+async def services(sts: StsHarness, clock: FakeClock) -> AsyncIterator[Services]:
+    """``emulated_services`` with the shipped policies; its cache closed after the test."""
+    services = emulated_services(sts, clock)
+    yield services
+    await services.cache.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,19 +12,14 @@ import pytest
 
 from broker import presign_targets, signing, vending
 from broker.credential_requests import cache_key
-from broker.credentials.sts import static_credential
 from broker.errors import AccessDenied, RequestInvalid
 from broker.models import OidcToken, Principal
 from broker.policies import load_policies
-from broker.services import Services, build_services
+from broker.services import Services
 from broker.uploads import PresignBody
 from tests.conftest import (
     POLICIES_DIR,
-    SOURCE_KEY_ID,
-    SOURCE_SECRET,
     FakeClock,
-    StsHarness,
-    make_settings,
 )
 
 ALICE = Principal("alice", ("browser",))
@@ -35,19 +29,6 @@ AVATAR: dict[str, Any] = {
     "content_type": "image/png",
     "content_length": 1024,
 }
-
-
-@pytest.fixture
-async def services(sts: StsHarness, clock: FakeClock) -> AsyncIterator[Services]:
-    settings = make_settings(sts.url)
-    services = build_services(
-        settings,
-        load_policies(settings.policies_dir),
-        credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
-        clock=clock,
-    )
-    yield services
-    await services.cache.close()
 
 
 def _kept_scopes(principal: Principal) -> int:

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from broker import vending
-from broker.credentials.sts import static_credential
 from broker.errors import AccessDenied, RequestInvalid, UpstreamError
 from broker.models import Principal
-from broker.policies import load_policies
-from broker.services import Services, build_services
+from broker.services import Services
 from broker.uploads import PostPolicyBody, PresignBody
-from tests.conftest import SOURCE_KEY_ID, SOURCE_SECRET, FakeClock, StsHarness, make_settings
+from tests.conftest import FakeClock, StsHarness
 
 ALICE = Principal("alice", ("browser",))
 SVC_A = Principal("svc-a", ("internal",))
@@ -27,19 +24,6 @@ AVATAR: dict[str, Any] = {
     "content_type": "image/png",
     "content_length": 1024,  # avatar-upload limits object sizes: the size is signed
 }
-
-
-@pytest.fixture
-async def services(sts: StsHarness, clock: FakeClock) -> AsyncIterator[Services]:
-    settings = make_settings(sts.url)
-    services = build_services(
-        settings,
-        load_policies(settings.policies_dir),
-        credential=static_credential(SOURCE_KEY_ID, SOURCE_SECRET),
-        clock=clock,
-    )
-    yield services
-    await services.cache.close()
 
 
 def _stale_served(services: Services) -> float:

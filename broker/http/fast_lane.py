@@ -50,6 +50,7 @@ from broker.http.middleware import (
     reply_error,
 )
 from broker.http.replies import json_response
+from broker.http.routes import may_use_route
 from broker.logs import HotRoute
 from broker.models import Credentials, Principal
 from broker.services import Services
@@ -125,7 +126,7 @@ class FastLane:
             return None
         services = request.app[SERVICES]
         principal, quota = request.app[ADMISSIONS].admitted(request, services, authorization[0])
-        if principal is None or not _may_use_route(principal) or services.audit.waits:
+        if principal is None or not may_use_route(principal, ROUTE) or services.audit.waits:
             return None
         target = kept_target(services, principal, request.match_info["policy"])
         if target is None:

@@ -35,6 +35,7 @@ __all__ = [
     "get_credentials",
     "healthz",
     "list_policies",
+    "may_use_route",
     "metrics",
     "openapi",
     "readyz",
@@ -132,13 +133,16 @@ _NO_QUERY: MultiMapping[str] = MultiDictProxy(MultiDict())
 
 def _check_route(request: web.Request, principal: Principal) -> None:
     """A restricted API key may call only the routes its ``allow.routes`` lists."""
-    allow = principal.allow
-    if allow is None or allow.routes is None:
-        return
-    route = request.match_info.route.name or ""
-    if route not in allow.routes:
-        allowed = ", ".join(_ROUTE_TITLES[name] for name in sorted(allow.routes))
+    if not may_use_route(principal, request.match_info.route.name or ""):
+        listed = getattr(principal.allow, "routes", None) or ()  # refused: it has a list
+        allowed = ", ".join(_ROUTE_TITLES[name] for name in sorted(listed))
         raise AccessDenied(f"this API key may only be used for {allowed}")
+
+
+def may_use_route(principal: Principal, route: str) -> bool:
+    """Whether ``principal`` may call ``route`` (an API key's ``allow.routes``, if it has one)."""
+    allow = principal.allow
+    return allow is None or allow.routes is None or route in allow.routes
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
