@@ -206,7 +206,7 @@ async def make_broker(
 
 
 def emulated_services(
-    sts: StsHarness, clock: FakeClock, policies_dir: Path = POLICIES_DIR, **overrides: Any
+    sts: StsHarness, clock: FakeClock, policies_dir: Path = POLICIES_DIR, /, **overrides: Any
 ) -> Services:
     """The broker's services against the STS emulator, on the test clock (no HTTP)."""
     settings = make_settings(sts.url, policies_dir, **overrides)

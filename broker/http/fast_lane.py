@@ -275,9 +275,3 @@ def _rendered_lines(kept: _Kept) -> _Lines | None:
     if not issued or not finished_start:
         return None
     return _Lines(route, bound, issued, finished_start)
-
-
-def _may_use_route(principal: Principal) -> bool:
-    """Whether the key's ``allow.routes`` (if any) lets it call this route (``_check_route``)."""
-    allow = principal.allow
-    return allow is None or allow.routes is None or ROUTE in allow.routes
